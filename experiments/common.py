@@ -1,0 +1,40 @@
+"""What every experiment shares: its output folder, its metrics file and its reference checks."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def run_dir(name: str, root: str | None = None) -> Path:
+    """`runs/NAME` (or under $JAXDL_RUNS), created if missing."""
+    path = Path(root or os.environ.get("JAXDL_RUNS", "runs")) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def finish(out: Path, metrics: dict) -> dict:
+    """Writes `metrics.json` and prints the metrics as one JSON object, the last line of output."""
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics), flush=True)
+    return metrics
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--out", default=None, help="folder for runs/NAME (default: runs or $JAXDL_RUNS)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A tutorial's reference value for one metric, and whether ours meets it."""
+
+    metric: str
+    reference: str
+    holds: Callable[[Any], bool]
