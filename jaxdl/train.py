@@ -58,10 +58,13 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
     init_rng, dropout_rng = jax.random.split(rng)
     sample = jnp.zeros((1, *input_shape), input_dtype)
     variables = jax.jit(functools.partial(model.init, train=False))(init_rng, sample)
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=optimizer,
         batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng,
         input_shape=tuple(int(d) for d in input_shape))
+    # TrainState.create starts from the Python int 0, a weakly typed scalar: the second
+    # call of a compiled step would see int32 instead and compile again.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def _batch_sums(outputs, batch, loss_fn, metric_names) -> dict:

@@ -1,0 +1,54 @@
+"""The experiment scripts end to end: metrics files, plots, the suite's table."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experiments import penguins, suite
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    status = suite.main(["neuron", "basics", "penguins", "digits", "--out", str(root)])
+    return root, status
+
+
+def test_suite_meets_every_tutorial_number(runs, capsys):
+    _, status = runs
+    assert status == 0
+
+
+@pytest.mark.parametrize("name, keys, plots", [
+    ("neuron", {"neuron_output", "xor"}, []),
+    ("basics", {"params", "accuracy", "val_accuracy", "predictions"}, ["history.png"]),
+    ("penguins", {"params", "test_accuracy", "confusion_matrix"}, ["history.png", "confusion_matrix.png"]),
+    ("digits", {"mlp_test_accuracy", "cnn_test_accuracy"}, ["mlp_history.png", "cnn_history.png"]),
+])
+def test_each_experiment_writes_metrics_and_plots(runs, name, keys, plots):
+    root, _ = runs
+    metrics = json.loads((root / name / "metrics.json").read_text())
+    assert keys <= set(metrics)
+    for plot in plots:
+        assert (root / name / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_penguins_metrics(runs):
+    metrics = json.loads((runs[0] / "penguins" / "metrics.json").read_text())
+    assert metrics["params"] == 83 and metrics["test_samples"] == 69
+    assert metrics["test_accuracy"] >= 0.95 and metrics["reload_identical"] is True
+    assert sum(map(sum, metrics["confusion_matrix"])) == 69
+
+
+def test_unscaled_penguins_reproduce_the_tutorials_failure(tmp_path):
+    metrics = penguins.run(["--unscaled", "--quiet", "--out", str(tmp_path)])
+    predicted_chinstrap = sum(row[1] for row in metrics["confusion_matrix"])
+    assert predicted_chinstrap == 0
+    assert metrics["test_accuracy"] < 0.7
+
+
+def test_experiment_prints_its_metrics_as_the_last_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "experiments.neuron", "--out", str(tmp_path)],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"neuron_output": 1.25, "xor": [0.0, 1.0, 1.0, 0.0]}

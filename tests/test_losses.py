@@ -1,0 +1,53 @@
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from jaxdl import losses
+
+LOGITS = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+LABELS = jnp.array([0, 1])
+
+
+def reference_softmax_ce(logits, labels):
+    logits = np.asarray(logits, np.float64)
+    log_z = np.log(np.exp(logits).sum(axis=1))
+    return log_z - logits[np.arange(len(labels)), labels]
+
+
+def test_cross_entropy_integer_and_one_hot_agree_with_formula():
+    expected = reference_softmax_ce(LOGITS, np.asarray(LABELS))
+    np.testing.assert_allclose(losses.sparse_categorical_crossentropy(LOGITS, LABELS), expected, rtol=1e-6)
+    one_hot = jnp.eye(3)[LABELS]
+    np.testing.assert_allclose(losses.categorical_crossentropy(LOGITS, one_hot), expected, rtol=1e-6)
+
+
+def test_binary_crossentropy_accepts_flat_labels():
+    logits = jnp.array([[0.0], [2.0]])
+    expected = [np.log(2.0), np.log1p(np.exp(-2.0))]
+    np.testing.assert_allclose(losses.binary_crossentropy(logits, jnp.array([1, 1])), expected, rtol=1e-6)
+
+
+def test_regression_losses():
+    out, target = jnp.array([[1.0], [4.0]]), jnp.array([0.0, 1.0])
+    np.testing.assert_allclose(losses.mean_squared_error(out, target), [1.0, 9.0])
+    np.testing.assert_allclose(losses.huber(out, target), [0.5, 2.5])
+    np.testing.assert_allclose(losses.absolute_error(out, target), [1.0, 3.0])
+    assert losses.get_metric("rmse").finalize(9.0) == 3.0
+
+
+def test_accuracy_for_integer_one_hot_and_binary_labels():
+    np.testing.assert_array_equal(losses.correct(LOGITS, jnp.array([0, 1])), [1.0, 0.0])
+    np.testing.assert_array_equal(losses.correct(LOGITS, jnp.eye(3)[jnp.array([0, 2])]), [1.0, 1.0])
+    np.testing.assert_array_equal(losses.correct(jnp.array([[0.3], [-0.2]]), jnp.array([1, 1])), [1.0, 0.0])
+
+
+def test_confusion_matrix_counts_rows_as_truth():
+    matrix = losses.confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 2, 0], 3)
+    np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [1, 0, 1]])
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown loss 'crossentropy'"):
+        losses.get_loss("crossentropy")
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        losses.get_metric("f1")
