@@ -6,9 +6,10 @@ import dataclasses
 import jax
 import numpy as np
 
+from jaxdl.models.mobilenet_v2 import MobileNetV2
 from jaxdl.models.small import MLP, ConvNet
 
-MODEL_CLASSES = {"MLP": MLP, "ConvNet": ConvNet}
+MODEL_CLASSES = {"MLP": MLP, "ConvNet": ConvNet, "MobileNetV2": MobileNetV2}
 
 
 def count_params(variables) -> int:
@@ -50,4 +51,4 @@ def model_from_config(config: dict):
     return cls(**kwargs)
 
 
-__all__ = ["MLP", "ConvNet", "MODEL_CLASSES", "count_params", "model_config", "model_from_config"]
+__all__ = ["MLP", "ConvNet", "MobileNetV2", "MODEL_CLASSES", "count_params", "model_config", "model_from_config"]

@@ -1,0 +1,268 @@
+"""MobileNetV2 (Sandler et al., 2018) as one Linen module, faithful to two reference ports.
+
+`convention="keras"` reproduces `keras.applications.MobileNetV2`: BatchNorm
+epsilon 1e-3 and momentum 0.999, TF "same" padding for the first conv, and
+Keras's `correct_pad` zero padding before every stride-2 depthwise conv. A
+Dense `predictions` layer with softmax is the head.
+`convention="torchvision"` reproduces `torchvision.models.mobilenet_v2`:
+padding 1 on every 3x3 conv, BatchNorm epsilon 1e-5, and a head of
+dropout(0.2) plus a linear layer returning logits.
+
+Module names are Keras's layer names (`Conv1`, `bn_Conv1`,
+`expanded_conv_depthwise`, `block_1_expand_BN`, ..., `Conv_1_bn`,
+`predictions`), whatever the convention, so a parameter path reads like the
+Keras layer it came from.
+
+Two inference-speed options change how, not what, the network computes:
+- `depthwise`: XLA:CPU runs grouped convolutions (`feature_group_count=C`)
+  an order of magnitude slower than nine shifted multiply-adds, while GPU and
+  TPU libraries are fast at them; "auto" picks per backend.
+- `fold_bn`: each BatchNorm folded into the conv before it (see
+  `fold_batch_norm`), giving conv -> bias -> ReLU6; inference only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+MIN_INPUT_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Convention:
+    batch_norm_epsilon: float
+    batch_norm_momentum: float  # Flax semantics: running = momentum * running + (1 - momentum) * batch
+    head_dropout: float
+    default_classifier_activation: str | None
+
+
+CONVENTIONS = {
+    "keras": Convention(1e-3, 0.999, 0.0, "softmax"),
+    "torchvision": Convention(1e-5, 0.9, 0.2, None),
+}
+
+# (expansion, output channels before alpha, stride) of blocks 0..16, as in the paper's table 2.
+BLOCKS = ((1, 16, 1),
+          (6, 24, 2), (6, 24, 1),
+          (6, 32, 2), (6, 32, 1), (6, 32, 1),
+          (6, 64, 2), (6, 64, 1), (6, 64, 1), (6, 64, 1),
+          (6, 96, 1), (6, 96, 1), (6, 96, 1),
+          (6, 160, 2), (6, 160, 1), (6, 160, 1),
+          (6, 320, 1))
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Keras's `_make_divisible`: round to a multiple of `divisor`, never dropping more than 10%."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def block_prefix(block_id: int) -> str:
+    return "expanded_conv_" if block_id == 0 else f"block_{block_id}_"
+
+
+def correct_pad(size: tuple[int, int], kernel: int = 3) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Keras's `correct_pad`: ((0, 1), (0, 1)) for even sizes, ((1, 1), (1, 1)) for odd."""
+    half = kernel // 2
+    return tuple((half - (1 - s % 2), half) for s in size)
+
+
+def shifted_depthwise(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """Depthwise 2-D correlation of a padded NHWC `x` as a sum of strided slices times kernel taps.
+
+    Written by hand because XLA:CPU lowers `feature_group_count=C` convolutions
+    to a slow generic loop; this form is plain elementwise work it vectorises.
+    """
+    kh, kw = kernel.shape[:2]
+    out_h = (x.shape[1] - kh) // stride + 1
+    out_w = (x.shape[2] - kw) // stride + 1
+    total = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+            term = tap * kernel[i, j, 0]
+            total = term if total is None else total + term
+    return total
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise conv with explicit padding; kernel (kh, kw, 1, C) as Flax's grouped conv stores it."""
+
+    stride: int
+    padding: tuple
+    use_bias: bool = False
+    implementation: str = "auto"  # "shifted", "grouped" or "auto"
+    kernel_size: int = 3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, 1, channels))
+        kernel = kernel.astype(self.dtype)
+        x = jnp.pad(x, ((0, 0), *self.padding, (0, 0)))
+        implementation = self.implementation
+        if implementation == "auto":
+            implementation = "shifted" if jax.default_backend() == "cpu" else "grouped"
+        if implementation == "shifted":
+            y = shifted_depthwise(x, kernel, self.stride)
+        elif implementation == "grouped":
+            y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=channels)
+        else:
+            raise ValueError(f"depthwise must be 'auto', 'shifted' or 'grouped', got {self.implementation!r}")
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (channels,)).astype(self.dtype)
+        return y
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 on NHWC float images (preprocessed as the weights require).
+
+    Like `keras.applications.MobileNetV2`: `alpha` scales the channels,
+    `include_top` adds the classifier, otherwise `pooling` (None, "avg",
+    "max") shapes the features. `classifier_activation` defaults to the
+    convention's ("softmax" for Keras, logits for torchvision).
+    `train=True` runs BatchNorm on batch statistics (call `apply` with
+    `mutable=["batch_stats"]`) and enables the head's dropout.
+    """
+
+    alpha: float = 1.0
+    include_top: bool = True
+    pooling: str | None = None
+    num_classes: int = 1000
+    classifier_activation: str | None = "default"
+    convention: str = "keras"
+    depthwise: str = "auto"
+    fold_bn: bool = False
+    dtype: Any = jnp.float32
+
+    def _conv_unit(self, x, conv_name, bn_name, *, features=None, kernel=1, stride=1, padding=((0, 0), (0, 0)),
+                   depthwise=False, relu=True, train=False):
+        """conv -> BatchNorm -> optional ReLU6, the unit every layer of the network is made of."""
+        conv_cfg = CONVENTIONS[self.convention]
+        if depthwise:
+            x = DepthwiseConv(stride, padding, use_bias=self.fold_bn, implementation=self.depthwise,
+                              kernel_size=kernel, dtype=self.dtype, name=conv_name)(x)
+        else:
+            x = nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding, use_bias=self.fold_bn,
+                        dtype=self.dtype, name=conv_name)(x)
+        if not self.fold_bn:
+            x = nn.BatchNorm(use_running_average=not train, momentum=conv_cfg.batch_norm_momentum,
+                             epsilon=conv_cfg.batch_norm_epsilon, dtype=self.dtype, name=bn_name)(x)
+        return nn.relu6(x) if relu else x
+
+    def _three_by_three_padding(self, x, stride):
+        if self.convention == "torchvision" or stride == 1:
+            return ((1, 1), (1, 1))
+        return correct_pad(x.shape[1:3])
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {self.convention!r}")
+        if self.pooling not in (None, "avg", "max"):
+            raise ValueError(f"pooling must be None, 'avg' or 'max', got {self.pooling!r}")
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"MobileNetV2 takes NHWC images with 3 channels, got shape {x.shape}")
+        if min(x.shape[1:3]) < MIN_INPUT_SIZE:
+            raise ValueError(f"MobileNetV2 needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
+                             f"got {x.shape[1]}x{x.shape[2]}")
+        if train and self.fold_bn:
+            raise ValueError("a MobileNetV2 with fold_bn=True is for inference only; train the unfolded model")
+        x = x.astype(self.dtype)
+        unit = lambda x, *names, **kw: self._conv_unit(x, *names, train=train, **kw)  # noqa: E731
+
+        first_padding = ((1, 1), (1, 1)) if self.convention == "torchvision" else "SAME"
+        x = unit(x, "Conv1", "bn_Conv1", features=make_divisible(32 * self.alpha), kernel=3, stride=2,
+                 padding=first_padding)
+        for block_id, (expansion, filters, stride) in enumerate(BLOCKS):
+            prefix = block_prefix(block_id)
+            inputs, in_channels = x, x.shape[-1]
+            out_channels = make_divisible(int(filters * self.alpha))
+            if block_id:
+                x = unit(x, f"{prefix}expand", f"{prefix}expand_BN", features=expansion * in_channels)
+            x = unit(x, f"{prefix}depthwise", f"{prefix}depthwise_BN", kernel=3, stride=stride,
+                     padding=self._three_by_three_padding(x, stride), depthwise=True)
+            x = unit(x, f"{prefix}project", f"{prefix}project_BN", features=out_channels, relu=False)
+            if stride == 1 and in_channels == out_channels:
+                x = x + inputs
+        last_channels = make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
+        x = unit(x, "Conv_1", "Conv_1_bn", features=last_channels)
+
+        if not self.include_top:
+            if self.pooling == "avg":
+                return x.mean(axis=(1, 2))
+            if self.pooling == "max":
+                return x.max(axis=(1, 2))
+            return x
+        x = x.mean(axis=(1, 2))
+        conv_cfg = CONVENTIONS[self.convention]
+        if conv_cfg.head_dropout:
+            x = nn.Dropout(conv_cfg.head_dropout, deterministic=not train)(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
+        activation = (conv_cfg.default_classifier_activation if self.classifier_activation == "default"
+                      else self.classifier_activation)
+        if activation == "softmax":
+            return nn.softmax(x)
+        if activation is not None:
+            raise ValueError(f"classifier_activation must be 'softmax' or None, got {activation!r}")
+        return x
+
+
+def layer_plan(include_top: bool = True) -> list[tuple[str, str]]:
+    """(layer name, kind) of every layer with weights, in network order.
+
+    Kinds: "conv", "depthwise", "bn", "dense". Variable dicts are sorted by
+    name, so converters and `fold_batch_norm` take the order from here.
+    """
+    plan = [("Conv1", "conv"), ("bn_Conv1", "bn")]
+    for block_id in range(len(BLOCKS)):
+        prefix = block_prefix(block_id)
+        if block_id:
+            plan += [(f"{prefix}expand", "conv"), (f"{prefix}expand_BN", "bn")]
+        plan += [(f"{prefix}depthwise", "depthwise"), (f"{prefix}depthwise_BN", "bn"),
+                 (f"{prefix}project", "conv"), (f"{prefix}project_BN", "bn")]
+    plan += [("Conv_1", "conv"), ("Conv_1_bn", "bn")]
+    return plan + [("predictions", "dense")] if include_top else plan
+
+
+def batch_norm_pairs() -> list[tuple[str, str]]:
+    """(conv, BatchNorm) layer-name pairs: every BatchNorm follows the conv it normalises."""
+    plan = layer_plan(include_top=False)
+    return [(plan[i - 1][0], name) for i, (name, kind) in enumerate(plan) if kind == "bn"]
+
+
+def fold_batch_norm(variables, epsilon: float) -> dict:
+    """Folds every BatchNorm into the conv before it, for a `fold_bn=True` model.
+
+    BN(conv(x, W)) = conv(x, W * s) + (beta - mean * s), with
+    s = gamma / sqrt(var + epsilon): an exact rewrite of the inference function.
+    """
+    params = {k: dict(v) for k, v in variables["params"].items()}
+    stats = variables["batch_stats"]
+    for conv, bn in batch_norm_pairs():
+        bn_params = params.pop(bn)
+        scale = np.asarray(bn_params["scale"], np.float64) / np.sqrt(np.asarray(stats[bn]["var"], np.float64) + epsilon)
+        kernel = np.asarray(params[conv]["kernel"], np.float64)
+        params[conv] = {
+            "kernel": (kernel * scale).astype(np.float32),  # the output channel is the last kernel axis
+            "bias": (np.asarray(bn_params["bias"], np.float64)
+                     - np.asarray(stats[bn]["mean"], np.float64) * scale).astype(np.float32),
+        }
+    return {"params": params}
+
+
+def folded(model: MobileNetV2, variables) -> tuple[MobileNetV2, dict]:
+    """The same network with BatchNorm folded into the convs, for fast inference."""
+    if model.fold_bn:
+        return model, variables
+    epsilon = CONVENTIONS[model.convention].batch_norm_epsilon
+    return model.clone(fold_bn=True), fold_batch_norm(variables, epsilon)

@@ -1,0 +1,47 @@
+"""Keras MobileNetV2 models with random weights, saved in each file layout the converters read."""
+from __future__ import annotations
+
+import re
+
+import h5py
+import numpy as np
+
+
+def legacy_name(name: str) -> str:
+    """The layer names of the released `keras.applications` weight files (the original port's)."""
+    match = re.match(r"block_(\d+)_(expand|depthwise|project)(_BN)?$", name)
+    if match:
+        block, part, bn = match.groups()
+        return f"bn{block}_conv_{block}_bn_{part}" if bn else f"mobl{block}_conv_{block}_{part}"
+    return "Logits" if name == "predictions" else name
+
+
+def build(alpha: float, size: int, include_top: bool, pooling: str | None, seed: int):
+    """A Keras MobileNetV2 with random kernels and random BatchNorm parameters and statistics."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=alpha, include_top=include_top,
+                                           pooling=pooling, weights=None)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.1, channels),
+                               rng.normal(0, 0.1, channels), rng.uniform(0.5, 1.5, channels)])
+    return model
+
+
+def save_legacy_h5(model, path) -> None:
+    """Writes the Keras 2 HDF5 weights layout with the released files' legacy layer names."""
+    with h5py.File(path, "w") as file:
+        names = [legacy_name(layer.name) for layer in model.layers]
+        file.attrs["layer_names"] = [n.encode() for n in names]
+        file.attrs["backend"] = b"tensorflow"
+        file.attrs["keras_version"] = b"2.1.6"
+        for layer, name in zip(model.layers, names):
+            group = file.create_group(name)
+            weight_names = [f"{name}/{w.name}:0" for w in layer.weights]
+            group.attrs["weight_names"] = [w.encode() for w in weight_names]
+            for weight_name, value in zip(weight_names, layer.get_weights()):
+                group.create_dataset(weight_name, data=value)

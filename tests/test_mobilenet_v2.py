@@ -1,0 +1,105 @@
+"""MobileNetV2: parity with keras.applications on every file layout, counts, names, fast paths."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdl.convert import from_keras
+from jaxdl.models import MobileNetV2, count_params
+from jaxdl.models.mobilenet_v2 import correct_pad, folded, layer_plan, make_divisible
+from tests.keras_reference import build, save_legacy_h5
+
+# Together these cover alpha 0.35, 1.0 and 1.4, inputs 96, 160 and 224 (and an odd 97),
+# with and without top, pooling avg and max, and every file layout.
+CONFIGS = {
+    "a0.35-96-top-legacy": dict(alpha=0.35, size=96, include_top=True, pooling=None, layout="legacy"),
+    "a1.0-224-avg-weights.h5": dict(alpha=1.0, size=224, include_top=False, pooling="avg", layout="weights.h5"),
+    "a1.4-160-max-legacy": dict(alpha=1.4, size=160, include_top=False, pooling="max", layout="legacy"),
+    "a1.0-160-top-keras": dict(alpha=1.0, size=160, include_top=True, pooling=None, layout="keras"),
+    "a0.5-97-features-model.h5": dict(alpha=0.5, size=97, include_top=False, pooling=None, layout="model.h5"),
+}
+
+
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
+def converted(request, tmp_path_factory):
+    """Each Keras model built once: its outputs on random images, and our conversion of its file."""
+    config = CONFIGS[request.param]
+    keras_model = build(config["alpha"], config["size"], config["include_top"], config["pooling"], seed=1)
+    path = tmp_path_factory.mktemp("keras") / {"legacy": "weights.h5", "weights.h5": "m.weights.h5",
+                                               "keras": "m.keras", "model.h5": "model.h5"}[config["layout"]]
+    if config["layout"] == "legacy":
+        save_legacy_h5(keras_model, path)
+    elif config["layout"] == "weights.h5":
+        keras_model.save_weights(path)
+    else:
+        keras_model.save(path)
+    images = np.random.default_rng(2).uniform(-1, 1, (2, config["size"], config["size"], 3)).astype(np.float32)
+    expected = np.asarray(keras_model.predict(images, verbose=0))
+    model, variables = from_keras(path, pooling=config["pooling"])
+    return config, model, variables, images, expected, keras_model
+
+
+def test_outputs_match_keras(converted):
+    config, model, variables, images, expected, _ = converted
+    assert model.alpha == config["alpha"] and model.include_top == config["include_top"]
+    ours = np.asarray(jax.jit(model.apply)(variables, images))
+    assert ours.shape == expected.shape
+    tolerance = 1e-5 if config["include_top"] else 1e-4
+    assert np.abs(ours - expected).max() <= tolerance
+
+
+@pytest.mark.parametrize("depthwise", ["shifted", "grouped"])
+def test_folded_batchnorm_and_both_depthwise_paths_match_keras(converted, depthwise):
+    config, model, variables, images, expected, _ = converted
+    fast_model, fast_variables = folded(model.clone(depthwise=depthwise), variables)
+    assert "batch_stats" not in fast_variables
+    ours = np.asarray(jax.jit(fast_model.apply)(fast_variables, images))
+    tolerance = 1e-5 if config["include_top"] else 1e-4
+    assert np.abs(ours - expected).max() <= tolerance
+
+
+def test_every_blocks_output_matches_keras(converted):
+    """Block by block, as jax-resnet's parity tests do: the first divergence is located, not just seen."""
+    import keras
+
+    config, model, variables, images, _, keras_model = converted
+    block_ends = [f"{prefix}project_BN" for prefix in ["expanded_conv_"] + [f"block_{i}_" for i in range(1, 17)]]
+    probe = keras.Model(keras_model.input, [keras_model.get_layer(name).output for name in block_ends + ["out_relu"]])
+    *keras_blocks, keras_out = probe.predict(images[:1], verbose=0)
+    _, state = jax.jit(functools.partial(model.apply, capture_intermediates=True))(variables, images[:1])
+    ours = state["intermediates"]
+    np.testing.assert_allclose(np.asarray(jax.nn.relu6(ours["Conv_1_bn"]["__call__"][0])), keras_out, atol=1e-4)
+    for name, reference in zip(block_ends, keras_blocks):
+        value = ours[name]["__call__"][0]
+        np.testing.assert_allclose(np.asarray(value), reference, atol=1e-4, err_msg=name)
+
+
+def test_parameter_count_and_layer_names_match_keras():
+    import keras
+
+    reference = keras.applications.MobileNetV2(weights=None)
+    variables = jax.eval_shape(MobileNetV2().init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    assert count_params(variables) == reference.count_params() == 3_538_984
+    assert len(reference.layers) == 156  # 157 counting the input, as the tutorials do
+    keras_names = [layer.name for layer in reference.layers if layer.weights]
+    assert [name for name, _ in layer_plan()] == keras_names
+    assert set(variables["params"]) == set(keras_names)
+
+
+def test_make_divisible_and_correct_pad_follow_keras():
+    assert [make_divisible(32 * a) for a in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)] == [16, 16, 24, 32, 40, 48]
+    assert make_divisible(1280 * 1.4) == 1792
+    assert correct_pad((224, 224)) == ((0, 1), (0, 1))
+    assert correct_pad((7, 7)) == ((1, 1), (1, 1))
+
+
+def test_bad_inputs_are_named():
+    model = MobileNetV2(alpha=0.35)
+    with pytest.raises(ValueError, match="at least 32x32, got 31x64"):
+        model.init(jax.random.key(0), jnp.zeros((1, 31, 64, 3)))
+    with pytest.raises(ValueError, match="3 channels, got shape \\(1, 64, 64, 1\\)"):
+        model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
+    with pytest.raises(ValueError, match="pooling must be None, 'avg' or 'max', got 'mean'"):
+        MobileNetV2(include_top=False, pooling="mean").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
