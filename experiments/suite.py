@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-EXPERIMENTS = ("neuron", "basics", "penguins", "digits")
+EXPERIMENTS = ("neuron", "basics", "penguins", "digits", "classify")
 
 
 def _show(value) -> str:

@@ -26,7 +26,7 @@ def plot_history(history: dict[str, list], path: str | os.PathLike, title: str =
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(matrix, class_names, path: str | os.PathLike, title: str = "") -> Path:
@@ -43,10 +43,11 @@ def plot_confusion_matrix(matrix, class_names, path: str | os.PathLike, title: s
                 color="white" if count > matrix.max() / 2 else "black")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
+    """Writes `fig` as a PNG (creating folders) and closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

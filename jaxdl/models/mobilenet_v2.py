@@ -144,6 +144,13 @@ class MobileNetV2(nn.Module):
     fold_bn: bool = False
     dtype: Any = jnp.float32
 
+    @property
+    def head_activation(self) -> str | None:
+        """The classifier's activation once "default" is resolved by the convention."""
+        if self.classifier_activation == "default":
+            return CONVENTIONS[self.convention].default_classifier_activation
+        return self.classifier_activation
+
     def _conv_unit(self, x, conv_name, bn_name, *, features=None, kernel=1, stride=1, padding=((0, 0), (0, 0)),
                    depthwise=False, relu=True, train=False):
         """conv -> BatchNorm -> optional ReLU6, the unit every layer of the network is made of."""
@@ -208,12 +215,10 @@ class MobileNetV2(nn.Module):
         if conv_cfg.head_dropout:
             x = nn.Dropout(conv_cfg.head_dropout, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="predictions")(x)
-        activation = (conv_cfg.default_classifier_activation if self.classifier_activation == "default"
-                      else self.classifier_activation)
-        if activation == "softmax":
+        if self.head_activation == "softmax":
             return nn.softmax(x)
-        if activation is not None:
-            raise ValueError(f"classifier_activation must be 'softmax' or None, got {activation!r}")
+        if self.head_activation is not None:
+            raise ValueError(f"classifier_activation must be 'softmax' or None, got {self.head_activation!r}")
         return x
 
 

@@ -1,0 +1,98 @@
+"""The `jaxdl` command: classify photos, convert pretrained weights.
+
+    jaxdl classify [--weights imagenet|PATH] [--top K] [--json] IMAGE...
+    jaxdl convert keras|torchvision SRC DST [--overwrite]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+
+
+def enable_compilation_cache() -> None:
+    """Keeps compiled XLA programs on disk, so the next process skips compilation."""
+    from jaxdl.pretrained import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def classify(args) -> int:
+    from jaxdl.classifier import ImageClassifier
+
+    if args.top < 1:
+        print("jaxdl classify: --top must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        classifier = ImageClassifier.load(args.weights)
+    except (OSError, ValueError) as error:
+        print(f"jaxdl classify: {error}", file=sys.stderr)
+        return 2
+    results, errors = classifier.classify(args.images, top=args.top, batch_size=args.batch_size)
+    for error in errors:
+        print(f"jaxdl classify: error: {error}", file=sys.stderr)
+    for path, top in results:
+        if args.json:
+            print(json.dumps({"image": path, "top": [{"index": i, "label": label, "probability": p}
+                                                     for i, label, p in top]}))
+        else:
+            print(path)
+            for rank, (index, label, probability) in enumerate(top, 1):
+                print(f"  {rank}. {label} ({index}): {probability:.2%}")
+    return 1 if errors else 0
+
+
+def convert(args) -> int:
+    from jaxdl import images, imagenet
+    from jaxdl.classifier import ImageClassifier
+    from jaxdl.convert import from_keras, from_torchvision
+
+    source = {"keras": from_keras, "torchvision": from_torchvision}[args.source]
+    try:
+        model, variables = source(args.src)
+        classes = imagenet.class_names() if model.include_top and model.num_classes == 1000 else ()
+        preprocessing = images.KERAS if args.source == "keras" else images.TORCHVISION
+        classifier = ImageClassifier(model, variables, preprocessing, classes,
+                                     "probabilities" if model.head_activation == "softmax" else "logits")
+        saved = classifier.save(args.dst, overwrite=args.overwrite, source=str(args.src))
+    except (OSError, ValueError) as error:
+        print(f"jaxdl convert: {error}", file=sys.stderr)
+        return 1
+    print(f"saved MobileNetV2(alpha={model.alpha}, include_top={model.include_top}) from {args.src} to {saved}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxdl", description="jaxdl: functional deep learning on JAX")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("classify", help="top-K ImageNet (or fine-tuned) classes of photos")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (default), a saved model directory, or a Keras/torchvision weight file")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per image per line")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=classify)
+
+    p = commands.add_parser("convert", help="convert Keras or torchvision MobileNetV2 weights to a jaxdl model")
+    p.add_argument("source", choices=["keras", "torchvision"])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(run=convert)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    enable_compilation_cache()
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
