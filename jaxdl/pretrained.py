@@ -81,14 +81,22 @@ def torchvision_weights_path(weights: WeightFile = TORCHVISION_IMAGENET) -> Path
 
 
 def _cached(name: str, convert, metadata: dict):
-    """Loads the saved conversion `name` from the cache, converting and saving it first if needed."""
+    """Loads the saved conversion `name` from the cache, converting and saving it first if needed.
+
+    A cached model that this version of jaxdl cannot read (written by an
+    older one) is converted again and replaced.
+    """
     target = cache_dir() / name
-    if not (target / "model.json").is_file():
-        model, variables = convert()
+    if (target / "model.json").is_file():
         try:
-            save_model(target, model, variables, metadata=metadata)
-        except FileExistsError:  # another process cached it meanwhile
+            return load_model(target)
+        except ValueError:
             pass
+    model, variables = convert()
+    try:
+        save_model(target, model, variables, metadata=metadata, overwrite=target.exists())
+    except FileExistsError:  # another process cached it meanwhile
+        pass
     return load_model(target)
 
 

@@ -170,3 +170,13 @@ def test_checksum_mismatch_is_refused_before_conversion(tmp_path, weights_path, 
     with pytest.raises(pretrained.ChecksumError, match="expected 0000"):
         pretrained.torchvision_imagenet(wrong)
     assert not any((tmp_path / "cache").glob("mobilenet_v2_*/model.json"))  # nothing cached from a bad file
+
+
+def test_a_stale_cached_conversion_is_converted_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXDL_CACHE", str(tmp_path))
+    model, _, metadata = pretrained.torchvision_imagenet()
+    cached = next(tmp_path.glob("mobilenet_v2_torchvision_*"))
+    (cached / "model.json").write_text('{"class": "MobileNetV2", "config": {"depthwise": "old"}}')
+    again, variables, _ = pretrained.torchvision_imagenet()
+    assert again == model and metadata["sha256"] == pretrained.TORCHVISION_IMAGENET.sha256
+    assert variables["params"]["Conv1"]["kernel"].shape == (3, 3, 3, 32)

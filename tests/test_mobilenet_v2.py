@@ -50,10 +50,10 @@ def test_outputs_match_keras(converted):
     assert np.abs(ours - expected).max() <= tolerance
 
 
-@pytest.mark.parametrize("depthwise", ["shifted", "grouped"])
-def test_folded_batchnorm_and_both_depthwise_paths_match_keras(converted, depthwise):
+@pytest.mark.parametrize("implementation", ["matmul", "xla"])
+def test_folded_batchnorm_and_both_conv_implementations_match_keras(converted, implementation):
     config, model, variables, images, expected, _ = converted
-    fast_model, fast_variables = folded(model.clone(depthwise=depthwise), variables)
+    fast_model, fast_variables = folded(model.clone(conv_implementation=implementation), variables)
     assert "batch_stats" not in fast_variables
     ours = np.asarray(jax.jit(fast_model.apply)(fast_variables, images))
     tolerance = 1e-5 if config["include_top"] else 1e-4

@@ -13,10 +13,11 @@ Module names are Keras's layer names (`Conv1`, `bn_Conv1`,
 `predictions`), whatever the convention, so a parameter path reads like the
 Keras layer it came from.
 
-Two inference-speed options change how, not what, the network computes:
-- `depthwise`: XLA:CPU runs grouped convolutions (`feature_group_count=C`)
-  an order of magnitude slower than nine shifted multiply-adds, while GPU and
-  TPU libraries are fast at them; "auto" picks per backend.
+Two speed options change how, not what, the network computes:
+- `conv_implementation`: XLA:CPU runs grouped convolutions
+  (`feature_group_count=C`) and 1x1 convolutions many times slower than
+  shifted multiply-adds and matrix products, while GPU and TPU libraries are
+  fast at them; "auto" picks per backend (see `Conv`).
 - `fold_bn`: each BatchNorm folded into the conv before it (see
   `fold_batch_norm`), giving conv -> bias -> ReLU6; inference only.
 """
@@ -73,53 +74,74 @@ def correct_pad(size: tuple[int, int], kernel: int = 3) -> tuple[tuple[int, int]
     return tuple((half - (1 - s % 2), half) for s in size)
 
 
-def shifted_depthwise(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-    """Depthwise 2-D correlation of a padded NHWC `x` as a sum of strided slices times kernel taps.
+def same_padding(size: tuple[int, int], kernel: int, stride: int) -> tuple[tuple[int, int], ...]:
+    """TF/Keras "same" padding (the extra pixel, if any, at the bottom/right)."""
+    pads = []
+    for s in size:
+        total = max((-(-s // stride) - 1) * stride + kernel - s, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
 
-    Written by hand because XLA:CPU lowers `feature_group_count=C` convolutions
-    to a slow generic loop; this form is plain elementwise work it vectorises.
+
+def _taps(x: jnp.ndarray, kernel_size: int, stride: int):
+    """The kernel_size**2 strided windows of a padded NHWC `x`, one per kernel tap, row-major."""
+    out_h = (x.shape[1] - kernel_size) // stride + 1
+    out_w = (x.shape[2] - kernel_size) // stride + 1
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            yield x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+
+
+class Conv(nn.Module):
+    """A conv with explicit padding, in the kernel layout of Flax's `nn.Conv` (HWIO; depthwise HW1C).
+
+    `implementation` picks how it is computed; the result is the same:
+    - "xla": `lax.conv_general_dilated` (depthwise as `feature_group_count=C`),
+      what GPU and TPU convolution libraries run fast;
+    - "matmul": what XLA:CPU runs fast. Its grouped convolutions and small
+      convolutions are generic loops, an order of magnitude slower than
+      plain vector work: so depthwise convs become nine shifted
+      multiply-adds, 1x1 convs a matrix product over channels, and other
+      convs a matrix product over gathered patches (im2col).
+    - "auto": "matmul" on CPU, "xla" elsewhere.
+    Written by hand because XLA exposes no switch for this choice.
     """
-    kh, kw = kernel.shape[:2]
-    out_h = (x.shape[1] - kh) // stride + 1
-    out_w = (x.shape[2] - kw) // stride + 1
-    total = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
-            term = tap * kernel[i, j, 0]
-            total = term if total is None else total + term
-    return total
 
-
-class DepthwiseConv(nn.Module):
-    """A depthwise conv with explicit padding; kernel (kh, kw, 1, C) as Flax's grouped conv stores it."""
-
-    stride: int
-    padding: tuple
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    padding: Any = ((0, 0), (0, 0))  # explicit pairs, or "SAME" (TF semantics)
+    depthwise: bool = False
     use_bias: bool = False
-    implementation: str = "auto"  # "shifted", "grouped" or "auto"
-    kernel_size: int = 3
+    implementation: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        channels = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, 1, channels))
-        kernel = kernel.astype(self.dtype)
-        x = jnp.pad(x, ((0, 0), *self.padding, (0, 0)))
+        channels, k = x.shape[-1], self.kernel_size
+        shape = (k, k, 1, channels) if self.depthwise else (k, k, channels, self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape).astype(self.dtype)
+        padding = same_padding(x.shape[1:3], k, self.stride) if self.padding == "SAME" else self.padding
+        if any(p for pair in padding for p in pair):
+            x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
         implementation = self.implementation
         if implementation == "auto":
-            implementation = "shifted" if jax.default_backend() == "cpu" else "grouped"
-        if implementation == "shifted":
-            y = shifted_depthwise(x, kernel, self.stride)
-        elif implementation == "grouped":
+            implementation = "matmul" if jax.default_backend() == "cpu" else "xla"
+        if implementation == "xla":
             y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "VALID",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                             feature_group_count=channels)
+                                             feature_group_count=channels if self.depthwise else 1)
+        elif implementation != "matmul":
+            raise ValueError(f"conv implementation must be 'auto', 'matmul' or 'xla', got {self.implementation!r}")
+        elif self.depthwise:
+            y = sum(tap * kernel[i // k, i % k, 0] for i, tap in enumerate(_taps(x, k, self.stride)))
+        elif k == 1:
+            y = jnp.einsum("nhwc,cd->nhwd", x[:, ::self.stride, ::self.stride], kernel[0, 0])
         else:
-            raise ValueError(f"depthwise must be 'auto', 'shifted' or 'grouped', got {self.implementation!r}")
+            patches = jnp.concatenate(list(_taps(x, k, self.stride)), axis=-1)
+            y = jnp.einsum("nhwc,cd->nhwd", patches, kernel.reshape(k * k * channels, self.features))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (channels,)).astype(self.dtype)
+            y = y + self.param("bias", nn.initializers.zeros, (y.shape[-1],)).astype(self.dtype)
         return y
 
 
@@ -140,7 +162,7 @@ class MobileNetV2(nn.Module):
     num_classes: int = 1000
     classifier_activation: str | None = "default"
     convention: str = "keras"
-    depthwise: str = "auto"
+    conv_implementation: str = "auto"
     fold_bn: bool = False
     dtype: Any = jnp.float32
 
@@ -155,12 +177,8 @@ class MobileNetV2(nn.Module):
                    depthwise=False, relu=True, train=False):
         """conv -> BatchNorm -> optional ReLU6, the unit every layer of the network is made of."""
         conv_cfg = CONVENTIONS[self.convention]
-        if depthwise:
-            x = DepthwiseConv(stride, padding, use_bias=self.fold_bn, implementation=self.depthwise,
-                              kernel_size=kernel, dtype=self.dtype, name=conv_name)(x)
-        else:
-            x = nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding, use_bias=self.fold_bn,
-                        dtype=self.dtype, name=conv_name)(x)
+        x = Conv(features or x.shape[-1], kernel, stride, padding, depthwise=depthwise, use_bias=self.fold_bn,
+                 implementation=self.conv_implementation, dtype=self.dtype, name=conv_name)(x)
         if not self.fold_bn:
             x = nn.BatchNorm(use_running_average=not train, momentum=conv_cfg.batch_norm_momentum,
                              epsilon=conv_cfg.batch_norm_epsilon, dtype=self.dtype, name=bn_name)(x)

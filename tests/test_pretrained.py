@@ -1,0 +1,120 @@
+"""Golden outputs of the real ImageNet weights, and `jaxdl classify` end to end."""
+import json
+import os
+import subprocess
+import sys
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import classify as classify_experiment
+from jaxdl import images
+from jaxdl.imagenet import CAT_CLASSES, decode_predictions
+
+# Top-5 (index, probability) of torchvision's ImageNet MobileNetV2 through jaxdl's preprocessing,
+# measured once with this code and kept as a regression reference.
+GOLDEN = {
+    "chelsea": [(285, 0.7139468193054199), (282, 0.1458733081817627), (281, 0.13222870230674744),
+                (287, 0.00666562095284462), (728, 0.0007494755554944277)],
+    "coffee": [(967, 0.992070734500885), (925, 0.004320648033171892), (968, 0.001404792070388794),
+               (809, 0.0013344683684408665), (504, 0.0003838620614260435)],
+}
+
+
+@pytest.fixture(scope="module")
+def decoded(imagenet_classifier):
+    photos = classify_experiment.sample_photos()
+    batch = np.stack([images.preprocess(p, imagenet_classifier.preprocessing) for p in photos.values()])
+    return dict(zip(photos, decode_predictions(imagenet_classifier.probabilities(batch), 5)))
+
+
+def test_chelsea_is_a_cat_and_coffee_is_espresso(decoded):
+    assert any(index in CAT_CLASSES for index, _, _ in decoded["chelsea"][:3])
+    index, label, probability = decoded["coffee"][0]
+    assert (index, label) == (967, "espresso") and probability > 0.9
+
+
+@pytest.mark.parametrize("photo", sorted(GOLDEN))
+def test_golden_top5(decoded, photo):
+    assert [i for i, _, _ in decoded[photo]] == [i for i, _ in GOLDEN[photo]]
+    np.testing.assert_allclose([p for _, _, p in decoded[photo]], [p for _, p in GOLDEN[photo]], atol=1e-4)
+
+
+def test_unfolded_model_gives_the_same_probabilities(imagenet_classifier, jaxdl_cache):
+    from jaxdl.classifier import ImageClassifier
+
+    slow = ImageClassifier.load("imagenet", fast=False)
+    batch = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+    np.testing.assert_allclose(slow.probabilities(batch), imagenet_classifier.probabilities(batch), atol=1e-6)
+
+
+def test_image_loading_converts_modes_and_honours_exif(tmp_path):
+    rotated = Image.new("RGB", (300, 200), (200, 10, 10))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    assert images.load_image(tmp_path / "rotated.jpg").size == (200, 300)
+    Image.new("L", (40, 50), 128).save(tmp_path / "gray.png")
+    Image.new("RGBA", (40, 50), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert images.load_image(tmp_path / "gray.png").mode == "RGB"
+    assert images.load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)  # on white
+
+
+@pytest.fixture(scope="module")
+def photo_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    photos = classify_experiment.sample_photos()
+    photos["chelsea"].save(folder / "chelsea.png")
+    photos["coffee"].convert("L").save(folder / "coffee_gray.jpg", quality=95)
+    photos["coffee"].save(folder / "coffee.jpg", quality=95)
+    (folder / "coffee_cut.jpg").write_bytes((folder / "coffee.jpg").read_bytes()[:5000])
+    (folder / "notes.png").write_text("not a picture")
+    return folder
+
+
+def run_cli(*args, cache):
+    return subprocess.run([sys.executable, "-m", "jaxdl.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "JAXDL_CACHE": str(cache)})
+
+
+def test_classify_json_reports_every_image_and_names_the_bad_ones(photo_files, jaxdl_cache, imagenet_classifier):
+    done = run_cli("classify", "--json", "--top", "3", photo_files / "chelsea.png", photo_files / "notes.png",
+                   photo_files / "coffee_gray.jpg", photo_files / "coffee_cut.jpg", photo_files / "missing.jpg",
+                   photo_files / "coffee.jpg", cache=jaxdl_cache)
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [Path(line["image"]).name for line in lines] == ["chelsea.png", "coffee_gray.jpg", "coffee.jpg"]
+    assert all(len(line["top"]) == 3 and set(line["top"][0]) == {"index", "label", "probability"} for line in lines)
+    assert lines[0]["top"][0]["index"] in CAT_CLASSES
+    assert lines[2]["top"][0]["label"] == "espresso"
+    errors = done.stderr.strip().splitlines()
+    assert any("notes.png: not an image" in e for e in errors)
+    assert any("coffee_cut.jpg: damaged or truncated image" in e for e in errors)
+    assert any("missing.jpg: no such file" in e for e in errors)
+
+
+def test_classify_text_output_and_bad_weights(photo_files, jaxdl_cache, imagenet_classifier):
+    done = run_cli("classify", "--top", "2", photo_files / "coffee.jpg", cache=jaxdl_cache)
+    assert done.returncode == 0
+    assert done.stdout.splitlines()[1].startswith("  1. espresso (967): ")
+    missing = run_cli("classify", "--weights", photo_files / "nowhere", photo_files / "coffee.jpg", cache=jaxdl_cache)
+    assert missing.returncode == 2 and "--weights" in missing.stderr and "nowhere" in missing.stderr
+
+
+def test_convert_command_writes_a_model_classify_can_use(tmp_path, jaxdl_cache, photo_files):
+    from jaxdl import pretrained
+
+    source = pretrained.torchvision_weights_path()
+    done = run_cli("convert", "torchvision", source, tmp_path / "converted", cache=jaxdl_cache)
+    assert done.returncode == 0, done.stderr
+    again = run_cli("convert", "torchvision", source, tmp_path / "converted", cache=jaxdl_cache)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    result = run_cli("classify", "--json", "--weights", tmp_path / "converted", photo_files / "coffee.jpg",
+                     cache=jaxdl_cache)
+    assert json.loads(result.stdout)["top"][0]["label"] == "espresso"
+
+
+
