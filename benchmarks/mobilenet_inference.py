@@ -1,0 +1,191 @@
+"""MobileNetV2 1.0 at 224: images per second of jaxdl and its peers in one process, and `jaxdl classify` start-up.
+
+Engines (same weights: torchvision's ImageNet MobileNetV2, converted):
+- jaxdl as `jaxdl classify` runs it (BatchNorm folded, convs in XLA:CPU-friendly form),
+  and the naive port (lax convolutions, grouped depthwise) for comparison;
+- Keras 3 on the JAX backend, `predict`;
+- PyTorch eager, and in inference mode with channels-last tensors, when torch is installed
+  (torchvision's MobileNetV2 forward written with torch.nn.functional);
+- ONNX Runtime, when onnxruntime and onnx are installed (the torch graph exported).
+Then the wall time of a first and a second `jaxdl classify` process on one image,
+with an empty cache directory at the start (the first one converts the weights and compiles;
+the second finds both in the cache).
+Run: `python -m benchmarks.mobilenet_inference`.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxdl.classifier import ImageClassifier  # noqa: E402
+from jaxdl.models.mobilenet_v2 import layer_plan  # noqa: E402
+
+BATCHES = (1, 32)
+
+
+def images_per_second(run, batch: int, repeats: int) -> float:
+    run()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def jaxdl_engine(classifier, x, implementation=None):
+    model, variables = classifier.model, classifier.variables
+    if implementation:
+        model = model.clone(conv_implementation=implementation)
+    apply = jax.jit(model.apply)
+    x = jax.device_put(x)
+    return lambda: apply(variables, x).block_until_ready()
+
+
+def keras_engine(unfolded, x):
+    import keras
+
+    model = keras.applications.MobileNetV2(weights=None, classifier_activation=None)
+    params, stats = unfolded.variables["params"], unfolded.variables["batch_stats"]
+    for name, kind in layer_plan():
+        p = params[name]
+        weights = {"conv": lambda: [p["kernel"]], "depthwise": lambda: [p["kernel"].transpose(0, 1, 3, 2)],
+                   "bn": lambda: [p["scale"], p["bias"], stats[name]["mean"], stats[name]["var"]],
+                   "dense": lambda: [p["kernel"], p["bias"]]}[kind]()
+        model.get_layer(name).set_weights([np.asarray(w) for w in weights])
+    return lambda: model.predict(x, batch_size=len(x), verbose=0), keras.__version__
+
+
+def torch_state_dict():
+    import torch
+
+    from jaxdl import pretrained
+    from jaxdl.torchfile import load_state_dict
+
+    return {k: torch.from_numpy(np.array(v)) for k, v in load_state_dict(pretrained.torchvision_weights_path()).items()}
+
+
+def torch_engines(x):
+    import torch
+
+    from tests.torch_reference import forward
+
+    torch.set_num_threads(os.cpu_count())
+    state = torch_state_dict()
+    nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+    def eager():
+        with torch.no_grad():
+            forward(state, nchw)
+
+    last = {k: (v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v) for k, v in state.items()}
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+
+    def inference():
+        with torch.inference_mode():
+            forward(last, nhwc)
+
+    return eager, inference, torch.__version__
+
+
+def onnx_engine(x, folder):
+    import onnxruntime
+    import torch
+
+    from tests.torch_reference import forward
+
+    state = torch_state_dict()
+
+    class Net(torch.nn.Module):
+        def forward(self, images):
+            return forward(state, images)
+
+    path = os.path.join(folder, "mobilenet_v2.onnx")
+    torch.onnx.export(Net(), (torch.zeros(1, 3, 224, 224),), path, input_names=["images"],
+                      dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    nchw = x.transpose(0, 3, 1, 2).copy()
+    return lambda: session.run(None, {"images": nchw}), onnxruntime.__version__
+
+
+def classify_process_seconds(image_path: str, cache: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "jaxdl.cli", "classify", "--json", image_path], check=True,
+                   capture_output=True, env={**os.environ, "JAXDL_CACHE": cache})
+    return time.perf_counter() - start
+
+
+def main():
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.normal(size=(b, 224, 224, 3)).astype(np.float32) for b in BATCHES}
+    fast = ImageClassifier.load("imagenet")
+    unfolded = ImageClassifier.load("imagenet", fast=False)
+    rows = []
+
+    def measure(name, make, repeats=(15, 5)):
+        speeds = []
+        for batch, count in zip(BATCHES, repeats):
+            try:
+                speeds.append(images_per_second(make(inputs[batch]), batch, count))
+            except Exception as error:  # an optional peer that fails is reported, not fatal
+                print(f"{name}: skipped ({type(error).__name__}: {error})", file=sys.stderr)
+                return
+        rows.append((name, *speeds))
+
+    measure("jaxdl (folded BN, matmul/shifted convs)", lambda x: jaxdl_engine(fast, x))
+    measure("jaxdl, naive port (BN, lax convs, grouped depthwise)", lambda x: jaxdl_engine(unfolded, x, "xla"),
+            repeats=(3, 2))
+    keras_version = []
+    measure("Keras 3 on JAX (`predict`)", lambda x: (lambda r: keras_version.append(r[1]) or r[0])(
+        keras_engine(unfolded, x)), repeats=(5, 2))
+    try:
+        eager, inference, torch_version = None, None, None
+        import torch  # noqa: F401
+
+        measure(f"PyTorch {torch.__version__} eager", lambda x: torch_engines(x)[0], repeats=(10, 3))
+        measure(f"PyTorch {torch.__version__} inference mode, channels-last", lambda x: torch_engines(x)[1],
+                repeats=(10, 3))
+    except ImportError:
+        print("PyTorch: not installed", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            import onnxruntime
+
+            measure(f"ONNX Runtime {onnxruntime.__version__}", lambda x: onnx_engine(x, folder)[0], repeats=(15, 5))
+        except ImportError:
+            print("ONNX Runtime: not installed", file=sys.stderr)
+
+    print(f"jax {jax.__version__}, keras {keras_version[0] if keras_version else '-'}, {os.cpu_count()} cores; "
+          "MobileNetV2 1.0 at 224, images per second (median of repeated calls, compile excluded)")
+    print("| engine | batch 1 | batch 32 |")
+    print("|---|---|---|")
+    for name, b1, b32 in rows:
+        print(f"| {name} | {b1:.1f} | {b32:.1f} |")
+    ours = rows[0][2]
+    for name, _, b32 in rows[1:]:
+        print(f"jaxdl / {name} at batch 32: {ours / b32:.2f}x")
+
+    from PIL import Image
+    from skimage import data
+
+    with tempfile.TemporaryDirectory() as folder:
+        image = os.path.join(folder, "chelsea.jpg")
+        Image.fromarray(data.chelsea()).save(image)
+        cache = os.path.join(folder, "cache")
+        first = classify_process_seconds(image, cache)
+        second = classify_process_seconds(image, cache)
+    print(f"`jaxdl classify` on one image, empty cache: first process {first:.2f} s, second {second:.2f} s "
+          f"({first / second:.2f}x faster)")
+
+
+if __name__ == "__main__":
+    main()
