@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-EXPERIMENTS = ("neuron", "basics", "penguins", "digits", "classify")
+EXPERIMENTS = ("neuron", "basics", "penguins", "digits", "classify", "transfer")
 
 
 def _show(value) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 from jaxdl import images, imagenet, pretrained
 from jaxdl.checkpoint import load_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
+from jaxdl.finetune import FineTuneModel, fast_inference
 from jaxdl.models.mobilenet_v2 import MobileNetV2, folded
 from jaxdl.train import predict
 
@@ -55,6 +56,8 @@ class ImageClassifier:
         outputs = metadata.get("outputs") or _outputs_of(model)
         if fast and isinstance(model, MobileNetV2):
             model, variables = folded(model, variables)
+        elif fast and isinstance(model, FineTuneModel):
+            model, variables = fast_inference(model, variables)
         return cls(model, variables, dict(metadata["preprocessing"]), tuple(classes), outputs)
 
     def save(self, directory, *, overwrite: bool = False, **extra_metadata) -> Path:

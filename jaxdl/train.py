@@ -34,22 +34,26 @@ from jaxdl import data, losses
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus BatchNorm statistics, a dropout key and the input shape.
+    """Flax's TrainState plus BatchNorm statistics, a dropout key, the input shape and frozen variables.
 
-    The dropout key of a step is `fold_in(dropout_rng, step)`, so a run is
+    The random key of a step is `fold_in(dropout_rng, step)`, so a run is
     reproducible from its seed without threading keys through the loop.
+    `frozen` holds variable collections that `apply_fn` reads but training
+    never differentiates nor changes (a pretrained backbone, for instance).
     """
 
     batch_stats: Any
     dropout_rng: jax.Array
     input_shape: tuple = flax.struct.field(pytree_node=False)
+    frozen: Any = flax.struct.field(default_factory=dict)
 
     @property
     def variables(self) -> dict:
-        """The collections `apply_fn` takes: params, and batch_stats when the model has any."""
+        """The collections `apply_fn` takes: params, batch_stats when the model has any, and the frozen ones."""
+        variables = {"params": self.params, **self.frozen}
         if self.batch_stats:
-            return {"params": self.params, "batch_stats": self.batch_stats}
-        return {"params": self.params}
+            variables["batch_stats"] = self.batch_stats
+        return variables
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation, input_shape: Sequence[int],
@@ -58,10 +62,16 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
     init_rng, dropout_rng = jax.random.split(rng)
     sample = jnp.zeros((1, *input_shape), input_dtype)
     variables = jax.jit(functools.partial(model.init, train=False))(init_rng, sample)
-    state = TrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=optimizer,
-        batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng,
-        input_shape=tuple(int(d) for d in input_shape))
+    return new_train_state(model.apply, variables["params"], optimizer, batch_stats=variables.get("batch_stats", {}),
+                           dropout_rng=dropout_rng, input_shape=input_shape)
+
+
+def new_train_state(apply_fn, params, optimizer: optax.GradientTransformation, *, batch_stats, dropout_rng,
+                    input_shape: Sequence[int], frozen: dict | None = None) -> TrainState:
+    """A TrainState at step 0 from already initialised variables."""
+    state = TrainState.create(apply_fn=apply_fn, params=params, tx=optimizer, batch_stats=batch_stats,
+                              dropout_rng=dropout_rng, input_shape=tuple(int(d) for d in input_shape),
+                              frozen=frozen or {})
     # TrainState.create starts from the Python int 0, a weakly typed scalar: the second
     # call of a compiled step would see int32 instead and compile again.
     return state.replace(step=jnp.zeros((), jnp.int32))
@@ -93,14 +103,15 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.dropout_rng, state.step)
+        rngs = {"dropout": rng, "augment": jax.random.fold_in(rng, 1)}
 
         def objective(params):
             variables = {**state.variables, "params": params}
             if state.batch_stats:
-                outputs, updates = state.apply_fn(variables, batch["x"], train=True, rngs={"dropout": rng},
+                outputs, updates = state.apply_fn(variables, batch["x"], train=True, rngs=rngs,
                                                   mutable=["batch_stats"])
             else:
-                outputs, updates = state.apply_fn(variables, batch["x"], train=True, rngs={"dropout": rng}), {}
+                outputs, updates = state.apply_fn(variables, batch["x"], train=True, rngs=rngs), {}
             sums = _batch_sums(outputs, batch, loss_fn, metric_names)
             return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
 
@@ -293,6 +304,12 @@ class EarlyStopping(Callback):
             run.state = self.best_state
 
 
+def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
+    """`fit`'s (init, shuffle) keys for `seed`: build a state with the init key to match a `fit` run."""
+    init_rng, shuffle_rng = jax.random.split(jax.random.key(seed))
+    return init_rng, shuffle_rng
+
+
 def _check_class_labels(state: TrainState, y: np.ndarray, name: str) -> None:
     """Integer labels must index the model's outputs."""
     outputs = jax.eval_shape(state.apply_fn, state.variables, jnp.zeros((1, *state.input_shape)))
@@ -326,8 +343,7 @@ def fit(model, x, y, *, loss, optimizer: optax.GradientTransformation | None = N
         (x, y), validation_data = data.split_validation(x, y, validation_split)
     metrics = tuple(metrics)
 
-    root = jax.random.key(seed)
-    init_rng, shuffle_rng = jax.random.split(root)
+    init_rng, shuffle_rng = seed_rngs(seed)
     if state is None:
         state = create_train_state(model, optimizer or optax.adam(1e-3), x.shape[1:], init_rng)
     if validation_data is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -10,6 +11,13 @@ from jaxdl.models.mobilenet_v2 import MobileNetV2
 from jaxdl.models.small import MLP, ConvNet
 
 MODEL_CLASSES = {"MLP": MLP, "ConvNet": ConvNet, "MobileNetV2": MobileNetV2}
+
+
+def _model_classes() -> dict:
+    """Every class a saved model may name (fine-tuning's classes live in jaxdl.finetune)."""
+    from jaxdl.finetune import ClassifierHead, FineTuneModel
+
+    return {**MODEL_CLASSES, "ClassifierHead": ClassifierHead, "FineTuneModel": FineTuneModel}
 
 
 def count_params(variables) -> int:
@@ -22,6 +30,8 @@ def count_params(variables) -> int:
 
 
 def _plain(value):
+    if isinstance(value, nn.Module):
+        return model_config(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, (bool, int, float, str)) or value is None:
@@ -30,21 +40,24 @@ def _plain(value):
 
 
 def _hashable(value):
+    if isinstance(value, dict) and "class" in value:  # a nested module
+        return model_from_config(value)
     return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
 def model_config(model) -> dict:
     """A JSON-ready description from which `model_from_config` rebuilds the model."""
     name = type(model).__name__
-    if MODEL_CLASSES.get(name) is not type(model):
-        raise TypeError(f"{name} is not a jaxdl model class ({sorted(MODEL_CLASSES)}); it cannot be saved by config")
+    if _model_classes().get(name) is not type(model):
+        raise TypeError(f"{name} is not a jaxdl model class ({sorted(_model_classes())}); it cannot be saved "
+                        "by config")
     fields = {f.name: _plain(getattr(model, f.name)) for f in dataclasses.fields(model)
               if f.init and f.name not in ("parent", "name")}
     return {"class": name, "config": fields}
 
 
 def model_from_config(config: dict):
-    cls = MODEL_CLASSES[config["class"]]
+    cls = _model_classes()[config["class"]]
     kwargs = {k: _hashable(v) for k, v in config["config"].items()}
     if "dtype" in kwargs:
         kwargs["dtype"] = np.dtype(kwargs["dtype"])

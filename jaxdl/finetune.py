@@ -1,0 +1,288 @@
+"""Transfer learning: a pretrained MobileNetV2 backbone, frozen, with a new classification head.
+
+The backbone always runs in inference mode: its parameters and BatchNorm
+statistics never change. Head-only training differentiates the head's
+parameters alone (the optimizer state is head-sized too), and, without
+augmentation, trains on features computed once per image ("cached
+features"): the backbone then runs once per image instead of once per image
+per epoch. With augmentation, or with the top blocks unfrozen, images go
+through the backbone at every step ("end to end"). Both paths start from the
+same head initialisation, shuffle and dropout keys, so from one seed they
+reach the same head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdl import images as image_io
+from jaxdl.models.mobilenet_v2 import BLOCKS, MobileNetV2, block_prefix, folded, layer_plan
+from jaxdl.models.small import activation, kernel_init, keras_batch_norm
+from jaxdl.train import Callback, create_train_state, fit, new_train_state, predict, seed_rngs
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what image_dataset_from_directory reads
+LOSS = "sparse_categorical_crossentropy"
+
+
+class ClassifierHead(nn.Module):
+    """Optional BatchNorm, Dense+ReLU+dropout layers of `hidden` units, then `num_classes` logits.
+
+    The default is the tutorial's single Dense layer; the Carpentries lesson's
+    head is `ClassifierHead(10, hidden=(50,), dropout_rate=0.5, input_batch_norm=True)`.
+    """
+
+    num_classes: int
+    hidden: Sequence[int] = ()
+    dropout_rate: float = 0.0
+    input_batch_norm: bool = False
+    activation: str = "relu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features, train: bool = False):
+        x = features.astype(self.dtype)
+        if self.input_batch_norm:
+            x = keras_batch_norm(train, self.dtype, name="batch_norm")(x)
+        for i, width in enumerate(self.hidden):
+            x = activation(self.activation)(nn.Dense(width, dtype=self.dtype, kernel_init=kernel_init,
+                                                     name=f"dense_{i}")(x))
+            if self.dropout_rate:
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init, name="logits")(x)
+
+
+class FineTuneModel(nn.Module):
+    """A pooled-feature backbone (always in inference mode) followed by a head; logits out."""
+
+    backbone: MobileNetV2
+    head: nn.Module
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        return self.head(self.backbone(images, train=False), train=train)
+
+
+def feature_backbone(model: MobileNetV2, variables: dict) -> tuple[MobileNetV2, dict]:
+    """The pretrained network without its classifier, returning average-pooled features."""
+    params = {k: v for k, v in variables["params"].items() if k != "predictions"}
+    return model.clone(include_top=False, pooling="avg"), {**variables, "params": params}
+
+
+def stage_layers(stage: int) -> list[str]:
+    """Layer names of backbone stage `stage`: 0-16 the inverted-residual blocks (0 with the stem conv),
+    17 the final 1x1 conv `Conv_1`."""
+    names = [name for name, _ in layer_plan(include_top=False)]
+    if stage == len(BLOCKS):
+        return ["Conv_1", "Conv_1_bn"]
+    prefix = block_prefix(stage)
+    stem = ["Conv1", "bn_Conv1"] if stage == 0 else []
+    return stem + [n for n in names if n.startswith(prefix)]
+
+
+def top_stage_layers(unfreeze: int) -> list[str]:
+    """Layers of the top `unfreeze` stages: 1 is `Conv_1`, 2 adds block 16, ... 18 is the whole backbone."""
+    stages = len(BLOCKS) + 1
+    if not 0 <= unfreeze <= stages:
+        raise ValueError(f"unfreeze must be between 0 and {stages} (the backbone's stages), got {unfreeze}")
+    return [name for stage in range(stages - unfreeze, stages) for name in stage_layers(stage)]
+
+
+def augment_images(rng: jax.Array, images: jnp.ndarray, pad: int = 16) -> jnp.ndarray:
+    """Random horizontal flips and random crops (reflect-pad by `pad`, crop back), seeded by `rng`."""
+    flip_rng, crop_rng = jax.random.split(rng)
+    n, height, width, channels = images.shape
+    flip = jax.random.bernoulli(flip_rng, 0.5, (n, 1, 1, 1))
+    images = jnp.where(flip, images[:, :, ::-1], images)
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * pad + 1)
+    crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))  # noqa: E731
+    return jax.vmap(crop)(padded, offsets)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenBackboneApply:
+    """`apply_fn` for end-to-end head training: images -> frozen backbone -> head.
+
+    Trainable params are {"head": ..., optionally "backbone": top stages};
+    the rest of the backbone comes from the frozen collection
+    "frozen_backbone" and gets no gradient.
+    """
+
+    backbone: MobileNetV2
+    head: nn.Module
+    augment: bool = False
+
+    def __call__(self, variables, images, train: bool = False, rngs=None, mutable=False):
+        frozen = variables["frozen_backbone"]
+        backbone_variables = {**frozen, "params": {**frozen["params"], **variables["params"].get("backbone", {})}}
+        if train and self.augment:
+            images = augment_images(rngs["augment"], images)
+        features = self.backbone.apply(backbone_variables, images, train=False)
+        head_variables = {"params": variables["params"]["head"]}
+        if "batch_stats" in variables:
+            head_variables["batch_stats"] = variables["batch_stats"]
+        return self.head.apply(head_variables, features, train=train, rngs=rngs, mutable=mutable)
+
+
+@dataclasses.dataclass
+class FineTuned:
+    """The outcome of `finetune`: a model with all its variables, and the training history."""
+
+    model: FineTuneModel
+    variables: dict
+    history: dict[str, list]
+    feature_seconds: float = 0.0  # time spent extracting cached features
+
+
+def _head_module(head, num_classes):
+    if head is None:
+        if num_classes is None:
+            raise ValueError("finetune needs num_classes (or a head module)")
+        return ClassifierHead(int(num_classes))
+    if "train" not in inspect.signature(head.__call__).parameters:
+        raise TypeError(f"the head {type(head).__name__} must take (features, train: bool); wrap it, or use "
+                        "ClassifierHead")
+    return head
+
+
+def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict, head: nn.Module | None = None,
+             num_classes: int | None = None, validation_data: tuple | None = None, epochs: int = 20,
+             batch_size: int = 32, learning_rate: float = 1e-3, unfreeze: int = 0,
+             backbone_learning_rate: float = 1e-5, augment: bool = False, cache_features: bool | None = None,
+             seed: int = 0, callbacks: Sequence[Callback] = (), verbose: bool = True) -> FineTuned:
+    """Trains a new head on a frozen pretrained backbone (plus, with `unfreeze`, its top stages).
+
+    `images` are preprocessed NHWC arrays, `labels` integer classes. The
+    head defaults to one Dense layer of `num_classes`; any Linen module
+    taking (features, train) will do. Features are cached unless
+    `augment` or `unfreeze` need the backbone at every step.
+    """
+    import time
+
+    head = _head_module(head, num_classes)
+    if cache_features is None:
+        cache_features = not augment and unfreeze == 0
+    if cache_features and (augment or unfreeze):
+        raise ValueError("cached features cannot be augmented or come from unfrozen blocks; "
+                         "use cache_features=False")
+    backbone, backbone_variables = feature_backbone(backbone, backbone_variables)
+    unfrozen = top_stage_layers(unfreeze)
+    fit_args = dict(loss=LOSS, epochs=epochs, batch_size=batch_size, seed=seed, callbacks=callbacks,
+                    verbose=verbose)
+
+    if cache_features:
+        fast_backbone, fast_variables = folded(backbone, backbone_variables)
+        started = time.perf_counter()
+        features = predict(fast_backbone, images, variables=fast_variables, batch_size=batch_size)
+        val = None
+        if validation_data is not None:
+            val = (predict(fast_backbone, validation_data[0], variables=fast_variables, batch_size=batch_size),
+                   validation_data[1])
+        feature_seconds = time.perf_counter() - started
+        state, history = fit(head, features, labels, optimizer=optax.adam(learning_rate), validation_data=val,
+                             **fit_args)
+        head_params, head_stats, backbone_params = state.params, state.batch_stats, {}
+    else:
+        feature_seconds = 0.0
+        init_rng, _ = seed_rngs(seed)  # the head starts exactly as `fit` would start it on cached features
+        feature_size = jax.eval_shape(backbone.apply, backbone_variables, jnp.zeros((1, *np.shape(images)[1:])))
+        head_state = create_train_state(head, optax.identity(), feature_size.shape[1:], init_rng)
+        if unfrozen:
+            frozen = {"params": {k: v for k, v in backbone_variables["params"].items() if k not in unfrozen},
+                      "batch_stats": backbone_variables["batch_stats"]}
+            params = {"head": head_state.params,
+                      "backbone": {k: backbone_variables["params"][k] for k in unfrozen}}
+            optimizer = optax.multi_transform(
+                {"head": optax.adam(learning_rate), "backbone": optax.adam(backbone_learning_rate)},
+                {"head": "head", "backbone": "backbone"})
+            apply_backbone = backbone
+        else:
+            apply_backbone, frozen = folded(backbone, backbone_variables)
+            params, optimizer = {"head": head_state.params}, optax.adam(learning_rate)
+        state = new_train_state(FrozenBackboneApply(apply_backbone, head, augment), params, optimizer,
+                                batch_stats=head_state.batch_stats, dropout_rng=head_state.dropout_rng,
+                                input_shape=np.shape(images)[1:], frozen={"frozen_backbone": frozen})
+        state, history = fit(None, images, labels, state=state, validation_data=validation_data, **fit_args)
+        head_params, head_stats = state.params["head"], state.batch_stats
+        backbone_params = state.params.get("backbone", {})
+
+    model = FineTuneModel(backbone=backbone, head=head)
+    variables = {"params": {"backbone": {**backbone_variables["params"], **backbone_params}, "head": head_params},
+                 "batch_stats": {"backbone": backbone_variables["batch_stats"]}}
+    if head_stats:
+        variables["batch_stats"]["head"] = head_stats
+    variables = jax.tree.map(np.asarray, jax.device_get(variables))
+    return FineTuned(model, variables, history, feature_seconds)
+
+
+def fast_inference(model: FineTuneModel, variables: dict) -> tuple[FineTuneModel, dict]:
+    """The same model with the backbone's BatchNorm folded into its convs (exact, inference only)."""
+    backbone_variables = {"params": variables["params"]["backbone"],
+                          "batch_stats": variables["batch_stats"]["backbone"]}
+    fast_backbone, fast_variables = folded(model.backbone, backbone_variables)
+    result = {"params": {"backbone": fast_variables["params"], "head": variables["params"]["head"]}}
+    if "head" in variables.get("batch_stats", {}):
+        result["batch_stats"] = {"head": variables["batch_stats"]["head"]}
+    return model.clone(backbone=fast_backbone), result
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def image_folder(directory: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(paths, labels, class names) from one subfolder per class, as Keras's image_dataset_from_directory.
+
+    Classes are the subfolders in alphabetical order. Fewer than two
+    classes, or a class without images, is an error naming the folder.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such data folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise ValueError(f"{root}: needs one subfolder per class and at least two classes, found {len(classes)}"
+                         + (f" ({classes[0]})" if classes else ""))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"{root / name}: class {name!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [label] * len(files)
+    return paths, np.asarray(labels, np.int32), classes
+
+
+def load_images(paths, labels, preprocessing: dict, report: Callable[[str], None] | None = None):
+    """Preprocessed images and their labels; unreadable files are reported by name and skipped."""
+    report = report or (lambda line: print(line, file=sys.stderr))
+    batch, loaded, errors = image_io.load_batch(paths, preprocessing)
+    for error in errors:
+        report(f"skipped: {error}")
+    kept = {str(p): i for i, p in enumerate(paths)}
+    return batch, np.asarray([labels[kept[p]] for p in loaded], np.int32)
+
+
+def stratified_split(labels, validation_split: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices: each class shuffled (seeded) and its last fraction held out."""
+    if not 0.0 < validation_split < 1.0:
+        raise ValueError(f"validation split must be between 0 and 1 (exclusive), got {validation_split}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        held_out = int(round(len(members) * validation_split))
+        if held_out == 0 or held_out == len(members):
+            raise ValueError(f"validation split {validation_split} leaves class {label} with no "
+                             f"{'validation' if held_out == 0 else 'training'} images ({len(members)} in all)")
+        train += list(members[:-held_out])
+        val += list(members[-held_out:])
+    return np.sort(train), np.sort(val)
