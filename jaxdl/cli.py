@@ -2,12 +2,14 @@
 
     jaxdl classify [--weights imagenet|PATH] [--top K] [--json] IMAGE...
     jaxdl convert keras|torchvision SRC DST [--overwrite]
+    jaxdl finetune DATA_DIR --out DIR [--epochs 20] [--val-split F] [--unfreeze N] [--augment]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import jax
 
@@ -66,6 +68,52 @@ def convert(args) -> int:
     return 0
 
 
+def finetune(args) -> int:
+    import numpy as np
+
+    from jaxdl import finetune as ft
+    from jaxdl import pretrained
+    from jaxdl.classifier import ImageClassifier
+    from jaxdl.train import Callback
+
+    class PrintEpochs(Callback):
+        def on_epoch_end(self, run, epoch, logs):
+            print(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()),
+                  flush=True)
+
+    try:
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+        paths, labels, classes = ft.image_folder(args.data_dir)
+        model, variables, metadata = pretrained.torchvision_imagenet()
+        images, labels = ft.load_images(paths, labels, metadata["preprocessing"],
+                                        report=lambda line: print(f"jaxdl finetune: {line}", file=sys.stderr))
+        for label, name in enumerate(classes):
+            if not np.any(labels == label):
+                raise ValueError(f"{Path(args.data_dir) / name}: no readable images left in class {name!r}")
+        validation = None
+        if args.val_split:
+            train, val = ft.stratified_split(labels, args.val_split, args.seed)
+            validation = (images[val], labels[val])
+            images, labels = images[train], labels[train]
+        print(f"{len(labels)} training images, {0 if validation is None else len(validation[1])} validation, "
+              f"classes {classes}", flush=True)
+        result = ft.finetune(images, labels, backbone=model, backbone_variables=variables, num_classes=len(classes),
+                             validation_data=validation, epochs=args.epochs, batch_size=args.batch_size,
+                             learning_rate=args.learning_rate, unfreeze=args.unfreeze, augment=args.augment,
+                             seed=args.seed, callbacks=[PrintEpochs()], verbose=False)
+        classifier = ImageClassifier(result.model, result.variables, dict(metadata["preprocessing"]), tuple(classes))
+        saved = classifier.save(out, overwrite=args.overwrite, history=result.history,
+                                source=f"fine-tuned on {args.data_dir}")
+    except (OSError, ValueError) as error:
+        print(f"jaxdl finetune: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({"history": result.history}))
+    print(f"saved to {saved}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdl", description="jaxdl: functional deep learning on JAX")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=convert)
+
+    p = commands.add_parser("finetune", help="train a new head on the ImageNet MobileNetV2 (one subfolder per class)")
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    p.add_argument("--out", required=True, help="folder to save the fine-tuned model in")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--val-split", type=float, default=0.0, help="fraction of each class held out for validation")
+    p.add_argument("--unfreeze", type=int, default=0, help="also train the top N backbone stages")
+    p.add_argument("--augment", action="store_true", help="random flips and crops (trains end to end)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=finetune)
     return parser
 
 

@@ -141,6 +141,7 @@ class FineTuned:
     model: FineTuneModel
     variables: dict
     history: dict[str, list]
+    state: Any = None  # the final TrainState (head-sized params and optimizer state)
     feature_seconds: float = 0.0  # time spent extracting cached features
 
 
@@ -222,7 +223,7 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
     if head_stats:
         variables["batch_stats"]["head"] = head_stats
     variables = jax.tree.map(np.asarray, jax.device_get(variables))
-    return FineTuned(model, variables, history, feature_seconds)
+    return FineTuned(model, variables, history, state, feature_seconds)
 
 
 def fast_inference(model: FineTuneModel, variables: dict) -> tuple[FineTuneModel, dict]:

@@ -139,10 +139,8 @@ def summarize(sums: dict, prefix: str = "") -> dict[str, float]:
     sums = jax.device_get(sums)
     count = max(float(sums["count"]), 1.0)
     result = {}
-    for name, total in sums.items():
-        if name == "count":
-            continue
-        mean = float(total) / count
+    for name in ["loss"] + sorted(set(sums) - {"loss", "count"}):  # Keras's order: loss first
+        mean = float(sums[name]) / count
         result[prefix + name] = mean if name == "loss" else float(losses.get_metric(name).finalize(mean))
     return result
 

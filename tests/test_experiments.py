@@ -9,9 +9,9 @@ from experiments import penguins, suite
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, jaxdl_cache):
     root = tmp_path_factory.mktemp("runs")
-    status = suite.main(["neuron", "basics", "penguins", "digits", "--out", str(root)])
+    status = suite.main(["--out", str(root)])  # every experiment, as `make demo` runs them
     return root, status
 
 
@@ -25,6 +25,8 @@ def test_suite_meets_every_tutorial_number(runs, capsys):
     ("basics", {"params", "accuracy", "val_accuracy", "predictions"}, ["history.png"]),
     ("penguins", {"params", "test_accuracy", "confusion_matrix"}, ["history.png", "confusion_matrix.png"]),
     ("digits", {"mlp_test_accuracy", "cnn_test_accuracy"}, ["mlp_history.png", "cnn_history.png"]),
+    ("classify", {"chelsea_top5", "coffee_top1", "coffee_probability"}, ["predictions.png"]),
+    ("transfer", {"train_accuracy_all", "train_accuracy", "val_accuracy", "imagenet_top1"}, ["history.png"]),
 ])
 def test_each_experiment_writes_metrics_and_plots(runs, name, keys, plots):
     root, _ = runs
@@ -52,3 +54,21 @@ def test_experiment_prints_its_metrics_as_the_last_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "experiments.neuron", "--out", str(tmp_path)],
                           capture_output=True, text=True, check=True)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"neuron_output": 1.25, "xor": [0.0, 1.0, 1.0, 0.0]}
+
+
+def test_transfer_reproduces_the_tutorials_lessons(runs):
+    metrics = json.loads((runs[0] / "transfer" / "metrics.json").read_text())
+    assert metrics["data"].endswith("shared/data/cats")
+    assert metrics["train_accuracy_all"] == 1.0 and metrics["train_accuracy"] == 1.0
+    assert metrics["val_accuracy"] <= 0.8  # overfitting: 30 photos learnt, 10 new ones barely
+    assert len(metrics["imagenet_top1"]) == 40 and metrics["imagenet_cat_count"] >= 30
+
+
+def test_transfer_falls_back_to_digits_without_cat_photos(tmp_path, jaxdl_cache, monkeypatch, capsys):
+    from experiments import transfer
+
+    monkeypatch.setattr(transfer, "DEFAULT_DATA", tmp_path / "no-cats")
+    metrics = transfer.run(["--quiet", "--out", str(tmp_path), "--epochs", "3"])
+    assert metrics["data"].startswith("scikit-learn digits 0 and 1 (stand-in")
+    assert "no cat photos at" in capsys.readouterr().out
+    assert metrics["classes"] == ["zero", "one"] and len(metrics["imagenet_top1"]) == 40

@@ -1,0 +1,167 @@
+"""Transfer learning on the tutorial's cat photos: frozen backbone, cached vs end to end, unfreezing, saving."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from jaxdl import finetune
+from jaxdl.classifier import ImageClassifier
+from jaxdl.train import predict
+
+CATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cats"
+
+
+@pytest.fixture(scope="module")
+def pretrained_model(jaxdl_cache):
+    from jaxdl import pretrained
+
+    return pretrained.torchvision_imagenet()
+
+
+@pytest.fixture(scope="module")
+def cats(pretrained_model):
+    """Six female and six male photos, preprocessed for the torchvision weights."""
+    paths = [CATS / f"{sex}{i:02d}.jpg" for sex in "fm" for i in range(1, 7)]
+    labels = np.array([0] * 6 + [1] * 6, np.int32)
+    return finetune.load_images(paths, labels, pretrained_model[2]["preprocessing"])
+
+
+def run(cats, pretrained_model, **kwargs):
+    model, variables, _ = pretrained_model
+    images, labels = cats
+    options = dict(num_classes=2, epochs=3, batch_size=8, seed=0, verbose=False)
+    return finetune.finetune(images, labels, backbone=model, backbone_variables=variables, **{**options, **kwargs})
+
+
+def leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("cache_features", [True, False], ids=["cached", "end-to-end"])
+def test_head_only_training_leaves_the_backbone_bitwise_unchanged(cats, pretrained_model, cache_features):
+    _, variables, _ = pretrained_model
+    before = jax.tree.map(np.array, variables)
+    result = run(cats, pretrained_model, cache_features=cache_features)
+    trained = result.variables
+    expected_params = {k: v for k, v in before["params"].items() if k != "predictions"}
+    assert leaves_equal(trained["params"]["backbone"], expected_params)
+    assert leaves_equal(trained["batch_stats"]["backbone"], before["batch_stats"])
+    assert leaves_equal(variables, before)  # the caller's variables are untouched too
+
+
+def test_cached_and_end_to_end_training_reach_the_same_head(cats, pretrained_model):
+    cached = run(cats, pretrained_model, cache_features=True, epochs=4)
+    end_to_end = run(cats, pretrained_model, cache_features=False, epochs=4)
+    difference = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                              cached.variables["params"]["head"], end_to_end.variables["params"]["head"])
+    assert max(jax.tree.leaves(difference)) <= 1e-5
+    assert cached.history["loss"] == pytest.approx(end_to_end.history["loss"], abs=1e-5)
+
+
+def test_only_the_head_is_differentiated_and_optimised(cats, pretrained_model):
+    result = run(cats, pretrained_model, cache_features=False, epochs=1)
+    head_size = sum(np.size(p) for p in jax.tree.leaves(result.state.params))
+    assert head_size == 1280 * 2 + 2
+    moments = sum(np.size(p) for p in jax.tree.leaves(result.state.opt_state))
+    assert moments == 2 * head_size + 1  # Adam's mu and nu, and its step count
+
+
+def test_partial_unfreezing_changes_exactly_the_chosen_stages(cats, pretrained_model):
+    _, variables, _ = pretrained_model
+    result = run(cats, pretrained_model, unfreeze=2, epochs=1)
+    chosen = set(finetune.top_stage_layers(2))
+    assert chosen == {"Conv_1", "Conv_1_bn", "block_16_expand", "block_16_expand_BN", "block_16_depthwise",
+                      "block_16_depthwise_BN", "block_16_project", "block_16_project_BN"}
+    for name, params in result.variables["params"]["backbone"].items():
+        same = leaves_equal(params, variables["params"][name])
+        assert same == (name not in chosen), name
+    assert leaves_equal(result.variables["batch_stats"]["backbone"], variables["batch_stats"])  # BN stays frozen
+
+
+def test_augmentation_is_seeded_and_changes_training(cats, pretrained_model):
+    first = run(cats, pretrained_model, augment=True, epochs=2)
+    again = run(cats, pretrained_model, augment=True, epochs=2)
+    plain = run(cats, pretrained_model, epochs=2)
+    assert leaves_equal(first.variables["params"]["head"], again.variables["params"]["head"])
+    assert not leaves_equal(first.variables["params"]["head"], plain.variables["params"]["head"])
+    images = cats[0][:2]
+    flipped = np.asarray(finetune.augment_images(jax.random.key(0), images, pad=0))
+    assert all(np.array_equal(f, i) or np.array_equal(f, i[:, ::-1]) for f, i in zip(flipped, images))
+
+
+def test_a_deeper_head_trains_with_batchnorm_and_dropout(cats, pretrained_model):
+    head = finetune.ClassifierHead(2, hidden=(50,), dropout_rate=0.5, input_batch_norm=True)
+    result = run(cats, pretrained_model, head=head, epochs=2)
+    assert "head" in result.variables["batch_stats"]
+    logits = predict(result.model, cats[0], variables=result.variables)
+    assert logits.shape == (12, 2) and np.isfinite(logits).all()
+
+
+def test_save_then_load_in_a_new_process_keeps_predictions_and_class_names(tmp_path, cats, pretrained_model):
+    result = run(cats, pretrained_model, epochs=2)
+    classifier = ImageClassifier(result.model, result.variables, pretrained_model[2]["preprocessing"],
+                                 ("female", "male"))
+    classifier.save(tmp_path / "cats")
+    expected = ImageClassifier.load(tmp_path / "cats").probabilities(cats[0])
+    np.testing.assert_allclose(classifier.probabilities(cats[0]), expected, atol=1e-6)  # folded == unfolded
+    np.save(tmp_path / "images.npy", cats[0])
+    code = ("import sys, json, numpy as np; from jaxdl.classifier import ImageClassifier; "
+            "c = ImageClassifier.load(sys.argv[1]); np.save(sys.argv[3], c.probabilities(np.load(sys.argv[2]))); "
+            "print(json.dumps(c.class_names))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cats"), str(tmp_path / "images.npy"),
+                           str(tmp_path / "out.npy")], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["female", "male"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+
+
+def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_path, jaxdl_cache):
+    data = tmp_path / "cats"
+    for sex, name in (("f", "female"), ("m", "male")):
+        (data / name).mkdir(parents=True)
+        for i in range(1, 5):
+            shutil.copy(CATS / f"{sex}{i:02d}.jpg", data / name)
+    (data / "male" / "broken.jpg").write_text("not a photo")
+    env = {**os.environ, "JAXDL_CACHE": str(jaxdl_cache)}
+    command = [sys.executable, "-m", "jaxdl.cli", "finetune", str(data), "--out", str(tmp_path / "model"),
+               "--epochs", "2", "--val-split", "0.25", "--batch-size", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "broken.jpg: not an image" in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("epoch 1/2: loss ") and "val_accuracy" in lines[1]
+    history = json.loads(lines[-2])["history"]
+    assert list(history) == ["loss", "accuracy", "val_loss", "val_accuracy"] and len(history["loss"]) == 2
+    again = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    classified = subprocess.run([sys.executable, "-m", "jaxdl.cli", "classify", "--json", "--weights",
+                                 str(tmp_path / "model"), str(CATS / "f10.jpg")], capture_output=True, text=True,
+                                env=env, check=True)
+    top = json.loads(classified.stdout)["top"]
+    assert {entry["label"] for entry in top} == {"female", "male"}
+
+
+def test_bad_data_folders_and_options_are_clear_errors(tmp_path, cats, pretrained_model):
+    with pytest.raises(FileNotFoundError, match="no such data folder"):
+        finetune.image_folder(tmp_path / "nowhere")
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    (tmp_path / "one" / "cats" / "a.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="at least two classes, found 1 \\(cats\\)"):
+        finetune.image_folder(tmp_path / "one")
+    (tmp_path / "one" / "dogs").mkdir()
+    with pytest.raises(ValueError, match="dogs: class 'dogs' has no images"):
+        finetune.image_folder(tmp_path / "one")
+    with pytest.raises(ValueError, match="unfreeze must be between 0 and 18"):
+        run(cats, pretrained_model, unfreeze=19)
+    with pytest.raises(TypeError, match="must take \\(features, train: bool\\)"):
+        run(cats, pretrained_model, head=nn.Dense(2))
+    with pytest.raises(ValueError, match="leaves class 0 with no validation images"):
+        finetune.stratified_split(np.array([0, 1, 1, 1]), 0.25)
+    with pytest.raises(ValueError, match="cannot be augmented"):
+        run(cats, pretrained_model, cache_features=True, augment=True)
