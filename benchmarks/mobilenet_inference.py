@@ -43,7 +43,7 @@ def images_per_second(run, batch: int, repeats: int) -> float:
 
 
 def jaxdl_engine(classifier, x, implementation=None):
-    model, variables = classifier.model, classifier.variables
+    model, variables = classifier.inference_form()
     if implementation:
         model = model.clone(conv_implementation=implementation)
     apply = jax.jit(model.apply)

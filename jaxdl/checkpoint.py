@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jaxdl.models import model_config, model_from_config
 
@@ -25,12 +24,16 @@ VARIABLES_DIR = "variables"
 
 def save_variables(directory: str | os.PathLike, variables) -> None:
     """Writes a pytree of arrays as an orbax checkpoint (the directory must not exist)."""
+    import orbax.checkpoint as ocp  # imported when used: it is a fifth of a cached `jaxdl classify` start-up
+
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(Path(directory).absolute(), jax.device_get(variables))
         checkpointer.wait_until_finished()
 
 
 def load_variables(directory: str | os.PathLike):
+    import orbax.checkpoint as ocp
+
     path = Path(directory).absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
@@ -73,15 +76,28 @@ def save_model(directory: str | os.PathLike, model, variables, *, metadata: dict
     return write_atomically(directory, write, overwrite=overwrite)
 
 
-def load_model(directory: str | os.PathLike):
-    """Returns `(model, variables, metadata)` from a directory written by `save_model`."""
+def read_model(directory: str | os.PathLike):
+    """`(model, metadata)` from a directory written by `save_model`, without reading the variables."""
     path = Path(directory)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} is not a saved jaxdl model: {CONFIG_FILE} is missing")
     try:
         config = json.loads(config_path.read_text())
-        model = model_from_config(config)
+        return model_from_config(config), config.get("metadata", {})
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{config_path} is not a valid jaxdl model config: {error}") from error
-    return model, load_variables(path / VARIABLES_DIR), config.get("metadata", {})
+
+
+def load_model(directory: str | os.PathLike):
+    """Returns `(model, variables, metadata)` from a directory written by `save_model`."""
+    model, metadata = read_model(directory)
+    return model, load_variables(Path(directory) / VARIABLES_DIR), metadata
+
+
+def fingerprint(directory: str | os.PathLike) -> str:
+    """Names, sizes and modification times of a saved model's files: changes whenever it is re-saved."""
+    root = Path(directory)
+    entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in root.rglob("*") if p.is_file())
+    return json.dumps([str(root.absolute()), entries])

@@ -7,68 +7,129 @@ directory works in any process without extra arguments.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxdl import images, imagenet, pretrained
-from jaxdl.checkpoint import load_model, save_model
+from jaxdl import aot, images, imagenet, pretrained
+from jaxdl.checkpoint import VARIABLES_DIR, fingerprint, load_variables, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
 from jaxdl.finetune import FineTuneModel, fast_inference
+from jaxdl.models import model_config
 from jaxdl.models.mobilenet_v2 import MobileNetV2, folded
 from jaxdl.train import predict
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ImageClassifier:
+    """Classifies photo files: a model with its variables, preprocessing and class names.
+
+    Loaded from a directory with a `program_cache`, the variables are read
+    only if the compiled program is not cached yet: a cached program carries
+    them as constants, and the warm start skips reading the checkpoint too.
+    """
+
     model: object
-    variables: dict
+    variables: dict | None
     preprocessing: dict
     class_names: tuple[str, ...]
     outputs: str = "logits"  # or "probabilities"
+    program_cache: str | None = None  # a folder for compiled programs (see jaxdl.aot); None: compile in memory
+    source: str | None = None  # the saved model the variables come from
+    fast: bool = True
+    _inference: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def load(cls, weights: str | os.PathLike = "imagenet", *, fast: bool = True) -> "ImageClassifier":
+    def load(cls, weights: str | os.PathLike = "imagenet", *, fast: bool = True,
+             program_cache: str | os.PathLike | None = None) -> "ImageClassifier":
         """From "imagenet", a saved model directory, or a Keras (.h5, .keras) or torchvision (.pth) file.
 
-        `fast` folds MobileNetV2's BatchNorm into its convs (exact, inference only).
+        `fast` folds MobileNetV2's BatchNorm into its convs (exact, inference only);
+        `program_cache` keeps the compiled forward pass on disk for the next process.
         """
-        if str(weights) == "imagenet":
-            model, variables, metadata = pretrained.torchvision_imagenet()
+        path = Path(weights)
+        variables, source = None, None
+        if str(weights) == "imagenet" or path.is_dir():
+            source = pretrained.torchvision_imagenet_dir() if str(weights) == "imagenet" else path
+            model, metadata = read_model(source)
+        elif path.suffix in (".pth", ".pt"):
+            model, variables = from_torchvision(path)
+            metadata = {"preprocessing": images.TORCHVISION}
+        elif path.suffix in (".h5", ".keras"):
+            model, variables = from_keras(path)
+            metadata = {"preprocessing": images.KERAS}
+        elif not path.exists():
+            raise FileNotFoundError(f"--weights {path}: no such file or directory (or say 'imagenet')")
         else:
-            path = Path(weights)
-            if path.is_dir():
-                model, variables, metadata = load_model(path)
-            elif path.suffix in (".pth", ".pt"):
-                model, variables = from_torchvision(path)
-                metadata = {"preprocessing": images.TORCHVISION}
-            elif path.suffix in (".h5", ".keras"):
-                model, variables = from_keras(path)
-                metadata = {"preprocessing": images.KERAS}
-            elif not path.exists():
-                raise FileNotFoundError(f"--weights {path}: no such file or directory (or say 'imagenet')")
-            else:
-                raise ValueError(f"--weights {path}: expected 'imagenet', a saved model directory, a Keras "
-                                 ".h5/.keras file or a torchvision .pth file")
+            raise ValueError(f"--weights {path}: expected 'imagenet', a saved model directory, a Keras "
+                             ".h5/.keras file or a torchvision .pth file")
         classes = metadata.get("classes") or imagenet.class_names()
         outputs = metadata.get("outputs") or _outputs_of(model)
-        if fast and isinstance(model, MobileNetV2):
-            model, variables = folded(model, variables)
-        elif fast and isinstance(model, FineTuneModel):
-            model, variables = fast_inference(model, variables)
-        return cls(model, variables, dict(metadata["preprocessing"]), tuple(classes), outputs)
+        classifier = cls(model, variables, dict(metadata["preprocessing"]), tuple(classes), outputs,
+                         None if program_cache is None else str(program_cache),
+                         None if source is None else str(source), fast)
+        if program_cache is None:
+            classifier.inference_form()
+        return classifier
+
+    def materialize(self) -> "ImageClassifier":
+        """Reads the variables if they are not read yet."""
+        if self.variables is None:
+            self.variables = load_variables(Path(self.source) / VARIABLES_DIR)
+        return self
+
+    def inference_form(self) -> tuple[object, dict]:
+        """`(model, variables)` to run: with `fast`, BatchNorm folded into the convs (computed once)."""
+        if self._inference is None:
+            self.materialize()
+            model, variables = self.model, self.variables
+            if self.fast and isinstance(model, MobileNetV2):
+                model, variables = folded(model, variables)
+            elif self.fast and isinstance(model, FineTuneModel):
+                model, variables = fast_inference(model, variables)
+            self._inference = (model, variables)
+        return self._inference
 
     def save(self, directory, *, overwrite: bool = False, **extra_metadata) -> Path:
+        self.materialize()
         metadata = {"preprocessing": self.preprocessing, "classes": list(self.class_names),
                     "outputs": self.outputs, **extra_metadata}
         return save_model(directory, self.model, self.variables, metadata=metadata, overwrite=overwrite)
 
+    def _probabilities(self, images):
+        model, variables = self.inference_form()
+        outputs = model.apply(variables, images)
+        return outputs if self.outputs == "probabilities" else jax.nn.softmax(outputs, axis=-1)
+
+    def _program_key(self, batch_shape) -> str:
+        if self.source is not None:
+            weights = fingerprint(self.source)
+        else:
+            digest = hashlib.sha256()
+            for leaf in jax.tree.leaves(self.variables):
+                digest.update(np.ascontiguousarray(leaf).tobytes())
+            weights = digest.hexdigest()
+        return aot.program_key(model_config(self.model), weights, self.fast, self.outputs, batch_shape)
+
     def probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Class probabilities for preprocessed images (N, H, W, 3)."""
-        outputs = predict(self.model, batch, variables=self.variables, batch_size=min(batch_size, len(batch)))
-        return outputs if self.outputs == "probabilities" else np.asarray(jax.nn.softmax(outputs, axis=-1))
+        size = min(batch_size, len(batch))
+        if self.program_cache is None:
+            model, variables = self.inference_form()
+            outputs = predict(model, batch, variables=variables, batch_size=size)
+            return outputs if self.outputs == "probabilities" else np.asarray(jax.nn.softmax(outputs, axis=-1))
+        # The variables become constants of the compiled program: a cached one needs no checkpoint read.
+        forward = aot.cached_program(self._probabilities, (batch[:size],), self.program_cache,
+                                     self._program_key((size, *batch.shape[1:])))
+        chunks = []
+        for start in range(0, len(batch), size):
+            chunk = batch[start:start + size]
+            padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            chunks.append(np.asarray(forward(padded))[: len(chunk)])
+        return np.concatenate(chunks)
 
     def classify(self, paths, top: int = 5, batch_size: int = 32):
         """`(results, errors)`: per loaded image (path, [(index, name, probability), ...]); per failure a line."""

@@ -29,8 +29,10 @@ def classify(args) -> int:
     if args.top < 1:
         print("jaxdl classify: --top must be at least 1", file=sys.stderr)
         return 2
+    from jaxdl.pretrained import cache_dir
+
     try:
-        classifier = ImageClassifier.load(args.weights)
+        classifier = ImageClassifier.load(args.weights, program_cache=cache_dir() / "programs")
     except (OSError, ValueError) as error:
         print(f"jaxdl classify: {error}", file=sys.stderr)
         return 2

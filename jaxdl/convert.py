@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl.models.mobilenet_v2 import ALPHAS, MobileNetV2, layer_plan
+from jaxdl.models.mobilenet_v2 import ALPHAS, MobileNetV2, layer_plan, make_divisible
 from jaxdl.torchfile import load_state_dict
 
 SourceLayer = tuple[str, list[np.ndarray]]  # (name in the file, its arrays in the file's layout)
@@ -103,8 +103,13 @@ def assemble(layers: list[SourceLayer], to_flax: Callable, path, convention: str
     last = layers[-1][1]
     include_top = len(last) == 2 and last[0].ndim == 2
     num_classes = int(to_flax("dense", last)["params"]["bias"].shape[0]) if include_top else 1000
+    try:  # try first the alphas whose stem width matches the file's, as tracing each candidate costs time
+        stem_width = to_flax("conv", layers[0][1])["params"]["kernel"].shape[-1]
+    except (IndexError, KeyError, ValueError, AttributeError):
+        stem_width = None
+    candidates = sorted(ALPHAS, key=lambda a: make_divisible(32 * a) != stem_width)
     first_error = None
-    for alpha in ALPHAS:
+    for alpha in candidates:
         model = MobileNetV2(alpha=alpha, include_top=include_top, num_classes=num_classes,
                             convention=convention, **model_kwargs)
         variables, error = _fit_layers(layers, model, to_flax, path)

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from jaxdl import images, imagenet
-from jaxdl.checkpoint import load_model, save_model
+from jaxdl.checkpoint import load_model, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
 
 
@@ -80,8 +80,8 @@ def torchvision_weights_path(weights: WeightFile = TORCHVISION_IMAGENET) -> Path
     return path
 
 
-def _cached(name: str, convert, metadata: dict):
-    """Loads the saved conversion `name` from the cache, converting and saving it first if needed.
+def _cached(name: str, convert, metadata: dict) -> Path:
+    """The folder of the saved conversion `name` in the cache, converting and saving it first if needed.
 
     A cached model that this version of jaxdl cannot read (written by an
     older one) is converted again and replaced.
@@ -89,7 +89,8 @@ def _cached(name: str, convert, metadata: dict):
     target = cache_dir() / name
     if (target / "model.json").is_file():
         try:
-            return load_model(target)
+            read_model(target)
+            return target
         except ValueError:
             pass
     model, variables = convert()
@@ -97,11 +98,11 @@ def _cached(name: str, convert, metadata: dict):
         save_model(target, model, variables, metadata=metadata, overwrite=target.exists())
     except FileExistsError:  # another process cached it meanwhile
         pass
-    return load_model(target)
+    return target
 
 
-def torchvision_imagenet(weights: WeightFile = TORCHVISION_IMAGENET):
-    """`(model, variables, metadata)` of torchvision's ImageNet MobileNetV2 (checksum-verified, cached)."""
+def torchvision_imagenet_dir(weights: WeightFile = TORCHVISION_IMAGENET) -> Path:
+    """The saved jaxdl model of torchvision's ImageNet MobileNetV2 (checksum-verified, converted once)."""
     path = torchvision_weights_path(weights)
     metadata = {"preprocessing": images.TORCHVISION, "classes": list(imagenet.class_names()),
                 "source": f"{weights.pip_requirement}:{weights.relative_path}", "sha256": weights.sha256}
@@ -110,6 +111,11 @@ def torchvision_imagenet(weights: WeightFile = TORCHVISION_IMAGENET):
         return from_torchvision(verify(path, weights.sha256))
 
     return _cached(f"mobilenet_v2_torchvision_{weights.sha256[:16]}", convert, metadata)
+
+
+def torchvision_imagenet(weights: WeightFile = TORCHVISION_IMAGENET):
+    """`(model, variables, metadata)` of torchvision's ImageNet MobileNetV2."""
+    return load_model(torchvision_imagenet_dir(weights))
 
 
 def keras_imagenet(alpha: float = 1.0, size: int = 224, include_top: bool = True):
@@ -132,4 +138,4 @@ def keras_imagenet(alpha: float = 1.0, size: int = 224, include_top: bool = True
 
     metadata = {"preprocessing": {**images.KERAS, "size": size},
                 "classes": list(imagenet.class_names()) if include_top else None, "source": url}
-    return _cached(f"mobilenet_v2_keras_{alpha}_{size}{suffix}", convert, metadata)
+    return load_model(_cached(f"mobilenet_v2_keras_{alpha}_{size}{suffix}", convert, metadata))
