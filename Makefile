@@ -26,7 +26,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks.train_small
+	$(PY) -m benchmarks.mobilenet_inference
+	$(PY) -m benchmarks.finetune
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

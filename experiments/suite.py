@@ -19,6 +19,11 @@ def _show(value) -> str:
         return f"{value:.4f}".rstrip("0").rstrip(".") if value != int(value) else f"{value:g}"
     if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
         return " ".join(_show(v) for v in value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        text = ", ".join(v.split(",")[0] for v in value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    if isinstance(value, str):
+        return value
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

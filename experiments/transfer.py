@@ -38,7 +38,7 @@ CHECKS = (
     Check("train_accuracy_all", "1.0", lambda v: v == 1.0),
     Check("train_accuracy", "1.0", lambda v: v == 1.0),
     Check("val_accuracy", "well below training", lambda v: v <= 0.8),
-    Check("imagenet_top1", "40 labels, cat breeds", lambda v: len(v) == 40),
+    Check("imagenet_cat_count", "most of the 40 seen as cat breeds", lambda v: v >= 20),
 )
 NAME = re.compile(r"^([fm])(\d+)$")
 

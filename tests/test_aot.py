@@ -16,7 +16,11 @@ def test_cached_program_is_reused_and_a_damaged_entry_rebuilt(tmp_path):
     first = aot.cached_program(forward, (x,), tmp_path, "k")
     np.testing.assert_allclose(np.asarray(first(x)), expected, rtol=1e-6)
     [entry] = tmp_path.glob("k.executable")
-    again = aot.cached_program(lambda x: (_ for _ in ()).throw(AssertionError("traced again")), (x,), tmp_path, "k")
+
+    def must_not_trace(x):
+        raise AssertionError("a cached program was traced again")
+
+    again = aot.cached_program(must_not_trace, (x,), tmp_path, "k")
     np.testing.assert_allclose(np.asarray(again(x)), expected, rtol=1e-6)
     entry.write_bytes(b"damaged")
     rebuilt = aot.cached_program(forward, (x,), tmp_path, "k")

@@ -25,7 +25,7 @@ def test_suite_meets_every_tutorial_number(runs, capsys):
     ("basics", {"params", "accuracy", "val_accuracy", "predictions"}, ["history.png"]),
     ("penguins", {"params", "test_accuracy", "confusion_matrix"}, ["history.png", "confusion_matrix.png"]),
     ("digits", {"mlp_test_accuracy", "cnn_test_accuracy"}, ["mlp_history.png", "cnn_history.png"]),
-    ("classify", {"chelsea_top5", "coffee_top1", "coffee_probability"}, ["predictions.png"]),
+    ("classify", {"chelsea_top5", "chelsea_top3", "coffee_top1", "coffee_probability"}, ["predictions.png"]),
     ("transfer", {"train_accuracy_all", "train_accuracy", "val_accuracy", "imagenet_top1"}, ["history.png"]),
 ])
 def test_each_experiment_writes_metrics_and_plots(runs, name, keys, plots):
