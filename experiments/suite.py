@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         metrics = module.run(["--quiet"] + (["--out", args.out] if args.out else []))
         seconds = time.perf_counter() - started
-        for check in module.CHECKS:
+        for check in module.checks(metrics) if hasattr(module, "checks") else module.CHECKS:
             value = metrics.get(check.metric)
             ok = value is not None and check.holds(value)
             failed += not ok

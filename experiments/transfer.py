@@ -40,6 +40,17 @@ CHECKS = (
     Check("val_accuracy", "well below training", lambda v: v <= 0.8),
     Check("imagenet_cat_count", "most of the 40 seen as cat breeds", lambda v: v >= 20),
 )
+# Zeros and ones are easy to tell apart: the stand-in shows the workflow, not the overfitting lesson.
+STAND_IN_CHECKS = (
+    Check("train_accuracy_all", "1.0 (stand-in data)", lambda v: v == 1.0),
+    Check("train_accuracy", "1.0 (stand-in data)", lambda v: v == 1.0),
+    Check("val_accuracy", ">= 0.9 (stand-in data: easy)", lambda v: v >= 0.9),
+)
+
+
+def checks(metrics: dict) -> tuple:
+    """The tutorial's references on the cat photos; plainer ones on the stand-in digits."""
+    return STAND_IN_CHECKS if metrics["stand_in"] else CHECKS
 NAME = re.compile(r"^([fm])(\d+)$")
 
 
@@ -111,6 +122,7 @@ def run(argv=None) -> dict:
     plot_history(split.history, out / "history.png", "transfer learning: 30 training, 10 validation photos")
     return finish(out, {
         "data": source,
+        "stand_in": not folder.is_dir(),
         "classes": classes,
         "imagenet_top1": [label for _, label, _ in top1],
         "imagenet_cat_count": sum(index in CAT_CLASSES for index, _, _ in top1),

@@ -68,7 +68,10 @@ def test_transfer_falls_back_to_digits_without_cat_photos(tmp_path, jaxdl_cache,
     from experiments import transfer
 
     monkeypatch.setattr(transfer, "DEFAULT_DATA", tmp_path / "no-cats")
-    metrics = transfer.run(["--quiet", "--out", str(tmp_path), "--epochs", "3"])
+    metrics = transfer.run(["--quiet", "--out", str(tmp_path)])
     assert metrics["data"].startswith("scikit-learn digits 0 and 1 (stand-in")
     assert "no cat photos at" in capsys.readouterr().out
     assert metrics["classes"] == ["zero", "one"] and len(metrics["imagenet_top1"]) == 40
+    assert metrics["stand_in"] is True
+    assert [c.metric for c in transfer.checks(metrics)] == ["train_accuracy_all", "train_accuracy", "val_accuracy"]
+    assert all(check.holds(metrics[check.metric]) for check in transfer.checks(metrics))
