@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -168,8 +169,6 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
     taking (features, train) will do. Features are cached unless
     `augment` or `unfreeze` need the backbone at every step.
     """
-    import time
-
     head = _head_module(head, num_classes)
     if cache_features is None:
         cache_features = not augment and unfreeze == 0
@@ -179,43 +178,16 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
     backbone, backbone_variables = feature_backbone(backbone, backbone_variables)
     unfrozen = top_stage_layers(unfreeze)
     fit_args = dict(loss=LOSS, epochs=epochs, batch_size=batch_size, seed=seed, callbacks=callbacks,
-                    verbose=verbose)
-
+                    verbose=verbose, validation_data=validation_data)
     if cache_features:
-        fast_backbone, fast_variables = folded(backbone, backbone_variables)
-        started = time.perf_counter()
-        features = predict(fast_backbone, images, variables=fast_variables, batch_size=batch_size)
-        val = None
-        if validation_data is not None:
-            val = (predict(fast_backbone, validation_data[0], variables=fast_variables, batch_size=batch_size),
-                   validation_data[1])
-        feature_seconds = time.perf_counter() - started
-        state, history = fit(head, features, labels, optimizer=optax.adam(learning_rate), validation_data=val,
-                             **fit_args)
+        state, history, feature_seconds = _train_on_features(images, labels, backbone, backbone_variables, head,
+                                                             optax.adam(learning_rate), fit_args)
         head_params, head_stats, backbone_params = state.params, state.batch_stats, {}
     else:
-        feature_seconds = 0.0
-        init_rng, _ = seed_rngs(seed)  # the head starts exactly as `fit` would start it on cached features
-        feature_size = jax.eval_shape(backbone.apply, backbone_variables, jnp.zeros((1, *np.shape(images)[1:])))
-        head_state = create_train_state(head, optax.identity(), feature_size.shape[1:], init_rng)
-        if unfrozen:
-            frozen = {"params": {k: v for k, v in backbone_variables["params"].items() if k not in unfrozen},
-                      "batch_stats": backbone_variables["batch_stats"]}
-            params = {"head": head_state.params,
-                      "backbone": {k: backbone_variables["params"][k] for k in unfrozen}}
-            optimizer = optax.multi_transform(
-                {"head": optax.adam(learning_rate), "backbone": optax.adam(backbone_learning_rate)},
-                {"head": "head", "backbone": "backbone"})
-            apply_backbone = backbone
-        else:
-            apply_backbone, frozen = folded(backbone, backbone_variables)
-            params, optimizer = {"head": head_state.params}, optax.adam(learning_rate)
-        state = new_train_state(FrozenBackboneApply(apply_backbone, head, augment), params, optimizer,
-                                batch_stats=head_state.batch_stats, dropout_rng=head_state.dropout_rng,
-                                input_shape=np.shape(images)[1:], frozen={"frozen_backbone": frozen})
-        state, history = fit(None, images, labels, state=state, validation_data=validation_data, **fit_args)
+        state, history = _train_end_to_end(images, labels, backbone, backbone_variables, head, unfrozen, augment,
+                                           learning_rate, backbone_learning_rate, fit_args)
         head_params, head_stats = state.params["head"], state.batch_stats
-        backbone_params = state.params.get("backbone", {})
+        backbone_params, feature_seconds = state.params.get("backbone", {}), 0.0
 
     model = FineTuneModel(backbone=backbone, head=head)
     variables = {"params": {"backbone": {**backbone_variables["params"], **backbone_params}, "head": head_params},
@@ -224,6 +196,42 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
         variables["batch_stats"]["head"] = head_stats
     variables = jax.tree.map(np.asarray, jax.device_get(variables))
     return FineTuned(model, variables, history, state, feature_seconds)
+
+
+def _train_on_features(images, labels, backbone, backbone_variables, head, optimizer, fit_args):
+    """Pooled features computed once (BatchNorm folded: the backbone is inference-only), then `fit` on them."""
+    fast_backbone, fast_variables = folded(backbone, backbone_variables)
+    started = time.perf_counter()
+    features = predict(fast_backbone, images, variables=fast_variables, batch_size=fit_args["batch_size"])
+    if fit_args["validation_data"] is not None:
+        val_images, val_labels = fit_args["validation_data"]
+        val_features = predict(fast_backbone, val_images, variables=fast_variables, batch_size=fit_args["batch_size"])
+        fit_args = {**fit_args, "validation_data": (val_features, val_labels)}
+    feature_seconds = time.perf_counter() - started
+    state, history = fit(head, features, labels, optimizer=optimizer, **fit_args)
+    return state, history, feature_seconds
+
+
+def _train_end_to_end(images, labels, backbone, backbone_variables, head, unfrozen, augment, learning_rate,
+                      backbone_learning_rate, fit_args):
+    """Images through the frozen backbone at every step; only the head (and unfrozen stages) differentiated."""
+    init_rng, _ = seed_rngs(fit_args["seed"])  # the head starts exactly as `fit` starts it on cached features
+    features = jax.eval_shape(backbone.apply, backbone_variables, jnp.zeros((1, *np.shape(images)[1:])))
+    head_state = create_train_state(head, optax.identity(), features.shape[1:], init_rng)
+    if unfrozen:
+        frozen = {"params": {k: v for k, v in backbone_variables["params"].items() if k not in unfrozen},
+                  "batch_stats": backbone_variables["batch_stats"]}
+        params = {"head": head_state.params, "backbone": {k: backbone_variables["params"][k] for k in unfrozen}}
+        optimizer = optax.multi_transform(
+            {"head": optax.adam(learning_rate), "backbone": optax.adam(backbone_learning_rate)},
+            {"head": "head", "backbone": "backbone"})
+    else:  # nothing of the backbone trains: fold its BatchNorm for speed
+        backbone, frozen = folded(backbone, backbone_variables)
+        params, optimizer = {"head": head_state.params}, optax.adam(learning_rate)
+    state = new_train_state(FrozenBackboneApply(backbone, head, augment), params, optimizer,
+                            batch_stats=head_state.batch_stats, dropout_rng=head_state.dropout_rng,
+                            input_shape=np.shape(images)[1:], frozen={"frozen_backbone": frozen})
+    return fit(None, images, labels, state=state, **fit_args)
 
 
 def fast_inference(model: FineTuneModel, variables: dict) -> tuple[FineTuneModel, dict]:
