@@ -1,8 +1,9 @@
 """MobileNetV2 1.0 at 224: images per second of jaxdl and its peers in one process, and `jaxdl classify` start-up.
 
 Engines (same weights: torchvision's ImageNet MobileNetV2, converted):
-- jaxdl as `jaxdl classify` runs it (BatchNorm folded, convs in XLA:CPU-friendly form),
-  and the naive port (lax convolutions, grouped depthwise) for comparison;
+- jaxdl as `jaxdl classify` runs it (BatchNorm folded, convs in XLA:CPU-friendly form, the
+  batch in chunks of `inference_chunk()` images), the same in one piece, and the naive port
+  (lax convolutions, grouped depthwise) for comparison;
 - Keras 3 on the JAX backend, `predict`;
 - PyTorch eager, and in inference mode with channels-last tensors, when torch is installed
   (torchvision's MobileNetV2 forward written with torch.nn.functional);
@@ -27,7 +28,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdl.classifier import ImageClassifier  # noqa: E402
-from jaxdl.models.mobilenet_v2 import layer_plan  # noqa: E402
+from jaxdl.models.mobilenet_v2 import apply_in_chunks, inference_chunk, layer_plan  # noqa: E402
 
 BATCHES = (1, 32)
 
@@ -42,11 +43,12 @@ def images_per_second(run, batch: int, repeats: int) -> float:
     return batch / statistics.median(times)
 
 
-def jaxdl_engine(classifier, x, implementation=None):
+def jaxdl_engine(classifier, x, implementation=None, chunk=None):
+    """The forward pass as `jaxdl classify` runs it: in chunks of `inference_chunk()` images on CPU."""
     model, variables = classifier.inference_form()
     if implementation:
         model = model.clone(conv_implementation=implementation)
-    apply = jax.jit(model.apply)
+    apply = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, chunk))
     x = jax.device_put(x)
     return lambda: apply(variables, x).block_until_ready()
 
@@ -141,9 +143,11 @@ def main():
                 return
         rows.append((name, *speeds))
 
-    measure("jaxdl (folded BN, matmul/shifted convs)", lambda x: jaxdl_engine(fast, x))
-    measure("jaxdl, naive port (BN, lax convs, grouped depthwise)", lambda x: jaxdl_engine(unfolded, x, "xla"),
-            repeats=(3, 2))
+    measure(f"jaxdl (folded BN, matmul/shifted convs, {inference_chunk()} images at a time)",
+            lambda x: jaxdl_engine(fast, x))
+    measure("jaxdl, the same in one piece", lambda x: jaxdl_engine(fast, x, chunk=len(x)))
+    measure("jaxdl, naive port (BN, lax convs, grouped depthwise)",
+            lambda x: jaxdl_engine(unfolded, x, "xla", chunk=len(x)), repeats=(3, 2))
     keras_version = []
     measure("Keras 3 on JAX (`predict`)", lambda x: (lambda r: keras_version.append(r[1]) or r[0])(
         keras_engine(unfolded, x)), repeats=(5, 2))

@@ -19,7 +19,7 @@ from jaxdl.checkpoint import VARIABLES_DIR, fingerprint, load_variables, read_mo
 from jaxdl.convert import from_keras, from_torchvision
 from jaxdl.finetune import FineTuneModel, fast_inference
 from jaxdl.models import model_config
-from jaxdl.models.mobilenet_v2 import MobileNetV2, folded
+from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, folded, inference_chunk
 from jaxdl.train import predict
 
 
@@ -41,6 +41,7 @@ class ImageClassifier:
     source: str | None = None  # the saved model the variables come from
     fast: bool = True
     _inference: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _programs: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, weights: str | os.PathLike = "imagenet", *, fast: bool = True,
@@ -101,7 +102,7 @@ class ImageClassifier:
 
     def _probabilities(self, images):
         model, variables = self.inference_form()
-        outputs = model.apply(variables, images)
+        outputs = apply_in_chunks(model.apply, variables, images)
         return outputs if self.outputs == "probabilities" else jax.nn.softmax(outputs, axis=-1)
 
     def _program_key(self, batch_shape) -> str:
@@ -119,11 +120,14 @@ class ImageClassifier:
         size = min(batch_size, len(batch))
         if self.program_cache is None:
             model, variables = self.inference_form()
-            outputs = predict(model, batch, variables=variables, batch_size=size)
+            outputs = predict(model, batch, variables=variables, batch_size=min(size, inference_chunk() or size))
             return outputs if self.outputs == "probabilities" else np.asarray(jax.nn.softmax(outputs, axis=-1))
         # The variables become constants of the compiled program: a cached one needs no checkpoint read.
-        forward = aot.cached_program(self._probabilities, (batch[:size],), self.program_cache,
-                                     self._program_key((size, *batch.shape[1:])))
+        shape = (size, *batch.shape[1:])
+        if shape not in self._programs:
+            self._programs[shape] = aot.cached_program(self._probabilities, (batch[:size],), self.program_cache,
+                                                       self._program_key(shape))
+        forward = self._programs[shape]
         chunks = []
         for start in range(0, len(batch), size):
             chunk = batch[start:start + size]

@@ -27,7 +27,8 @@ import numpy as np
 import optax
 
 from jaxdl import images as image_io
-from jaxdl.models.mobilenet_v2 import BLOCKS, MobileNetV2, block_prefix, folded, layer_plan
+from jaxdl.models.mobilenet_v2 import (BLOCKS, MobileNetV2, apply_in_chunks, block_prefix, folded,
+                                       inference_chunk, layer_plan)
 from jaxdl.models.small import activation, kernel_init, keras_batch_norm
 from jaxdl.train import Callback, create_train_state, fit, new_train_state, predict, seed_rngs
 
@@ -128,7 +129,7 @@ class FrozenBackboneApply:
         backbone_variables = {**frozen, "params": {**frozen["params"], **variables["params"].get("backbone", {})}}
         if train and self.augment:
             images = augment_images(rngs["augment"], images)
-        features = self.backbone.apply(backbone_variables, images, train=False)
+        features = apply_in_chunks(self.backbone.apply, backbone_variables, images)
         head_variables = {"params": variables["params"]["head"]}
         if "batch_stats" in variables:
             head_variables["batch_stats"] = variables["batch_stats"]
@@ -201,11 +202,12 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
 def _train_on_features(images, labels, backbone, backbone_variables, head, optimizer, fit_args):
     """Pooled features computed once (BatchNorm folded: the backbone is inference-only), then `fit` on them."""
     fast_backbone, fast_variables = folded(backbone, backbone_variables)
+    chunk = inference_chunk() or fit_args["batch_size"]
     started = time.perf_counter()
-    features = predict(fast_backbone, images, variables=fast_variables, batch_size=fit_args["batch_size"])
+    features = predict(fast_backbone, images, variables=fast_variables, batch_size=chunk)
     if fit_args["validation_data"] is not None:
         val_images, val_labels = fit_args["validation_data"]
-        val_features = predict(fast_backbone, val_images, variables=fast_variables, batch_size=fit_args["batch_size"])
+        val_features = predict(fast_backbone, val_images, variables=fast_variables, batch_size=chunk)
         fit_args = {**fit_args, "validation_data": (val_features, val_labels)}
     feature_seconds = time.perf_counter() - started
     state, history = fit(head, features, labels, optimizer=optimizer, **fit_args)

@@ -103,3 +103,15 @@ def test_bad_inputs_are_named():
         model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
     with pytest.raises(ValueError, match="pooling must be None, 'avg' or 'max', got 'mean'"):
         MobileNetV2(include_top=False, pooling="mean").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_chunked_inference_equals_one_piece():
+    from jaxdl.models.mobilenet_v2 import apply_in_chunks
+
+    model = MobileNetV2(alpha=0.35, fold_bn=True)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(5, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), images)
+    whole = jax.jit(model.apply)(variables, images)
+    chunked = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, 2))(variables, images)  # 2 + 2 + 1 (padded)
+    assert chunked.shape == (5, 1000)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-6)

@@ -240,6 +240,29 @@ class MobileNetV2(nn.Module):
         return x
 
 
+# Images a MobileNetV2 forward pass handles at once on XLA:CPU. Measured on 2 cores: a batch
+# of 32 runs at 129 images/s in one piece and at 199 images/s as sixteen pairs (lax.map),
+# since a pair's expanded activations stay in cache. GPUs and TPUs take whole batches.
+CPU_CHUNK = 2
+
+
+def inference_chunk() -> int | None:
+    """How many images to run at once for inference: CPU_CHUNK on CPU, None (all) elsewhere."""
+    return CPU_CHUNK if jax.default_backend() == "cpu" else None
+
+
+def apply_in_chunks(apply, variables, images: jnp.ndarray, chunk: int | None = None) -> jnp.ndarray:
+    """`apply(variables, images)` computed `chunk` images at a time (a `lax.map`), same result."""
+    n = images.shape[0]
+    chunk = chunk or inference_chunk() or n
+    if n <= chunk:
+        return apply(variables, images)
+    padded = -(-n // chunk) * chunk
+    images = jnp.pad(images, ((0, padded - n),) + ((0, 0),) * (images.ndim - 1))
+    outputs = jax.lax.map(lambda part: apply(variables, part), images.reshape(padded // chunk, chunk, *images.shape[1:]))
+    return outputs.reshape(padded, *outputs.shape[2:])[:n]
+
+
 def layer_plan(include_top: bool = True) -> list[tuple[str, str]]:
     """(layer name, kind) of every layer with weights, in network order.
 
