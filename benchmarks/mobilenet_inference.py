@@ -2,7 +2,7 @@
 
 Engines (same weights: torchvision's ImageNet MobileNetV2, converted):
 - jaxdl as `jaxdl classify` runs it (BatchNorm folded, convs in XLA:CPU-friendly form, the
-  batch in chunks of `inference_chunk()` images), the same in one piece, and the naive port
+  batch in concurrent chunks as `inference_chunk()` says), the same in one piece, and the naive port
   (lax convolutions, grouped depthwise) for comparison;
 - Keras 3 on the JAX backend, `predict`;
 - PyTorch eager, and in inference mode with channels-last tensors, when torch is installed
@@ -44,7 +44,7 @@ def images_per_second(run, batch: int, repeats: int) -> float:
 
 
 def jaxdl_engine(classifier, x, implementation=None, chunk=None):
-    """The forward pass as `jaxdl classify` runs it: in chunks of `inference_chunk()` images on CPU."""
+    """The forward pass as `jaxdl classify` runs it: in chunks as `inference_chunk()` says on CPU."""
     model, variables = classifier.inference_form()
     if implementation:
         model = model.clone(conv_implementation=implementation)
@@ -143,7 +143,8 @@ def main():
                 return
         rows.append((name, *speeds))
 
-    measure(f"jaxdl (folded BN, matmul/shifted convs, {inference_chunk()} images at a time)",
+    chunk, streams = inference_chunk()
+    measure(f"jaxdl (folded BN, matmul/shifted convs, {streams} streams of {chunk} images)",
             lambda x: jaxdl_engine(fast, x))
     measure("jaxdl, the same in one piece", lambda x: jaxdl_engine(fast, x, chunk=len(x)))
     measure("jaxdl, naive port (BN, lax convs, grouped depthwise)",

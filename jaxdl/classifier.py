@@ -19,8 +19,7 @@ from jaxdl.checkpoint import VARIABLES_DIR, fingerprint, load_variables, read_mo
 from jaxdl.convert import from_keras, from_torchvision
 from jaxdl.finetune import FineTuneModel, fast_inference
 from jaxdl.models import model_config
-from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, folded, inference_chunk
-from jaxdl.train import predict
+from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, folded, predict_in_chunks
 
 
 @dataclasses.dataclass
@@ -120,7 +119,8 @@ class ImageClassifier:
         size = min(batch_size, len(batch))
         if self.program_cache is None:
             model, variables = self.inference_form()
-            outputs = predict(model, batch, variables=variables, batch_size=min(size, inference_chunk() or size))
+            outputs = np.concatenate([predict_in_chunks(model.apply, variables, batch[start:start + size])
+                                      for start in range(0, len(batch), size)])
             return outputs if self.outputs == "probabilities" else np.asarray(jax.nn.softmax(outputs, axis=-1))
         # The variables become constants of the compiled program: a cached one needs no checkpoint read.
         shape = (size, *batch.shape[1:])

@@ -27,10 +27,10 @@ import numpy as np
 import optax
 
 from jaxdl import images as image_io
-from jaxdl.models.mobilenet_v2 import (BLOCKS, MobileNetV2, apply_in_chunks, block_prefix, folded,
-                                       inference_chunk, layer_plan)
+from jaxdl.models.mobilenet_v2 import (BLOCKS, MobileNetV2, apply_in_chunks, block_prefix, folded, layer_plan,
+                                       predict_in_chunks)
 from jaxdl.models.small import activation, kernel_init, keras_batch_norm
-from jaxdl.train import Callback, create_train_state, fit, new_train_state, predict, seed_rngs
+from jaxdl.train import Callback, create_train_state, fit, new_train_state, seed_rngs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what image_dataset_from_directory reads
 LOSS = "sparse_categorical_crossentropy"
@@ -202,12 +202,11 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
 def _train_on_features(images, labels, backbone, backbone_variables, head, optimizer, fit_args):
     """Pooled features computed once (BatchNorm folded: the backbone is inference-only), then `fit` on them."""
     fast_backbone, fast_variables = folded(backbone, backbone_variables)
-    chunk = inference_chunk() or fit_args["batch_size"]
     started = time.perf_counter()
-    features = predict(fast_backbone, images, variables=fast_variables, batch_size=chunk)
+    features = np.asarray(predict_in_chunks(fast_backbone.apply, fast_variables, images))
     if fit_args["validation_data"] is not None:
         val_images, val_labels = fit_args["validation_data"]
-        val_features = predict(fast_backbone, val_images, variables=fast_variables, batch_size=chunk)
+        val_features = np.asarray(predict_in_chunks(fast_backbone.apply, fast_variables, val_images))
         fit_args = {**fit_args, "validation_data": (val_features, val_labels)}
     feature_seconds = time.perf_counter() - started
     state, history = fit(head, features, labels, optimizer=optimizer, **fit_args)

@@ -112,6 +112,7 @@ def test_chunked_inference_equals_one_piece():
     images = jnp.asarray(np.random.default_rng(0).normal(size=(5, 32, 32, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), images)
     whole = jax.jit(model.apply)(variables, images)
-    chunked = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, 2))(variables, images)  # 2 + 2 + 1 (padded)
-    assert chunked.shape == (5, 1000)
-    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-6)
+    for chunk, streams in [(2, 1), (2, 2), (1, 3), (4, 2)]:  # padded to a whole number of steps
+        chunked = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, chunk, streams))(variables, images)
+        assert chunked.shape == (5, 1000)
+        np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-6, err_msg=f"{chunk}x{streams}")
