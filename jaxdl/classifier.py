@@ -22,7 +22,7 @@ from jaxdl.models import model_config
 from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, folded, predict_in_chunks
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity: its variables are arrays
 class ImageClassifier:
     """Classifies photo files: a model with its variables, preprocessing and class names.
 

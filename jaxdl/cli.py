@@ -23,12 +23,30 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def classify(args) -> int:
     from jaxdl.classifier import ImageClassifier
-
-    if args.top < 1:
-        print("jaxdl classify: --top must be at least 1", file=sys.stderr)
-        return 2
     from jaxdl.pretrained import cache_dir
 
     try:
@@ -124,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (default), a saved model directory, or a Keras/torchvision weight file")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive_int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.set_defaults(run=classify)
 
     p = commands.add_parser("convert", help="convert Keras or torchvision MobileNetV2 weights to a jaxdl model")
@@ -139,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("finetune", help="train a new head on the ImageNet MobileNetV2 (one subfolder per class)")
     p.add_argument("data_dir", metavar="DATA_DIR")
     p.add_argument("--out", required=True, help="folder to save the fine-tuned model in")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--val-split", type=float, default=0.0, help="fraction of each class held out for validation")
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--val-split", type=fraction, default=0.0, help="fraction of each class held out for validation")
     p.add_argument("--unfreeze", type=int, default=0, help="also train the top N backbone stages")
     p.add_argument("--augment", action="store_true", help="random flips and crops (trains end to end)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -118,3 +118,18 @@ def test_convert_command_writes_a_model_classify_can_use(tmp_path, jaxdl_cache, 
 
 
 
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["classify", "--top", "0", "x.jpg"], "argument --top: must be at least 1, got 0"),
+    (["classify", "--batch-size", "two", "x.jpg"], "argument --batch-size: expected a positive integer, got 'two'"),
+    (["finetune", "data", "--out", "m", "--val-split", "1.5"], "argument --val-split: must be in [0, 1), got 1.5"),
+    (["finetune", "data", "--out", "m", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+])
+def test_bad_command_line_arguments_are_named(arguments, message, capsys):
+    from jaxdl.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
