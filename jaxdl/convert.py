@@ -108,16 +108,16 @@ def assemble(layers: list[SourceLayer], to_flax: Callable, path, convention: str
     except (IndexError, KeyError, ValueError, AttributeError):
         stem_width = None
     candidates = sorted(ALPHAS, key=lambda a: make_divisible(32 * a) != stem_width)
-    first_error = None
+    errors = []
     for alpha in candidates:
         model = MobileNetV2(alpha=alpha, include_top=include_top, num_classes=num_classes,
                             convention=convention, **model_kwargs)
         variables, error = _fit_layers(layers, model, to_flax, path)
         if error is None:
             return model, variables
-        if alpha == 1.0 or (first_error is None and "layer #0 " not in error):
-            first_error = first_error or error
-    raise ConversionError(f"{path}: not MobileNetV2 weights for any alpha in {ALPHAS}: {first_error}")
+        errors.append(error)
+    # The first candidate is the likeliest alpha (its stem fits): its first mismatch is the one to read.
+    raise ConversionError(f"{path}: not MobileNetV2 weights for any alpha in {ALPHAS}: {errors[0]}")
 
 
 # --- Keras ------------------------------------------------------------------------------------
