@@ -20,6 +20,7 @@ Two speed options change how, not what, the network computes:
   fast at them; "auto" picks per backend (see `Conv`).
 - `fold_bn`: each BatchNorm folded into the conv before it (see
   `fold_batch_norm`), giving conv -> bias -> ReLU6; inference only.
+And `apply_in_chunks` runs a batch the way XLA:CPU runs it fastest.
 """
 from __future__ import annotations
 
