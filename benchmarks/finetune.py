@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-CATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cats"
+from experiments.common import shared_data_dir
+
+CATS = shared_data_dir() / "cats"
 EPOCHS = 20
 
 

@@ -5,8 +5,28 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Callable
+
+
+def shared_data_dir() -> Path:
+    """The project's shared data: `../shared/data` beside the repository.
+
+    $JAXDL_SHARED_DATA overrides it; a clone of a local checkout that has no
+    `../shared` of its own looks beside the checkout it was cloned from.
+    """
+    if os.environ.get("JAXDL_SHARED_DATA"):
+        return Path(os.environ["JAXDL_SHARED_DATA"])
+    repository = Path(__file__).resolve().parents[1]
+    beside = repository.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    origin = subprocess.run(["git", "-C", str(repository), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        return Path(origin).resolve().parent / "shared" / "data"
+    return beside
 
 
 def run_dir(name: str, root: str | None = None) -> Path:

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from experiments.common import Check, finish, parser, run_dir
+from experiments.common import Check, finish, parser, run_dir, shared_data_dir
 from jaxdl import finetune
 from jaxdl.classifier import ImageClassifier
 from jaxdl.imagenet import CAT_CLASSES, decode_predictions
 from jaxdl.plots import plot_history
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cats"
+DEFAULT_DATA = shared_data_dir() / "cats"
 CHECKS = (
     Check("train_accuracy_all", "1.0", lambda v: v == 1.0),
     Check("train_accuracy", "1.0", lambda v: v == 1.0),

@@ -58,7 +58,7 @@ def test_experiment_prints_its_metrics_as_the_last_line(tmp_path):
 
 def test_transfer_reproduces_the_tutorials_lessons(runs):
     metrics = json.loads((runs[0] / "transfer" / "metrics.json").read_text())
-    assert metrics["data"].endswith("shared/data/cats")
+    assert metrics["data"].endswith("shared/data/cats") and metrics["stand_in"] is False
     assert metrics["train_accuracy_all"] == 1.0 and metrics["train_accuracy"] == 1.0
     assert metrics["val_accuracy"] <= 0.8  # overfitting: 30 photos learnt, 10 new ones barely
     assert len(metrics["imagenet_top1"]) == 40 and metrics["imagenet_cat_count"] >= 30
@@ -75,3 +75,12 @@ def test_transfer_falls_back_to_digits_without_cat_photos(tmp_path, jaxdl_cache,
     assert metrics["stand_in"] is True
     assert [c.metric for c in transfer.checks(metrics)] == ["train_accuracy_all", "train_accuracy", "val_accuracy"]
     assert all(check.holds(metrics[check.metric]) for check in transfer.checks(metrics))
+
+
+def test_shared_data_is_found_beside_the_repository_or_where_told(tmp_path, monkeypatch):
+    from experiments.common import shared_data_dir
+
+    monkeypatch.delenv("JAXDL_SHARED_DATA", raising=False)
+    assert (shared_data_dir() / "cats" / "f01.jpg").is_file()
+    monkeypatch.setenv("JAXDL_SHARED_DATA", str(tmp_path))
+    assert shared_data_dir() == tmp_path

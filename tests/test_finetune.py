@@ -11,11 +11,12 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.common import shared_data_dir
 from jaxdl import finetune
 from jaxdl.classifier import ImageClassifier
 from jaxdl.train import predict
 
-CATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cats"
+CATS = shared_data_dir() / "cats"
 
 
 @pytest.fixture(scope="module")
