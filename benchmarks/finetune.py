@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,10 +88,7 @@ def main():
         return
     with tempfile.TemporaryDirectory() as cache:
         in_new_process("jaxdl-cached", cache)  # converts the weights into this cache, outside the timings
-        for folder in Path(cache).glob("xla"):
-            import shutil
-
-            shutil.rmtree(folder)  # start with no compiled programs
+        shutil.rmtree(Path(cache) / "xla", ignore_errors=True)  # start with no compiled programs
         results = {engine: in_new_process(engine, cache) for engine in ("jaxdl-cached", "jaxdl-end-to-end")}
         warm = {engine: in_new_process(engine, cache) for engine in ("jaxdl-cached", "jaxdl-end-to-end")}
         results["keras"] = in_new_process("keras", cache)

@@ -43,17 +43,24 @@ def images_per_second(run, batch: int, repeats: int) -> float:
     return batch / statistics.median(times)
 
 
-def jaxdl_engine(classifier, x, implementation=None, chunk=None):
-    """The forward pass as `jaxdl classify` runs it: in chunks as `inference_chunk()` says on CPU."""
+# Each engine is built once and returns `run(x)`: a no-argument callable that classifies `x` once.
+
+def jaxdl_engine(classifier, implementation=None, whole_batch=False):
+    """The forward pass as `jaxdl classify` runs it (in chunks, as `inference_chunk()` says on CPU),
+    or with `whole_batch` in one piece."""
     model, variables = classifier.inference_form()
     if implementation:
         model = model.clone(conv_implementation=implementation)
-    apply = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, chunk))
-    x = jax.device_put(x)
-    return lambda: apply(variables, x).block_until_ready()
+    apply = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, len(x) if whole_batch else None))
+
+    def run(x):
+        x = jax.device_put(x)
+        return lambda: apply(variables, x).block_until_ready()
+
+    return run
 
 
-def keras_engine(unfolded, x):
+def keras_engine(unfolded):
     import keras
 
     model = keras.applications.MobileNetV2(weights=None, classifier_activation=None)
@@ -64,7 +71,7 @@ def keras_engine(unfolded, x):
                    "bn": lambda: [p["scale"], p["bias"], stats[name]["mean"], stats[name]["var"]],
                    "dense": lambda: [p["kernel"], p["bias"]]}[kind]()
         model.get_layer(name).set_weights([np.asarray(w) for w in weights])
-    return lambda: model.predict(x, batch_size=len(x), verbose=0), keras.__version__
+    return lambda x: lambda: model.predict(x, batch_size=len(x), verbose=0)
 
 
 def torch_state_dict():
@@ -76,30 +83,39 @@ def torch_state_dict():
     return {k: torch.from_numpy(np.array(v)) for k, v in load_state_dict(pretrained.torchvision_weights_path()).items()}
 
 
-def torch_engines(x):
+def torch_engines():
+    """PyTorch eager, and in inference mode with channels-last tensors."""
     import torch
 
     from tests.torch_reference import forward
 
     torch.set_num_threads(os.cpu_count())
     state = torch_state_dict()
-    nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    channels_last = {k: (v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v)
+                     for k, v in state.items()}
 
-    def eager():
-        with torch.no_grad():
-            forward(state, nchw)
+    def eager(x):
+        nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
-    last = {k: (v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v) for k, v in state.items()}
-    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+        def run():
+            with torch.no_grad():
+                forward(state, nchw)
 
-    def inference():
-        with torch.inference_mode():
-            forward(last, nhwc)
+        return run
 
-    return eager, inference, torch.__version__
+    def inference(x):
+        nhwc = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=torch.channels_last)
+
+        def run():
+            with torch.inference_mode():
+                forward(channels_last, nhwc)
+
+        return run
+
+    return eager, inference
 
 
-def onnx_engine(x, folder):
+def onnx_engine(folder):
     import onnxruntime
     import torch
 
@@ -115,8 +131,7 @@ def onnx_engine(x, folder):
     torch.onnx.export(Net(), (torch.zeros(1, 3, 224, 224),), path, input_names=["images"],
                       dynamic_axes={"images": {0: "batch"}}, dynamo=False)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    nchw = x.transpose(0, 3, 1, 2).copy()
-    return lambda: session.run(None, {"images": nchw}), onnxruntime.__version__
+    return lambda x: lambda: session.run(None, {"images": x.transpose(0, 3, 1, 2).copy()})
 
 
 def classify_process_seconds(image_path: str, cache: str) -> float:
@@ -133,43 +148,45 @@ def main():
     unfolded = ImageClassifier.load("imagenet", fast=False)
     rows = []
 
-    def measure(name, make, repeats=(15, 5)):
-        speeds = []
-        for batch, count in zip(BATCHES, repeats):
-            try:
-                speeds.append(images_per_second(make(inputs[batch]), batch, count))
-            except Exception as error:  # an optional peer that fails is reported, not fatal
-                print(f"{name}: skipped ({type(error).__name__}: {error})", file=sys.stderr)
-                return
-        rows.append((name, *speeds))
+    def measure(name, build, repeats=(15, 5)):
+        """`build()` makes the engine; an optional peer that fails is reported, not fatal."""
+        try:
+            engine = build()
+            rows.append((name, *(images_per_second(engine(inputs[batch]), batch, count)
+                                  for batch, count in zip(BATCHES, repeats))))
+        except Exception as error:  # noqa: BLE001
+            print(f"{name}: skipped ({type(error).__name__}: {error})", file=sys.stderr)
 
     chunk, streams = inference_chunk()
     measure(f"jaxdl (folded BN, matmul/shifted convs, {streams} streams of {chunk} images)",
-            lambda x: jaxdl_engine(fast, x))
-    measure("jaxdl, the same in one piece", lambda x: jaxdl_engine(fast, x, chunk=len(x)))
+            lambda: jaxdl_engine(fast))
+    measure("jaxdl, the same in one piece", lambda: jaxdl_engine(fast, whole_batch=True))
     measure("jaxdl, naive port (BN, lax convs, grouped depthwise)",
-            lambda x: jaxdl_engine(unfolded, x, "xla", chunk=len(x)), repeats=(3, 2))
-    keras_version = []
-    measure("Keras 3 on JAX (`predict`)", lambda x: (lambda r: keras_version.append(r[1]) or r[0])(
-        keras_engine(unfolded, x)), repeats=(5, 2))
+            lambda: jaxdl_engine(unfolded, "xla", whole_batch=True), repeats=(3, 2))
+    measure("Keras 3 on JAX (`predict`)", lambda: keras_engine(unfolded), repeats=(5, 2))
     try:
-        eager, inference, torch_version = None, None, None
-        import torch  # noqa: F401
+        import torch
 
-        measure(f"PyTorch {torch.__version__} eager", lambda x: torch_engines(x)[0], repeats=(10, 3))
-        measure(f"PyTorch {torch.__version__} inference mode, channels-last", lambda x: torch_engines(x)[1],
-                repeats=(10, 3))
+        eager, inference = torch_engines()
+        measure(f"PyTorch {torch.__version__} eager", lambda: eager, repeats=(10, 3))
+        measure(f"PyTorch {torch.__version__} inference mode, channels-last", lambda: inference, repeats=(10, 3))
     except ImportError:
         print("PyTorch: not installed", file=sys.stderr)
     with tempfile.TemporaryDirectory() as folder:
         try:
             import onnxruntime
 
-            measure(f"ONNX Runtime {onnxruntime.__version__}", lambda x: onnx_engine(x, folder)[0], repeats=(15, 5))
+            measure(f"ONNX Runtime {onnxruntime.__version__}", lambda: onnx_engine(folder), repeats=(15, 5))
         except ImportError:
             print("ONNX Runtime: not installed", file=sys.stderr)
 
-    print(f"jax {jax.__version__}, keras {keras_version[0] if keras_version else '-'}, {os.cpu_count()} cores; "
+    try:
+        import keras
+
+        keras_version = keras.__version__
+    except ImportError:
+        keras_version = "-"
+    print(f"jax {jax.__version__}, keras {keras_version}, {os.cpu_count()} cores; "
           "MobileNetV2 1.0 at 224, images per second (median of repeated calls, compile excluded)")
     print("| engine | batch 1 | batch 32 |")
     print("|---|---|---|")
