@@ -10,14 +10,12 @@ import numpy as np
 from jaxdl.models.mobilenet_v2 import MobileNetV2
 from jaxdl.models.small import MLP, ConvNet
 
-MODEL_CLASSES = {"MLP": MLP, "ConvNet": ConvNet, "MobileNetV2": MobileNetV2}
-
-
-def _model_classes() -> dict:
-    """Every class a saved model may name (fine-tuning's classes live in jaxdl.finetune)."""
+def model_classes() -> dict:
+    """Every class a saved model may name, by name (fine-tuning's classes live in jaxdl.finetune)."""
     from jaxdl.finetune import ClassifierHead, FineTuneModel
 
-    return {**MODEL_CLASSES, "ClassifierHead": ClassifierHead, "FineTuneModel": FineTuneModel}
+    classes = (MLP, ConvNet, MobileNetV2, ClassifierHead, FineTuneModel)
+    return {cls.__name__: cls for cls in classes}
 
 
 def count_params(variables) -> int:
@@ -48,8 +46,9 @@ def _hashable(value):
 def model_config(model) -> dict:
     """A JSON-ready description from which `model_from_config` rebuilds the model."""
     name = type(model).__name__
-    if _model_classes().get(name) is not type(model):
-        raise TypeError(f"{name} is not a jaxdl model class ({sorted(_model_classes())}); it cannot be saved "
+    known = model_classes()
+    if known.get(name) is not type(model):
+        raise TypeError(f"{name} is not a jaxdl model class ({sorted(known)}); it cannot be saved "
                         "by config")
     fields = {f.name: _plain(getattr(model, f.name)) for f in dataclasses.fields(model)
               if f.init and f.name not in ("parent", "name")}
@@ -57,11 +56,11 @@ def model_config(model) -> dict:
 
 
 def model_from_config(config: dict):
-    cls = _model_classes()[config["class"]]
+    cls = model_classes()[config["class"]]
     kwargs = {k: _hashable(v) for k, v in config["config"].items()}
     if "dtype" in kwargs:
         kwargs["dtype"] = np.dtype(kwargs["dtype"])
     return cls(**kwargs)
 
 
-__all__ = ["MLP", "ConvNet", "MobileNetV2", "MODEL_CLASSES", "count_params", "model_config", "model_from_config"]
+__all__ = ["MLP", "ConvNet", "MobileNetV2", "model_classes", "count_params", "model_config", "model_from_config"]
