@@ -111,8 +111,7 @@ def run(argv=None) -> dict:
     for path, (index, label, probability) in zip(paths, top1):
         print(f"{Path(path).name}: {label} ({probability:.1%})")
 
-    backbone, backbone_variables, _ = _backbone()
-    common = dict(backbone=backbone, backbone_variables=backbone_variables, num_classes=len(classes),
+    common = dict(backbone=imagenet.model, backbone_variables=imagenet.variables, num_classes=len(classes),
                   epochs=args.epochs, learning_rate=1e-3, seed=args.seed, verbose=not args.quiet)
     everything = finetune.finetune(images, labels, batch_size=args.batch_size, **common)
     keras_batch = finetune.finetune(images, labels, batch_size=32, **common)
@@ -132,12 +131,6 @@ def run(argv=None) -> dict:
         "train_accuracy": split.history["accuracy"][-1],
         "val_accuracy": split.history["val_accuracy"][-1],
     })
-
-
-def _backbone():
-    from jaxdl import pretrained
-
-    return pretrained.torchvision_imagenet()
 
 
 if __name__ == "__main__":
