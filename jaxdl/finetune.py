@@ -16,7 +16,6 @@ import dataclasses
 import inspect
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -144,7 +143,6 @@ class FineTuned:
     variables: dict
     history: dict[str, list]
     state: Any = None  # the final TrainState (head-sized params and optimizer state)
-    feature_seconds: float = 0.0  # time spent extracting cached features
 
 
 def _head_module(head, num_classes):
@@ -181,14 +179,14 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
     fit_args = dict(loss=LOSS, epochs=epochs, batch_size=batch_size, seed=seed, callbacks=callbacks,
                     verbose=verbose, validation_data=validation_data)
     if cache_features:
-        state, history, feature_seconds = _train_on_features(images, labels, backbone, backbone_variables, head,
-                                                             optax.adam(learning_rate), fit_args)
+        state, history = _train_on_features(images, labels, backbone, backbone_variables, head,
+                                            optax.adam(learning_rate), fit_args)
         head_params, head_stats, backbone_params = state.params, state.batch_stats, {}
     else:
         state, history = _train_end_to_end(images, labels, backbone, backbone_variables, head, unfrozen, augment,
                                            learning_rate, backbone_learning_rate, fit_args)
         head_params, head_stats = state.params["head"], state.batch_stats
-        backbone_params, feature_seconds = state.params.get("backbone", {}), 0.0
+        backbone_params = state.params.get("backbone", {})
 
     model = FineTuneModel(backbone=backbone, head=head)
     variables = {"params": {"backbone": {**backbone_variables["params"], **backbone_params}, "head": head_params},
@@ -196,21 +194,18 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
     if head_stats:
         variables["batch_stats"]["head"] = head_stats
     variables = jax.tree.map(np.asarray, jax.device_get(variables))
-    return FineTuned(model, variables, history, state, feature_seconds)
+    return FineTuned(model, variables, history, state)
 
 
 def _train_on_features(images, labels, backbone, backbone_variables, head, optimizer, fit_args):
     """Pooled features computed once (BatchNorm folded: the backbone is inference-only), then `fit` on them."""
     fast_backbone, fast_variables = folded(backbone, backbone_variables)
-    started = time.perf_counter()
     features = np.asarray(predict_in_chunks(fast_backbone.apply, fast_variables, images))
     if fit_args["validation_data"] is not None:
         val_images, val_labels = fit_args["validation_data"]
         val_features = np.asarray(predict_in_chunks(fast_backbone.apply, fast_variables, val_images))
         fit_args = {**fit_args, "validation_data": (val_features, val_labels)}
-    feature_seconds = time.perf_counter() - started
-    state, history = fit(head, features, labels, optimizer=optimizer, **fit_args)
-    return state, history, feature_seconds
+    return fit(head, features, labels, optimizer=optimizer, **fit_args)
 
 
 def _train_end_to_end(images, labels, backbone, backbone_variables, head, unfrozen, augment, learning_rate,
