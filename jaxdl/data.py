@@ -77,15 +77,26 @@ def padded_indices(order: np.ndarray, batch_size: int, drop_remainder: bool = Fa
     return np.resize(order, total).reshape(-1, batch_size), mask.reshape(-1, batch_size)
 
 
-def batches(x, y, batch_size: int, *, seed: int | None = None, drop_remainder: bool = False) -> Iterator[dict]:
-    """Yields `{'x', 'y', 'mask'}` numpy batches of one shape, for hand-written loops.
+def batches(x, y, batch_size: int, *, seed: int | None = None, drop_remainder: bool = False,
+            pad: bool = True) -> Iterator[dict]:
+    """Yields numpy batches for hand-written loops.
 
     With `seed` the order is shuffled (numpy Generator, reproducible);
-    without it the data is read in order.
+    without it the data is read in order. With `pad` every batch has one
+    shape, so a jitted step compiles once: `{'x', 'y', 'mask'}`, the last
+    batch filled up and masked. Models with BatchNorm statistics need
+    `pad=False` (padding rows would enter the statistics): `{'x', 'y'}`, the
+    last batch smaller, as in Keras.
     """
     batch_size = check_batch_size(batch_size)
     x, y = check_dataset(x, y)
     order = np.arange(len(x)) if seed is None else np.random.default_rng(seed).permutation(len(x))
+    if not pad:
+        stop = num_batches(len(x), batch_size, drop_remainder) * batch_size
+        for start in range(0, stop, batch_size):
+            rows = order[start:start + batch_size]
+            yield {"x": x[rows], "y": y[rows]}
+        return
     index, mask = padded_indices(order, batch_size, drop_remainder)
     for rows, keep in zip(index, mask):
         yield {"x": x[rows], "y": y[rows], "mask": keep.astype(np.float32)}

@@ -89,19 +89,31 @@ def _batch_sums(outputs, batch, loss_fn, metric_names) -> dict:
     return sums
 
 
-def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True) -> Callable:
-    """Returns `train_step(state, batch) -> (state, sums)`.
+def _all_finite(tree) -> jax.Array:
+    """True when every floating-point number in `tree` is finite."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
 
-    `batch` is a dict with `x`, `y` and optionally `mask` (1 for real
-    examples, 0 for padding). With `jit` the step is compiled and donates the
-    incoming state; without it, it is the plain function to compose further.
+
+def _checked_metric_names(metrics: Sequence[str]) -> tuple[str, ...]:
+    """The metric names, each looked up now so that a typo fails before anything compiles."""
+    names = tuple(metrics)
+    for name in names:
+        losses.get_metric(name)
+    return names
+
+
+def _guarded_train_step(loss, metrics: Sequence[str]) -> Callable:
+    """`step(state, batch) -> (state, sums, finite)`: one update, and whether it kept every number finite.
+
+    `finite` covers the loss, the gradients and the updated parameters and
+    batch statistics, so a caller can refuse the very update that diverged
+    (the loss alone is computed before the update and would let it through).
     """
     loss_fn = losses.get_loss(loss)
-    metric_names = tuple(metrics)
-    for name in metric_names:
-        losses.get_metric(name)
+    metric_names = _checked_metric_names(metrics)
 
-    def train_step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.dropout_rng, state.step)
         rngs = {"dropout": rng, "augment": jax.random.fold_in(rng, 1)}
 
@@ -116,8 +128,32 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
             return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
 
         grads, (sums, updates) = jax.grad(objective, has_aux=True)(state.params)
-        state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-        return state, sums
+        new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+        finite = _all_finite((sums["loss"], grads, new_state.params, new_state.batch_stats))
+        return new_state, sums, finite
+
+    return step
+
+
+def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True) -> Callable:
+    """Returns `train_step(state, batch) -> (state, sums)`.
+
+    `batch` is a dict with `x`, `y` and optionally `mask` (1 for real
+    examples, 0 for padding). With `jit` the step is compiled and donates the
+    incoming state; without it, it is the plain function to compose further.
+    A model with BatchNorm statistics takes no `mask`: padding rows would enter
+    the batch statistics, so give it unpadded batches (`data.batches(...,
+    pad=False)`), whose last one is smaller, as in Keras.
+    """
+    guarded_step = _guarded_train_step(loss, metrics)
+
+    def train_step(state: TrainState, batch: dict):
+        if state.batch_stats and "mask" in batch:
+            raise ValueError("this model keeps BatchNorm statistics, and a padded batch (one with 'mask') would "
+                             "let its padding rows into them; pass unpadded batches (data.batches(..., pad=False) "
+                             "or drop_remainder=True)")
+        new_state, sums, _ = guarded_step(state, batch)
+        return new_state, sums
 
     return jax.jit(train_step, donate_argnums=(0,)) if jit else train_step
 
@@ -125,7 +161,7 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
 def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True) -> Callable:
     """Returns `eval_step(state, batch) -> sums`, running the model in inference mode."""
     loss_fn = losses.get_loss(loss)
-    metric_names = tuple(metrics)
+    metric_names = _checked_metric_names(metrics)
 
     def eval_step(state: TrainState, batch: dict):
         outputs = state.apply_fn(state.variables, batch["x"], train=False)
@@ -155,31 +191,52 @@ def _scan_batches(num_examples: int, batch_size: int, drop_remainder: bool, orde
 
 @functools.lru_cache(maxsize=64)
 def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_remainder: bool):
-    """`epoch(state, x, y, key) -> (state, sums, healthy_steps)`: one compiled pass over the data.
+    """`epoch(state, previous, x, y, key) -> (state, previous, sums, healthy_steps)`: one compiled pass.
 
-    A step whose loss is not finite leaves the state as it was, and so do all
-    steps after it: `healthy_steps` tells `fit` where training broke down,
-    and the returned state is the last good one.
+    An update whose gradients or new parameters are not finite is refused,
+    and so are all steps after it; a state whose own loss is not finite is
+    replaced by `previous`, the state before it. `healthy_steps` tells `fit`
+    where training broke down, and the returned state is the last one whose
+    loss, gradients and parameters were all finite.
+    The last partial batch is padded and masked out of the loss, except for
+    models with BatchNorm statistics, where padding rows would enter the
+    statistics: there it runs as its own smaller batch, as Keras's last batch does.
     """
-    train_step = make_train_step(loss, metrics, jit=False)
+    guarded_step = _guarded_train_step(loss, metrics)
 
-    def epoch(state, x, y, key):
-        order = jax.random.permutation(key, x.shape[0]) if shuffle else None
-        index, mask = _scan_batches(x.shape[0], batch_size, drop_remainder, order)
+    def guarded_body(carry, batch):
+        state, previous, healthy = carry
+        new_state, sums, update_finite = guarded_step(state, batch)
+        loss_finite = jnp.isfinite(sums["loss"])
+        accept = healthy & loss_finite & update_finite
+        # A non-finite loss condemns the state that computed it, not only its update: fall back one step.
+        roll_back = healthy & ~loss_finite
+        keep = lambda choice, a, b: jax.tree.map(lambda u, v: jnp.where(choice, u, v), a, b)  # noqa: E731
+        carry = (keep(accept, new_state, keep(roll_back, previous, state)), keep(accept, state, previous), accept)
+        return carry, jax.tree.map(lambda s: jnp.where(accept, s, 0.0), sums)
 
-        def body(carry, rows_and_mask):
-            state, healthy = carry
-            rows, keep = rows_and_mask
-            new_state, sums = train_step(state, {"x": x[rows], "y": y[rows], "mask": keep})
-            healthy = healthy & jnp.isfinite(sums["loss"])
-            state = jax.tree.map(lambda new, old: jnp.where(healthy, new, old), new_state, state)
-            return (state, healthy), jax.tree.map(lambda s: jnp.where(healthy, s, 0.0), sums)
-
-        (state, _), sums = jax.lax.scan(body, (state, jnp.bool_(True)), (index, mask))
+    def epoch(state, previous, x, y, key):
+        num_examples = x.shape[0]
+        order = jax.random.permutation(key, num_examples) if shuffle else jnp.arange(num_examples)
+        carry = (state, previous, jnp.bool_(True))
+        if state.batch_stats:  # no padding: full batches in the scan, then the remainder alone
+            full = num_examples // batch_size * batch_size
+            rows = order[:full].reshape(-1, batch_size)
+            carry, sums = jax.lax.scan(lambda c, r: guarded_body(c, {"x": x[r], "y": y[r]}), carry, rows)
+            if full < num_examples and not drop_remainder:
+                rest = order[full:]
+                carry, last = guarded_body(carry, {"x": x[rest], "y": y[rest]})
+                sums = jax.tree.map(lambda s, l: jnp.concatenate([s, l[None]]), sums, last)
+        else:
+            index, mask = _scan_batches(num_examples, batch_size, drop_remainder, order)
+            carry, sums = jax.lax.scan(
+                lambda c, rows_and_mask: guarded_body(
+                    c, {"x": x[rows_and_mask[0]], "y": y[rows_and_mask[0]], "mask": rows_and_mask[1]}),
+                carry, (index, mask))
         healthy_steps = jnp.sum(sums["count"] > 0)
-        return state, jax.tree.map(lambda s: s.sum(axis=0), sums), healthy_steps
+        return carry[0], carry[1], jax.tree.map(lambda s: s.sum(axis=0), sums), healthy_steps
 
-    return jax.jit(epoch, donate_argnums=(0,))
+    return jax.jit(epoch, donate_argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=64)
@@ -261,8 +318,8 @@ class Callback:
 class EarlyStopping(Callback):
     """Stops when `monitor` has not improved by `min_delta` for `patience` epochs.
 
-    With `restore_best_weights`, the run ends on the state of the best epoch
-    (also when all epochs ran, unlike Keras, which restores only when it stopped).
+    With `restore_best_weights`, the run ends on the state of the best epoch,
+    whether training stopped early or ran all its epochs, as Keras 3 does.
     """
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0,
@@ -319,31 +376,62 @@ def _check_class_labels(state: TrainState, y: np.ndarray, name: str) -> None:
                          f"{num_classes} outputs (classes 0..{num_classes - 1})")
 
 
+def _state_to_continue(model, optimizer, state: TrainState) -> TrainState:
+    """A private copy of the caller's state, after checking that `model` and `optimizer` do not contradict it.
+
+    The copy is what `fit` donates to its compiled epochs, so the caller's
+    state stays usable after `fit` returns.
+    """
+    if optimizer is not None:
+        raise ValueError("fit(state=...) continues with the optimizer the state was built with (state.tx); "
+                         "pass optimizer=None, or build a new state with create_train_state to change it")
+    trained = getattr(state.apply_fn, "__self__", None)
+    if model is not None and trained is not None and model != trained:
+        raise ValueError(f"fit(state=...) trains the model the state was built for ({type(trained).__name__}); "
+                         f"the model argument ({type(model).__name__}) differs: pass model=None or the same model")
+    return jax.tree.map(jnp.copy, state)
+
+
 def fit(model, x, y, *, loss, optimizer: optax.GradientTransformation | None = None,
         metrics: Sequence[str] = ("accuracy",), epochs: int = 1, batch_size: int = 32, seed: int = 0,
         validation_split: float | None = None, validation_data: tuple | None = None,
         shuffle: bool = True, drop_remainder: bool = False, callbacks: Sequence[Callback] = (),
-        state: TrainState | None = None, verbose: bool = True) -> tuple[TrainState, dict[str, list]]:
+        state: TrainState | None = None, initial_epoch: int = 0,
+        verbose: bool = True) -> tuple[TrainState, dict[str, list]]:
     """Trains `model` on in-memory arrays, as Keras's `Model.fit` does.
 
     Returns the final state and a history: per-epoch lists of `loss`, each
-    metric and their `val_` counterparts. Pass `state` to continue training.
-    The optimizer defaults to Adam(1e-3). A non-finite loss stops training
-    with a warning, and the returned state is the last one whose loss was finite.
+    metric and their `val_` counterparts. The optimizer defaults to Adam(1e-3).
+    An update that makes the loss, a gradient or a parameter non-finite stops
+    training with a warning, and the returned state is the last finite one.
+
+    Pass `state` to continue training it: it carries its model and optimizer,
+    so `model` must be None or that same model and `optimizer` None. The
+    caller's state is copied, never consumed. Each epoch's shuffle order
+    follows from `seed` and the state's step count, so training on from a
+    state sees new orders, and two calls (`epochs=2`, then `epochs=3` from
+    the returned state) train exactly as one call of 5 epochs with the same
+    seed. As in Keras, `initial_epoch` numbers the first epoch (for callbacks
+    and messages) and training runs epochs `initial_epoch` to `epochs - 1`.
     """
     batch_size = data.check_batch_size(batch_size)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer))
+            or not 0 <= initial_epoch <= epochs):
+        raise ValueError(f"initial_epoch must be an integer from 0 to epochs={epochs}, got {initial_epoch!r}")
     if validation_split is not None and validation_data is not None:
         raise ValueError("pass validation_split or validation_data, not both")
     x, y = data.check_dataset(x, y, input_shape=state.input_shape if state is not None else None)
     if validation_split is not None:
         (x, y), validation_data = data.split_validation(x, y, validation_split)
-    metrics = tuple(metrics)
+    metrics = _checked_metric_names(metrics)
 
     init_rng, shuffle_rng = seed_rngs(seed)
     if state is None:
         state = create_train_state(model, optimizer or optax.adam(1e-3), x.shape[1:], init_rng)
+    else:
+        state = _state_to_continue(model, optimizer, state)
     if validation_data is not None:
         if len(validation_data) != 2:
             raise ValueError("validation_data must be a pair (x_val, y_val)")
@@ -363,15 +451,18 @@ def fit(model, x, y, *, loss, optimizer: optax.GradientTransformation | None = N
     steps_per_epoch = data.num_batches(len(x), batch_size, drop_remainder)
 
     run = FitRun(state=state, history={})
+    previous = jax.tree.map(jnp.copy, state)  # the fallback when a state's own loss is not finite
     for callback in callbacks:
         callback.on_train_begin(run)
-    progress = tqdm(range(epochs), desc="fit", unit="epoch", disable=not verbose, leave=True)
+    progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=not verbose, leave=True)
     for epoch in progress:
-        run.state, sums, healthy_steps = run_epoch(run.state, x_dev, y_dev, jax.random.fold_in(shuffle_rng, epoch))
+        order_key = jax.random.fold_in(shuffle_rng, int(run.state.step))  # new orders when training on from a state
+        run.state, previous, sums, healthy_steps = run_epoch(run.state, previous, x_dev, y_dev, order_key)
         if int(healthy_steps) < steps_per_epoch:
-            warnings.warn(f"fit stopped: the loss became NaN or infinite at epoch {epoch + 1}, step "
-                          f"{int(healthy_steps) + 1} of {steps_per_epoch}; the returned state is the last one "
-                          "with a finite loss (lower the learning rate or check the data)",
+            warnings.warn("fit stopped: the loss, a gradient or an updated parameter became NaN or infinite at "
+                          f"epoch {epoch + 1}, step "
+                          f"{int(healthy_steps) + 1} of {steps_per_epoch}; the returned state is the last one whose loss, "
+                          "gradients and parameters were all finite (lower the learning rate or check the data)",
                           RuntimeWarning, stacklevel=2)
             break
         logs = summarize(sums)

@@ -12,7 +12,8 @@ import pytest
 
 from jaxdl import (MLP, ConvNet, EarlyStopping, create_train_state, data, evaluate, fit, load_model,
                    make_eval_step, make_train_step, predict, save_model, summarize)
-from jaxdl.train import compiled_epoch
+from jaxdl.train import compiled_epoch, seed_rngs
+from tests import tolerance
 
 CE = "sparse_categorical_crossentropy"
 
@@ -144,17 +145,80 @@ def test_early_stopping_names_a_missing_monitor():
             verbose=False)
 
 
-def test_nan_loss_stops_training_and_keeps_the_last_good_state():
+def test_divergence_stops_training_and_returns_the_last_finite_state():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 2)).astype(np.float32)
     y = (x @ np.array([3.0, -2.0])).astype(np.float32)
     model = MLP(features=(8,), num_outputs=1)
-    with pytest.warns(RuntimeWarning, match="loss became NaN or infinite at epoch .* step"):
+    with pytest.warns(RuntimeWarning, match="became NaN or infinite at epoch .* step .* the last one whose loss, gradients and parameters"):
         state, history = fit(model, x, y, loss="mse", metrics=(), epochs=50, batch_size=8,
                              optimizer=optax.sgd(1e3), verbose=False)
     assert len(history.get("loss", [])) < 50
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params_of(state)))
+    assert np.isfinite(evaluate(state, x, y, loss="mse", metrics=())["loss"])  # the state itself, not only its params
     assert np.isfinite(predict(state, x)).all()
+
+
+def test_an_update_that_overflows_the_parameters_is_refused_though_its_loss_was_finite():
+    """The loss is computed before the update: only checking the new parameters catches this step."""
+    x, y = blobs(16)
+    model = MLP(features=(4,), num_outputs=3)
+    overflowing = optax.sgd(float("inf"))  # the first update's parameters are not finite
+    initial = create_train_state(model, overflowing, (3,), seed_rngs(0)[0])
+    with pytest.warns(RuntimeWarning, match="at epoch 1, step 1 of 2"):
+        state, history = fit(model, x, y, loss=CE, epochs=3, batch_size=8, optimizer=overflowing, verbose=False)
+    assert history == {} and int(state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, params_of(state), params_of(initial))
+
+
+def test_padding_never_enters_batchnorm_statistics():
+    """37 examples in batches of 8: fit's last batch holds 5 real examples and nothing else, as in Keras."""
+    x, y = blobs(37)
+    model = MLP(features=(8,), num_outputs=3, batch_norm=True, dropout_rate=0.2)
+    start = create_train_state(model, optax.sgd(0.1), (3,), seed_rngs(0)[0])
+    fitted, _ = fit(None, x, y, loss=CE, epochs=1, batch_size=8, shuffle=False, state=start, verbose=False)
+    step = make_train_step(CE)
+    by_hand = jax.tree.map(jnp.copy, start)
+    sizes = []
+    for batch in data.batches(x, y, batch_size=8, pad=False):
+        by_hand, sums = step(by_hand, batch)
+        sizes.append(int(sums["count"]))
+    assert sizes == [8, 8, 8, 8, 5]
+    # Same operations in a scan and in separate calls: XLA may fuse them differently, so the last bits
+    # can differ; a padding row in the statistics moves them by ~0.4 (the defect this guards against).
+    tolerance.assert_close(fitted.batch_stats, by_hand.batch_stats, tolerance.FEW_OPS)
+    tolerance.assert_close(fitted.params, by_hand.params, tolerance.FEW_OPS)
+    with pytest.raises(ValueError, match="BatchNorm statistics.*padded batch.*pad=False"):
+        step(by_hand, next(data.batches(x, y, batch_size=8)))
+
+
+def test_fit_continues_a_state_without_consuming_it_and_without_replaying_orders():
+    x, y = blobs(37)
+    model = MLP(features=(8,), num_outputs=3, dropout_rate=0.2)
+    whole, whole_history = fit(model, x, y, loss=CE, epochs=5, batch_size=8, seed=1, verbose=False)
+    first, first_history = fit(model, x, y, loss=CE, epochs=2, batch_size=8, seed=1, verbose=False)
+    kept = params_of(first)
+    rest, rest_history = fit(None, x, y, loss=CE, epochs=5, initial_epoch=2, batch_size=8, seed=1, state=first,
+                             verbose=False)
+    assert len(rest_history["loss"]) == 3
+    assert first_history["loss"] + rest_history["loss"] == whole_history["loss"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_of(rest)), jax.tree.leaves(params_of(whole))))
+    # the caller's state is still usable and unchanged
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_of(first)), jax.tree.leaves(kept)))
+    assert np.isfinite(predict(first, x)).all()
+    with pytest.raises(ValueError, match="continues with the optimizer the state was built with"):
+        fit(None, x, y, loss=CE, state=first, optimizer=optax.sgd(0.1), verbose=False)
+    with pytest.raises(ValueError, match="trains the model the state was built for"):
+        fit(MLP(features=(2,), num_outputs=3), x, y, loss=CE, state=first, verbose=False)
+    with pytest.raises(ValueError, match="initial_epoch must be an integer from 0 to epochs=2, got 3"):
+        fit(None, x, y, loss=CE, state=first, epochs=2, initial_epoch=3, verbose=False)
+
+
+def test_unknown_metric_names_fail_before_compiling():
+    with pytest.raises(ValueError, match="accurcy"):
+        make_eval_step(CE, metrics=("accurcy",))
+    with pytest.raises(ValueError, match="accurcy"):
+        make_train_step(CE, metrics=("accurcy",))
 
 
 def test_save_then_load_in_a_new_process_gives_identical_predictions(tmp_path):
