@@ -4,57 +4,233 @@ JAX's persistent compilation cache skips XLA's compile, but every process
 still traces and lowers the Python model to compute the cache key: for
 MobileNetV2 that is most of a warm start. Here the compiled executable
 itself is serialized (`jax.experimental.serialize_executable`) under a key
-naming everything it depends on, including the processor's features, since
-the machine code is specific to them.
+naming everything it depends on (`program_key`).
+
+Only entries this user wrote are loaded, because no file format can make a
+foreign entry safe. Verified in jax/jaxlib 0.10.2's
+`jax/experimental/serialize_executable.py`: `serialize(compiled)` returns
+`(payload, in_tree, out_tree)`, the trees being PyTreeDefs and the payload
+bytes written by `_JaxPjrtPickler`, a `pickle.Pickler` subclass;
+`deserialize_and_load` reads the payload with `_JaxPjrtUnpickler`, a
+`pickle.Unpickler` subclass that overrides only `persistent_load`, not
+`find_class`. The payload uses pickle's STACK_GLOBAL and REDUCE opcodes, so
+loading a crafted one calls any Python function it names. The payload also
+holds the program's machine code (an ELF object on CPU), which runs when the
+program is called. So this module trusts a file only because of who can have
+written it:
+
+- the directory must be owned by this user and writable by no one else (no
+  group or other write bit, even with the sticky bit, since other users could
+  then plant files under this user's keys, and this user could not replace
+  them). Otherwise the cache is not used: a warning, and the program is
+  compiled in memory. Entries are opened relative to that directory's checked
+  descriptor, so its ancestors need no check: a directory swapped in passes
+  only if it is also this user's private one.
+- an entry is opened with O_NOFOLLOW (a symbolic link is refused), and
+  `fstat` on the opened descriptor (so the file cannot be swapped between the
+  check and the read) must show a regular file owned by this user and not
+  writable by group or others. Otherwise it is compiled again and replaced.
+
+Entries are written with mode 0o600 to a temporary file, then renamed into
+place, so a reader never sees a partial entry. The only pickle in a file is
+the payload JAX requires. The trees are stored without pickle, in a JSON
+first line: the argument tree as text (compared with the caller's), and the
+output tree as PyTreeDef's protocol buffer. An output with user-defined
+pytree nodes cannot be stored that way, so it is not cached. Entries not used
+for a while are evicted once the directory holds more than `max_bytes`.
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
 import hashlib
 import json
 import os
-import pickle
 import platform
-import tempfile
+import secrets
+import stat
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import jax
+import jaxlib
 from jax.experimental import serialize_executable
+
+# A MobileNetV2 program with its weights as constants measured 14.4 MB (batch 1) and 14.8 MB (batch 32)
+# with jax 0.10.2 on CPU: about 35 such programs.
+DEFAULT_MAX_BYTES = 512 << 20
+# JAX options that change the program traced from the same function and arguments.
+_CONFIG_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+                   "jax_threefry_partitionable")
+# Environment variables XLA and libtpu read their compile options from.
+_ENVIRONMENT_VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
+_SUFFIX = ".executable"
+_FORMAT = "jaxdl-program/1"
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
+class UntrustedCacheError(OSError):
+    """A cache directory other users can write in: its entries could be theirs."""
+
+
+def _processor_description(cpuinfo: str) -> list[str]:
+    """The machine type and the instruction-set features of its CPU, read from /proc/cpuinfo's text.
+
+    x86 Linux lists the features on `flags` lines, Arm Linux on `Features`.
+    Where neither is there (macOS, no /proc) the features are unknown, so the
+    host's name stands in for them: programs are then reused only on the
+    machine that compiled them, never on another whose CPU may lack an
+    instruction they use.
+    """
+    for line in cpuinfo.splitlines():
+        field, _, value = line.partition(":")
+        if field.strip() in ("flags", "Features"):
+            return [platform.machine(), *value.split()]
+    return [platform.machine(), platform.processor(), "host " + platform.node()]
 
 
 @functools.lru_cache(maxsize=1)
-def _processor() -> str:
+def _processor() -> list[str]:
     try:
-        flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        flags = []
-    return platform.machine() + (flags[0] if flags else platform.processor())
+        cpuinfo = ""
+    return _processor_description(cpuinfo)
+
+
+def _devices() -> tuple[str, int]:
+    """The default backend's device kind (the CPU or accelerator model) and device count."""
+    return jax.devices()[0].device_kind, jax.device_count()
 
 
 def program_key(*parts) -> str:
-    """A file-name-safe digest of everything a compiled program depends on."""
-    text = json.dumps([jax.__version__, jax.default_backend(), _processor(), *map(str, parts)])
+    """A file-name-safe digest of `parts` and of everything else a compiled program depends on.
+
+    That is the JAX and jaxlib versions, the backend with its device kind and
+    count, the JAX options in `_CONFIG_OPTIONS`, the XLA environment variables
+    in `_ENVIRONMENT_VARIABLES`, and the processor (`_processor_description`).
+    Machine code compiled for one CPU can die with SIGILL on another.
+    """
+    environment = [jax.__version__, jaxlib.__version__, jax.default_backend(), *_devices(),
+                   {name: str(getattr(jax.config, name)) for name in _CONFIG_OPTIONS},
+                   {name: os.environ.get(name) for name in _ENVIRONMENT_VARIABLES},
+                   _processor()]
+    text = json.dumps([environment, *map(str, parts)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLike, key: str) -> Callable:
+def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLike, key: str, *,
+                   max_bytes: int = DEFAULT_MAX_BYTES) -> Callable:
     """`fn` compiled for `example_args`' shapes: read from `directory/key` when there, written there when not.
 
-    An unreadable entry (a partial write, another JAX) is compiled again and replaced.
+    An entry that is unreadable (a partial write, another JAX) or not trusted
+    (see the module docstring) is compiled again and replaced. After a write,
+    the least recently used entries are deleted until this user's entries
+    total at most `max_bytes`. The entry just written is always kept.
     """
-    path = Path(directory) / f"{key}.executable"
-    if path.is_file():
-        try:  # the file is this cache's own pickle (as serialize_executable's payload is too)
-            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-            if in_tree == jax.tree.structure((example_args, {})):
-                return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-        except Exception:  # noqa: BLE001 - any unreadable cache entry is rebuilt below
-            pass
-    compiled = jax.jit(fn).lower(*example_args).compile()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "wb") as file:
-        file.write(pickle.dumps(serialize_executable.serialize(compiled)))
-    os.replace(partial, path)
-    return compiled
+    in_tree = jax.tree.structure((example_args, {}))
+    try:
+        directory_fd = _open_private_directory(directory)
+    except OSError as error:
+        warnings.warn(f"{directory} is not used as a program cache: {error}", stacklevel=2)
+        return jax.jit(fn).lower(*example_args).compile()
+    try:
+        name = key + _SUFFIX
+        program = _load(directory_fd, name, in_tree)
+        if program is not None:
+            return program
+        compiled = jax.jit(fn).lower(*example_args).compile()
+        try:
+            contents = _entry(*serialize_executable.serialize(compiled))
+        except (ValueError, NotImplementedError) as error:  # not serializable, or user-defined output nodes
+            warnings.warn(f"a program is not cached in {directory}: {error}", stacklevel=2)
+            return compiled
+        try:
+            _write(directory_fd, name, contents)
+            _evict(directory_fd, name, max_bytes)
+        except OSError as error:  # a full disk, say: the program still runs
+            warnings.warn(f"a program is not cached in {directory}: {error}", stacklevel=2)
+        return compiled
+    finally:
+        os.close(directory_fd)
+
+
+def _open_private_directory(directory: str | os.PathLike) -> int:
+    """A descriptor of `directory` (made with mode 0o700 if missing) if only this user can write in it."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    info = os.fstat(directory_fd)
+    if info.st_uid != os.getuid() or info.st_mode & _WRITABLE_BY_OTHERS:
+        os.close(directory_fd)
+        raise UntrustedCacheError(f"it must be owned by uid {os.getuid()} and writable by no one else; it is "
+                                  f"owned by uid {info.st_uid} with mode {stat.filemode(info.st_mode)}")
+    return directory_fd
+
+
+def _written_by_this_user(info: os.stat_result) -> bool:
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & _WRITABLE_BY_OTHERS
+
+
+def _entry(payload: bytes, in_tree, out_tree) -> bytes:
+    """A cache file: a JSON line naming the format and the trees, then JAX's payload."""
+    header = {"format": _FORMAT, "in_tree": str(in_tree),
+              "out_tree": base64.b64encode(out_tree.serialize_using_proto()).decode()}
+    return json.dumps(header).encode() + b"\n" + payload
+
+
+def _load(directory_fd: int, name: str, in_tree) -> Callable | None:
+    """The program in entry `name`, or None if it is missing, not trusted, or unreadable."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory_fd)
+    except OSError:  # missing, or a symbolic link
+        return None
+    with os.fdopen(fd, "rb") as file:
+        if not _written_by_this_user(os.fstat(fd)):
+            return None
+        first_line, _, payload = file.read().partition(b"\n")
+        try:
+            header = json.loads(first_line)
+            if header["format"] != _FORMAT or header["in_tree"] != str(in_tree):
+                return None
+            out_tree = jax.tree_util.PyTreeDef.deserialize_using_proto(
+                jax.tree_util.default_registry, base64.b64decode(header["out_tree"]))
+            program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        except Exception:  # noqa: BLE001 - any unreadable entry is rebuilt by the caller
+            return None
+        os.utime(fd)  # marks the use: eviction deletes the least recently used entries first
+    return program
+
+
+def _write(directory_fd: int, name: str, contents: bytes) -> None:
+    """Writes entry `name` with mode 0o600, atomically: through a temporary file renamed into place."""
+    partial = f".{name}.{secrets.token_hex(8)}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory_fd)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(contents)
+        os.replace(partial, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial, dir_fd=directory_fd)
+        raise
+
+
+def _evict(directory_fd: int, keep: str, max_bytes: int) -> None:
+    """Deletes this user's least recently used entries (by mtime) until the rest, `keep` first, fit in `max_bytes`."""
+    entries = []
+    with os.scandir(directory_fd) as listing:
+        for item in listing:
+            if not item.name.endswith(_SUFFIX) or item.name.startswith("."):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # another process evicted it
+                entries.append((item.name, item.stat(follow_symlinks=False)))
+    mine = [(name, info) for name, info in entries if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()]
+    mine.sort(key=lambda entry: (entry[0] != keep, -entry[1].st_mtime_ns))
+    total = 0
+    for name, info in mine:
+        total += info.st_size
+        if total > max_bytes and name != keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=directory_fd)

@@ -1,31 +1,136 @@
-"""Compiled programs cached on disk: reused, rebuilt when unreadable, keyed by what they depend on."""
+"""Compiled programs cached on disk: reused, rebuilt when unreadable or not trusted, evicted, keyed by their inputs."""
+import os
+import pickle
+import stat
+import time
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import jax
+import pytest
 
 from jaxdl import aot, create_train_state, MLP, save_model
 from jaxdl.checkpoint import fingerprint
 
+WEIGHTS = np.arange(6, dtype=np.float32).reshape(3, 2)
+
+
+def forward(x):
+    return jnp.tanh(x @ WEIGHTS)  # the weights become program constants
+
+
+def must_not_trace(x):
+    raise AssertionError("a cached program was traced again")
+
 
 def test_cached_program_is_reused_and_a_damaged_entry_rebuilt(tmp_path):
-    weights = np.arange(6, dtype=np.float32).reshape(3, 2)
-    forward = lambda x: jnp.tanh(x @ weights)  # noqa: E731 - weights become program constants
     x = np.ones((4, 3), np.float32)
-    expected = np.tanh(x @ weights)
+    expected = np.tanh(x @ WEIGHTS)
     first = aot.cached_program(forward, (x,), tmp_path, "k")
     np.testing.assert_allclose(np.asarray(first(x)), expected, rtol=1e-6)
     [entry] = tmp_path.glob("k.executable")
-
-    def must_not_trace(x):
-        raise AssertionError("a cached program was traced again")
-
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
     again = aot.cached_program(must_not_trace, (x,), tmp_path, "k")
     np.testing.assert_allclose(np.asarray(again(x)), expected, rtol=1e-6)
     entry.write_bytes(b"damaged")
     rebuilt = aot.cached_program(forward, (x,), tmp_path, "k")
     np.testing.assert_allclose(np.asarray(rebuilt(x)), expected, rtol=1e-6)
     assert entry.stat().st_size > 1000
+    assert [path.name for path in tmp_path.iterdir()] == ["k.executable"]  # no temporary file left
+
+
+class PlantMarker:
+    """Unpickling this creates a directory: it stands for any code a crafted cache entry could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def plant_crafted_entry(directory, key, marker, x):
+    """An entry in this cache's own format whose JAX payload runs `PlantMarker` when JAX unpickles it."""
+    contents = aot._entry(pickle.dumps(PlantMarker(marker)), jax.tree.structure(((x,), {})), jax.tree.structure(0))
+    path = directory / f"{key}.executable"
+    path.write_bytes(contents)
+    path.chmod(0o600)
+    return path
+
+
+def test_a_crafted_entry_runs_code_when_trusted(tmp_path):
+    """Why ownership and modes are checked: JAX's own loader unpickles the payload, whatever wraps it."""
+    x = np.ones((4, 3), np.float32)
+    plant_crafted_entry(tmp_path, "k", tmp_path / "marker", x)
+    aot.cached_program(forward, (x,), tmp_path, "k")
+    assert (tmp_path / "marker").exists()
+
+
+def give_away(path):
+    if os.getuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    os.chown(path, os.getuid() + 1, -1, follow_symlinks=False)
+
+
+def link_elsewhere(path):
+    target = path.parent.parent / "elsewhere.executable"
+    path.replace(target)
+    path.symlink_to(target)
+
+
+@pytest.mark.parametrize("make_untrusted", [
+    lambda path: path.chmod(0o620),
+    lambda path: path.chmod(0o606),
+    give_away,
+    link_elsewhere,
+], ids=["group-writable", "other-writable", "not-owned", "symbolic-link"])
+def test_an_untrusted_entry_is_never_loaded_but_rebuilt(tmp_path, make_untrusted):
+    directory = tmp_path / "programs"
+    directory.mkdir(mode=0o700)
+    x = np.ones((4, 3), np.float32)
+    entry = plant_crafted_entry(directory, "k", tmp_path / "marker", x)
+    make_untrusted(entry)
+    program = aot.cached_program(forward, (x,), directory, "k")
+    np.testing.assert_allclose(np.asarray(program(x)), np.tanh(x @ WEIGHTS), rtol=1e-6)
+    assert not (tmp_path / "marker").exists()
+    info = entry.lstat()
+    assert stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o600
+    aot.cached_program(must_not_trace, (x,), directory, "k")  # the rebuilt entry is trusted: loaded, not traced
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o777, 0o1777], ids=["group-writable", "other-writable", "sticky"])
+def test_a_directory_others_can_write_in_is_not_used(tmp_path, mode):
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    x = np.ones((4, 3), np.float32)
+    entry = plant_crafted_entry(directory, "k", tmp_path / "marker", x)
+    planted = entry.read_bytes()
+    directory.chmod(mode)
+    with pytest.warns(UserWarning, match="not used as a program cache"):
+        program = aot.cached_program(forward, (x,), directory, "k")
+    np.testing.assert_allclose(np.asarray(program(x)), np.tanh(x @ WEIGHTS), rtol=1e-6)
+    assert not (tmp_path / "marker").exists()
+    assert [path.name for path in directory.iterdir()] == ["k.executable"] and entry.read_bytes() == planted
+
+
+def test_the_least_recently_used_entries_are_evicted_beyond_the_limit(tmp_path):
+    def compile_for(key, rows):
+        return aot.cached_program(forward, (np.ones((rows, 3), np.float32),), tmp_path, key)
+
+    for rows, key in enumerate("abc", start=1):
+        compile_for(key, rows)
+    now = time.time()
+    for age, key in zip((300, 200, 100), "abc"):  # "a" written first, "c" last
+        os.utime(tmp_path / f"{key}.executable", (now - age, now - age))
+    aot.cached_program(must_not_trace, (np.ones((1, 3), np.float32),), tmp_path, "a")  # "a" is now the latest used
+    entry_bytes = (tmp_path / "a.executable").stat().st_size
+    limit = int(2.5 * entry_bytes)  # room for two entries
+    aot.cached_program(forward, (np.ones((4, 3), np.float32),), tmp_path, "d", max_bytes=limit)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.executable", "d.executable"]
+    assert sum(path.stat().st_size for path in tmp_path.iterdir()) <= limit
+    aot.cached_program(forward, (np.ones((5, 3), np.float32),), tmp_path, "e", max_bytes=1)
+    assert [path.name for path in tmp_path.iterdir()] == ["e.executable"]  # the entry just written stays
 
 
 def test_keys_change_with_the_inputs_they_name(tmp_path):
@@ -37,3 +142,53 @@ def test_keys_change_with_the_inputs_they_name(tmp_path):
     before = fingerprint(tmp_path / "m")
     save_model(tmp_path / "m", model, state.variables, overwrite=True)
     assert fingerprint(tmp_path / "m") != before  # a re-saved model never reuses an old program
+
+
+def add_to_environment(name):
+    return lambda monkeypatch: monkeypatch.setenv(name, os.environ.get(name, "") + " --changed")
+
+
+@pytest.mark.parametrize("change", [
+    add_to_environment("XLA_FLAGS"),
+    add_to_environment("LIBTPU_INIT_ARGS"),
+    lambda monkeypatch: monkeypatch.setattr(aot, "_devices", lambda: ("TPU v4", jax.device_count())),
+    lambda monkeypatch: monkeypatch.setattr(aot, "_devices", lambda: (jax.devices()[0].device_kind, 64)),
+    lambda monkeypatch: monkeypatch.setattr(aot, "_processor", lambda: ["x86_64", "sse2"]),
+    lambda monkeypatch: monkeypatch.setattr(jax, "default_backend", lambda: "gpu"),
+    lambda monkeypatch: monkeypatch.setattr(jax, "__version__", "0.0.1"),
+    lambda monkeypatch: monkeypatch.setattr(aot.jaxlib, "__version__", "0.0.1"),
+], ids=["XLA_FLAGS", "LIBTPU_INIT_ARGS", "device-kind", "device-count", "processor", "backend", "jax", "jaxlib"])
+def test_each_thing_a_program_depends_on_changes_the_key(monkeypatch, change):
+    before = aot.program_key("model", (1, 224, 224, 3))
+    change(monkeypatch)
+    assert aot.program_key("model", (1, 224, 224, 3)) != before
+
+
+CHANGED_OPTIONS = {"jax_enable_x64": lambda value: not value, "jax_threefry_partitionable": lambda value: not value,
+                   "jax_default_matmul_precision": lambda value: "highest" if value != "highest" else "bfloat16",
+                   "jax_default_prng_impl": lambda value: "rbg" if value != "rbg" else "threefry2x32"}
+
+
+@pytest.mark.parametrize("option", aot._CONFIG_OPTIONS)
+def test_each_jax_option_changes_the_key(option):
+    before_value, before_key = getattr(jax.config, option), aot.program_key("model")
+    jax.config.update(option, CHANGED_OPTIONS[option](before_value))
+    try:
+        assert aot.program_key("model") != before_key
+    finally:
+        jax.config.update(option, before_value)
+    assert aot.program_key("model") == before_key
+
+
+X86_CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2\nbugs\t\t: spectre_v1\n"
+ARM_CPUINFO = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd atomics sve\nCPU part\t: 0xd0c\n"
+
+
+def test_the_processor_is_named_by_its_features_or_else_by_its_host(monkeypatch):
+    assert aot._processor_description(X86_CPUINFO)[1:] == ["fpu", "sse2", "avx2"]
+    assert aot._processor_description(ARM_CPUINFO)[1:] == ["fp", "asimd", "atomics", "sve"]
+    unknown = aot._processor_description("")  # macOS, or no /proc
+    monkeypatch.setattr(aot.platform, "node", lambda: "another-host")
+    assert aot._processor_description("") != unknown
+    monkeypatch.setattr(aot.platform, "machine", lambda: "riscv64")
+    assert aot._processor_description(X86_CPUINFO)[0] == "riscv64"
