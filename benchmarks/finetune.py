@@ -32,10 +32,11 @@ EPOCHS = 20
 def cat_images():
     import numpy as np
 
-    from jaxdl import finetune, images
+    from jaxdl import images
 
     paths = [CATS / f"{sex}{i:02d}.jpg" for sex in "fm" for i in range(1, 21)]
-    return finetune.load_images(paths, np.array([0] * 20 + [1] * 20), images.TORCHVISION)
+    x, y, _ = images.load_images(paths, np.array([0] * 20 + [1] * 20), images.TORCHVISION)
+    return x, y
 
 
 def jaxdl_runner(cache_features: bool):

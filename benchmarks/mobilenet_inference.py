@@ -87,7 +87,7 @@ def torch_engines():
     """PyTorch eager, and in inference mode with channels-last tensors."""
     import torch
 
-    from tests.torch_reference import forward
+    from jaxdl.references.torch_mobilenet_v2 import forward
 
     torch.set_num_threads(os.cpu_count())
     state = torch_state_dict()
@@ -119,7 +119,7 @@ def onnx_engine(folder):
     import onnxruntime
     import torch
 
-    from tests.torch_reference import forward
+    from jaxdl.references.torch_mobilenet_v2 import forward
 
     state = torch_state_dict()
 

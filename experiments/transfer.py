@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from experiments.common import Check, finish, parser, run_dir, shared_data_dir
-from jaxdl import finetune
+from jaxdl import finetune, images as image_io
 from jaxdl.classifier import ImageClassifier
 from jaxdl.imagenet import CAT_CLASSES, decode_predictions
 from jaxdl.plots import plot_history
@@ -57,8 +57,8 @@ NAME = re.compile(r"^([fm])(\d+)$")
 def cat_photos(folder: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     """f##/m## photo files (female 0, male 1) from a flat folder, or class subfolders."""
     if any(p.is_dir() for p in folder.iterdir()):
-        return finetune.image_folder(folder)
-    files = sorted(p for p in folder.iterdir() if NAME.match(p.stem) and p.suffix.lower() in finetune.IMAGE_EXTENSIONS)
+        return image_io.image_folder(folder)
+    files = sorted(p for p in folder.iterdir() if NAME.match(p.stem) and p.suffix.lower() in image_io.IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"{folder}: no f##/m## photos and no class subfolders")
     return files, np.asarray([0 if p.stem[0] == "f" else 1 for p in files], np.int32), ["female", "male"]
@@ -87,6 +87,16 @@ def is_training_photo(path: Path) -> bool:
     return match is not None and int(match.group(2)) <= 15
 
 
+def load_photos(paths, labels, preprocessing: dict) -> tuple[np.ndarray, np.ndarray, list, np.ndarray]:
+    """Preprocessed photos, their labels, their paths and whether each is a training photo.
+
+    Unreadable files are reported and left out of all four, so that labels
+    and the training split stay with their photos.
+    """
+    images, labels, paths = image_io.load_images(paths, labels, preprocessing)
+    return images, labels, paths, np.array([is_training_photo(Path(p)) for p in paths], bool)
+
+
 def run(argv=None) -> dict:
     cli = parser(__doc__)
     cli.add_argument("--data", default=None, help=f"cat photos (default: {DEFAULT_DATA} when present)")
@@ -106,7 +116,7 @@ def run(argv=None) -> dict:
         print(f"transfer: no cat photos at {DEFAULT_DATA}; using {source}")
 
     imagenet = ImageClassifier.load("imagenet")
-    images, labels = finetune.load_images(paths, labels, imagenet.preprocessing)
+    images, labels, paths, train = load_photos(paths, labels, imagenet.preprocessing)
     top1 = [top[0] for top in decode_predictions(imagenet.probabilities(images), 1, imagenet.class_names)]
     for path, (index, label, probability) in zip(paths, top1):
         print(f"{Path(path).name}: {label} ({probability:.1%})")
@@ -115,10 +125,10 @@ def run(argv=None) -> dict:
                   epochs=args.epochs, learning_rate=1e-3, seed=args.seed, verbose=not args.quiet)
     everything = finetune.finetune(images, labels, batch_size=args.batch_size, **common)
     keras_batch = finetune.finetune(images, labels, batch_size=32, **common)
-    train = np.array([is_training_photo(Path(p)) for p in paths])
     split = finetune.finetune(images[train], labels[train], validation_data=(images[~train], labels[~train]),
                               batch_size=args.batch_size, **common)
-    plot_history(split.history, out / "history.png", "transfer learning: 30 training, 10 validation photos")
+    plot_history(split.history, out / "history.png",
+                 f"transfer learning: {train.sum()} training, {(~train).sum()} validation photos")
     return finish(out, {
         "data": source,
         "stand_in": not folder.is_dir(),

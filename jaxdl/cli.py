@@ -92,6 +92,7 @@ def finetune(args) -> int:
     import numpy as np
 
     from jaxdl import finetune as ft
+    from jaxdl import images as image_io
     from jaxdl import pretrained
     from jaxdl.classifier import ImageClassifier
     from jaxdl.train import Callback
@@ -105,10 +106,10 @@ def finetune(args) -> int:
         out = Path(args.out)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
-        paths, labels, classes = ft.image_folder(args.data_dir)
+        paths, labels, classes = image_io.image_folder(args.data_dir)
         model, variables, metadata = pretrained.torchvision_imagenet()
-        images, labels = ft.load_images(paths, labels, metadata["preprocessing"],
-                                        report=lambda line: print(f"jaxdl finetune: {line}", file=sys.stderr))
+        images, labels, _ = image_io.load_images(paths, labels, metadata["preprocessing"],
+                                                 report=lambda line: print(f"jaxdl finetune: {line}", file=sys.stderr))
         for label, name in enumerate(classes):
             if not np.any(labels == label):
                 raise ValueError(f"{Path(args.data_dir) / name}: no readable images left in class {name!r}")

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
-import sys
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,7 +28,6 @@ from jaxdl.models.mobilenet_v2 import (BLOCKS, MobileNetV2, apply_in_chunks, blo
 from jaxdl.models.small import activation, kernel_init, keras_batch_norm
 from jaxdl.train import Callback, create_train_state, fit, new_train_state, seed_rngs
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what image_dataset_from_directory reads
 LOSS = "sparse_categorical_crossentropy"
 
 
@@ -98,18 +94,6 @@ def top_stage_layers(unfreeze: int) -> list[str]:
     return [name for stage in range(stages - unfreeze, stages) for name in stage_layers(stage)]
 
 
-def augment_images(rng: jax.Array, images: jnp.ndarray, pad: int = 16) -> jnp.ndarray:
-    """Random horizontal flips and random crops (reflect-pad by `pad`, crop back), seeded by `rng`."""
-    flip_rng, crop_rng = jax.random.split(rng)
-    n, height, width, channels = images.shape
-    flip = jax.random.bernoulli(flip_rng, 0.5, (n, 1, 1, 1))
-    images = jnp.where(flip, images[:, :, ::-1], images)
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * pad + 1)
-    crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))  # noqa: E731
-    return jax.vmap(crop)(padded, offsets)
-
-
 @dataclasses.dataclass(frozen=True)
 class FrozenBackboneApply:
     """`apply_fn` for end-to-end head training: images -> frozen backbone -> head.
@@ -127,7 +111,7 @@ class FrozenBackboneApply:
         frozen = variables["frozen_backbone"]
         backbone_variables = {**frozen, "params": {**frozen["params"], **variables["params"].get("backbone", {})}}
         if train and self.augment:
-            images = augment_images(rngs["augment"], images)
+            images = image_io.augment_images(rngs["augment"], images)
         features = apply_in_chunks(self.backbone.apply, backbone_variables, images)
         head_variables = {"params": variables["params"]["head"]}
         if "batch_stats" in variables:
@@ -242,39 +226,6 @@ def fast_inference(model: FineTuneModel, variables: dict) -> tuple[FineTuneModel
 
 
 # --- data -------------------------------------------------------------------------------------
-
-def image_folder(directory: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
-    """(paths, labels, class names) from one subfolder per class, as Keras's image_dataset_from_directory.
-
-    Classes are the subfolders in alphabetical order. Fewer than two
-    classes, or a class without images, is an error naming the folder.
-    """
-    root = Path(directory)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such data folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise ValueError(f"{root}: needs one subfolder per class and at least two classes, found {len(classes)}"
-                         + (f" ({classes[0]})" if classes else ""))
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise ValueError(f"{root / name}: class {name!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-        paths += files
-        labels += [label] * len(files)
-    return paths, np.asarray(labels, np.int32), classes
-
-
-def load_images(paths, labels, preprocessing: dict, report: Callable[[str], None] | None = None):
-    """Preprocessed images and their labels; unreadable files are reported by name and skipped."""
-    report = report or (lambda line: print(line, file=sys.stderr))
-    batch, loaded, errors = image_io.load_batch(paths, preprocessing)
-    for error in errors:
-        report(f"skipped: {error}")
-    kept = {str(p): i for i, p in enumerate(paths)}
-    return batch, np.asarray([labels[kept[p]] for p in loaded], np.int32)
-
 
 def stratified_split(labels, validation_split: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation indices: each class shuffled (seeded) and its last fraction held out."""

@@ -1,4 +1,4 @@
-"""Loading photos and preprocessing them the way pretrained weights expect.
+"""Loading photos, preprocessing them the way pretrained weights expect, and augmenting them.
 
 Preprocessing is plain data (`{"kind": "torchvision", "size": 224}`), stored
 beside a saved model so that it is applied the same way in every process.
@@ -6,27 +6,47 @@ beside a saved model so that it is applied the same way in every process.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 TORCHVISION = {"kind": "torchvision", "size": 224, "resize": 256,
                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 KERAS = {"kind": "keras", "size": 224}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what image_dataset_from_directory reads
+# Pillow's default `Image.MAX_IMAGE_PIXELS` (about 89.5 megapixels), written out so that it does not depend on
+# whatever a program has set that global to.
+MAX_PIXELS = 89_478_485
 
 
 class ImageError(ValueError):
     """An image file that cannot be read; the message starts with its path."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image, upright per its EXIF orientation (grayscale, palette and RGBA converted)."""
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB image, upright per its EXIF orientation (grayscale, 16-bit, palette and RGBA converted).
+
+    An image of more than `max_pixels` pixels is refused from its header,
+    before it is decoded: a small file can declare a huge image. Pillow's
+    own limit (twice `Image.MAX_IMAGE_PIXELS`, checked by `Image.open`)
+    applies as well, so `max_pixels` can lower the limit but not raise it.
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     path = Path(path)
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"{path}: image too large to decode safely ({width}x{height} = "
+                                 f"{width * height} pixels, over max_pixels={max_pixels})")
             image.load()  # decode now, so a truncated file fails here
-            image = ImageOps.exif_transpose(image)
+            image = to_8_bit(ImageOps.exif_transpose(image))
             if image.mode in ("RGBA", "LA", "P"):
                 image = image.convert("RGBA")
                 background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -38,25 +58,65 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{path}: is a directory, not an image") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read (JPEG, PNG, ...)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # warnings may be errors
+        raise ImageError(f"{path}: image too large to decode safely ({error})") from None
     except OSError as error:
         raise ImageError(f"{path}: damaged or truncated image ({error})") from None
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image as 8-bit grayscale ("L"); other modes unchanged.
+
+    Pillow's own conversion clips these to 0-255, turning a 16-bit photo
+    white. Integer samples are taken as 16-bit (Pillow opens 16-bit PNGs as
+    "I;16" and 16-bit PGMs as "I") and keep their high byte, `value >> 8`:
+    torchvision's `to_dtype(uint16 -> uint8, scale=True)` and Pillow's own
+    reading of 16-bit RGB PNGs do the same. Float samples are taken as
+    [0, 1], torchvision's float convention, and scaled as its `to_dtype`
+    scales them (`floor(value * 255.999)`); out-of-range samples are clipped.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        samples = np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8
+    elif image.mode == "F":
+        samples = np.clip(np.asarray(image), 0.0, 1.0) * 255.999
+    else:
+        return image
+    return Image.fromarray(samples.astype(np.uint8))
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) after torchvision's `Resize(short_side)`: the short side becomes `short_side`, the long
+    side keeps the aspect ratio, truncated (451x300 -> 384x256)."""
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def center_crop_offset(length: int, crop: int) -> int:
+    """Where torchvision's `center_crop` starts a crop of `crop` pixels along a side of `length`.
+
+    Negative when the side is shorter than the crop: torchvision pads it
+    with zeros, as a PIL crop past the edge does.
+    """
+    if crop > length:
+        return -((crop - length) // 2)
+    return int(round((length - crop) / 2.0))
 
 
 def preprocess(image: Image.Image, preprocessing: dict) -> np.ndarray:
     """An HWC float32 array for the network.
 
-    torchvision: resize the shorter side to `resize` (bilinear), centre-crop
-    `size`, scale to [0, 1], normalise with ImageNet mean and std. keras:
-    resize to `size` x `size` (nearest, Keras's `load_img` default) and scale
-    to [-1, 1] as `mobilenet_v2.preprocess_input` does.
+    torchvision: `Resize(resize)` (bilinear), `CenterCrop(size)`, scale to
+    [0, 1], normalise with ImageNet mean and std, with torchvision's sizes
+    and offsets. keras: resize to `size` x `size` (nearest, Keras's
+    `load_img` default) and scale to [-1, 1] as
+    `mobilenet_v2.preprocess_input` does.
     """
     size = int(preprocessing["size"])
     if preprocessing["kind"] == "torchvision":
+        image = image.resize(resized_size(*image.size, int(preprocessing["resize"])), Image.BILINEAR)
         width, height = image.size
-        scale = preprocessing["resize"] / min(width, height)
-        image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
-        width, height = image.size
-        left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+        left, top = center_crop_offset(width, size), center_crop_offset(height, size)
         pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255.0
         return ((pixels - np.asarray(preprocessing["mean"], np.float32))
                 / np.asarray(preprocessing["std"], np.float32))
@@ -66,15 +126,64 @@ def preprocess(image: Image.Image, preprocessing: dict) -> np.ndarray:
     raise ValueError(f"unknown preprocessing kind {preprocessing['kind']!r} (torchvision or keras)")
 
 
-def load_batch(paths, preprocessing: dict) -> tuple[np.ndarray, list[str], list[str]]:
+def load_batch(paths, preprocessing: dict,
+               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str], list[str]]:
     """Preprocessed images stacked, the paths that loaded, and an error line for each that did not."""
     arrays, loaded, errors = [], [], []
     for path in paths:
         try:
-            arrays.append(preprocess(load_image(path), preprocessing))
+            arrays.append(preprocess(load_image(path, max_pixels), preprocessing))
             loaded.append(str(path))
         except ImageError as error:
             errors.append(str(error))
     size = int(preprocessing["size"])
     stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.float32)
     return stacked, loaded, errors
+
+
+def image_folder(directory: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(paths, labels, class names) from one subfolder per class, as Keras's image_dataset_from_directory.
+
+    Classes are the subfolders in alphabetical order. Fewer than two
+    classes, or a class without images, is an error naming the folder.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such data folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise ValueError(f"{root}: needs one subfolder per class and at least two classes, found {len(classes)}"
+                         + (f" ({classes[0]})" if classes else ""))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"{root / name}: class {name!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [label] * len(files)
+    return paths, np.asarray(labels, np.int32), classes
+
+
+def load_images(paths, labels, preprocessing: dict, report: Callable[[str], None] | None = None,
+                max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray, list]:
+    """Preprocessed images, their labels and their paths; unreadable files are reported by name and left out
+    of all three, so that the three stay aligned."""
+    report = report or (lambda line: print(line, file=sys.stderr))
+    batch, loaded, errors = load_batch(paths, preprocessing, max_pixels)
+    for error in errors:
+        report(f"skipped: {error}")
+    index = {str(p): i for i, p in enumerate(paths)}
+    kept = [index[p] for p in loaded]
+    return batch, np.asarray([labels[i] for i in kept], np.int32), [paths[i] for i in kept]
+
+
+def augment_images(rng: jax.Array, images: jnp.ndarray, pad: int = 16) -> jnp.ndarray:
+    """Random horizontal flips and random crops (reflect-pad by `pad`, crop back), seeded by `rng`."""
+    flip_rng, crop_rng = jax.random.split(rng)
+    n, height, width, channels = images.shape
+    flip = jax.random.bernoulli(flip_rng, 0.5, (n, 1, 1, 1))
+    images = jnp.where(flip, images[:, :, ::-1], images)
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * pad + 1)
+    crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))  # noqa: E731
+    return jax.vmap(crop)(padded, offsets)

@@ -49,7 +49,7 @@ def test_torchvision_convention_matches_torch_to_1e5(weights_path, state_dict):
     """The real ImageNet weights through our Flax model and through torch's own ops."""
     import torch
 
-    from tests.torch_reference import forward
+    from jaxdl.references.torch_mobilenet_v2 import forward
 
     images = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
     with torch.no_grad():
