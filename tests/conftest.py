@@ -6,6 +6,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
+from experiments.common import shared_data_dir  # noqa: E402
+
+CATS = shared_data_dir() / "cats"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_cats: needs the tutorial's cat photos (../shared/data/cats); "
+                                       "skipped where they are absent, failed instead in CI (CI=true)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Tests marked `requires_cats` skip in a clone without the photos; CI has them, so there their absence fails."""
+    if item.get_closest_marker("requires_cats") is None or CATS.is_dir():
+        return
+    reason = f"needs the tutorial's cat photos at {CATS} (../shared/data/cats beside the clone); not in this checkout"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true, but the test {reason}", pytrace=False)
+    pytest.skip(reason)
+
 
 @pytest.fixture(scope="session")
 def jaxdl_cache(tmp_path_factory):
@@ -20,3 +40,14 @@ def imagenet_classifier(jaxdl_cache):
     from jaxdl.classifier import ImageClassifier
 
     return ImageClassifier.load("imagenet")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each comparison kind's largest difference against its tolerance: how much room the policy leaves."""
+    from tests import tolerance
+
+    if tolerance.margins:
+        terminalreporter.section("tolerance margins (largest difference seen / allowed)")
+        for kind, (seen, allowed) in sorted(tolerance.margins.items()):
+            ratio = f"{allowed / seen:.0f}x" if seen else "exact"
+            terminalreporter.write_line(f"{kind:40s} {seen:.3g} / {allowed:.3g}  ({ratio})")

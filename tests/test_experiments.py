@@ -3,9 +3,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from experiments import penguins, suite
+from jaxdl import images
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +47,11 @@ def test_penguins_metrics(runs):
 
 
 def test_unscaled_penguins_reproduce_the_tutorials_failure(tmp_path):
+    """Bands over seeds 0-4 on raw features: accuracy 0.33 to 0.68, Chinstraps recognised 0 to 2 of 14."""
     metrics = penguins.run(["--unscaled", "--quiet", "--out", str(tmp_path)])
-    predicted_chinstrap = sum(row[1] for row in metrics["confusion_matrix"])
-    assert predicted_chinstrap == 0
-    assert metrics["test_accuracy"] < 0.7
+    chinstraps_recognised = metrics["confusion_matrix"][1][1]  # rows: true species, columns: predicted
+    assert chinstraps_recognised <= 3
+    assert metrics["test_accuracy"] < 0.75
 
 
 def test_experiment_prints_its_metrics_as_the_last_line(tmp_path):
@@ -56,6 +60,7 @@ def test_experiment_prints_its_metrics_as_the_last_line(tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"neuron_output": 1.25, "xor": [0.0, 1.0, 1.0, 0.0]}
 
 
+@pytest.mark.requires_cats
 def test_transfer_reproduces_the_tutorials_lessons(runs):
     metrics = json.loads((runs[0] / "transfer" / "metrics.json").read_text())
     assert metrics["data"].endswith("shared/data/cats") and metrics["stand_in"] is False
@@ -77,6 +82,7 @@ def test_transfer_falls_back_to_digits_without_cat_photos(tmp_path, jaxdl_cache,
     assert all(check.holds(metrics[check.metric]) for check in transfer.checks(metrics))
 
 
+@pytest.mark.requires_cats
 def test_shared_data_is_found_beside_the_repository_or_where_told(tmp_path, monkeypatch):
     from experiments.common import shared_data_dir
 
@@ -84,3 +90,19 @@ def test_shared_data_is_found_beside_the_repository_or_where_told(tmp_path, monk
     assert (shared_data_dir() / "cats" / "f01.jpg").is_file()
     monkeypatch.setenv("JAXDL_SHARED_DATA", str(tmp_path))
     assert shared_data_dir() == tmp_path
+
+
+def test_transfer_keeps_labels_and_the_split_with_their_photos_when_one_is_unreadable(tmp_path, capsys):
+    from experiments import transfer
+
+    for gray, name in enumerate(("f01", "f02", "f16", "m01", "m02", "m16")):
+        Image.new("L", (48, 40), 40 * gray).save(tmp_path / f"{name}.png")
+    (tmp_path / "f03.jpg").write_text("not a photo")
+    paths, labels, _ = transfer.cat_photos(tmp_path)
+    photos, labels, paths, train = transfer.load_photos(paths, labels, images.KERAS)
+    assert [p.stem for p in paths] == ["f01", "f02", "f16", "m01", "m02", "m16"]
+    assert len(photos) == len(labels) == len(train) == 6
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert train.tolist() == [True, True, False, True, True, False]
+    np.testing.assert_allclose(photos[:, 0, 0, 0], np.arange(6) * 40 / 127.5 - 1.0, atol=1e-6)  # in order
+    assert "f03.jpg: not an image" in capsys.readouterr().err
