@@ -7,7 +7,9 @@ for 0.0, 0.1, ... 0.9, and a second run holding out 10% for validation.
 The probe 0.5 sits on the decision boundary: after 10 epochs its class-1
 probability is within 0.03 of 0.5 for every seed we tried (0 to 5), and four
 of those six seeds put it in class 1. The default seed (2) is one of them;
-`--seed 0` classifies 0.5 as 0 with probability 0.486 for class 1.
+`--seed 0` classifies 0.5 as 0 with probability 0.486 for class 1. So the
+check asks the tutorial's answer of the nine other probes, and either class
+of 0.5: which one it gets depends on the seed and on the processor.
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ from jaxdl import MLP, count_params, fit, predict
 from jaxdl.plots import plot_history
 
 EXPECTED = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+BOUNDARY_PROBE = 5  # 0.5
 CHECKS = (
     Check("params", "34", lambda v: v == 34),
-    Check("predictions", "0 0 0 0 0 1 1 1 1 1", lambda v: v == EXPECTED),
+    Check("predictions", "0 0 0 0 0 1 1 1 1 1 (0.5: either)",
+          lambda v: v[:BOUNDARY_PROBE] == EXPECTED[:BOUNDARY_PROBE]
+          and v[BOUNDARY_PROBE + 1:] == EXPECTED[BOUNDARY_PROBE + 1:]),
     Check("accuracy", ">= 0.95", lambda v: v >= 0.95),
     Check("val_accuracy", ">= 0.95", lambda v: v >= 0.95),
 )

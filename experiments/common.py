@@ -58,3 +58,31 @@ class Check:
     metric: str
     reference: str
     holds: Callable[[Any], bool]
+
+
+def machine() -> str:
+    """Where numbers were measured: CPU model and widest vector ISA, JAX version and device.
+
+    Float32 results differ in their last bits between processors (XLA:CPU
+    picks its code by the instruction set), so a trained metric is only
+    comparable with the machine it came from.
+    """
+    import platform
+
+    import jax
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"),
+                                        ("sse4_2", "SSE4.2"), ("asimd", "NEON")) if flag in flags), "unknown ISA")
+    device = jax.devices()[0]
+    return (f"{model} ({isa}, {os.cpu_count()} cores), jax {jax.__version__} on "
+            f"{device.platform}{'' if device.platform == 'cpu' else ' ' + device.device_kind}")

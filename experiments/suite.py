@@ -1,7 +1,13 @@
 """Runs every experiment that works on offline data and prints one results table.
 
 Columns: experiment, metric, our value, the tutorial's reference value, and
-whether ours meets it. Exits non-zero when any reference is missed.
+whether ours meets it. Exits non-zero when any reference is missed. The table
+names the machine it was measured on: trained metrics end elsewhere on
+another processor, which is why every check is a band, not a point.
+
+`--seeds 0 1 2 3 4` runs the whole suite once per seed and prints each
+metric's lowest and highest value over the seeds: the evidence that a band
+holds for more than the one seed the table shows.
 """
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import importlib
 import json
 import sys
 import time
+
+from experiments.common import machine
 
 EXPERIMENTS = ("neuron", "basics", "penguins", "digits", "classify", "transfer")
 
@@ -28,32 +36,68 @@ def _show(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def main(argv=None) -> int:
-    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("names", nargs="*", default=list(EXPERIMENTS), help="experiments to run (default: all)")
-    cli.add_argument("--out", default=None, help="root folder for the runs (default: runs)")
-    args = cli.parse_args(argv)
-
-    rows, failed = [], 0
-    for name in args.names:
+def run_checks(names, out: str | None, seed: int | None) -> list[tuple]:
+    """(experiment, metric, value, reference, holds) for every check, plus each experiment's seconds."""
+    results = []
+    for name in names:
         module = importlib.import_module(f"experiments.{name}")
-        print(f"== {name}", flush=True)
+        print(f"== {name}" + ("" if seed is None else f" (seed {seed})"), flush=True)
         started = time.perf_counter()
-        metrics = module.run(["--quiet"] + (["--out", args.out] if args.out else []))
+        metrics = module.run(["--quiet"] + (["--out", out] if out else []) + ([] if seed is None else ["--seed", str(seed)]))
         seconds = time.perf_counter() - started
         for check in module.checks(metrics) if hasattr(module, "checks") else module.CHECKS:
             value = metrics.get(check.metric)
-            ok = value is not None and check.holds(value)
-            failed += not ok
-            rows.append((name, check.metric, _show(value), check.reference, "ok" if ok else "MISSED"))
-        rows.append((name, "seconds", f"{seconds:.1f}", "", ""))
+            results.append((name, check.metric, value, check.reference, value is not None and check.holds(value)))
+        results.append((name, "seconds", round(seconds, 1), "", None))
+    return results
 
-    header = ("experiment", "metric", "ours", "tutorial / target", "")
+
+def _print_table(header: tuple, rows: list[tuple]) -> None:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print()
     for row in [header, tuple("-" * w for w in widths)] + rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"\n{len([r for r in rows if r[4]])} checks, {failed} missed")
+
+
+def _range(values: list) -> str:
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        low, high = min(values), max(values)
+        return _show(low) if low == high else f"{_show(low)} .. {_show(high)}"
+    shown = sorted({_show(v) for v in values})
+    return shown[0] if len(shown) == 1 else " | ".join(shown)
+
+
+def main(argv=None) -> int:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("names", nargs="*", default=list(EXPERIMENTS), help="experiments to run (default: all)")
+    cli.add_argument("--out", default=None, help="root folder for the runs (default: runs)")
+    cli.add_argument("--seeds", type=int, nargs="+", default=None,
+                     help="run everything once per seed and print each metric's range (default: each "
+                          "experiment's own seed, once)")
+    args = cli.parse_args(argv)
+
+    if not args.seeds:
+        results = run_checks(args.names, args.out, None)
+        rows = [(name, metric, _show(value), reference, "" if holds is None else "ok" if holds else "MISSED")
+                for name, metric, value, reference, holds in results]
+        _print_table(("experiment", "metric", "ours", "tutorial / target", ""), rows)
+        failed = sum(holds is False for *_, holds in results)
+        print(f"\n{sum(holds is not None for *_, holds in results)} checks, {failed} missed")
+        print(f"measured on {machine()}")
+        return 1 if failed else 0
+
+    by_seed = [run_checks(args.names, args.out, seed) for seed in args.seeds]
+    rows, failed = [], 0
+    for index, (name, metric, _, reference, holds) in enumerate(by_seed[0]):
+        values = [results[index][2] for results in by_seed]
+        misses = [seed for seed, results in zip(args.seeds, by_seed) if results[index][4] is False]
+        failed += bool(misses)
+        verdict = "" if holds is None else "ok" if not misses else "MISSED for seeds " + " ".join(map(str, misses))
+        rows.append((name, metric, _range(values), reference, verdict))
+    _print_table(("experiment", "metric", f"seeds {' '.join(map(str, args.seeds))}: min .. max",
+                  "tutorial / target", ""), rows)
+    print(f"\n{sum(r[4] != '' for r in rows)} checks over {len(args.seeds)} seeds, {failed} missed for some seed")
+    print(f"measured on {machine()}")
     return 1 if failed else 0
 
 
