@@ -97,6 +97,22 @@ def load_photos(paths, labels, preprocessing: dict) -> tuple[np.ndarray, np.ndar
     return images, labels, paths, np.array([is_training_photo(Path(p)) for p in paths], bool)
 
 
+def choose_photos(data: str | None, out: Path) -> tuple[list[Path], np.ndarray, list[str], str, bool]:
+    """(paths, labels, classes, where they come from, whether they are the stand-in digits).
+
+    `--data` must exist; without it, the shared cat photos are used when
+    present, and the digits stand-in (said on the output) when not.
+    """
+    folder = Path(data) if data else DEFAULT_DATA
+    if folder.is_dir():
+        return (*cat_photos(folder), str(folder), False)
+    if data:
+        raise FileNotFoundError(f"--data {folder}: no such folder")
+    source = f"scikit-learn digits 0 and 1 (stand-in: no cat photos found at {DEFAULT_DATA})"
+    print(f"transfer: no cat photos at {DEFAULT_DATA}; using {source}")
+    return (*digit_photos(out / "digit_photos"), source, True)
+
+
 def run(argv=None) -> dict:
     cli = parser(__doc__)
     cli.add_argument("--data", default=None, help=f"cat photos (default: {DEFAULT_DATA} when present)")
@@ -104,16 +120,7 @@ def run(argv=None) -> dict:
     cli.add_argument("--batch-size", type=int, default=16)
     args = cli.parse_args(argv)
     out = run_dir("transfer", args.out)
-    folder = Path(args.data) if args.data else DEFAULT_DATA
-    if folder.is_dir():
-        paths, labels, classes = cat_photos(folder)
-        source = str(folder)
-    else:
-        if args.data:
-            raise FileNotFoundError(f"--data {folder}: no such folder")
-        paths, labels, classes = digit_photos(out / "digit_photos")
-        source = "scikit-learn digits 0 and 1 (stand-in: no cat photos found at " + str(DEFAULT_DATA) + ")"
-        print(f"transfer: no cat photos at {DEFAULT_DATA}; using {source}")
+    paths, labels, classes, source, stand_in = choose_photos(args.data, out)
 
     imagenet = ImageClassifier.load("imagenet")
     images, labels, paths, train = load_photos(paths, labels, imagenet.preprocessing)
@@ -131,7 +138,7 @@ def run(argv=None) -> dict:
                  f"transfer learning: {train.sum()} training, {(~train).sum()} validation photos")
     return finish(out, {
         "data": source,
-        "stand_in": not folder.is_dir(),
+        "stand_in": stand_in,
         "classes": classes,
         "imagenet_top1": [label for _, label, _ in top1],
         "imagenet_cat_count": sum(index in CAT_CLASSES for index, _, _ in top1),

@@ -17,7 +17,7 @@ import numpy as np
 from jaxdl import aot, images, imagenet, pretrained
 from jaxdl.checkpoint import VARIABLES_DIR, fingerprint, load_variables, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
-from jaxdl.finetune import FineTuneModel, fast_inference
+from jaxdl.models.heads import FineTuneModel, fast_inference
 from jaxdl.models import model_config
 from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, folded, predict_in_chunks
 

@@ -23,56 +23,12 @@ import numpy as np
 import optax
 
 from jaxdl import images as image_io
+from jaxdl.models.heads import ClassifierHead, FineTuneModel, feature_backbone
 from jaxdl.models.mobilenet_v2 import (BLOCKS, MobileNetV2, apply_in_chunks, block_prefix, folded, layer_plan,
                                        predict_in_chunks)
-from jaxdl.models.small import activation, kernel_init, keras_batch_norm
 from jaxdl.train import Callback, create_train_state, fit, new_train_state, seed_rngs
 
 LOSS = "sparse_categorical_crossentropy"
-
-
-class ClassifierHead(nn.Module):
-    """Optional BatchNorm, Dense+ReLU+dropout layers of `hidden` units, then `num_classes` logits.
-
-    The default is the tutorial's single Dense layer; the Carpentries lesson's
-    head is `ClassifierHead(10, hidden=(50,), dropout_rate=0.5, input_batch_norm=True)`.
-    """
-
-    num_classes: int
-    hidden: Sequence[int] = ()
-    dropout_rate: float = 0.0
-    input_batch_norm: bool = False
-    activation: str = "relu"
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, features, train: bool = False):
-        x = features.astype(self.dtype)
-        if self.input_batch_norm:
-            x = keras_batch_norm(train, self.dtype, name="batch_norm")(x)
-        for i, width in enumerate(self.hidden):
-            x = activation(self.activation)(nn.Dense(width, dtype=self.dtype, kernel_init=kernel_init,
-                                                     name=f"dense_{i}")(x))
-            if self.dropout_rate:
-                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init, name="logits")(x)
-
-
-class FineTuneModel(nn.Module):
-    """A pooled-feature backbone (always in inference mode) followed by a head; logits out."""
-
-    backbone: MobileNetV2
-    head: nn.Module
-
-    @nn.compact
-    def __call__(self, images, train: bool = False):
-        return self.head(self.backbone(images, train=False), train=train)
-
-
-def feature_backbone(model: MobileNetV2, variables: dict) -> tuple[MobileNetV2, dict]:
-    """The pretrained network without its classifier, returning average-pooled features."""
-    params = {k: v for k, v in variables["params"].items() if k != "predictions"}
-    return model.clone(include_top=False, pooling="avg"), {**variables, "params": params}
 
 
 def stage_layers(stage: int) -> list[str]:
@@ -212,17 +168,6 @@ def _train_end_to_end(images, labels, backbone, backbone_variables, head, unfroz
                             batch_stats=head_state.batch_stats, dropout_rng=head_state.dropout_rng,
                             input_shape=np.shape(images)[1:], frozen={"frozen_backbone": frozen})
     return fit(None, images, labels, state=state, **fit_args)
-
-
-def fast_inference(model: FineTuneModel, variables: dict) -> tuple[FineTuneModel, dict]:
-    """The same model with the backbone's BatchNorm folded into its convs (exact, inference only)."""
-    backbone_variables = {"params": variables["params"]["backbone"],
-                          "batch_stats": variables["batch_stats"]["backbone"]}
-    fast_backbone, fast_variables = folded(model.backbone, backbone_variables)
-    result = {"params": {"backbone": fast_variables["params"], "head": variables["params"]["head"]}}
-    if "head" in variables.get("batch_stats", {}):
-        result["batch_stats"] = {"head": variables["batch_stats"]["head"]}
-    return model.clone(backbone=fast_backbone), result
 
 
 # --- data -------------------------------------------------------------------------------------

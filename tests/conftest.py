@@ -1,14 +1,29 @@
 import os
+import shutil
+import tempfile
 
 # Keras (a test-only reference) must run on the JAX backend; set before any import of keras.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Full float32 matrix products everywhere, also in subprocesses: GPUs default to TF32 (10-bit mantissa)
+# and TPUs to bfloat16 passes, which the parity tests' 1e-5 could not survive. No effect on CPU.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# One on-disk compilation cache for the session and its subprocesses (the CLI, save/load in a new
+# process): a program compiled once is read back instead of compiled again.
+_OWN_XLA_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="jaxdl-test-xla-")
+if _OWN_XLA_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
 
 import pytest  # noqa: E402
 
 from experiments.common import shared_data_dir  # noqa: E402
 
 CATS = shared_data_dir() / "cats"
+
+
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE:
+        shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):

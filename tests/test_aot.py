@@ -12,6 +12,7 @@ import pytest
 
 from jaxdl import aot, create_train_state, MLP, save_model
 from jaxdl.checkpoint import fingerprint
+from tests import tolerance
 
 WEIGHTS = np.arange(6, dtype=np.float32).reshape(3, 2)
 
@@ -28,14 +29,14 @@ def test_cached_program_is_reused_and_a_damaged_entry_rebuilt(tmp_path):
     x = np.ones((4, 3), np.float32)
     expected = np.tanh(x @ WEIGHTS)
     first = aot.cached_program(forward, (x,), tmp_path, "k")
-    np.testing.assert_allclose(np.asarray(first(x)), expected, rtol=1e-6)
+    tolerance.assert_close(first(x), expected, tolerance.ONE_OP)
     [entry] = tmp_path.glob("k.executable")
     assert stat.S_IMODE(entry.stat().st_mode) == 0o600
     again = aot.cached_program(must_not_trace, (x,), tmp_path, "k")
-    np.testing.assert_allclose(np.asarray(again(x)), expected, rtol=1e-6)
+    tolerance.assert_close(again(x), expected, tolerance.ONE_OP)
     entry.write_bytes(b"damaged")
     rebuilt = aot.cached_program(forward, (x,), tmp_path, "k")
-    np.testing.assert_allclose(np.asarray(rebuilt(x)), expected, rtol=1e-6)
+    tolerance.assert_close(rebuilt(x), expected, tolerance.ONE_OP)
     assert entry.stat().st_size > 1000
     assert [path.name for path in tmp_path.iterdir()] == ["k.executable"]  # no temporary file left
 
@@ -92,7 +93,7 @@ def test_an_untrusted_entry_is_never_loaded_but_rebuilt(tmp_path, make_untrusted
     entry = plant_crafted_entry(directory, "k", tmp_path / "marker", x)
     make_untrusted(entry)
     program = aot.cached_program(forward, (x,), directory, "k")
-    np.testing.assert_allclose(np.asarray(program(x)), np.tanh(x @ WEIGHTS), rtol=1e-6)
+    tolerance.assert_close(program(x), np.tanh(x @ WEIGHTS), tolerance.ONE_OP)
     assert not (tmp_path / "marker").exists()
     info = entry.lstat()
     assert stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o600
@@ -109,7 +110,7 @@ def test_a_directory_others_can_write_in_is_not_used(tmp_path, mode):
     directory.chmod(mode)
     with pytest.warns(UserWarning, match="not used as a program cache"):
         program = aot.cached_program(forward, (x,), directory, "k")
-    np.testing.assert_allclose(np.asarray(program(x)), np.tanh(x @ WEIGHTS), rtol=1e-6)
+    tolerance.assert_close(program(x), np.tanh(x @ WEIGHTS), tolerance.ONE_OP)
     assert not (tmp_path / "marker").exists()
     assert [path.name for path in directory.iterdir()] == ["k.executable"] and entry.read_bytes() == planted
 

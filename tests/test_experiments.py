@@ -9,6 +9,7 @@ from PIL import Image
 
 from experiments import penguins, suite
 from jaxdl import images
+from tests import tolerance
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +70,19 @@ def test_transfer_reproduces_the_tutorials_lessons(runs):
     assert len(metrics["imagenet_top1"]) == 40 and metrics["imagenet_cat_count"] >= 30
 
 
-def test_transfer_falls_back_to_digits_without_cat_photos(tmp_path, jaxdl_cache, monkeypatch, capsys):
+def test_transfer_falls_back_to_digits_without_cat_photos(tmp_path, monkeypatch, capsys):
     from experiments import transfer
 
     monkeypatch.setattr(transfer, "DEFAULT_DATA", tmp_path / "no-cats")
-    metrics = transfer.run(["--quiet", "--out", str(tmp_path)])
-    assert metrics["data"].startswith("scikit-learn digits 0 and 1 (stand-in")
+    paths, labels, classes, source, stand_in = transfer.choose_photos(None, tmp_path)
+    assert source.startswith("scikit-learn digits 0 and 1 (stand-in") and stand_in is True
     assert "no cat photos at" in capsys.readouterr().out
-    assert metrics["classes"] == ["zero", "one"] and len(metrics["imagenet_top1"]) == 40
-    assert metrics["stand_in"] is True
-    assert [c.metric for c in transfer.checks(metrics)] == ["train_accuracy_all", "train_accuracy", "val_accuracy"]
-    assert all(check.holds(metrics[check.metric]) for check in transfer.checks(metrics))
+    assert classes == ["zero", "one"] and len(paths) == 40 and labels.tolist() == [0] * 20 + [1] * 20
+    assert [p.name for p in paths[:2]] == ["f01.png", "f02.png"] and all(p.is_file() for p in paths)
+    assert [c.metric for c in transfer.checks({"stand_in": True})] == ["train_accuracy_all", "train_accuracy",
+                                                                        "val_accuracy"]
+    with pytest.raises(FileNotFoundError, match="--data .*missing: no such folder"):
+        transfer.choose_photos(str(tmp_path / "missing"), tmp_path)
 
 
 @pytest.mark.requires_cats
@@ -104,5 +107,5 @@ def test_transfer_keeps_labels_and_the_split_with_their_photos_when_one_is_unrea
     assert len(photos) == len(labels) == len(train) == 6
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert train.tolist() == [True, True, False, True, True, False]
-    np.testing.assert_allclose(photos[:, 0, 0, 0], np.arange(6) * 40 / 127.5 - 1.0, atol=1e-6)  # in order
+    tolerance.assert_close(photos[:, 0, 0, 0], np.arange(6) * 40 / 127.5 - 1.0, tolerance.ONE_OP)  # in order
     assert "f03.jpg: not an image" in capsys.readouterr().err

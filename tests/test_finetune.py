@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -14,7 +13,9 @@ import pytest
 from experiments.common import shared_data_dir
 from jaxdl import finetune, images as image_io
 from jaxdl.classifier import ImageClassifier
+from jaxdl.models import ClassifierHead
 from jaxdl.train import predict
+from tests import tolerance
 
 CATS = shared_data_dir() / "cats"
 pytestmark = pytest.mark.requires_cats
@@ -62,10 +63,11 @@ def test_head_only_training_leaves_the_backbone_bitwise_unchanged(cats, pretrain
 def test_cached_and_end_to_end_training_reach_the_same_head(cats, pretrained_model):
     cached = run(cats, pretrained_model, cache_features=True, epochs=4)
     end_to_end = run(cats, pretrained_model, cache_features=False, epochs=4)
-    difference = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
-                              cached.variables["params"]["head"], end_to_end.variables["params"]["head"])
-    assert max(jax.tree.leaves(difference)) <= 1e-5
-    assert cached.history["loss"] == pytest.approx(end_to_end.history["loss"], abs=1e-5)
+    # The same training from the same features, computed once or at every step: FEW_OPS per step, and
+    # 4 epochs of Adam steps do not amplify a 1e-7 feature difference beyond it (seen: see `margins`).
+    tolerance.assert_close(cached.variables["params"]["head"], end_to_end.variables["params"]["head"],
+                           tolerance.FEW_OPS)
+    tolerance.assert_close(cached.history["loss"], end_to_end.history["loss"], tolerance.FEW_OPS)
 
 
 def test_only_the_head_is_differentiated_and_optimised(cats, pretrained_model):
@@ -97,7 +99,7 @@ def test_augmentation_is_seeded_and_changes_training(cats, pretrained_model):
 
 
 def test_a_deeper_head_trains_with_batchnorm_and_dropout(cats, pretrained_model):
-    head = finetune.ClassifierHead(2, hidden=(50,), dropout_rate=0.5, input_batch_norm=True)
+    head = ClassifierHead(2, hidden=(50,), dropout_rate=0.5, input_batch_norm=True)
     result = run(cats, pretrained_model, head=head, epochs=2)
     assert "head" in result.variables["batch_stats"]
     logits = predict(result.model, cats[0], variables=result.variables)
@@ -110,7 +112,8 @@ def test_save_then_load_in_a_new_process_keeps_predictions_and_class_names(tmp_p
                                  ("female", "male"))
     classifier.save(tmp_path / "cats")
     expected = ImageClassifier.load(tmp_path / "cats").probabilities(cats[0])
-    np.testing.assert_allclose(classifier.probabilities(cats[0]), expected, atol=1e-6)  # folded == unfolded
+    tolerance.assert_close(classifier.probabilities(cats[0]), expected,  # saved and reloaded: both folded
+                           tolerance.ONE_OP)
     np.save(tmp_path / "images.npy", cats[0])
     code = ("import sys, json, numpy as np; from jaxdl.classifier import ImageClassifier; "
             "c = ImageClassifier.load(sys.argv[1]); np.save(sys.argv[3], c.probabilities(np.load(sys.argv[2]))); "

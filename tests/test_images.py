@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from jaxdl import images
+from tests import tolerance
 
 
 def png_declaring(path, width, height):
@@ -100,7 +101,7 @@ def test_torchvision_preprocessing_matches_resize_then_centre_crop():
     expected = (expected - np.float32(images.TORCHVISION["mean"])) / np.float32(images.TORCHVISION["std"])
     pixels = images.preprocess(photo, images.TORCHVISION)
     assert pixels.shape == (224, 224, 3)
-    np.testing.assert_allclose(pixels, expected, atol=1e-6)
+    tolerance.assert_close(pixels, expected, tolerance.ONE_OP)
 
 
 def test_image_folder_reads_one_class_per_subfolder_and_names_bad_folders(tmp_path):

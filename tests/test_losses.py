@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxdl import losses
+from tests import tolerance
 
 LOGITS = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
 LABELS = jnp.array([0, 1])
@@ -16,22 +17,22 @@ def reference_softmax_ce(logits, labels):
 
 def test_cross_entropy_integer_and_one_hot_agree_with_formula():
     expected = reference_softmax_ce(LOGITS, np.asarray(LABELS))
-    np.testing.assert_allclose(losses.sparse_categorical_crossentropy(LOGITS, LABELS), expected, rtol=1e-6)
+    tolerance.assert_close(losses.sparse_categorical_crossentropy(LOGITS, LABELS), expected, tolerance.ONE_OP)
     one_hot = jnp.eye(3)[LABELS]
-    np.testing.assert_allclose(losses.categorical_crossentropy(LOGITS, one_hot), expected, rtol=1e-6)
+    tolerance.assert_close(losses.categorical_crossentropy(LOGITS, one_hot), expected, tolerance.ONE_OP)
 
 
 def test_binary_crossentropy_accepts_flat_labels():
     logits = jnp.array([[0.0], [2.0]])
     expected = [np.log(2.0), np.log1p(np.exp(-2.0))]
-    np.testing.assert_allclose(losses.binary_crossentropy(logits, jnp.array([1, 1])), expected, rtol=1e-6)
+    tolerance.assert_close(losses.binary_crossentropy(logits, jnp.array([1, 1])), expected, tolerance.ONE_OP)
 
 
 def test_regression_losses():
     out, target = jnp.array([[1.0], [4.0]]), jnp.array([0.0, 1.0])
-    np.testing.assert_allclose(losses.mean_squared_error(out, target), [1.0, 9.0])
-    np.testing.assert_allclose(losses.huber(out, target), [0.5, 2.5])
-    np.testing.assert_allclose(losses.absolute_error(out, target), [1.0, 3.0])
+    tolerance.assert_close(losses.mean_squared_error(out, target), [1.0, 9.0], tolerance.ONE_OP)
+    tolerance.assert_close(losses.huber(out, target), [0.5, 2.5], tolerance.ONE_OP)
+    tolerance.assert_close(losses.absolute_error(out, target), [1.0, 3.0], tolerance.ONE_OP)
     assert losses.get_metric("rmse").finalize(9.0) == 3.0
 
 

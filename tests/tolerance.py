@@ -44,6 +44,12 @@ ONE_OP = Tolerance("one op", rtol=8 * EPS32, atol=8 * EPS32)
 FEW_OPS = Tolerance("a few ops", rtol=1e-5, atol=1e-6)
 
 
+# A float32 train step's gradient against a float64 central difference (step 1e-6) of the same loss:
+# the float32 gradient sums ~30 terms of order 1 (8 examples x 4 units), so ~30 eps = 4e-6 of rounding;
+# the float64 difference quotient adds h^2 truncation, negligible. 2e-5 is 5x that bound.
+GRADIENT_AGAINST_FLOAT64 = Tolerance("gradient vs float64", rtol=0.0, atol=2e-5)
+
+
 def deep_network(depth: int, magnitude: float) -> Tolerance:
     """Outputs of `depth` layers in sequence whose values reach `magnitude` (logits, features).
 

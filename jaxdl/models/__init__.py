@@ -7,13 +7,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jaxdl.models.heads import ClassifierHead, FineTuneModel
 from jaxdl.models.mobilenet_v2 import MobileNetV2
 from jaxdl.models.small import MLP, ConvNet
 
-def model_classes() -> dict:
-    """Every class a saved model may name, by name (fine-tuning's classes live in jaxdl.finetune)."""
-    from jaxdl.finetune import ClassifierHead, FineTuneModel
 
+def model_classes() -> dict:
+    """Every class a saved model may name, by name."""
     classes = (MLP, ConvNet, MobileNetV2, ClassifierHead, FineTuneModel)
     return {cls.__name__: cls for cls in classes}
 
@@ -63,4 +63,4 @@ def model_from_config(config: dict):
     return cls(**kwargs)
 
 
-__all__ = ["MLP", "ConvNet", "MobileNetV2", "model_classes", "count_params", "model_config", "model_from_config"]
+__all__ = ["MLP", "ConvNet", "MobileNetV2", "ClassifierHead", "FineTuneModel", "model_classes", "count_params", "model_config", "model_from_config"]
