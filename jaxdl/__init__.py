@@ -1,7 +1,8 @@
 """jaxdl: functional deep learning on JAX (Flax Linen models, Optax optimizers, jit-compiled steps)."""
 from jaxdl.checkpoint import load_model, save_model
 from jaxdl.models import ConvNet, MLP, count_params
-from jaxdl.train import (Callback, EarlyStopping, FitRun, TrainState, create_train_state, evaluate, fit,
+from jaxdl.callbacks import Callback, EarlyStopping, FitRun
+from jaxdl.train import (TrainState, create_train_state, evaluate, fit,
                          make_eval_step, make_train_step, predict, summarize)
 
 __version__ = "0.1.0"

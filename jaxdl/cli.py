@@ -95,7 +95,7 @@ def finetune(args) -> int:
     from jaxdl import images as image_io
     from jaxdl import pretrained
     from jaxdl.classifier import ImageClassifier
-    from jaxdl.train import Callback
+    from jaxdl.callbacks import Callback
 
     class PrintEpochs(Callback):
         def on_epoch_end(self, run, epoch, logs):

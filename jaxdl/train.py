@@ -17,7 +17,6 @@ dispatch that dominates the cost of training small models.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, Sequence
@@ -31,6 +30,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from jaxdl import data, losses
+from jaxdl.callbacks import Callback, FitRun
 
 
 class TrainState(train_state.TrainState):
@@ -289,74 +289,20 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256) -> np.n
     return np.asarray(_predict_all(apply_fn, variables, jnp.asarray(x), batch_size))
 
 
-# --- fit and its extension point --------------------------------------------------------------
+# --- fit ---------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class FitRun:
-    """What callbacks see and may change: the current state, the history, a stop flag."""
+def learning_rate_of(opt_state) -> float | None:
+    """The learning rate an `optax.inject_hyperparams` optimizer holds in its state, or None without one.
 
-    state: TrainState
-    history: dict[str, list]
-    epoch: int = 0
-    stop_training: bool = False
-
-
-class Callback:
-    """Hooks into `fit`. Override what you need; each hook may replace `run.state`."""
-
-    def on_train_begin(self, run: FitRun) -> None:
-        pass
-
-    def on_epoch_end(self, run: FitRun, epoch: int, logs: dict[str, float]) -> None:
-        pass
-
-    def on_train_end(self, run: FitRun) -> None:
-        pass
-
-
-class EarlyStopping(Callback):
-    """Stops when `monitor` has not improved by `min_delta` for `patience` epochs.
-
-    With `restore_best_weights`, the run ends on the state of the best epoch,
-    whether training stopped early or ran all its epochs, as Keras 3 does.
+    Searches the optimizer state (chains and masks nest it), as Keras logs
+    `learning_rate`; callbacks such as ReduceLROnPlateau change it there.
     """
-
-    def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0,
-                 mode: str = "auto", restore_best_weights: bool = False):
-        if mode == "auto":
-            mode = "max" if ("acc" in monitor or monitor.endswith("auc")) else "min"
-        if mode not in ("min", "max"):
-            raise ValueError(f"EarlyStopping mode must be 'min', 'max' or 'auto', got {mode!r}")
-        self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, abs(min_delta), mode
-        self.restore_best_weights = restore_best_weights
-
-    def on_train_begin(self, run):
-        self.best, self.best_epoch, self.best_state, self.wait = None, None, None, 0
-        self.stopped_epoch = None
-
-    def _improved(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
-
-    def on_epoch_end(self, run, epoch, logs):
-        if self.monitor not in logs:
-            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, but fit logs only {sorted(logs)}; "
-                             "pass validation data to monitor a val_ metric")
-        value = logs[self.monitor]
-        if self._improved(value):
-            self.best, self.best_epoch, self.wait = value, epoch, 0
-            if self.restore_best_weights:  # the live state is donated to the next epoch: keep a copy
-                self.best_state = jax.tree.map(jnp.copy, run.state)
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
-            run.stop_training, self.stopped_epoch = True, epoch
-
-    def on_train_end(self, run):
-        if self.best_state is not None and self.best_epoch != run.epoch:
-            run.state = self.best_state
+    injected = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+    found = [node.hyperparams["learning_rate"]
+             for node in jax.tree.leaves(opt_state, is_leaf=lambda node: isinstance(node, injected))
+             if isinstance(node, injected) and "learning_rate" in node.hyperparams]
+    return float(found[0]) if found else None
 
 
 def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -450,7 +396,8 @@ def fit(model, x, y, *, loss, optimizer: optax.GradientTransformation | None = N
     evaluate_all = compiled_evaluate(loss, metrics, batch_size)
     steps_per_epoch = data.num_batches(len(x), batch_size, drop_remainder)
 
-    run = FitRun(state=state, history={})
+    trained_model = model if model is not None else getattr(state.apply_fn, "__self__", None)
+    run = FitRun(state=state, history={}, model=trained_model)
     previous = jax.tree.map(jnp.copy, state)  # the fallback when a state's own loss is not finite
     for callback in callbacks:
         callback.on_train_begin(run)
@@ -468,6 +415,9 @@ def fit(model, x, y, *, loss, optimizer: optax.GradientTransformation | None = N
         logs = summarize(sums)
         if validation_data is not None:
             logs.update(summarize(evaluate_all(run.state, *val_dev), prefix="val_"))
+        rate = learning_rate_of(run.state.opt_state)
+        if rate is not None:
+            logs["learning_rate"] = rate
         for key, value in logs.items():
             run.history.setdefault(key, []).append(value)
         run.epoch = epoch
