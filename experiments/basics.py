@@ -22,6 +22,7 @@ from jaxdl.plots import plot_history
 
 EXPECTED = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
 BOUNDARY_PROBE = 5  # 0.5
+# Bands over seeds 0-4: accuracy 0.9914-0.9992, val_accuracy 0.986-1.0.
 CHECKS = (
     Check("params", "34", lambda v: v == 34),
     Check("predictions", "0 0 0 0 0 1 1 1 1 1 (0.5: either)",

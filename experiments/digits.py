@@ -12,9 +12,10 @@ from experiments.common import Check, finish, parser, run_dir
 from jaxdl import MLP, ConvNet, EarlyStopping, count_params, evaluate, fit
 from jaxdl.plots import plot_history
 
+# Bands over seeds 0-4 (the seed also draws the split): MLP 0.9583-0.9694, CNN 0.9556-0.9917.
 CHECKS = (
     Check("mlp_test_accuracy", ">= 0.90", lambda v: v >= 0.90),
-    Check("cnn_test_accuracy", ">= 0.95", lambda v: v >= 0.95),
+    Check("cnn_test_accuracy", ">= 0.94", lambda v: v >= 0.94),
 )
 
 CNN_LAYERS = (("conv", 32, 3), ("maxpool", 2), ("conv", 64, 3), ("maxpool", 2), ("flatten",),

@@ -26,6 +26,7 @@ from jaxdl.plots import plot_confusion_matrix, plot_history
 
 FEATURES = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
 SPECIES = ["Adelie", "Chinstrap", "Gentoo"]
+# Band over seeds 0-4 (the seed also draws the split): standardized test accuracy 0.971-1.0.
 CHECKS = (
     Check("params", "83", lambda v: v == 83),
     Check("test_accuracy", ">= 0.95 standardized (tutorial, unscaled: ~0.59)", lambda v: v >= 0.95),

@@ -34,9 +34,11 @@ from jaxdl.imagenet import CAT_CLASSES, decode_predictions
 from jaxdl.plots import plot_history
 
 DEFAULT_DATA = shared_data_dir() / "cats"
+# Bands over seeds 0-4 (python -m experiments.suite --seeds 0 1 2 3 4): training accuracy 0.95-1.0 on
+# all 40 and 0.967-1.0 on the 30, validation 0.5-0.7; the tutorial's run reached 1.0 in training.
 CHECKS = (
-    Check("train_accuracy_all", "1.0", lambda v: v == 1.0),
-    Check("train_accuracy", "1.0", lambda v: v == 1.0),
+    Check("train_accuracy_all", ">= 0.9 (tutorial: 1.0)", lambda v: v >= 0.9),
+    Check("train_accuracy", ">= 0.9 (tutorial: 1.0)", lambda v: v >= 0.9),
     Check("val_accuracy", "well below training", lambda v: v <= 0.8),
     Check("imagenet_cat_count", "most of the 40 seen as cat breeds", lambda v: v >= 20),
 )

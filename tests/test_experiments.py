@@ -65,7 +65,8 @@ def test_experiment_prints_its_metrics_as_the_last_line(tmp_path):
 def test_transfer_reproduces_the_tutorials_lessons(runs):
     metrics = json.loads((runs[0] / "transfer" / "metrics.json").read_text())
     assert metrics["data"].endswith("shared/data/cats") and metrics["stand_in"] is False
-    assert metrics["train_accuracy_all"] == 1.0 and metrics["train_accuracy"] == 1.0
+    # bands over seeds 0-4: training 0.95-1.0, validation 0.5-0.7
+    assert metrics["train_accuracy_all"] >= 0.9 and metrics["train_accuracy"] >= 0.9
     assert metrics["val_accuracy"] <= 0.8  # overfitting: 30 photos learnt, 10 new ones barely
     assert len(metrics["imagenet_top1"]) == 40 and metrics["imagenet_cat_count"] >= 30
 
