@@ -17,9 +17,9 @@ import numpy as np
 from jaxdl import aot, images, imagenet, pretrained
 from jaxdl.checkpoint import VARIABLES_DIR, fingerprint, load_variables, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
-from jaxdl.models.heads import FineTuneModel, fast_inference
+from jaxdl.models.heads import fast_inference
 from jaxdl.models import model_config
-from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, folded, predict_in_chunks
+from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, predict_in_chunks
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity: its variables are arrays
@@ -86,9 +86,7 @@ class ImageClassifier:
         if self._inference is None:
             self.materialize()
             model, variables = self.model, self.variables
-            if self.fast and isinstance(model, MobileNetV2):
-                model, variables = folded(model, variables)
-            elif self.fast and isinstance(model, FineTuneModel):
+            if self.fast:
                 model, variables = fast_inference(model, variables)
             self._inference = (model, variables)
         return self._inference

@@ -17,13 +17,26 @@ def check_batch_size(batch_size) -> int:
     return int(batch_size)
 
 
-def check_dataset(x, y=None, *, name: str = "x", input_shape: tuple | None = None):
+def _is_streaming_source(value) -> bool:
+    """A generator, iterator, tfds data source, grain dataset or dict of features: not an in-memory array."""
+    if isinstance(value, (np.ndarray, list, tuple)) or hasattr(value, "__array__"):
+        return False
+    return isinstance(value, dict) or hasattr(value, "__next__") or hasattr(value, "__iter__") \
+        or hasattr(value, "__getitem__")
+
+
+def check_dataset(x, y=None, *, name: str = "x", input_shape: tuple | None = None, purpose: str = "training"):
     """Validates one dataset and returns it as numpy arrays.
 
-    Raises ValueError naming `name` when it is empty, holds NaN or infinity,
-    has per-example shape other than `input_shape`, or when `y` has another
-    number of examples.
+    Raises ValueError naming `name` when it is a streaming source (not
+    supported yet), empty, holds NaN or infinity, has per-example shape other
+    than `input_shape`, or when `y` has another number of examples.
     """
+    if _is_streaming_source(x):
+        raise ValueError(f"{name} is a {type(x).__name__}: fit, evaluate and predict take in-memory arrays for "
+                         "now, and streaming sources (generators, tfds data sources, grain datasets) are not "
+                         "supported yet; load the examples into numpy arrays first, e.g. "
+                         "x = np.stack([example['image'] for example in source])")
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); there is nothing to train or evaluate on")
@@ -32,7 +45,7 @@ def check_dataset(x, y=None, *, name: str = "x", input_shape: tuple | None = Non
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)))[0][0]
         raise ValueError(f"{name} contains NaN or infinite values (first in example {bad}); "
-                         "drop or impute them before training")
+                         f"drop or impute them before {purpose}")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(f"{name} has per-example shape {tuple(x.shape[1:])}, but the model was built "
                          f"for {tuple(input_shape)}")

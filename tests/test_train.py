@@ -90,7 +90,7 @@ def test_train_step_compiles_once_including_the_padded_last_batch():
     for batch in data.batches(x, y, batch_size=4, seed=1):
         state, _ = step(state, batch)
     assert shapes == [4, 4, 2]
-    assert step._cache_size() == 1
+    assert step.jitted._cache_size() == 1
 
 
 def test_fit_compiles_one_epoch_function_for_all_epochs():

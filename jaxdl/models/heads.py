@@ -58,8 +58,16 @@ def feature_backbone(model: MobileNetV2, variables: dict) -> tuple[MobileNetV2, 
     return model.clone(include_top=False, pooling="avg"), {**variables, "params": params}
 
 
-def fast_inference(model: FineTuneModel, variables: dict) -> tuple[FineTuneModel, dict]:
-    """The same model with the backbone's BatchNorm folded into its convs (exact, inference only)."""
+def fast_inference(model, variables: dict) -> tuple[Any, dict]:
+    """The same model with MobileNetV2's BatchNorm folded into its convs (exact, inference only).
+
+    Takes a MobileNetV2 or a FineTuneModel; a model already folded, or any
+    other model, comes back unchanged.
+    """
+    if isinstance(model, MobileNetV2):
+        return folded(model, variables) if "batch_stats" in variables else (model, variables)
+    if not isinstance(model, FineTuneModel) or "backbone" not in variables.get("batch_stats", {}):
+        return model, variables
     backbone_variables = {"params": variables["params"]["backbone"],
                           "batch_stats": variables["batch_stats"]["backbone"]}
     fast_backbone, fast_variables = folded(model.backbone, backbone_variables)
