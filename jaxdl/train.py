@@ -78,6 +78,12 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
                 "(x[..., None])." if len(input_shape) == 2 else "")
         raise ValueError(f"{type(model).__name__} cannot take examples of shape {tuple(input_shape)} (a batch of "
                          f"shape {sample.shape}): {type(error).__name__}: {error}.{hint}") from error
+    kernels = [leaf.shape for leaf in jax.tree.leaves(variables["params"]) if leaf.ndim == 4]
+    if len(input_shape) == 2 and kernels and kernels[0][2] == input_shape[-1]:
+        # Flax's Conv reads an (N, H, W) batch as one unbatched (H, W, channels) image: no error, wrong model.
+        raise ValueError(f"{type(model).__name__} has 2-D convolutions (first kernel {kernels[0]}), which take "
+                         f"(height, width, channels) per example, but the examples have shape {tuple(input_shape)}: "
+                         "its last axis was read as channels; add a channel axis (x[..., None])")
     return new_train_state(model.apply, variables["params"], optimizer, batch_stats=variables.get("batch_stats", {}),
                            dropout_rng=dropout_rng, input_shape=input_shape)
 
@@ -496,6 +502,9 @@ def _verbosity(verbose) -> int:
 def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> np.ndarray:
     """Per-example loss weights from Keras's `class_weight` ({class: weight}) and `sample_weight` (N,)."""
     weights = np.ones(len(y), np.float32)
+    if class_weight is not None and sample_weight is not None:
+        raise ValueError("pass class_weight or sample_weight, not both (as Keras); fold the class weights into "
+                         "sample_weight to combine them")
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, np.float32)
         if sample_weight.shape != (len(y),) or not np.isfinite(sample_weight).all():
