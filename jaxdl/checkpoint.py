@@ -23,8 +23,22 @@ VARIABLES_DIR = "variables"
 
 
 def save_variables(directory: str | os.PathLike, variables) -> None:
-    """Writes a pytree of arrays as an orbax checkpoint (the directory must not exist)."""
+    """Writes a model's variables (a pytree of arrays) as an orbax checkpoint (the directory must not exist).
+
+    A whole TrainState is refused: its optimizer state would come back as
+    plain lists and its random keys cannot be written, so it could not
+    resume training. Save `state.variables`.
+    """
     import orbax.checkpoint as ocp  # imported when used: it is a fifth of a cached `jaxdl classify` start-up
+
+    if hasattr(variables, "opt_state") and hasattr(variables, "apply_fn"):
+        raise TypeError(f"{type(variables).__name__} is a whole training state; jaxdl saves model variables "
+                        "(save_variables(directory, state.variables) or save_model), and cannot yet save a "
+                        "training state to resume from (optimizer state, step and keys)")
+    if any(jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+           for leaf in jax.tree.leaves(variables)):
+        raise TypeError("the variables hold a random key (a jax.random.key array), which a checkpoint of model "
+                        "variables does not store; save state.variables, or jax.random.key_data(key) if needed")
 
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(Path(directory).absolute(), jax.device_get(variables))
@@ -66,7 +80,11 @@ def write_atomically(directory: str | os.PathLike, write, *, overwrite: bool = F
 
 def save_model(directory: str | os.PathLike, model, variables, *, metadata: dict | None = None,
                overwrite: bool = False) -> Path:
-    """Saves `model`'s config and `variables` (e.g. `state.variables`) to `directory`."""
+    """Saves `model`'s config and `variables` (e.g. `state.variables`) to `directory`.
+
+    A Linen module of your own is saved by its import path; `load_model`
+    then needs the class (`custom_classes=[MyModel]`).
+    """
     config = {**model_config(model), "metadata": metadata or {}}
 
     def write(path: Path):
@@ -76,7 +94,7 @@ def save_model(directory: str | os.PathLike, model, variables, *, metadata: dict
     return write_atomically(directory, write, overwrite=overwrite)
 
 
-def read_model(directory: str | os.PathLike):
+def read_model(directory: str | os.PathLike, custom_classes=()):
     """`(model, metadata)` from a directory written by `save_model`, without reading the variables."""
     path = Path(directory)
     config_path = path / CONFIG_FILE
@@ -84,14 +102,18 @@ def read_model(directory: str | os.PathLike):
         raise FileNotFoundError(f"{path} is not a saved jaxdl model: {CONFIG_FILE} is missing")
     try:
         config = json.loads(config_path.read_text())
-        return model_from_config(config), config.get("metadata", {})
+        return model_from_config(config, custom_classes), config.get("metadata", {})
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{config_path} is not a valid jaxdl model config: {error}") from error
 
 
-def load_model(directory: str | os.PathLike):
-    """Returns `(model, variables, metadata)` from a directory written by `save_model`."""
-    model, metadata = read_model(directory)
+def load_model(directory: str | os.PathLike, custom_classes=()):
+    """Returns `(model, variables, metadata)` from a directory written by `save_model`.
+
+    `custom_classes` lists the Linen classes of your own that the saved model
+    may name: a config only names them, and jaxdl never imports code a file names.
+    """
+    model, metadata = read_model(directory, custom_classes)
     return model, load_variables(Path(directory) / VARIABLES_DIR), metadata
 
 

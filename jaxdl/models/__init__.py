@@ -27,40 +27,61 @@ def count_params(variables) -> int:
     return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(variables)))
 
 
-def _plain(value):
+def _plain(value, owner: str, field: str):
     if isinstance(value, nn.Module):
         return model_config(value)
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, owner, field) for v in value]
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
-    return np.dtype(value).name  # dtypes
+    try:
+        return np.dtype(value).name  # dtypes
+    except TypeError:
+        raise TypeError(f"{owner}.{field} holds {value!r}, which a model config cannot hold (plain numbers, "
+                        "strings, tuples, dtypes and modules only); save the variables alone with "
+                        "jaxdl.checkpoint.save_variables(directory, state.variables)") from None
 
 
-def _hashable(value):
+def _hashable(value, custom_classes):
     if isinstance(value, dict) and "class" in value:  # a nested module
-        return model_from_config(value)
-    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+        return model_from_config(value, custom_classes)
+    return tuple(_hashable(v, custom_classes) for v in value) if isinstance(value, list) else value
+
+
+def class_path(cls) -> str:
+    """How a saved config names a class of the user's: `module:QualifiedName`."""
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def model_config(model) -> dict:
-    """A JSON-ready description from which `model_from_config` rebuilds the model."""
-    name = type(model).__name__
-    known = model_classes()
-    if known.get(name) is not type(model):
-        raise TypeError(f"{name} is not a jaxdl model class ({sorted(known)}); it cannot be saved "
-                        "by config")
-    fields = {f.name: _plain(getattr(model, f.name)) for f in dataclasses.fields(model)
+    """A JSON-ready description from which `model_from_config` rebuilds the model.
+
+    jaxdl's classes are named by name; any other Linen module by its import
+    path, and loading it back needs the class itself (`custom_classes`).
+    """
+    cls = type(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{cls.__name__} is not a Linen module; only Linen modules are saved by config")
+    name = cls.__name__ if model_classes().get(cls.__name__) is cls else class_path(cls)
+    fields = {f.name: _plain(getattr(model, f.name), cls.__name__, f.name) for f in dataclasses.fields(model)
               if f.init and f.name not in ("parent", "name")}
     return {"class": name, "config": fields}
 
 
-def model_from_config(config: dict):
-    cls = model_classes()[config["class"]]
-    kwargs = {k: _hashable(v) for k, v in config["config"].items()}
+def model_from_config(config: dict, custom_classes=()):
+    """The model a `model_config` describes. A class of the user's must be among `custom_classes`:
+    a config file only names it, and jaxdl never imports code that a file names (as Keras's
+    `custom_objects`)."""
+    name = config["class"]
+    known = {**model_classes(), **{class_path(cls): cls for cls in custom_classes}}
+    if name not in known:
+        raise ValueError(f"the model's class is {name}, which is not a jaxdl model class; pass it to load it, "
+                         f"e.g. load_model(directory, custom_classes=[{name.rpartition(':')[2] or name}])")
+    kwargs = {k: _hashable(v, custom_classes) for k, v in config["config"].items()}
     if "dtype" in kwargs:
         kwargs["dtype"] = np.dtype(kwargs["dtype"])
-    return cls(**kwargs)
+    return known[name](**kwargs)
 
 
-__all__ = ["MLP", "ConvNet", "MobileNetV2", "ClassifierHead", "FineTuneModel", "model_classes", "count_params", "model_config", "model_from_config"]
+__all__ = ["MLP", "ConvNet", "MobileNetV2", "ClassifierHead", "FineTuneModel", "model_classes", "count_params", "model_config", "model_from_config",
+           "class_path"]

@@ -1,0 +1,64 @@
+"""Saving models: jaxdl's classes and the user's own, and a clear refusal for what cannot be saved."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from jaxdl import fit, load_model, predict, save_model
+from jaxdl.checkpoint import save_variables
+
+
+class UserCNN(nn.Module):
+    """A module of the user's, as flax's examples write them."""
+
+    features: int = 4
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = getattr(nn, self.activation)(nn.Conv(self.features, (3, 3))(x))
+        return nn.Dense(2)(x.reshape((x.shape[0], -1)))
+
+
+class WithAFunction(nn.Module):
+    act: object = nn.relu
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return self.act(nn.Dense(2)(x))
+
+
+def trained(model, shape):
+    x = np.random.default_rng(0).normal(size=(8, *shape)).astype(np.float32)
+    state, _ = fit(model, x, (x.reshape(8, -1).mean(axis=1) > 0).astype(np.int32),
+                   loss="sparse_categorical_crossentropy", epochs=1, verbose=0)
+    return x, state
+
+
+def test_a_users_own_module_saves_by_import_path_and_loads_with_its_class(tmp_path):
+    model = UserCNN(features=3, activation="tanh")
+    x, state = trained(model, (5, 5, 1))
+    save_model(tmp_path / "cnn", model, state.variables)
+    with pytest.raises(ValueError, match=r"class is (tests\.)?test_checkpoint:UserCNN.*custom_classes=\[UserCNN\]"):
+        load_model(tmp_path / "cnn")
+    loaded, variables, _ = load_model(tmp_path / "cnn", custom_classes=[UserCNN])
+    assert loaded == model
+    np.testing.assert_array_equal(predict(loaded, x, variables=variables), predict(state, x))
+
+
+def test_what_cannot_be_saved_by_config_points_to_saving_variables(tmp_path):
+    model = WithAFunction()
+    _, state = trained(model, (3,))
+    with pytest.raises(TypeError, match=r"WithAFunction.act holds .*save_variables\(directory, state.variables\)"):
+        save_model(tmp_path / "m", model, state.variables)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_whole_train_state_is_refused_with_what_to_save_instead(tmp_path):
+    _, state = trained(UserCNN(), (5, 5, 1))
+    with pytest.raises(TypeError, match=r"TrainState is a whole training state.*state.variables"):
+        save_variables(tmp_path / "state", state)
+    with pytest.raises(TypeError, match="hold a random key"):
+        save_variables(tmp_path / "keys", {"params": state.params, "rng": jax.random.key(0)})
+    save_variables(tmp_path / "variables", state.variables)
+    assert (tmp_path / "variables").is_dir()
