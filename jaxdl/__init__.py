@@ -1,7 +1,9 @@
 """jaxdl: functional deep learning on JAX (Flax Linen models, Optax optimizers, jit-compiled steps)."""
 from jaxdl.checkpoint import load_model, save_model
 from jaxdl.models import ConvNet, MLP, count_params
-from jaxdl.callbacks import Callback, EarlyStopping, FitRun
+from jaxdl.model_summary import summary
+from jaxdl.callbacks import (Callback, CSVLogger, EarlyStopping, FitRun, ModelCheckpoint, ReduceLROnPlateau,
+                             TensorBoard)
 from jaxdl.train import (TrainState, create_train_state, evaluate, fit,
                          make_eval_step, make_train_step, predict, summarize)
 

@@ -68,7 +68,11 @@ def write_atomically(directory: str | os.PathLike, write, *, overwrite: bool = F
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, old / "previous")
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                os.replace(old / "previous", target)  # put the previous one back: nothing saved is lost
+                raise
             shutil.rmtree(old)
         else:
             os.replace(staging, target)

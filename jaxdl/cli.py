@@ -2,7 +2,8 @@
 
     jaxdl classify [--weights imagenet|PATH] [--top K] [--json] IMAGE...
     jaxdl convert keras|torchvision SRC DST [--overwrite]
-    jaxdl finetune DATA_DIR --out DIR [--epochs 20] [--val-split F] [--unfreeze N] [--augment]
+    jaxdl finetune DATA_DIR --out DIR [--labels-from-name REGEX | --labels-csv FILE] [--epochs 20]
+                   [--val-split F] [--unfreeze N] [--augment]
 """
 from __future__ import annotations
 
@@ -43,6 +44,17 @@ def fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
+
+
+def class_regex(text: str) -> str:
+    """argparse type: a regular expression with exactly one group."""
+    from jaxdl.images import class_pattern
+
+    try:
+        class_pattern(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def classify(args) -> int:
@@ -88,6 +100,9 @@ def convert(args) -> int:
     return 0
 
 
+HISTORY_FILE = "history.json"  # in a fine-tuned model's folder: {"loss": [...], "accuracy": [...], ...}
+
+
 def finetune(args) -> int:
     import numpy as np
 
@@ -106,13 +121,18 @@ def finetune(args) -> int:
         out = Path(args.out)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
-        paths, labels, classes = image_io.image_folder(args.data_dir)
+        if args.labels_from_name is not None:
+            paths, labels, classes = image_io.labels_from_names(args.data_dir, args.labels_from_name)
+        elif args.labels_csv is not None:
+            paths, labels, classes = image_io.labels_from_csv(args.data_dir, args.labels_csv)
+        else:
+            paths, labels, classes = image_io.image_folder(args.data_dir)
         model, variables, metadata = pretrained.torchvision_imagenet()
         images, labels, _ = image_io.load_images(paths, labels, metadata["preprocessing"],
                                                  report=lambda line: print(f"jaxdl finetune: {line}", file=sys.stderr))
         for label, name in enumerate(classes):
             if not np.any(labels == label):
-                raise ValueError(f"{Path(args.data_dir) / name}: no readable images left in class {name!r}")
+                raise ValueError(f"{args.data_dir}: no readable images left in class {name!r}")
         validation = None
         if args.val_split:
             train, val = ft.stratified_split(labels, args.val_split, args.seed)
@@ -127,10 +147,12 @@ def finetune(args) -> int:
         classifier = ImageClassifier(result.model, result.variables, dict(metadata["preprocessing"]), tuple(classes))
         saved = classifier.save(out, overwrite=args.overwrite, history=result.history,
                                 source=f"fine-tuned on {args.data_dir}")
+        history = saved / HISTORY_FILE
+        history.write_text(json.dumps(result.history, indent=1) + "\n")
     except (OSError, ValueError) as error:
         print(f"jaxdl finetune: {error}", file=sys.stderr)
         return 1
-    print(json.dumps({"history": result.history}))
+    print(f"history: {history}")
     print(f"saved to {saved}")
     return 0
 
@@ -155,9 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=convert)
 
-    p = commands.add_parser("finetune", help="train a new head on the ImageNet MobileNetV2 (one subfolder per class)")
+    p = commands.add_parser("finetune", help="train a new head on the ImageNet MobileNetV2",
+                            description="Train a new classifier head on the ImageNet MobileNetV2. Classes come from "
+                                        "one subfolder per class in DATA_DIR (the default), from the file names "
+                                        "(--labels-from-name) or from a CSV file (--labels-csv).")
     p.add_argument("data_dir", metavar="DATA_DIR")
-    p.add_argument("--out", required=True, help="folder to save the fine-tuned model in")
+    p.add_argument("--out", required=True,
+                   help=f"folder to save the fine-tuned model in; the training history (per-epoch loss and "
+                        f"metrics, as JSON) goes to OUT/{HISTORY_FILE}")
+    labelling = p.add_mutually_exclusive_group()
+    labelling.add_argument("--labels-from-name", metavar="REGEX", type=class_regex,
+                           help="DATA_DIR is a flat folder of images; REGEX, searched in each file name, has one "
+                                "group whose text is the class name (e.g. '^([fm])\\d+'); every image must match")
+    labelling.add_argument("--labels-csv", metavar="FILE",
+                           help="a CSV file of lines 'file,class', files relative to DATA_DIR (header line optional)")
     p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--val-split", type=fraction, default=0.0, help="fraction of each class held out for validation")
     p.add_argument("--unfreeze", type=int, default=0, help="also train the top N backbone stages")

@@ -5,7 +5,9 @@ beside a saved model so that it is applied the same way in every process.
 """
 from __future__ import annotations
 
+import csv
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -162,6 +164,118 @@ def image_folder(directory: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
         paths += files
         labels += [label] * len(files)
     return paths, np.asarray(labels, np.int32), classes
+
+
+def _labelled(root: Path, named: list[tuple[Path, str]]) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(paths, labels, class names) from (path, class name) pairs: classes sorted, paths sorted."""
+    classes = sorted({name for _, name in named})
+    if len(classes) < 2:
+        raise ValueError(f"{root}: needs at least two classes, found {len(classes)}"
+                         + (f" ({classes[0]})" if classes else ""))
+    index = {name: label for label, name in enumerate(classes)}
+    named = sorted(named)
+    return [path for path, _ in named], np.asarray([index[name] for _, name in named], np.int32), classes
+
+
+def _listing(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def class_pattern(pattern: str | re.Pattern) -> re.Pattern:
+    """`pattern` compiled; a ValueError unless it is a valid regular expression with exactly one group."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"invalid regular expression '{pattern}': {error}") from None
+    if compiled.groups != 1:
+        raise ValueError(f"regular expression '{compiled.pattern}' has {compiled.groups} groups; it needs exactly "
+                         "one, whose value is the class name (e.g. '^([fm])\\d+')")
+    return compiled
+
+
+def labels_from_names(directory: str | os.PathLike,
+                      pattern: str | re.Pattern) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(paths, labels, class names) of a flat folder of images, the class taken from each file name.
+
+    `pattern` is a regular expression with one group, searched in each image
+    file's name (`^` anchors it at the start); the group's text is the class
+    name: `^([fm])\\d+` gives f01.jpg class "f". Images are the folder's files
+    with an image extension (as `image_folder`'s), subfolders are not read.
+    Classes are sorted alphabetically. Any image whose name the pattern does
+    not match, and fewer than two classes, are errors.
+    """
+    root = Path(directory)
+    compiled = class_pattern(pattern)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such data folder")
+    files = sorted(p for p in root.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    named, unmatched = [], []
+    for path in files:
+        match = compiled.search(path.name)
+        if match and match.group(1):
+            named.append((path, match.group(1)))
+        else:
+            unmatched.append(path.name)
+    if unmatched:
+        raise ValueError(f"{root}: {len(unmatched)} of {len(files)} images have names that '{compiled.pattern}' "
+                         f"does not match (or whose group is empty): {_listing(unmatched)}")
+    return _labelled(root, named)
+
+
+def labels_from_csv(directory: str | os.PathLike,
+                    csv_path: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(paths, labels, class names) of the images a CSV file lists, with their classes.
+
+    Each line of the CSV (comma-separated, UTF-8) is `file,class`, the file
+    relative to `directory` (subfolders allowed). The first line is a header,
+    and skipped, when it has two columns and the first neither names an
+    existing file nor ends with an image extension (`file,label` is a
+    header, `f01.jpg,female` is not). Blank lines are skipped. Classes are sorted alphabetically;
+    images in `directory` that the CSV does not list are not used. Errors
+    name the CSV line: not two columns, an empty file or class, a file
+    outside `directory` or without an image extension, a missing file, a
+    file listed twice; and fewer than two classes.
+    """
+    root, csv_path = Path(directory), Path(csv_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such data folder")
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: no such labels file")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(file)
+            rows = [(reader.line_num, [cell.strip() for cell in row]) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{csv_path}: not a readable UTF-8 CSV file ({error})") from None
+    rows = [(number, row) for number, row in rows if any(row)]
+    if rows and len(rows[0][1]) == 2:
+        first = rows[0][1][0]
+        if Path(first).suffix.lower() not in IMAGE_EXTENSIONS and not (root / first).is_file():
+            rows = rows[1:]  # a header
+    if not rows:
+        raise ValueError(f"{csv_path}: no labelled images (expected lines of file,class)")
+    named, seen = [], {}
+    for number, row in rows:
+        where = f"{csv_path}, line {number}"
+        if len(row) != 2 or not all(row):
+            raise ValueError(f"{where}: expected two non-empty columns (file,class), got {row!r}")
+        name, label = row
+        relative = Path(os.path.normpath(name))  # "./a/../f01.jpg" and "f01.jpg" are one file
+        if relative.is_absolute() or relative.parts[:1] == ("..",):
+            raise ValueError(f"{where}: {name!r} is not a path inside {root}")
+        path = root / relative
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise ValueError(f"{where}: {name!r} is not an image file ({', '.join(IMAGE_EXTENSIONS)})")
+        if not path.is_file():
+            raise ValueError(f"{where}: {name!r}: no such file in {root}")
+        if relative in seen:
+            raise ValueError(f"{where}: {name!r} is listed twice (first on line {seen[relative]})")
+        seen[relative] = number
+        named.append((path, label))
+    return _labelled(root, named)
 
 
 def load_images(paths, labels, preprocessing: dict, report: Callable[[str], None] | None = None,

@@ -33,7 +33,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from jaxdl import data, losses
-from jaxdl.callbacks import Callback, FitRun
+from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
 from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.heads import fast_inference
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
@@ -451,11 +451,8 @@ def learning_rate_of(opt_state) -> float | None:
     Searches the optimizer state (chains and masks nest it), as Keras logs
     `learning_rate`; callbacks such as ReduceLROnPlateau change it there.
     """
-    injected = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
-    found = [node.hyperparams["learning_rate"]
-             for node in jax.tree.leaves(opt_state, is_leaf=lambda node: isinstance(node, injected))
-             if isinstance(node, injected) and "learning_rate" in node.hyperparams]
-    return float(found[0]) if found else None
+    found = injected_learning_rates(opt_state)
+    return float(found[0].hyperparams["learning_rate"]) if found else None
 
 
 def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:

@@ -51,6 +51,14 @@ def jaxdl_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def keras_mobilenet_v2():
+    """Keras's MobileNetV2 (1.0, 224, random weights): built once, as building it takes seconds."""
+    import keras
+
+    return keras.applications.MobileNetV2(weights=None)
+
+
+@pytest.fixture(scope="session")
 def imagenet_classifier(jaxdl_cache):
     from jaxdl.classifier import ImageClassifier
 

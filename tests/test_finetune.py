@@ -144,7 +144,8 @@ def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_pat
     assert "broken.jpg: not an image" in done.stderr
     lines = done.stdout.splitlines()
     assert lines[1].startswith("epoch 1/2: loss ") and "val_accuracy" in lines[1]
-    history = json.loads(lines[-2])["history"]
+    assert lines[-2:] == [f"history: {tmp_path / 'model' / 'history.json'}", f"saved to {tmp_path / 'model'}"]
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
     assert list(history) == ["loss", "accuracy", "val_loss", "val_accuracy"] and len(history["loss"]) == 2
     again = subprocess.run(command, capture_output=True, text=True, env=env)
     assert again.returncode == 1 and "already exists" in again.stderr

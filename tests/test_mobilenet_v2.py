@@ -83,10 +83,8 @@ def test_every_blocks_output_matches_keras(converted):
                                tolerance.cross_framework_activations(np.abs(reference).max()), name)
 
 
-def test_parameter_count_and_layer_names_match_keras():
-    import keras
-
-    reference = keras.applications.MobileNetV2(weights=None)
+def test_parameter_count_and_layer_names_match_keras(keras_mobilenet_v2):
+    reference = keras_mobilenet_v2
     variables = jax.eval_shape(MobileNetV2().init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     assert count_params(variables) == reference.count_params() == 3_538_984
     assert len(reference.layers) == 156  # 157 counting the input, as the tutorials do

@@ -1,0 +1,71 @@
+"""A Keras-like `model.summary()` for Linen models: Flax's layer table plus Keras's three totals.
+
+The table is `flax.linen.Module.tabulate`'s: one row per layer (the module
+path, its type, input and output shapes for a batch of one), and one column
+per variable collection with each layer's variables and their count. The
+`params` column is what Keras calls trainable; every other collection (in
+jaxdl, `batch_stats`: BatchNorm's moving mean and variance) is what Keras
+calls non-trainable. Below it, the totals as Keras prints them.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TRAINABLE = "params"
+# Values a module records with `sow` (or `capture_intermediates`): outputs, not parameters.
+NOT_PARAMETERS = ("intermediates",)
+
+
+def _rngs() -> dict:
+    # Dropout is deterministic with train=False; the key is there for models that ask for one anyway.
+    return {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+
+
+def count_by_kind(variables: Mapping[str, Any]) -> dict:
+    """{"total", "trainable", "non_trainable"} numbers in a variables dict (arrays or shape structs).
+
+    Trainable: the `params` collection; non-trainable: every other collection
+    but `intermediates` (Keras counts BatchNorm's moving statistics so).
+    """
+    def size(tree) -> int:
+        return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(tree)))
+
+    trainable = size(variables.get(TRAINABLE, {}))
+    non_trainable = sum(size(tree) for name, tree in variables.items()
+                        if name != TRAINABLE and name not in NOT_PARAMETERS)
+    return {"total": trainable + non_trainable, "trainable": trainable, "non_trainable": non_trainable}
+
+
+def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[[str], Any] = print,
+            depth: int | None = 1, console_kwargs: Mapping[str, Any] | None = None) -> dict:
+    """Prints `model`'s layers and its parameter totals as Keras's `model.summary()` counts them.
+
+    `input_shape` is one example's shape (a tuple, or an int for a vector),
+    without the batch axis: the model is traced (`jax.eval_shape`, nothing
+    is computed) on zeros of shape `(1, *input_shape)` with `train=False`. `depth` is how many levels of
+    submodules get a row (1: the model's own layers; None: all), and
+    `console_kwargs` go to the `rich` console Flax renders with (plain text,
+    160 columns at most, by default). Returns the totals:
+    `{"total": ..., "trainable": ..., "non_trainable": ...}`.
+
+    "Trainable" is the `params` collection. Which of them an optimizer
+    actually updates is the training's choice (`jaxdl.finetune` freezes a
+    backbone's), not the model's, so a frozen backbone still counts here.
+    """
+    if isinstance(input_shape, int):
+        input_shape = (input_shape,)
+    inputs = jnp.zeros((1, *input_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(_rngs(), x, train=False), inputs)
+    totals = count_by_kind(variables)
+    table = model.tabulate(_rngs(), inputs, train=False, depth=depth, compute_flops=False,
+                           console_kwargs={"force_terminal": False, "width": 160, **(console_kwargs or {})})
+    print_fn(table.strip("\n"))
+    print_fn(f"Total params: {totals['total']:,}")
+    print_fn(f"Trainable params: {totals['trainable']:,}")
+    print_fn(f"Non-trainable params: {totals['non_trainable']:,}")
+    return totals

@@ -1,0 +1,301 @@
+"""Keras-style callbacks beyond EarlyStopping: ModelCheckpoint, CSVLogger, TensorBoard, ReduceLROnPlateau."""
+import csv
+import types
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxdl import MLP, EarlyStopping, checkpoint, create_train_state, fit, load_model, predict
+from jaxdl.callbacks import (CSVLogger, FitRun, ModelCheckpoint, ReduceLROnPlateau, TensorBoard,
+                             injected_learning_rates)
+from jaxdl.train import compiled_epoch, new_train_state, seed_rngs
+from tests import tolerance
+
+CE = "sparse_categorical_crossentropy"
+
+
+def blobs(n=60, features=3, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n).astype(np.int32)
+    x = (rng.normal(size=(n, features)) + 2.0 * y[:, None]).astype(np.float32)
+    return x, y
+
+
+def sgd(learning_rate):
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)
+
+
+def rate_of(state) -> float:
+    (node,) = injected_learning_rates(state.opt_state)
+    return float(node.hyperparams["learning_rate"])
+
+
+# --- ModelCheckpoint ------------------------------------------------------------------------------
+
+
+def overfitting_run(callbacks, epochs=200):
+    """Stops two epochs after the best val_loss, restoring the best state: the best epoch is never the last."""
+    x, y = blobs(80, seed=2)
+    x_val, y_val = blobs(40, seed=3)
+    stop = EarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True)
+    state, history = fit(MLP(features=(32,), num_outputs=3), x, y, loss=CE, epochs=epochs, batch_size=8,
+                         optimizer=optax.adam(0.05), validation_data=(x_val, y_val),
+                         callbacks=[*callbacks, stop], verbose=False)
+    return state, history, stop, x_val
+
+
+def test_model_checkpoint_keeps_the_best_epoch(tmp_path):
+    save = ModelCheckpoint(tmp_path / "best")  # monitors val_loss, saves the best only
+    best_state, history, stop, x_val = overfitting_run([save])
+    best = int(np.argmin(history["val_loss"]))
+    assert stop.best_epoch == best < len(history["val_loss"]) - 1
+    model, variables, metadata = load_model(tmp_path / "best")
+    assert model == MLP(features=(32,), num_outputs=3) and metadata["epoch"] == best
+    tolerance.assert_close(metadata["val_loss"], history["val_loss"][best], tolerance.ONE_OP)
+    tolerance.assert_close(predict(model, x_val, variables=variables), predict(best_state, x_val), tolerance.ONE_OP)
+    assert save.last_saved == (tmp_path / "best").absolute()
+
+
+def test_model_checkpoint_every_epoch_formats_the_directory(tmp_path):
+    x, y = blobs(24)
+    save = ModelCheckpoint(tmp_path / "epoch{epoch:02d}-loss{loss:.2f}", monitor="val_loss", save_best_only=False)
+    _, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=8, callbacks=[save],
+                     verbose=False)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == [f"epoch{i + 1:02d}-loss{history['loss'][i]:.2f}" for i in range(2)]  # {epoch} 1-based, as Keras
+    assert [load_model(tmp_path / name)[2] for name in names] == [{"epoch": 0}, {"epoch": 1}]  # no val_loss logged
+
+
+def test_a_failed_save_keeps_the_previous_best(tmp_path, monkeypatch):
+    saved = []
+    real_save_variables = checkpoint.save_variables
+
+    def failing_after_the_first(directory, variables):
+        if saved:
+            raise OSError("disk full")
+        real_save_variables(directory, variables)
+        saved.append(jax.tree.map(np.asarray, variables))
+
+    monkeypatch.setattr(checkpoint, "save_variables", failing_after_the_first)
+    x, y = blobs(40)
+    save = ModelCheckpoint(tmp_path / "best", monitor="loss")  # the training loss improves every epoch here
+    with pytest.raises(OSError, match="disk full"):
+        fit(MLP(features=(8,), num_outputs=3), x, y, loss=CE, epochs=5, batch_size=8, optimizer=optax.adam(0.01),
+            callbacks=[save], verbose=False)
+    _, variables, metadata = load_model(tmp_path / "best")
+    assert metadata["epoch"] == 0 and save.best == metadata["loss"]
+    tolerance.assert_close(variables, saved[0], tolerance.ONE_OP)
+    assert [path.name for path in tmp_path.iterdir()] == ["best"]  # no staging directory left behind
+
+
+def test_model_checkpoint_names_a_missing_monitor(tmp_path):
+    x, y = blobs(20)
+    with pytest.raises(ValueError, match=r"ModelCheckpoint monitors 'val_loss', but fit logs only "
+                                         r"\['accuracy', 'loss'\]; pass validation data"):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=1, callbacks=[ModelCheckpoint(tmp_path)],
+            verbose=False)
+
+
+def test_model_checkpoint_needs_a_model_it_can_save_by_config(tmp_path):
+    x, y = blobs(20)
+    model = MLP(features=(4,), num_outputs=3)
+    params = model.init(seed_rngs(0)[0], x[:1])["params"]
+    plain = new_train_state(lambda variables, inputs, **kw: model.apply(variables, inputs, **kw), params,
+                            optax.adam(1e-3), batch_stats={}, dropout_rng=seed_rngs(0)[1], input_shape=(3,))
+    with pytest.raises(ValueError, match="no Linen module.*create_train_state"):
+        fit(None, x, y, loss=CE, epochs=1, state=plain, callbacks=[ModelCheckpoint(tmp_path / "m", "loss")],
+            verbose=False)
+
+    class Custom(nn.Module):  # a function in a field: no config can hold it
+        act: Callable = nn.relu
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(3)(self.act(x))
+
+    with pytest.raises(TypeError) as direct:
+        checkpoint.save_model(tmp_path / "m", Custom(), {})
+    with pytest.raises(TypeError) as through_fit:  # before the first epoch, with save_model's own message
+        fit(Custom(), x, y, loss=CE, epochs=1, callbacks=[ModelCheckpoint(tmp_path / "m", "loss")], verbose=False)
+    assert str(through_fit.value) == str(direct.value)
+    assert not (tmp_path / "m").exists()
+
+
+# --- CSVLogger ------------------------------------------------------------------------------------
+
+
+def read_rows(path, separator=","):
+    with open(path, newline="") as file:
+        return list(csv.reader(file, delimiter=separator))
+
+
+def test_csv_logger_rows_are_the_history(tmp_path):
+    x, y = blobs(40)
+    path = tmp_path / "logs" / "training.csv"
+    _, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=3, batch_size=8,
+                     validation_split=0.25, optimizer=sgd(0.1), callbacks=[CSVLogger(path)], verbose=False)
+    header, *rows = read_rows(path)
+    assert header == ["epoch", "accuracy", "learning_rate", "loss", "val_accuracy", "val_loss"]  # sorted, as Keras
+    assert [int(row[0]) for row in rows] == [0, 1, 2]
+    for column, key in enumerate(header[1:], start=1):
+        tolerance.assert_close([float(row[column]) for row in rows], history[key], tolerance.ONE_OP, key)
+
+
+def test_csv_logger_appends_without_a_second_header(tmp_path):
+    x, y = blobs(24)
+    path = tmp_path / "training.tsv"
+    logger = CSVLogger(path, separator="\t", append=True)
+    state, first = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=8,
+                       callbacks=[logger], verbose=False)
+    _, second = fit(None, x, y, loss=CE, epochs=3, initial_epoch=2, batch_size=8, state=state, callbacks=[logger],
+                    verbose=False)
+    header, *rows = read_rows(path, "\t")
+    assert header == ["epoch", "accuracy", "loss"] and [row[0] for row in rows] == ["0", "1", "2"]
+    tolerance.assert_close([float(row[2]) for row in rows], first["loss"] + second["loss"], tolerance.ONE_OP)
+
+
+def test_csv_logger_writes_what_keras_writes(tmp_path):
+    import keras
+
+    epochs_logs = [{"loss": 1.25, "accuracy": 0.5, "val_loss": 1.5, "val_accuracy": 1 / 3, "learning_rate": 0.1},
+                   {"loss": 0.75, "accuracy": 0.625, "val_loss": 0.875, "val_accuracy": 2 / 3, "learning_rate": 0.1}]
+    ours, theirs = CSVLogger(tmp_path / "ours.csv"), keras.callbacks.CSVLogger(str(tmp_path / "keras.csv"))
+    ours.on_train_begin(None)
+    theirs.on_train_begin()
+    for epoch, logs in enumerate(epochs_logs):
+        ours.on_epoch_end(None, epoch, dict(logs))
+        theirs.on_epoch_end(epoch, dict(logs))
+    ours.on_train_end(None)
+    theirs.on_train_end()
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "keras.csv").read_bytes()
+
+
+# --- TensorBoard ----------------------------------------------------------------------------------
+
+
+def scalars(run_dir) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar of a TensorBoard run directory, read by TensorBoard's own loader: tag -> (steps, values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
+            for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_writes_the_history_as_keras_lays_it_out(tmp_path):
+    x, y = blobs(40)
+    _, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=3, batch_size=8,
+                     validation_split=0.25, optimizer=sgd(0.1), callbacks=[TensorBoard(tmp_path)], verbose=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["train", "validation"]
+    train, validation = scalars(tmp_path / "train"), scalars(tmp_path / "validation")
+    assert sorted(train) == ["epoch_accuracy", "epoch_learning_rate", "epoch_loss"]
+    assert sorted(validation) == ["epoch_accuracy", "epoch_loss"]
+    for key, values in history.items():
+        run, name = (validation, key[4:]) if key.startswith("val_") else (train, key)
+        steps, stored = run[f"epoch_{name}"]
+        assert steps == [0, 1, 2]
+        tolerance.assert_close(stored, values, tolerance.ONE_OP, key)  # stored as float32
+
+
+# --- ReduceLROnPlateau ----------------------------------------------------------------------------
+
+
+def test_reduce_lr_on_plateau_reduces_after_patience_without_recompiling():
+    x, y = blobs(40)
+    epoch_fn = compiled_epoch(CE, ("accuracy",), 8, True, False)
+    epoch_fn.clear_cache()
+    # min_delta=1e9: only the first epoch "improves", so every `patience` epochs the rate halves.
+    reduce = ReduceLROnPlateau(monitor="loss", factor=0.5, patience=2, min_delta=1e9)
+    model, optimizer = MLP(features=(8,), num_outputs=3), sgd(0.1)
+    state, history = fit(model, x, y, loss=CE, epochs=5, batch_size=8, optimizer=optimizer, callbacks=[reduce],
+                         verbose=False)
+    tolerance.assert_close(np.asarray(history["learning_rate"]), np.float32([0.1, 0.1, 0.1, 0.05, 0.05]),
+                           tolerance.ONE_OP)
+    tolerance.assert_close(rate_of(state), np.float32(0.025), tolerance.ONE_OP)  # reduced after the last epoch too
+    assert np.asarray(state.opt_state.hyperparams["learning_rate"]).dtype == np.float32
+    assert epoch_fn._cache_size() == 1  # the rate is an input of the compiled epoch, not a constant
+
+    # The same 5 epochs by hand: 3 at 0.1, then 2 more with the state's rate set to 0.05.
+    by_hand, _ = fit(model, x, y, loss=CE, epochs=3, batch_size=8, optimizer=optimizer, verbose=False)
+    by_hand = by_hand.replace(opt_state=by_hand.opt_state._replace(
+        hyperparams={**by_hand.opt_state.hyperparams, "learning_rate": np.float32(0.05)}))
+    by_hand, _ = fit(None, x, y, loss=CE, epochs=2, batch_size=8, state=by_hand, verbose=False)
+    tolerance.assert_close(state.params, by_hand.params, tolerance.ONE_OP)
+    unreduced, _ = fit(model, x, y, loss=CE, epochs=5, batch_size=8, optimizer=optimizer, verbose=False)
+    difference = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state.params, unreduced.params)
+    assert max(jax.tree.leaves(difference)) > 1e-3  # the reduced rates did change training
+
+
+def test_reduce_lr_on_plateau_respects_min_lr_and_cooldown():
+    x, y = blobs(24)
+    reduce = ReduceLROnPlateau(monitor="loss", factor=0.1, patience=1, min_delta=1e9, cooldown=2, min_lr=0.005)
+    _, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=7, batch_size=8, optimizer=sgd(0.1),
+                     callbacks=[reduce], verbose=False)
+    # Reduced after epoch 1; cooldown 2 (counted from the next epoch, as Keras does) then patience 1: after epoch 3,
+    # to max(0.001, min_lr); then never below min_lr.
+    expected = [0.1, 0.1, 0.01, 0.01, 0.005, 0.005, 0.005]
+    tolerance.assert_close(np.asarray(history["learning_rate"]), np.float32(expected), tolerance.ONE_OP)
+
+
+def test_reduce_lr_on_plateau_follows_keras_epoch_by_epoch():
+    """Keras's own callback, given the same monitored values, changes the rate at the same epochs to the same values."""
+    import keras
+
+    class KerasOptimizer:  # a float32 rate, as Keras's optimizers hold it
+        def __init__(self, rate):
+            self.learning_rate = rate
+
+        def __setattr__(self, name, value):
+            super().__setattr__(name, np.float32(value))
+
+    values = [1.0, 0.99995, 0.9, 0.9, 0.95, 0.8, 0.8, 0.8, 0.8, 0.8] + [0.7] * 10  # ends on the min_lr floor
+    options = dict(monitor="val_loss", factor=0.3, patience=2, min_delta=1e-4, cooldown=2, min_lr=0.002)
+    theirs = keras.callbacks.ReduceLROnPlateau(mode="min", **options)
+    theirs.set_model(types.SimpleNamespace(optimizer=KerasOptimizer(0.1)))
+    theirs.on_train_begin()
+    ours = ReduceLROnPlateau(mode="auto", **options)
+    run = FitRun(state=create_train_state(MLP(features=(2,), num_outputs=2), sgd(0.1), (2,), jax.random.key(0)),
+                 history={})
+    ours.on_train_begin(run)
+    ours_rates, keras_rates = [], []
+    for epoch, value in enumerate(values):
+        ours.on_epoch_end(run, epoch, {"loss": 0.0, "val_loss": value})
+        theirs.on_epoch_end(epoch, {"loss": 0.0, "val_loss": value})
+        ours_rates.append(rate_of(run.state))
+        keras_rates.append(float(theirs.model.optimizer.learning_rate))
+        assert (ours.wait, ours.cooldown_counter) == (theirs.wait, theirs.cooldown_counter), f"epoch {epoch}"
+    assert len(set(keras_rates)) >= 4  # the sequence exercises several reductions and the min_lr floor
+    tolerance.assert_close(ours_rates, keras_rates, tolerance.ONE_OP)
+
+
+def test_reduce_lr_on_plateau_reduces_every_injected_rate_in_a_chain():
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.multi_transform({"a": sgd(0.1), "b": optax.inject_hyperparams(optax.adam)(0.01)},
+                                                  {"dense_0": "a", "logits": "b"}))
+    run = FitRun(state=create_train_state(MLP(features=(2,), num_outputs=2), optimizer, (2,), jax.random.key(0)),
+                 history={})
+    reduce = ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5)
+    reduce.on_train_begin(run)
+    reduce.on_epoch_end(run, 0, {"loss": 1.0})  # the first value is the best so far
+    reduce.on_epoch_end(run, 1, {"loss": 1.0})
+    rates = [float(node.hyperparams["learning_rate"]) for node in injected_learning_rates(run.state.opt_state)]
+    tolerance.assert_close(np.sort(rates), np.float32([0.005, 0.05]), tolerance.ONE_OP)
+
+
+def test_reduce_lr_on_plateau_needs_an_injected_constant_rate():
+    x, y = blobs(20)
+    model = MLP(features=(4,), num_outputs=3)
+    with pytest.raises(ValueError, match=r"no.*inject_hyperparams\(optax.adam\)\(learning_rate=1e-3\)"):
+        fit(model, x, y, loss=CE, epochs=1, optimizer=optax.adam(1e-3), callbacks=[ReduceLROnPlateau("loss")],
+            verbose=False)
+    scheduled = optax.inject_hyperparams(optax.adam)(learning_rate=optax.exponential_decay(1e-3, 10, 0.5))
+    with pytest.raises(ValueError, match="schedule"):
+        fit(model, x, y, loss=CE, epochs=1, optimizer=scheduled, callbacks=[ReduceLROnPlateau("loss")],
+            verbose=False)
+    with pytest.raises(ValueError, match="factor >= 1.0"):
+        ReduceLROnPlateau(factor=1.5)
