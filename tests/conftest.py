@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import tempfile
@@ -74,3 +75,20 @@ def pytest_terminal_summary(terminalreporter):
         for kind, (seen, allowed) in sorted(tolerance.margins.items()):
             ratio = f"{allowed / seen:.0f}x" if seen else "exact"
             terminalreporter.write_line(f"{kind:40s} {seen:.3g} / {allowed:.3g}  ({ratio})")
+
+
+def pytest_sessionfinish(session):
+    """On a pytest-xdist worker: hand this worker's tolerance margins to the controller, which prints them."""
+    from tests import tolerance
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["tolerance_margins"] = json.dumps(tolerance.margins)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """On the pytest-xdist controller: merge a finished worker's margins into this process's table."""
+    from tests import tolerance
+
+    for kind, (seen, allowed) in json.loads(getattr(node, "workeroutput", {}).get("tolerance_margins", "{}")).items():
+        tolerance.record(kind, seen, allowed)

@@ -14,16 +14,7 @@ from jaxdl.callbacks import (CSVLogger, FitRun, ModelCheckpoint, ReduceLROnPlate
                              injected_learning_rates)
 from jaxdl.train import compiled_epoch, new_train_state, seed_rngs
 from tests import tolerance
-
-CE = "sparse_categorical_crossentropy"
-
-
-def blobs(n=60, features=3, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n).astype(np.int32)
-    x = (rng.normal(size=(n, features)) + 2.0 * y[:, None]).astype(np.float32)
-    return x, y
-
+from tests.toy_data import CE, blobs
 
 def sgd(learning_rate):
     return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)

@@ -1,4 +1,5 @@
 """jaxdl's steps as a Flax or Keras user meets them: their own models and states, their mistakes named."""
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +15,10 @@ from flax.training import train_state
 from jaxdl import MLP, ConvNet, create_train_state, data, evaluate, fit, make_eval_step, make_train_step, predict
 from jaxdl.train import example_weights, prediction_batch_size
 from tests import tolerance
+from tests.toy_data import CE
+from tests.toy_data import blobs as toy_blobs
 
-CE = "sparse_categorical_crossentropy"
-
-
-def blobs(n=40, features=3, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n).astype(np.int32)
-    return (rng.normal(size=(n, features)) + 2.0 * y[:, None]).astype(np.float32), y
-
+blobs = functools.partial(toy_blobs, 40)
 
 def readme_flax_example() -> str:
     """The README's flax-examples-style training loop, read from README.md so the two never drift apart."""
@@ -221,7 +217,7 @@ def test_verbose_two_prints_one_line_per_epoch(capsys, verbose, lines):
 
 
 def test_padded_batches_are_the_default_and_unpadded_batches_end_smaller():
-    x, y = blobs(10)
+    x, y = toy_blobs(10)
     assert [len(b["x"]) for b in data.batches(x, y, 4, pad=False)] == [4, 4, 2]
     assert all("mask" not in b for b in data.batches(x, y, 4, pad=False))
     assert [int(b["mask"].sum()) for b in data.batches(x, y, 4)] == [4, 4, 2]

@@ -1,4 +1,5 @@
 """The experiment scripts end to end: metrics files, plots, the suite's table."""
+import importlib
 import json
 import subprocess
 import sys
@@ -12,16 +13,31 @@ from jaxdl import images
 from tests import tolerance
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, jaxdl_cache):
-    root = tmp_path_factory.mktemp("runs")
-    status = suite.main(["--out", str(root)])  # every experiment, as `make demo` runs them
-    return root, status
+@pytest.fixture(scope="session")
+def run_experiment(tmp_path_factory, jaxdl_cache):
+    """`run_experiment(name) -> (metrics, its folder)`, each experiment run once per test process.
+
+    One experiment per test, rather than the whole suite in one fixture, lets
+    pytest-xdist spread the experiments over both cores.
+    """
+    root, done = tmp_path_factory.mktemp("runs"), {}
+
+    def run(name: str):
+        if name not in done:
+            module = importlib.import_module(f"experiments.{name}")
+            done[name] = module.run(["--quiet", "--out", str(root)]), root / name
+        return done[name]
+
+    return run
 
 
-def test_suite_meets_every_tutorial_number(runs, capsys):
-    _, status = runs
-    assert status == 0
+def checks_of(name: str, metrics: dict) -> tuple:
+    module = importlib.import_module(f"experiments.{name}")
+    return module.checks(metrics) if hasattr(module, "checks") else module.CHECKS
+
+
+# The transfer experiment's tests share its run: one xdist worker for all of them.
+TRANSFER = pytest.mark.xdist_group("transfer-experiment")
 
 
 @pytest.mark.parametrize("name, keys, plots", [
@@ -30,18 +46,28 @@ def test_suite_meets_every_tutorial_number(runs, capsys):
     ("penguins", {"params", "test_accuracy", "confusion_matrix"}, ["history.png", "confusion_matrix.png"]),
     ("digits", {"mlp_test_accuracy", "cnn_test_accuracy"}, ["mlp_history.png", "cnn_history.png"]),
     ("classify", {"chelsea_top5", "chelsea_top3", "coffee_top1", "coffee_probability"}, ["predictions.png"]),
-    ("transfer", {"train_accuracy_all", "train_accuracy", "val_accuracy", "imagenet_top1"}, ["history.png"]),
+    pytest.param("transfer", {"train_accuracy_all", "train_accuracy", "val_accuracy", "imagenet_top1"},
+                 ["history.png"], marks=TRANSFER),
 ])
-def test_each_experiment_writes_metrics_and_plots(runs, name, keys, plots):
-    root, _ = runs
-    metrics = json.loads((root / name / "metrics.json").read_text())
-    assert keys <= set(metrics)
+def test_each_experiment_meets_its_references_and_writes_metrics_and_plots(run_experiment, name, keys, plots):
+    """What `make demo` checks, experiment by experiment: every reference in the table holds."""
+    metrics, folder = run_experiment(name)
+    missed = [check.metric for check in checks_of(name, metrics) if not check.holds(metrics.get(check.metric))]
+    assert missed == []
+    assert keys <= set(json.loads((folder / "metrics.json").read_text()))
     for plot in plots:
-        assert (root / name / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_penguins_metrics(runs):
-    metrics = json.loads((runs[0] / "penguins" / "metrics.json").read_text())
+def test_suite_prints_the_table_and_the_machine(tmp_path, capsys):
+    assert suite.main(["neuron", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "neuron      neuron_output  1.25" in out and "2 checks, 0 missed" in out
+    assert out.rstrip().splitlines()[-1].startswith("measured on ") and "jax " in out
+
+
+def test_penguins_metrics(run_experiment):
+    metrics, _ = run_experiment("penguins")
     assert metrics["params"] == 83 and metrics["test_samples"] == 69
     assert metrics["test_accuracy"] >= 0.95 and metrics["reload_identical"] is True
     assert sum(map(sum, metrics["confusion_matrix"])) == 69
@@ -62,8 +88,9 @@ def test_experiment_prints_its_metrics_as_the_last_line(tmp_path):
 
 
 @pytest.mark.requires_cats
-def test_transfer_reproduces_the_tutorials_lessons(runs):
-    metrics = json.loads((runs[0] / "transfer" / "metrics.json").read_text())
+@TRANSFER
+def test_transfer_reproduces_the_tutorials_lessons(run_experiment):
+    metrics, _ = run_experiment("transfer")
     assert metrics["data"].endswith("shared/data/cats") and metrics["stand_in"] is False
     # bands over seeds 0-4: training 0.95-1.0, validation 0.5-0.7
     assert metrics["train_accuracy_all"] >= 0.9 and metrics["train_accuracy"] >= 0.9

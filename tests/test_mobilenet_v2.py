@@ -12,6 +12,10 @@ from jaxdl.models.mobilenet_v2 import correct_pad, folded, layer_plan, make_divi
 from tests.keras_reference import build, save_legacy_h5
 from tests import tolerance
 
+# The Keras models built once per config (the `converted` fixture) serve every test here: keep them on one
+# pytest-xdist worker instead of building each on both.
+pytestmark = pytest.mark.xdist_group("keras-parity")
+
 # Together these cover alpha 0.35, 1.0 and 1.4, inputs 96, 160 and 224 (and an odd 97),
 # with and without top, pooling avg and max, and every file layout.
 CONFIGS = {
@@ -30,57 +34,64 @@ def keras_tolerance(config: dict, expected: np.ndarray) -> "tolerance.Tolerance"
     return tolerance.cross_framework_activations(np.abs(expected).max())
 
 
-@pytest.fixture(scope="session", params=sorted(CONFIGS))
-def converted(request, tmp_path_factory):
-    """Each Keras model built once: its outputs on random images, and our conversion of its file."""
-    config = CONFIGS[request.param]
-    keras_model = build(config["alpha"], config["size"], config["include_top"], config["pooling"], seed=1)
-    path = tmp_path_factory.mktemp("keras") / {"legacy": "weights.h5", "weights.h5": "m.weights.h5",
-                                               "keras": "m.keras", "model.h5": "model.h5"}[config["layout"]]
-    if config["layout"] == "legacy":
-        save_legacy_h5(keras_model, path)
-    elif config["layout"] == "weights.h5":
-        keras_model.save_weights(path)
-    else:
-        keras_model.save(path)
-    images = np.random.default_rng(2).uniform(-1, 1, (2, config["size"], config["size"], 3)).astype(np.float32)
-    expected = np.asarray(keras_model.predict(images, verbose=0))
-    model, variables = from_keras(path, pooling=config["pooling"])
-    return config, model, variables, images, expected, keras_model
+@pytest.fixture(scope="session")
+def converted_models(tmp_path_factory):
+    """`converted(name)`: each Keras model built once per test process, with its outputs on random images
+    and our conversion of its file (a cache, not a parametrized fixture, which pytest rebuilds whenever
+    pytest-xdist interleaves the configs)."""
+    done = {}
+
+    def convert(name: str):
+        if name not in done:
+            config = CONFIGS[name]
+            keras_model = build(config["alpha"], config["size"], config["include_top"], config["pooling"], seed=1)
+            path = tmp_path_factory.mktemp("keras") / {"legacy": "weights.h5", "weights.h5": "m.weights.h5",
+                                                       "keras": "m.keras", "model.h5": "model.h5"}[config["layout"]]
+            if config["layout"] == "legacy":
+                save_legacy_h5(keras_model, path)
+            elif config["layout"] == "weights.h5":
+                keras_model.save_weights(path)
+            else:
+                keras_model.save(path)
+            images = np.random.default_rng(2).uniform(-1, 1, (2, config["size"], config["size"], 3))
+            images = images.astype(np.float32)
+            expected = np.asarray(keras_model.predict(images, verbose=0))
+            model, variables = from_keras(path, pooling=config["pooling"])
+            done[name] = config, model, variables, images, expected, keras_model
+        return done[name]
+
+    return convert
 
 
-def test_outputs_match_keras(converted):
-    config, model, variables, images, expected, _ = converted
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_outputs_and_every_blocks_output_match_keras(converted_models, name):
+    """The outputs, and block by block as jax-resnet's parity tests do: a divergence is located, not just seen."""
+    import keras
+
+    config, model, variables, images, expected, keras_model = converted_models(name)
     assert model.alpha == config["alpha"] and model.include_top == config["include_top"]
-    ours = np.asarray(jax.jit(model.apply)(variables, images))
+    ours, state = jax.jit(functools.partial(model.apply, capture_intermediates=True))(variables, images)
     assert ours.shape == expected.shape
     tolerance.assert_close(ours, expected, keras_tolerance(config, expected))
+    block_ends = [f"{prefix}project_BN" for prefix in ["expanded_conv_"] + [f"block_{i}_" for i in range(1, 17)]]
+    probe = keras.Model(keras_model.input, [keras_model.get_layer(name).output for name in block_ends + ["out_relu"]])
+    *keras_blocks, keras_out = probe.predict(images, verbose=0)
+    intermediates = state["intermediates"]
+    tolerance.assert_close(jax.nn.relu6(intermediates["Conv_1_bn"]["__call__"][0]), keras_out,
+                           tolerance.cross_framework_activations(np.abs(keras_out).max()))
+    for block, reference in zip(block_ends, keras_blocks):
+        tolerance.assert_close(intermediates[block]["__call__"][0], reference,
+                               tolerance.cross_framework_activations(np.abs(reference).max()), block)
 
 
 @pytest.mark.parametrize("implementation", ["matmul", "xla"])
-def test_folded_batchnorm_and_both_conv_implementations_match_keras(converted, implementation):
-    config, model, variables, images, expected, _ = converted
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_folded_batchnorm_and_both_conv_implementations_match_keras(converted_models, name, implementation):
+    config, model, variables, images, expected, _ = converted_models(name)
     fast_model, fast_variables = folded(model.clone(conv_implementation=implementation), variables)
     assert "batch_stats" not in fast_variables
     ours = np.asarray(jax.jit(fast_model.apply)(fast_variables, images))
     tolerance.assert_close(ours, expected, keras_tolerance(config, expected))
-
-
-def test_every_blocks_output_matches_keras(converted):
-    """Block by block, as jax-resnet's parity tests do: the first divergence is located, not just seen."""
-    import keras
-
-    config, model, variables, images, _, keras_model = converted
-    block_ends = [f"{prefix}project_BN" for prefix in ["expanded_conv_"] + [f"block_{i}_" for i in range(1, 17)]]
-    probe = keras.Model(keras_model.input, [keras_model.get_layer(name).output for name in block_ends + ["out_relu"]])
-    *keras_blocks, keras_out = probe.predict(images[:1], verbose=0)
-    _, state = jax.jit(functools.partial(model.apply, capture_intermediates=True))(variables, images[:1])
-    ours = state["intermediates"]
-    tolerance.assert_close(jax.nn.relu6(ours["Conv_1_bn"]["__call__"][0]), keras_out,
-                           tolerance.cross_framework_activations(np.abs(keras_out).max()))
-    for name, reference in zip(block_ends, keras_blocks):
-        tolerance.assert_close(ours[name]["__call__"][0], reference,
-                               tolerance.cross_framework_activations(np.abs(reference).max()), name)
 
 
 def test_parameter_count_and_layer_names_match_keras(keras_mobilenet_v2):
@@ -111,15 +122,17 @@ def test_bad_inputs_are_named():
 
 
 def test_chunked_inference_equals_one_piece():
+    """Chunking is model-agnostic (each image's output depends on that image alone in inference):
+    a small conv net checks its padding and reassembly in seconds, where MobileNetV2 took half a minute."""
+    from jaxdl.models import ConvNet
     from jaxdl.models.mobilenet_v2 import apply_in_chunks
 
-    model = MobileNetV2(alpha=0.35, fold_bn=True)
-    images = jnp.asarray(np.random.default_rng(0).normal(size=(5, 32, 32, 3)), jnp.float32)
+    model = ConvNet(layers=(("conv", 4, 3), ("batchnorm",), ("maxpool", 2), ("flatten",), ("dense", 10)))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(5, 8, 8, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), images)
     whole = jax.jit(model.apply)(variables, images)
-    for chunk, streams in [(2, 2), (1, 3)]:  # 5 images padded to 8 and to 6
+    for chunk, streams in [(2, 1), (2, 2), (1, 3), (4, 2)]:  # 5 images padded to 6, 8, 6 and 8
         chunked = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, chunk, streams))(variables, images)
-        assert chunked.shape == (5, 1000)
-        # the same network, batched differently: XLA may pick other kernels for other batch sizes
-        tolerance.assert_close(chunked, whole, tolerance.probabilities(53, np.ptp(np.log(np.asarray(whole)))),
-                               f"{chunk}x{streams}")
+        assert chunked.shape == (5, 10)
+        # the same few ops on other batch sizes: XLA may pick other kernels
+        tolerance.assert_close(chunked, whole, tolerance.FEW_OPS, f"{chunk}x{streams}")

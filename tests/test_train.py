@@ -13,16 +13,7 @@ from jaxdl import (MLP, ConvNet, EarlyStopping, create_train_state, data, evalua
                    make_eval_step, make_train_step, predict, save_model, summarize)
 from jaxdl.train import compiled_epoch, seed_rngs
 from tests import tolerance
-
-CE = "sparse_categorical_crossentropy"
-
-
-def blobs(n=60, features=3, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n).astype(np.int32)
-    x = (rng.normal(size=(n, features)) + 2.0 * y[:, None]).astype(np.float32)
-    return x, y
-
+from tests.toy_data import CE, blobs
 
 def params_of(state):
     return jax.tree.map(np.asarray, jax.device_get(state.params))

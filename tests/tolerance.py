@@ -90,9 +90,10 @@ def cross_framework_activations(magnitude: float) -> Tolerance:
 margins: dict[str, tuple[float, float]] = {}
 
 
-def _record(kind: str, difference: float, allowed: float) -> None:
+def record(kind: str, difference: float, allowed: float) -> None:
+    """Keeps the largest difference seen for `kind` (and its allowance) for the margins table."""
     seen, _ = margins.get(kind, (0.0, allowed))
-    margins[kind] = (max(seen, difference), allowed)
+    margins[kind] = (max(seen, float(difference)), float(allowed))  # plain floats: sent between processes as JSON
 
 
 def assert_close(actual, desired, tolerance: Tolerance, err_msg: str = "") -> None:
@@ -100,7 +101,7 @@ def assert_close(actual, desired, tolerance: Tolerance, err_msg: str = "") -> No
     def compare(a, d):
         a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
         if a.size:  # the allowance at the largest value compared, for the margins table
-            _record(tolerance.kind, float(np.max(np.abs(a - d))),
+            record(tolerance.kind, float(np.max(np.abs(a - d))),
                     tolerance.atol + tolerance.rtol * float(np.max(np.abs(d))))
         np.testing.assert_allclose(a, d, rtol=tolerance.rtol, atol=tolerance.atol,
                                    err_msg=f"{err_msg} [{tolerance.kind}]")
