@@ -53,21 +53,34 @@ def leaves_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("cache_features", [True, False], ids=["cached", "end-to-end"])
-def test_head_only_training_leaves_the_backbone_bitwise_unchanged(cats, pretrained_model, cache_features):
+# The tests of head-only training share its two runs: one pytest-xdist worker for all of them.
+HEAD_RUNS = pytest.mark.xdist_group("finetune-head-runs")
+
+
+@pytest.fixture(scope="module")
+def head_runs(cats, pretrained_model):
+    """Head-only training for 4 epochs from one seed, on cached features and end to end."""
     _, variables, _ = pretrained_model
     before = jax.tree.map(np.array, variables)
-    result = run(cats, pretrained_model, cache_features=cache_features)
-    trained = result.variables
+    runs = {"cached": run(cats, pretrained_model, cache_features=True, epochs=4),
+            "end-to-end": run(cats, pretrained_model, cache_features=False, epochs=4)}
+    return before, runs
+
+
+@HEAD_RUNS
+@pytest.mark.parametrize("path", ["cached", "end-to-end"])
+def test_head_only_training_leaves_the_backbone_bitwise_unchanged(head_runs, pretrained_model, path):
+    before, runs = head_runs
+    trained = runs[path].variables
     expected_params = {k: v for k, v in before["params"].items() if k != "predictions"}
     assert leaves_equal(trained["params"]["backbone"], expected_params)
     assert leaves_equal(trained["batch_stats"]["backbone"], before["batch_stats"])
-    assert leaves_equal(variables, before)  # the caller's variables are untouched too
+    assert leaves_equal(pretrained_model[1], before)  # the caller's variables are untouched too
 
 
-def test_cached_and_end_to_end_training_reach_the_same_head(cats, pretrained_model):
-    cached = run(cats, pretrained_model, cache_features=True, epochs=4)
-    end_to_end = run(cats, pretrained_model, cache_features=False, epochs=4)
+@HEAD_RUNS
+def test_cached_and_end_to_end_training_reach_the_same_head(head_runs):
+    cached, end_to_end = head_runs[1]["cached"], head_runs[1]["end-to-end"]
     # The same training from the same features, computed once or at every step: FEW_OPS per step, and
     # 4 epochs of Adam steps do not amplify a 1e-7 feature difference beyond it (seen: see `margins`).
     tolerance.assert_close(cached.variables["params"]["head"], end_to_end.variables["params"]["head"],
@@ -75,8 +88,9 @@ def test_cached_and_end_to_end_training_reach_the_same_head(cats, pretrained_mod
     tolerance.assert_close(cached.history["loss"], end_to_end.history["loss"], tolerance.FEW_OPS)
 
 
-def test_only_the_head_is_differentiated_and_optimised(cats, pretrained_model):
-    result = run(cats, pretrained_model, cache_features=False, epochs=1)
+@HEAD_RUNS
+def test_only_the_head_is_differentiated_and_optimised(head_runs):
+    result = head_runs[1]["end-to-end"]
     head_size = sum(np.size(p) for p in jax.tree.leaves(result.state.params))
     assert head_size == 1280 * 2 + 2
     moments = sum(np.size(p) for p in jax.tree.leaves(result.state.opt_state))
