@@ -52,6 +52,40 @@ def jaxdl_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def converted_models(tmp_path_factory):
+    """`converted(name)`: each Keras model built once per test process, with its outputs on random images
+    and our conversion of its file (a cache, not a parametrized fixture, which pytest rebuilds whenever
+    pytest-xdist interleaves the configs)."""
+    done = {}
+
+    import numpy as np
+
+    from jaxdl.convert import from_keras
+    from tests.keras_reference import CONFIGS, build, save_legacy_h5
+
+    def convert(name: str):
+        if name not in done:
+            config = CONFIGS[name]
+            keras_model = build(config["alpha"], config["size"], config["include_top"], config["pooling"], seed=1)
+            path = tmp_path_factory.mktemp("keras") / {"legacy": "weights.h5", "weights.h5": "m.weights.h5",
+                                                       "keras": "m.keras", "model.h5": "model.h5"}[config["layout"]]
+            if config["layout"] == "legacy":
+                save_legacy_h5(keras_model, path)
+            elif config["layout"] == "weights.h5":
+                keras_model.save_weights(path)
+            else:
+                keras_model.save(path)
+            images = np.random.default_rng(2).uniform(-1, 1, (2, config["size"], config["size"], 3))
+            images = images.astype(np.float32)
+            expected = np.asarray(keras_model.predict(images, verbose=0))
+            model, variables = from_keras(path, pooling=config["pooling"])
+            done[name] = config, model, variables, images, expected, keras_model, path
+        return done[name]
+
+    return convert
+
+
+@pytest.fixture(scope="session")
 def keras_mobilenet_v2():
     """Keras's MobileNetV2 (1.0, 224, random weights): built once, as building it takes seconds."""
     import keras

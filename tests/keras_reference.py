@@ -45,3 +45,14 @@ def save_legacy_h5(model, path) -> None:
             group.attrs["weight_names"] = [w.encode() for w in weight_names]
             for weight_name, value in zip(weight_names, layer.get_weights()):
                 group.create_dataset(weight_name, data=value)
+
+
+# Together these cover alpha 0.35, 1.0 and 1.4, inputs 96, 160 and 224 (and an odd 97),
+# with and without top, pooling avg and max, and every file layout.
+CONFIGS = {
+    "a0.35-96-top-legacy": dict(alpha=0.35, size=96, include_top=True, pooling=None, layout="legacy"),
+    "a1.0-224-avg-weights.h5": dict(alpha=1.0, size=224, include_top=False, pooling="avg", layout="weights.h5"),
+    "a1.4-160-max-legacy": dict(alpha=1.4, size=160, include_top=False, pooling="max", layout="legacy"),
+    "a1.0-160-top-keras": dict(alpha=1.0, size=160, include_top=True, pooling=None, layout="keras"),
+    "a0.5-97-features-model.h5": dict(alpha=0.5, size=97, include_top=False, pooling=None, layout="model.h5"),
+}

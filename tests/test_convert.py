@@ -1,6 +1,7 @@
 """Reading torchvision and Keras weight files: formats, parity with torch, and every bad file."""
 import os
 import pickle
+import shutil
 import zipfile
 
 import h5py
@@ -128,11 +129,10 @@ def test_weights_of_another_architecture_name_the_first_mismatch(tmp_path):
         from_keras(h5)
 
 
-def test_keras_shape_mismatch_names_the_layer(tmp_path):
-    from tests.keras_reference import build, save_legacy_h5
-
+@pytest.mark.xdist_group("keras-parity")  # with the tests that build the same Keras file
+def test_keras_shape_mismatch_names_the_layer(tmp_path, converted_models):
     path = tmp_path / "broken.h5"
-    save_legacy_h5(build(0.35, 96, True, None, seed=0), path)
+    shutil.copy(converted_models("a0.35-96-top-legacy")[-1], path)
     with h5py.File(path, "r+") as file:
         layer = file["mobl3_conv_3_depthwise"]
         name = layer.attrs["weight_names"][0]

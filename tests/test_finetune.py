@@ -110,9 +110,9 @@ def test_partial_unfreezing_changes_exactly_the_chosen_stages(cats, pretrained_m
 
 
 def test_augmentation_is_seeded_and_changes_training(cats, pretrained_model):
-    first = run(cats, pretrained_model, augment=True, epochs=2)
-    again = run(cats, pretrained_model, augment=True, epochs=2)
-    plain = run(cats, pretrained_model, epochs=2)
+    first = run(cats, pretrained_model, augment=True, epochs=1)
+    again = run(cats, pretrained_model, augment=True, epochs=1)
+    plain = run(cats, pretrained_model, epochs=1)
     assert leaves_equal(first.variables["params"]["head"], again.variables["params"]["head"])
     assert not leaves_equal(first.variables["params"]["head"], plain.variables["params"]["head"])
 
@@ -125,8 +125,10 @@ def test_a_deeper_head_trains_with_batchnorm_and_dropout(cats, pretrained_model)
     assert logits.shape == (12, 2) and np.isfinite(logits).all()
 
 
-def test_save_then_load_in_a_new_process_keeps_predictions_and_class_names(tmp_path, cats, pretrained_model):
-    result = run(cats, pretrained_model, epochs=2)
+@HEAD_RUNS
+def test_save_then_load_in_a_new_process_keeps_predictions_and_class_names(tmp_path, cats, pretrained_model,
+                                                                          head_runs):
+    result = head_runs[1]["cached"]
     classifier = ImageClassifier(result.model, result.variables, pretrained_model[2]["preprocessing"],
                                  ("female", "male"))
     classifier.save(tmp_path / "cats")

@@ -6,25 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdl.convert import from_keras
 from jaxdl.models import MobileNetV2, count_params
 from jaxdl.models.mobilenet_v2 import correct_pad, folded, layer_plan, make_divisible
-from tests.keras_reference import build, save_legacy_h5
+from tests.keras_reference import CONFIGS
 from tests import tolerance
 
-# The Keras models built once per config (the `converted` fixture) serve every test here: keep them on one
-# pytest-xdist worker instead of building each on both.
+# The Keras models built once per config (conftest's `converted_models`) serve every test here: keep them on
+# one pytest-xdist worker instead of building each on both.
 pytestmark = pytest.mark.xdist_group("keras-parity")
 
-# Together these cover alpha 0.35, 1.0 and 1.4, inputs 96, 160 and 224 (and an odd 97),
-# with and without top, pooling avg and max, and every file layout.
-CONFIGS = {
-    "a0.35-96-top-legacy": dict(alpha=0.35, size=96, include_top=True, pooling=None, layout="legacy"),
-    "a1.0-224-avg-weights.h5": dict(alpha=1.0, size=224, include_top=False, pooling="avg", layout="weights.h5"),
-    "a1.4-160-max-legacy": dict(alpha=1.4, size=160, include_top=False, pooling="max", layout="legacy"),
-    "a1.0-160-top-keras": dict(alpha=1.0, size=160, include_top=True, pooling=None, layout="keras"),
-    "a0.5-97-features-model.h5": dict(alpha=0.5, size=97, include_top=False, pooling=None, layout="model.h5"),
-}
 
 
 def keras_tolerance(config: dict, expected: np.ndarray) -> "tolerance.Tolerance":
@@ -34,41 +24,12 @@ def keras_tolerance(config: dict, expected: np.ndarray) -> "tolerance.Tolerance"
     return tolerance.cross_framework_activations(np.abs(expected).max())
 
 
-@pytest.fixture(scope="session")
-def converted_models(tmp_path_factory):
-    """`converted(name)`: each Keras model built once per test process, with its outputs on random images
-    and our conversion of its file (a cache, not a parametrized fixture, which pytest rebuilds whenever
-    pytest-xdist interleaves the configs)."""
-    done = {}
-
-    def convert(name: str):
-        if name not in done:
-            config = CONFIGS[name]
-            keras_model = build(config["alpha"], config["size"], config["include_top"], config["pooling"], seed=1)
-            path = tmp_path_factory.mktemp("keras") / {"legacy": "weights.h5", "weights.h5": "m.weights.h5",
-                                                       "keras": "m.keras", "model.h5": "model.h5"}[config["layout"]]
-            if config["layout"] == "legacy":
-                save_legacy_h5(keras_model, path)
-            elif config["layout"] == "weights.h5":
-                keras_model.save_weights(path)
-            else:
-                keras_model.save(path)
-            images = np.random.default_rng(2).uniform(-1, 1, (2, config["size"], config["size"], 3))
-            images = images.astype(np.float32)
-            expected = np.asarray(keras_model.predict(images, verbose=0))
-            model, variables = from_keras(path, pooling=config["pooling"])
-            done[name] = config, model, variables, images, expected, keras_model
-        return done[name]
-
-    return convert
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_outputs_and_every_blocks_output_match_keras(converted_models, name):
     """The outputs, and block by block as jax-resnet's parity tests do: a divergence is located, not just seen."""
     import keras
 
-    config, model, variables, images, expected, keras_model = converted_models(name)
+    config, model, variables, images, expected, keras_model, _ = converted_models(name)
     assert model.alpha == config["alpha"] and model.include_top == config["include_top"]
     ours, state = jax.jit(functools.partial(model.apply, capture_intermediates=True))(variables, images)
     assert ours.shape == expected.shape
@@ -89,7 +50,7 @@ def test_outputs_and_every_blocks_output_match_keras(converted_models, name):
 @pytest.mark.parametrize("name, implementation", [(name, "matmul") for name in sorted(CONFIGS)] + [
     ("a0.35-96-top-legacy", "xla"), ("a1.4-160-max-legacy", "xla")])
 def test_folded_batchnorm_and_both_conv_implementations_match_keras(converted_models, name, implementation):
-    config, model, variables, images, expected, _ = converted_models(name)
+    config, model, variables, images, expected, _, _ = converted_models(name)
     fast_model, fast_variables = folded(model.clone(conv_implementation=implementation), variables)
     assert "batch_stats" not in fast_variables
     ours = np.asarray(jax.jit(fast_model.apply)(fast_variables, images))
