@@ -53,15 +53,17 @@ def jaxdl_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def converted_models(tmp_path_factory):
-    """`converted(name)`: each Keras model built once per test process, with its outputs on random images
-    and our conversion of its file (a cache, not a parametrized fixture, which pytest rebuilds whenever
+    """`converted(name)`: each Keras model built once per test process, with its outputs (and each block's,
+    `BLOCK_ENDS`) on random images and our conversion of its file (a cache, not a parametrized fixture, which pytest rebuilds whenever
     pytest-xdist interleaves the configs)."""
     done = {}
 
     import numpy as np
 
+    import keras
+
     from jaxdl.convert import from_keras
-    from tests.keras_reference import CONFIGS, build, save_legacy_h5
+    from tests.keras_reference import BLOCK_ENDS, CONFIGS, build, save_legacy_h5
 
     def convert(name: str):
         if name not in done:
@@ -77,9 +79,12 @@ def converted_models(tmp_path_factory):
                 keras_model.save(path)
             images = np.random.default_rng(2).uniform(-1, 1, (2, config["size"], config["size"], 3))
             images = images.astype(np.float32)
-            expected = np.asarray(keras_model.predict(images, verbose=0))
+            # One Keras program for the output and every block's: Keras compiles each model it predicts with.
+            probe = keras.Model(keras_model.input, [keras_model.get_layer(layer).output for layer in BLOCK_ENDS]
+                                + [keras_model.output])
+            *blocks, expected = [np.asarray(output) for output in probe.predict(images, verbose=0)]
             model, variables = from_keras(path, pooling=config["pooling"])
-            done[name] = config, model, variables, images, expected, keras_model, path
+            done[name] = config, model, variables, images, expected, dict(zip(BLOCK_ENDS, blocks)), path
         return done[name]
 
     return convert

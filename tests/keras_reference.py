@@ -56,3 +56,8 @@ CONFIGS = {
     "a1.0-160-top-keras": dict(alpha=1.0, size=160, include_top=True, pooling=None, layout="keras"),
     "a0.5-97-features-model.h5": dict(alpha=0.5, size=97, include_top=False, pooling=None, layout="model.h5"),
 }
+
+# The layers whose outputs the block-by-block parity test compares: each block's projection, then the
+# last convolution's activation.
+BLOCK_ENDS = [f"{prefix}project_BN" for prefix in ["expanded_conv_"] + [f"block_{i}_" for i in range(1, 17)]] + [
+    "out_relu"]
