@@ -21,14 +21,14 @@ CATS = shared_data_dir() / "cats"
 pytestmark = pytest.mark.requires_cats
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pretrained_model(jaxdl_cache):
     from jaxdl import pretrained
 
     return pretrained.torchvision_imagenet()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cats(pretrained_model):
     """Six female and six male photos, preprocessed for the torchvision weights at 96x96, not 224x224.
 
@@ -57,7 +57,7 @@ def leaves_equal(a, b):
 HEAD_RUNS = pytest.mark.xdist_group("finetune-head-runs")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def head_runs(cats, pretrained_model):
     """Head-only training for 4 epochs from one seed, on cached features and end to end."""
     _, variables, _ = pretrained_model
