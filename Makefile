@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.suite
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

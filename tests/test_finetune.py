@@ -53,10 +53,6 @@ def leaves_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-# The tests of head-only training share its two runs: one pytest-xdist worker for all of them.
-HEAD_RUNS = pytest.mark.xdist_group("finetune-head-runs")
-
-
 @pytest.fixture(scope="session")
 def head_runs(cats, pretrained_model):
     """Head-only training for 4 epochs from one seed, on cached features and end to end."""
@@ -67,7 +63,6 @@ def head_runs(cats, pretrained_model):
     return before, runs
 
 
-@HEAD_RUNS
 @pytest.mark.parametrize("path", ["cached", "end-to-end"])
 def test_head_only_training_leaves_the_backbone_bitwise_unchanged(head_runs, pretrained_model, path):
     before, runs = head_runs
@@ -78,7 +73,6 @@ def test_head_only_training_leaves_the_backbone_bitwise_unchanged(head_runs, pre
     assert leaves_equal(pretrained_model[1], before)  # the caller's variables are untouched too
 
 
-@HEAD_RUNS
 def test_cached_and_end_to_end_training_reach_the_same_head(head_runs):
     cached, end_to_end = head_runs[1]["cached"], head_runs[1]["end-to-end"]
     # The same training from the same features, computed once or at every step: FEW_OPS per step, and
@@ -88,7 +82,6 @@ def test_cached_and_end_to_end_training_reach_the_same_head(head_runs):
     tolerance.assert_close(cached.history["loss"], end_to_end.history["loss"], tolerance.FEW_OPS)
 
 
-@HEAD_RUNS
 def test_only_the_head_is_differentiated_and_optimised(head_runs):
     result = head_runs[1]["end-to-end"]
     head_size = sum(np.size(p) for p in jax.tree.leaves(result.state.params))
@@ -125,7 +118,6 @@ def test_a_deeper_head_trains_with_batchnorm_and_dropout(cats, pretrained_model)
     assert logits.shape == (12, 2) and np.isfinite(logits).all()
 
 
-@HEAD_RUNS
 def test_save_then_load_in_a_new_process_keeps_predictions_and_class_names(tmp_path, cats, pretrained_model,
                                                                           head_runs):
     result = head_runs[1]["cached"]

@@ -1,19 +1,19 @@
 """MobileNetV2: parity with keras.applications on every file layout, counts, names, fast paths."""
 import functools
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import h5py
 import pytest
 
+from jaxdl.convert import ConversionError, from_keras
 from jaxdl.models import MobileNetV2, count_params
 from jaxdl.models.mobilenet_v2 import correct_pad, folded, layer_plan, make_divisible
 from tests.keras_reference import CONFIGS
 from tests import tolerance
 
-# The Keras models built once per config (conftest's `converted_models`) serve every test here: keep them on
-# one pytest-xdist worker instead of building each on both.
-pytestmark = pytest.mark.xdist_group("keras-parity")
 
 
 
@@ -50,6 +50,22 @@ def test_folded_batchnorm_and_both_conv_implementations_match_keras(converted_mo
     assert "batch_stats" not in fast_variables
     ours = np.asarray(jax.jit(fast_model.apply)(fast_variables, images))
     tolerance.assert_close(ours, expected, keras_tolerance(config, expected))
+
+
+def test_keras_shape_mismatch_names_the_layer(tmp_path, converted_models):
+    path = tmp_path / "broken.h5"
+    shutil.copy(converted_models("a0.35-96-top-legacy")[-1], path)
+    with h5py.File(path, "r+") as file:
+        layer = file["mobl3_conv_3_depthwise"]
+        name = layer.attrs["weight_names"][0]
+        name = name.decode() if isinstance(name, bytes) else name
+        channels = layer[name].shape[2]
+        del layer[name]
+        layer.create_dataset(name, data=np.zeros((5, 5, channels, 1), np.float32))
+    with pytest.raises(ConversionError, match=rf"layer #\d+ 'mobl3_conv_3_depthwise' has kernel of shape "
+                                              rf"\(5, 5, 1, {channels}\), but MobileNetV2\(alpha=0.35\) layer "
+                                              rf"'block_3_depthwise' needs \(3, 3, 1, {channels}\)"):
+        from_keras(path)
 
 
 def test_parameter_count_and_layer_names_match_keras(keras_mobilenet_v2):
