@@ -106,11 +106,11 @@ def imagenet_classifier(jaxdl_cache):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Each comparison kind's largest difference against its tolerance: how much room the policy leaves."""
+    """Per comparison kind, the difference that came closest to its tolerance: how much room the policy leaves."""
     from tests import tolerance
 
     if tolerance.margins:
-        terminalreporter.section("tolerance margins (largest difference seen / allowed)")
+        terminalreporter.section("tolerance margins: per kind, the tightest comparison (difference / allowed)")
         for kind, (seen, allowed) in sorted(tolerance.margins.items()):
             ratio = f"{allowed / seen:.0f}x" if seen else "exact"
             terminalreporter.write_line(f"{kind:40s} {seen:.3g} / {allowed:.3g}  ({ratio})")

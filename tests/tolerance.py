@@ -85,15 +85,21 @@ def cross_framework_activations(magnitude: float) -> Tolerance:
     return Tolerance("another framework, activations", rtol=0.0, atol=min(1e-4, 1e-5 * max(magnitude, 1.0)))
 
 
-# Largest |difference| seen per kind in this session, and the tolerance it was checked against:
-# printed by conftest at the end of the run, so the margins can be read off any machine.
+# Per kind of comparison, the tightest one of this session: its |difference| and the tolerance it was
+# checked against, where their ratio was smallest. Printed by conftest at the end of the run, so the
+# margins can be read off any machine.
 margins: dict[str, tuple[float, float]] = {}
 
 
 def record(kind: str, difference: float, allowed: float) -> None:
-    """Keeps the largest difference seen for `kind` (and its allowance) for the margins table."""
-    seen, _ = margins.get(kind, (0.0, allowed))
-    margins[kind] = (max(seen, float(difference)), float(allowed))  # plain floats: sent between processes as JSON
+    """Keeps, for `kind`, the comparison that came closest to its tolerance."""
+    def room(entry):
+        seen, limit = entry
+        return limit / seen if seen else float("inf")
+
+    entry = (float(difference), float(allowed))  # plain floats: sent between processes as JSON
+    if kind not in margins or room(entry) < room(margins[kind]):
+        margins[kind] = entry
 
 
 def assert_close(actual, desired, tolerance: Tolerance, err_msg: str = "") -> None:
