@@ -230,3 +230,18 @@ def test_conv_net_and_dense_models_keep_working_with_the_default_contract():
     state, history = fit(model, x, y, loss=CE, epochs=2, batch_size=8, verbose=0)
     sums = make_eval_step(CE)(state, {"x": x, "y": y})
     assert len(history["loss"]) == 2 and float(sums["count"]) == 16
+
+
+def test_a_model_that_needs_a_key_without_one_is_told_how_to_give_it():
+    class WithDropout(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return nn.Dense(3)(nn.Dropout(0.5, deterministic=not train)(x))
+
+    x, y = blobs()
+    params = WithDropout().init(jax.random.key(0), x[:1], train=False)["params"]
+    state = train_state.TrainState.create(apply_fn=WithDropout().apply, params=params, tx=optax.sgd(0.1))
+    with pytest.raises(ValueError, match=r"draws random numbers.*pass rng=\.\.\. to the step"):
+        make_train_step(CE)(state, {"x": x, "y": y})
+    state, _ = make_train_step(CE)(state, {"x": x, "y": y}, jax.random.key(1))
+    assert int(state.step) == 1
