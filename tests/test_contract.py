@@ -30,7 +30,7 @@ def readme_flax_example() -> str:
 def test_the_readme_flax_example_trains_in_a_hand_written_loop():
     done = subprocess.run([sys.executable, "-c", readme_flax_example()], capture_output=True, text=True, check=True)
     metrics = eval(done.stdout.strip().splitlines()[-1])  # a dict of floats printed by the example
-    assert metrics["accuracy"] >= 0.9  # separable by the mean: 1.0 for seeds 0-4 here
+    assert metrics["accuracy"] >= 0.9  # separable by the mean: 1.0 here (loss 0.065), a band for other CPUs
 
 
 def test_a_plain_flax_state_without_batch_statistics_or_key():
