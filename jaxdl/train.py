@@ -403,7 +403,7 @@ def evaluate(state: TrainState, x, y, *, loss, metrics: Sequence[str] = ("accura
     """Loss and metrics over a whole dataset, in inference mode; labels are checked as `fit` checks them."""
     batch_size = data.check_batch_size(batch_size)
     x, y = data.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
-    _check_labels_fit_the_loss(state, y, loss, "y")
+    _check_labels_fit_the_loss(state, loss, {"y": y})
     sums = compiled_evaluate(loss, _checked_metric_names(metrics), batch_size)(state, jnp.asarray(x), jnp.asarray(y))
     return summarize(sums)
 
@@ -461,12 +461,20 @@ def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_rng, shuffle_rng
 
 
-def _check_labels_fit_the_loss(state: TrainState, y: np.ndarray, loss, name: str) -> None:
-    """Labels shaped and valued as the loss reads them: checked on the host, named, before compiling."""
+def _check_labels_fit_the_loss(state: TrainState, loss, labels: dict[str, np.ndarray]) -> None:
+    """Labels shaped and valued as the loss reads them: checked on the host, named, before compiling.
+
+    `labels` maps each argument's name to its labels; the model is traced once for all of them.
+    """
     if not isinstance(loss, str) or loss not in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
         return
     outputs = jax.eval_shape(state.apply_fn, state.variables, jnp.zeros((1, *state.input_shape)))
-    num_classes = outputs.shape[-1]
+    for name, y in labels.items():
+        _check_class_labels(y, loss, outputs.shape[-1], name)
+
+
+def _check_class_labels(y: np.ndarray, loss: str, num_classes: int, name: str) -> None:
+    """One argument's labels against a cross-entropy loss and the model's `num_classes` outputs."""
     if loss == "categorical_crossentropy":
         if y.ndim != 2 or y.shape[1] != num_classes:
             raise ValueError(f"{name} has shape {y.shape}, but categorical_crossentropy takes one-hot labels of "
@@ -586,9 +594,8 @@ def fit(model, x, y, *, loss, optimizer: optax.GradientTransformation | None = N
         if len(validation_data) != 2:
             raise ValueError("validation_data must be a pair (x_val, y_val)")
         x_val, y_val = data.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
-    _check_labels_fit_the_loss(state, y, loss, "y")
-    if validation_data is not None:
-        _check_labels_fit_the_loss(state, y_val, loss, "labels of validation_data")
+    _check_labels_fit_the_loss(state, loss, {"y": y} if validation_data is None
+                               else {"y": y, "labels of validation_data": y_val})
     if drop_remainder and len(x) < batch_size:
         raise ValueError(f"drop_remainder with batch_size={batch_size} drops all {len(x)} examples")
 

@@ -54,8 +54,8 @@ def jaxdl_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted_models(tmp_path_factory):
     """`converted(name)`: each Keras model built once per test process, with its outputs (and each block's,
-    `BLOCK_ENDS`) on random images and our conversion of its file (a cache, not a parametrized fixture, which pytest rebuilds whenever
-    pytest-xdist interleaves the configs)."""
+    `BLOCK_ENDS`) on random images and our conversion of its file. A cache rather than a parametrized
+    fixture, so that the shape-mismatch test can take the legacy file of one config without rebuilding it."""
     done = {}
 
     import numpy as np

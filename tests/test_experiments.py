@@ -17,8 +17,8 @@ from tests import tolerance
 def run_experiment(tmp_path_factory, jaxdl_cache):
     """`run_experiment(name) -> (metrics, its folder)`, each experiment run once per test process.
 
-    One experiment per test, rather than the whole suite in one fixture, lets
-    pytest-xdist spread the experiments over both cores.
+    One experiment per test, rather than the whole suite in one fixture: a
+    failure names its experiment, and the tests that inspect a run reuse it.
     """
     root, done = tmp_path_factory.mktemp("runs"), {}
 
