@@ -216,6 +216,12 @@ def test_verbose_two_prints_one_line_per_epoch(capsys, verbose, lines):
         assert printed[0].startswith("Epoch 1/3 - loss: ") and " - accuracy: " in printed[0]
 
 
+def test_an_unknown_verbose_value_is_named():
+    x, y = blobs()
+    with pytest.raises(ValueError, match="verbose must be 0, 1, 2 or 'auto', got 3"):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, verbose=3)
+
+
 def test_padded_batches_are_the_default_and_unpadded_batches_end_smaller():
     x, y = toy_blobs(10)
     assert [len(b["x"]) for b in data.batches(x, y, 4, pad=False)] == [4, 4, 2]
