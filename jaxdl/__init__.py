@@ -4,7 +4,8 @@ from jaxdl.models import ConvNet, MLP, count_params
 from jaxdl.model_summary import summary
 from jaxdl.callbacks import (Callback, CSVLogger, EarlyStopping, FitRun, ModelCheckpoint, ReduceLROnPlateau,
                              TensorBoard)
-from jaxdl.train import (TrainState, create_train_state, evaluate, fit,
-                         make_eval_step, make_train_step, predict, summarize)
+from jaxdl.train import TrainState, create_train_state, make_eval_step, make_train_step, summarize
+from jaxdl.driver import evaluate, fit, predict
+from jaxdl.data import tfds_source
 
 __version__ = "0.1.0"

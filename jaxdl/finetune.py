@@ -27,7 +27,8 @@ from jaxdl.models.heads import ClassifierHead, FineTuneModel, feature_backbone
 from jaxdl.models.mobilenet_v2 import (BLOCKS, MobileNetV2, apply_in_chunks, block_prefix, folded, layer_plan,
                                        predict_in_chunks)
 from jaxdl.callbacks import Callback
-from jaxdl.train import create_train_state, fit, new_train_state, seed_rngs
+from jaxdl.driver import fit
+from jaxdl.train import create_train_state, new_train_state, seed_rngs
 
 LOSS = "sparse_categorical_crossentropy"
 

@@ -1,4 +1,4 @@
-"""Train state, jit-compiled train/eval steps, and a Keras-like `fit`.
+"""Train state and jit-compiled train/eval steps: pure functions of `(state, batch)`.
 
 The steps are pure functions that users can put in their own loops:
 
@@ -11,16 +11,15 @@ Steps return *sums* over the batch's real (unmasked) examples plus their
 `count`, in the manner of clu's `Average` metric: sums add up exactly across
 batches, including a padded last batch, and `summarize` turns them into means.
 
-`fit` runs a whole epoch inside one compiled function (`jax.lax.scan` over
-batches of data already on the device), which removes the per-step Python
-dispatch that dominates the cost of training small models.
+For `jaxdl.fit` (in `jaxdl.driver`) this module also compiles steps
+repeated: a whole epoch over in-memory data as one `jax.lax.scan`, and K
+streamed batches per call, which removes the per-step Python dispatch that
+dominates the cost of training small models.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-import warnings
 from typing import Any, Callable, Sequence
 
 import flax.errors
@@ -30,12 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from tqdm.auto import tqdm
 
 from jaxdl import data, losses
-from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
-from jaxdl.models import FineTuneModel, MobileNetV2
-from jaxdl.models.heads import fast_inference
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
 
 
@@ -319,22 +314,15 @@ def _scan_batches(num_examples: int, batch_size: int, drop_remainder: bool, orde
     return index, jnp.asarray(mask, jnp.float32)
 
 
-@functools.lru_cache(maxsize=64)
-def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_remainder: bool):
-    """`epoch(state, previous, x, y, weight, key) -> (state, previous, sums, healthy_steps)`: one compiled pass.
-
-    `weight` scales each example's loss (Keras's sample and class weights).
+def _guarded_scan_body(contract: StepContract) -> Callable:
+    """`body((state, previous, healthy), batch) -> (carry, sums)`: one guarded step, for `lax.scan`.
 
     An update whose gradients or new parameters are not finite is refused,
-    and so are all steps after it; a state whose own loss is not finite is
-    replaced by `previous`, the state before it. `healthy_steps` tells `fit`
-    where training broke down, and the returned state is the last one whose
-    loss, gradients and parameters were all finite.
-    The last partial batch is padded and masked out of the loss, except for
-    models with BatchNorm statistics, where padding rows would enter the
-    statistics: there it runs as its own smaller batch, as Keras's last batch does.
+    and so are all steps after it (`healthy` turns False); a state whose own
+    loss is not finite is replaced by `previous`, the state before it. Refused
+    steps contribute zero sums, so `count > 0` marks the accepted ones.
     """
-    guarded_step = _guarded_train_step(StepContract(loss, metrics))
+    guarded_step = _guarded_train_step(contract)
 
     def guarded_body(carry, batch):
         state, previous, healthy = carry
@@ -346,6 +334,24 @@ def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_re
         keep = lambda choice, a, b: jax.tree.map(lambda u, v: jnp.where(choice, u, v), a, b)  # noqa: E731
         carry = (keep(accept, new_state, keep(roll_back, previous, state)), keep(accept, state, previous), accept)
         return carry, jax.tree.map(lambda s: jnp.where(accept, s, 0.0), sums)
+
+    return guarded_body
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_remainder: bool):
+    """`epoch(state, previous, x, y, weight, key) -> (state, previous, sums, healthy_steps)`: one compiled pass.
+
+    `weight` scales each example's loss (Keras's sample and class weights).
+
+    Steps are guarded as `_guarded_scan_body` says; `healthy_steps` tells `fit`
+    where training broke down, and the returned state is the last one whose
+    loss, gradients and parameters were all finite.
+    The last partial batch is padded and masked out of the loss, except for
+    models with BatchNorm statistics, where padding rows would enter the
+    statistics: there it runs as its own smaller batch, as Keras's last batch does.
+    """
+    guarded_body = _guarded_scan_body(StepContract(loss, metrics))
 
     def epoch(state, previous, x, y, weight, key):
         num_examples = x.shape[0]
@@ -368,6 +374,32 @@ def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_re
         return carry[0], carry[1], jax.tree.map(lambda s: s.sum(axis=0), sums), healthy_steps
 
     return jax.jit(epoch, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_steps(loss, metrics: tuple):
+    """`steps(state, previous, healthy, totals, batches) -> (state, previous, healthy, totals)`: streamed steps.
+
+    `batches` stacks K batches on a leading axis (K=1 for one step per call):
+    one dispatch runs K guarded steps (see `_guarded_scan_body`), which cuts
+    the per-step dispatch cost that dominates small models. `totals` adds up
+    the sums and `accepted_steps` on the device, so a streamed epoch never
+    waits for the host between dispatches.
+    """
+    guarded_body = _guarded_scan_body(StepContract(loss, metrics))
+
+    def steps(state, previous, healthy, totals, batches):
+        (state, previous, healthy), sums = jax.lax.scan(guarded_body, (state, previous, healthy), batches)
+        sums = {**jax.tree.map(lambda s: s.sum(axis=0), sums), "accepted_steps": jnp.sum(sums["count"] > 0)}
+        return state, previous, healthy, jax.tree.map(jnp.add, totals, sums)
+
+    return jax.jit(steps, donate_argnums=(0, 1, 3))
+
+
+def zero_totals(metrics: Sequence[str]) -> dict:
+    """The `totals` a streamed epoch starts from (see `compiled_steps`)."""
+    totals = {name: jnp.zeros((), jnp.float32) for name in ("loss", "count", *metrics)}
+    return {**totals, "accepted_steps": jnp.zeros((), jnp.int32)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -398,248 +430,7 @@ def _predict_all(apply_fn, variables, x, batch_size, chunked):
     return outputs.reshape(-1, *outputs.shape[2:])[: x.shape[0]]
 
 
-def evaluate(state: TrainState, x, y, *, loss, metrics: Sequence[str] = ("accuracy",),
-             batch_size: int = 256) -> dict[str, float]:
-    """Loss and metrics over a whole dataset, in inference mode; labels are checked as `fit` checks them."""
-    batch_size = data.check_batch_size(batch_size)
-    x, y = data.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
-    _check_labels_fit_the_loss(state, loss, {"y": y})
-    sums = compiled_evaluate(loss, _checked_metric_names(metrics), batch_size)(state, jnp.asarray(x), jnp.asarray(y))
-    return summarize(sums)
-
-
-def prediction_batch_size(num_examples: int, batch_size: int) -> int:
-    """The batch `predict` compiles for: `batch_size`, or the power of two that holds a smaller input.
-
-    Padding a few examples up to a large batch wastes the compute; rounding
-    up to powers of two keeps the number of compiled shapes small.
-    """
-    return min(batch_size, 1 << max(num_examples - 1, 0).bit_length())
-
-
-def predict(model_or_state, x, *, variables=None, batch_size: int = 256) -> np.ndarray:
-    """Model outputs (logits) for `x`, in batches, in inference mode.
-
-    Takes a TrainState, or a Linen module together with its `variables`.
-    MobileNetV2 models run their fast inference form (BatchNorm folded,
-    images in chunks, as `jaxdl.classifier` does).
-    """
-    batch_size = data.check_batch_size(batch_size)
-    if isinstance(model_or_state, TrainState):
-        x = data.check_dataset(x, input_shape=model_or_state.input_shape, purpose="predicting")
-        model = getattr(model_or_state.apply_fn, "__self__", None)
-        apply_fn, variables = model_or_state.apply_fn, model_or_state.variables
-    else:
-        if variables is None:
-            raise ValueError("predict(model, x) needs variables=...; or pass a TrainState")
-        x = data.check_dataset(x, purpose="predicting")
-        model, apply_fn = model_or_state, model_or_state.apply
-    chunked = isinstance(model, (MobileNetV2, FineTuneModel))
-    if chunked:
-        model, variables = fast_inference(model, variables)
-        apply_fn = model.apply
-    size = prediction_batch_size(len(x), batch_size)
-    return np.asarray(_predict_all(apply_fn, variables, jnp.asarray(x), size, chunked))
-
-
-# --- fit ---------------------------------------------------------------------------------------
-
-
-def learning_rate_of(opt_state) -> float | None:
-    """The learning rate an `optax.inject_hyperparams` optimizer holds in its state, or None without one.
-
-    Searches the optimizer state (chains and masks nest it), as Keras logs
-    `learning_rate`; callbacks such as ReduceLROnPlateau change it there.
-    """
-    found = injected_learning_rates(opt_state)
-    return float(found[0].hyperparams["learning_rate"]) if found else None
-
-
 def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
     """`fit`'s (init, shuffle) keys for `seed`: build a state with the init key to match a `fit` run."""
     init_rng, shuffle_rng = jax.random.split(jax.random.key(seed))
     return init_rng, shuffle_rng
-
-
-def _check_labels_fit_the_loss(state: TrainState, loss, labels: dict[str, np.ndarray]) -> None:
-    """Labels shaped and valued as the loss reads them: checked on the host, named, before compiling.
-
-    `labels` maps each argument's name to its labels; the model is traced once for all of them.
-    """
-    if not isinstance(loss, str) or loss not in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
-        return
-    outputs = jax.eval_shape(state.apply_fn, state.variables, jnp.zeros((1, *state.input_shape)))
-    for name, y in labels.items():
-        _check_class_labels(y, loss, outputs.shape[-1], name)
-
-
-def _check_class_labels(y: np.ndarray, loss: str, num_classes: int, name: str) -> None:
-    """One argument's labels against a cross-entropy loss and the model's `num_classes` outputs."""
-    if loss == "categorical_crossentropy":
-        if y.ndim != 2 or y.shape[1] != num_classes:
-            raise ValueError(f"{name} has shape {y.shape}, but categorical_crossentropy takes one-hot labels of "
-                             f"shape (N, {num_classes}); for integer class labels use "
-                             "loss='sparse_categorical_crossentropy'")
-        return
-    if y.ndim == 2 and y.shape[1] == num_classes and num_classes > 1:
-        raise ValueError(f"{name} has shape {y.shape}: one-hot labels, but sparse_categorical_crossentropy takes "
-                         "integer class labels of shape (N,); use loss='categorical_crossentropy', or pass "
-                         f"{name}.argmax(axis=-1)")
-    if y.ndim != 1:
-        raise ValueError(f"{name} has shape {y.shape}, but sparse_categorical_crossentropy takes integer class "
-                         "labels of shape (N,)")
-    if not np.issubdtype(y.dtype, np.integer) and not np.array_equal(y, np.round(y)):
-        raise ValueError(f"{name} must hold integer class labels for sparse_categorical_crossentropy")
-    if y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"{name} holds classes {int(y.min())}..{int(y.max())}, but the model has "
-                         f"{num_classes} outputs (classes 0..{num_classes - 1})")
-
-
-def _verbosity(verbose) -> int:
-    """Keras's verbose: 0, 1 or 2; "auto" and True mean 1 on a terminal, 2 when output goes to a file or pipe."""
-    if verbose in ("auto", True):
-        return 1 if sys.stderr.isatty() else 2
-    if verbose is False or verbose in (0, 1, 2):
-        return int(verbose)
-    raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
-
-
-def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> np.ndarray:
-    """Per-example loss weights from Keras's `class_weight` ({class: weight}) and `sample_weight` (N,)."""
-    weights = np.ones(len(y), np.float32)
-    if class_weight is not None and sample_weight is not None:
-        raise ValueError("pass class_weight or sample_weight, not both (as Keras); fold the class weights into "
-                         "sample_weight to combine them")
-    if sample_weight is not None:
-        sample_weight = np.asarray(sample_weight, np.float32)
-        if sample_weight.shape != (len(y),) or not np.isfinite(sample_weight).all():
-            raise ValueError(f"sample_weight must hold one finite weight per example, shape ({len(y)},); "
-                             f"got shape {sample_weight.shape}")
-        weights *= sample_weight
-    if class_weight is not None:
-        classes = y if y.ndim == 1 else y.argmax(axis=-1)
-        missing = sorted(set(np.unique(classes).tolist()) - set(class_weight))
-        if missing:
-            raise ValueError(f"class_weight has no weight for classes {missing} found in y")
-        weights *= np.asarray([class_weight[c] for c in classes.tolist()], np.float32)
-    return weights
-
-
-def _state_to_continue(model, optimizer, state: TrainState) -> TrainState:
-    """A private copy of the caller's state, after checking that `model` and `optimizer` do not contradict it.
-
-    The copy is what `fit` donates to its compiled epochs, so the caller's
-    state stays usable after `fit` returns.
-    """
-    if optimizer is not None:
-        raise ValueError("fit(state=...) continues with the optimizer the state was built with (state.tx); "
-                         "pass optimizer=None, or build a new state with create_train_state to change it")
-    trained = getattr(state.apply_fn, "__self__", None)
-    if model is not None and trained is not None and model != trained:
-        raise ValueError(f"fit(state=...) trains the model the state was built for ({type(trained).__name__}); "
-                         f"the model argument ({type(model).__name__}) differs: pass model=None or the same model")
-    return jax.tree.map(jnp.copy, state)
-
-
-def fit(model, x, y, *, loss, optimizer: optax.GradientTransformation | None = None,
-        metrics: Sequence[str] = ("accuracy",), epochs: int = 1, batch_size: int = 32, seed: int = 0,
-        validation_split: float | None = None, validation_data: tuple | None = None,
-        shuffle: bool = True, drop_remainder: bool = False, callbacks: Sequence[Callback] = (),
-        state: TrainState | None = None, initial_epoch: int = 0, class_weight: dict | None = None,
-        sample_weight=None, verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
-    """Trains `model` on in-memory arrays, as Keras's `Model.fit` does.
-
-    Returns the final state and a history: per-epoch lists of `loss`, each
-    metric and their `val_` counterparts. The optimizer defaults to Adam(1e-3).
-    An update that makes the loss, a gradient or a parameter non-finite stops
-    training with a warning, and the returned state is the last finite one.
-
-    Pass `state` to continue training it: it carries its model and optimizer,
-    so `model` must be None or that same model and `optimizer` None. The
-    caller's state is copied, never consumed. Each epoch's shuffle order
-    follows from `seed` and the state's step count, so training on from a
-    state sees new orders, and two calls (`epochs=2`, then `epochs=3` from
-    the returned state) train exactly as one call of 5 epochs with the same
-    seed. As in Keras, `initial_epoch` numbers the first epoch (for callbacks
-    and messages) and training runs epochs `initial_epoch` to `epochs - 1`.
-
-    `class_weight` ({class: weight}) and `sample_weight` (one per example)
-    scale each example's loss as Keras does: the loss is the sum of weighted
-    losses over the number of examples; metrics stay unweighted. `verbose`: 0
-    silent, 1 a progress bar, 2 one line per epoch; "auto" (and True) is 1 on
-    a terminal and 2 otherwise, so logs do not fill with progress-bar updates.
-    """
-    batch_size = data.check_batch_size(batch_size)
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
-    if (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer))
-            or not 0 <= initial_epoch <= epochs):
-        raise ValueError(f"initial_epoch must be an integer from 0 to epochs={epochs}, got {initial_epoch!r}")
-    if validation_split is not None and validation_data is not None:
-        raise ValueError("pass validation_split or validation_data, not both")
-    x, y = data.check_dataset(x, y, input_shape=state.input_shape if state is not None else None)
-    weights = example_weights(y, class_weight, sample_weight)
-    if validation_split is not None:
-        (x, y), validation_data = data.split_validation(x, y, validation_split)
-        weights = weights[:len(x)]
-    metrics = _checked_metric_names(metrics)
-    verbosity = _verbosity(verbose)
-
-    init_rng, shuffle_rng = seed_rngs(seed)
-    if state is None:
-        state = create_train_state(model, optimizer or optax.adam(1e-3), x.shape[1:], init_rng)
-    else:
-        state = _state_to_continue(model, optimizer, state)
-    if validation_data is not None:
-        if len(validation_data) != 2:
-            raise ValueError("validation_data must be a pair (x_val, y_val)")
-        x_val, y_val = data.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
-    _check_labels_fit_the_loss(state, loss, {"y": y} if validation_data is None
-                               else {"y": y, "labels of validation_data": y_val})
-    if drop_remainder and len(x) < batch_size:
-        raise ValueError(f"drop_remainder with batch_size={batch_size} drops all {len(x)} examples")
-
-    x_dev, y_dev, weights_dev = jax.device_put(x), jax.device_put(y), jax.device_put(weights)
-    if validation_data is not None:
-        val_dev = jax.device_put(x_val), jax.device_put(y_val)
-    run_epoch = compiled_epoch(loss, metrics, batch_size, shuffle, drop_remainder)
-    evaluate_all = compiled_evaluate(loss, metrics, batch_size)
-    steps_per_epoch = data.num_batches(len(x), batch_size, drop_remainder)
-
-    trained_model = model if model is not None else getattr(state.apply_fn, "__self__", None)
-    run = FitRun(state=state, history={}, model=trained_model)
-    previous = jax.tree.map(jnp.copy, state)  # the fallback when a state's own loss is not finite
-    for callback in callbacks:
-        callback.on_train_begin(run)
-    progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=verbosity != 1, leave=True)
-    for epoch in progress:
-        order_key = jax.random.fold_in(shuffle_rng, int(run.state.step))  # new orders when training on from a state
-        run.state, previous, sums, healthy_steps = run_epoch(run.state, previous, x_dev, y_dev, weights_dev,
-                                                             order_key)
-        if int(healthy_steps) < steps_per_epoch:
-            warnings.warn("fit stopped: the loss, a gradient or an updated parameter became NaN or infinite at "
-                          f"epoch {epoch + 1}, step "
-                          f"{int(healthy_steps) + 1} of {steps_per_epoch}; the returned state is the last one whose loss, "
-                          "gradients and parameters were all finite (lower the learning rate or check the data)",
-                          RuntimeWarning, stacklevel=2)
-            break
-        logs = summarize(sums)
-        if validation_data is not None:
-            logs.update(summarize(evaluate_all(run.state, *val_dev), prefix="val_"))
-        rate = learning_rate_of(run.state.opt_state)
-        if rate is not None:
-            logs["learning_rate"] = rate
-        for key, value in logs.items():
-            run.history.setdefault(key, []).append(value)
-        run.epoch = epoch
-        progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
-        if verbosity == 2:
-            print(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
-        for callback in callbacks:
-            callback.on_epoch_end(run, epoch, logs)
-        if run.stop_training:
-            break
-    progress.close()
-    for callback in callbacks:
-        callback.on_train_end(run)
-    return run.state, run.history

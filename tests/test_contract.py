@@ -13,7 +13,7 @@ import pytest
 from flax.training import train_state
 
 from jaxdl import MLP, ConvNet, create_train_state, data, evaluate, fit, make_eval_step, make_train_step, predict
-from jaxdl.train import example_weights, prediction_batch_size
+from jaxdl.driver import example_weights, prediction_batch_size
 from tests import tolerance
 from tests.toy_data import CE
 from tests.toy_data import blobs as toy_blobs
@@ -121,11 +121,13 @@ def test_evaluate_checks_labels_and_predict_says_predicting():
         predict(state, np.where(np.arange(x.size).reshape(x.shape) == 4, np.nan, x))
 
 
-@pytest.mark.parametrize("source", [lambda x: (row for row in x), lambda x: {"image": x}],
-                         ids=["generator", "features dict"])
-def test_streaming_sources_are_said_to_be_unsupported_yet(source):
+@pytest.mark.parametrize("source, message", [
+    (lambda x: (row for row in x), "a source carries its labels; name them with features"),
+    (lambda x: {"image": x}, r"x is a dict of feature arrays \(\['image'\]\).*x=features\[input name\]")],
+    ids=["generator with y", "features dict"])
+def test_sources_with_separate_labels_and_dicts_of_columns_are_clear_errors(source, message):
     x, y = blobs()
-    with pytest.raises(ValueError, match="take in-memory arrays for now.*not supported yet.*np.stack"):
+    with pytest.raises(ValueError, match=message):
         fit(MLP(features=(4,), num_outputs=3), source(x), y, loss=CE, verbose=0)
 
 
@@ -154,7 +156,7 @@ def test_predict_on_four_images_compiles_for_four_not_256():
 
 def test_predict_runs_mobilenet_in_its_fast_form(monkeypatch):
     """Routing only: the fast form's numbers are checked against the plain one in test_pretrained."""
-    from jaxdl import train
+    from jaxdl import driver
     from jaxdl.models import MobileNetV2
     from jaxdl.models.mobilenet_v2 import folded
 
@@ -162,7 +164,7 @@ def test_predict_runs_mobilenet_in_its_fast_form(monkeypatch):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     variables = jax.tree.map(lambda leaf: np.ones(leaf.shape, leaf.dtype), shapes)  # values do not matter here
     calls = []
-    monkeypatch.setattr(train, "_predict_all", lambda apply_fn, variables, x, size, chunked: calls.append(
+    monkeypatch.setattr(driver, "_predict_all", lambda apply_fn, variables, x, size, chunked: calls.append(
         (apply_fn.__self__, set(variables), size, chunked)) or np.zeros((len(x), 3)))
     predict(model, np.zeros((3, 32, 32, 3), np.float32), variables=variables)
     fast_model, _ = folded(model, variables)

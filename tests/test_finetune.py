@@ -14,7 +14,7 @@ from experiments.common import shared_data_dir
 from jaxdl import finetune, images as image_io
 from jaxdl.classifier import ImageClassifier
 from jaxdl.models import ClassifierHead
-from jaxdl.train import predict
+from jaxdl.driver import predict
 from tests import tolerance
 
 CATS = shared_data_dir() / "cats"

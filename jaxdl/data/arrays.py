@@ -1,4 +1,4 @@
-"""Checks and batching for in-memory datasets.
+"""Checks and batching for in-memory datasets (sources are `jaxdl.data.sources`).
 
 Bad inputs are caught here, on the host and before any compilation, so that
 the user reads which argument is wrong instead of a JAX trace.
@@ -28,15 +28,17 @@ def _is_streaming_source(value) -> bool:
 def check_dataset(x, y=None, *, name: str = "x", input_shape: tuple | None = None, purpose: str = "training"):
     """Validates one dataset and returns it as numpy arrays.
 
-    Raises ValueError naming `name` when it is a streaming source (not
-    supported yet), empty, holds NaN or infinity, has per-example shape other
+    Raises ValueError naming `name` when it is a source or a dict, empty, holds NaN or infinity, has per-example shape other
     than `input_shape`, or when `y` has another number of examples.
     """
+    if isinstance(x, dict):
+        raise ValueError(f"{name} is a dict of feature arrays ({sorted(x)}); jaxdl models take one input array: "
+                         f"pass x=features[input name] and y=features[label name], or a source of example dicts "
+                         "with features=(input, label)")
     if _is_streaming_source(x):
-        raise ValueError(f"{name} is a {type(x).__name__}: fit, evaluate and predict take in-memory arrays for "
-                         "now, and streaming sources (generators, tfds data sources, grain datasets) are not "
-                         "supported yet; load the examples into numpy arrays first, e.g. "
-                         "x = np.stack([example['image'] for example in source])")
+        raise ValueError(f"{name} is a {type(x).__name__}, and this takes in-memory arrays; fit, evaluate and "
+                         "predict read sources (tfds data sources, grain datasets, iterables of batch dicts) "
+                         "when given as x, or as fit's validation_data")
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); there is nothing to train or evaluate on")

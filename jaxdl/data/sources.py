@@ -1,0 +1,281 @@
+"""Datasets read example by example: tfds data sources, grain datasets, and iterables of batches.
+
+`fit`, `evaluate` and `predict` take these besides in-memory arrays. Two
+kinds exist, as in tfds's guide to feeding JAX:
+
+- a **random-access source** (`tfds.data_source(...)`, a grain `MapDataset`,
+  or anything with `__len__` and `__getitem__` returning an example dict):
+  jaxdl reads it through a grain pipeline, shuffled per epoch, batched on the
+  host, with a position that can be saved and restored mid-epoch;
+- an **iterable of batch dicts** (`{"x": ..., "y": ...}`): used as it comes.
+
+Bad sources are caught on their first example, on the host, with the
+feature's name: a missing feature, a per-example shape other than the
+model's, a label that is not one number.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from jaxdl.data.arrays import check_batch_size, num_batches
+
+# Grain's read threads (not worker processes): reading and decoding an
+# ArrayRecord example (PNG decoding by Pillow, numpy copies) releases the GIL
+# for most of its time, threads start instantly and share the source, and the
+# iterator's position stays one small dict. Worker processes pay a fork and a
+# pickle of every batch, which costs more than it saves for small examples.
+READ_THREADS = 4
+PREFETCH_BATCHES = 8
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A tfds dataset is not on disk in the ArrayRecord format, and jaxdl does not download it."""
+
+
+def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
+    """`tfds.data_source(name, split=split, data_dir=data_dir)`, never downloading.
+
+    Reading an ArrayRecord dataset needs no TensorFlow. A dataset that is not
+    prepared is one error that names it, the directory looked in, and how to
+    prepare it on a connected machine; jaxdl never falls back to other data.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(f"tensorflow-datasets has no dataset named {name!r} (see "
+                         "https://www.tensorflow.org/datasets/catalog)") from error
+    except (NotImplementedError, RuntimeError, AssertionError, FileNotFoundError) as error:
+        builder = tfds.builder(name, data_dir=data_dir)
+        where = os.fspath(builder.data_dir)
+        prepared_as = None
+        if builder.is_prepared():
+            prepared_as = getattr(builder.info.file_format, "value", builder.info.file_format)
+        found = (f"it is prepared there as {prepared_as}, which cannot be read example by example"
+                 if prepared_as else "it is not prepared there")
+        raise DatasetNotPreparedError(
+            f"tfds dataset {name!r} (split {split!r}): {found}. jaxdl reads ArrayRecord files and downloads "
+            f"nothing. On a machine with network access run `pip install 'jaxdl[prepare]'` (TensorFlow, which "
+            f"tfds needs to write datasets), then `tfds build {name} --file_format=array_record "
+            f"--data_dir=DIR`, and copy DIR/{name} into {os.path.dirname(where)} (or pass data_dir=DIR); "
+            f"looked in {where}") from error
+
+
+def is_random_access(value) -> bool:
+    """A dataset indexed by example number (tfds data source, grain MapDataset, a Sequence of dicts)."""
+    if _is_list_of_dicts(value):
+        return True
+    return (hasattr(value, "__len__") and hasattr(value, "__getitem__") and not hasattr(value, "__array__")
+            and not isinstance(value, (dict, str, bytes, tuple, list)))
+
+
+def _is_list_of_dicts(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
+def is_source(value) -> bool:
+    """Anything `fit` reads through this module rather than as in-memory arrays."""
+    if isinstance(value, (np.ndarray, tuple, dict)) or hasattr(value, "__array__"):
+        return False
+    if isinstance(value, list):
+        return _is_list_of_dicts(value)
+    return is_random_access(value) or hasattr(value, "__iter__") or hasattr(value, "__next__")
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """How an example dict becomes the step's `{"x": ..., "y": ...}`.
+
+    `names` is (input feature, label feature); the label may be None for
+    prediction. `transform(example) -> (x, y)` replaces the lookup by names.
+    `input_shape` (no batch axis), when known, is checked on every example.
+    """
+
+    names: tuple[str, str | None] = ("image", "label")
+    transform: Callable | None = None
+    input_shape: tuple | None = None
+    class_weight: dict | None = None
+
+    def __call__(self, example) -> dict:
+        if self.transform is not None:
+            x, y = self.transform(example)
+            input_name, label_name = "the transform's x", "the transform's y"
+        else:
+            if not isinstance(example, dict):
+                raise ValueError(f"an example is a {type(example).__name__}, not a dict of features; pass "
+                                 "transform=lambda example: (x, y) to say how to read it")
+            missing = [name for name in self.names if name is not None and name not in example]
+            if missing:
+                raise ValueError(f"the examples have no feature {missing[0]!r} (features={self.names}); they "
+                                 f"have {sorted(example)}: name them with features=(input, label)")
+            input_name, label_name = (f"feature {name!r}" for name in self.names)
+            x, y = example[self.names[0]], None if self.names[1] is None else example[self.names[1]]
+        x = np.asarray(x)
+        if self.input_shape is not None and x.shape != tuple(self.input_shape):
+            raise ValueError(f"{input_name} has shape {x.shape} per example, but the model takes "
+                             f"{tuple(self.input_shape)}")
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise ValueError(f"{input_name} holds {x.dtype} values; the model takes numbers")
+        batch = {"x": x}
+        if y is not None:
+            y = np.asarray(y)
+            if y.dtype == object or not np.issubdtype(y.dtype, np.number):
+                raise ValueError(f"{label_name} holds {y.dtype} values; labels must be numbers")
+            batch["y"] = y
+            if self.class_weight is not None:
+                label = int(y) if y.ndim == 0 else int(y.argmax())
+                if label not in self.class_weight:
+                    raise ValueError(f"class_weight has no weight for class {label} found in {label_name}")
+                batch["weight"] = np.float32(self.class_weight[label])
+        return batch
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch: a pure function of (seed, epoch), different for every epoch."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class SourceBatches:
+    """A random-access source read as shuffled batches, one grain pipeline per epoch.
+
+    Every example is read exactly once per epoch, in an order that depends
+    only on `(seed, epoch)`: another each epoch, the same on every run.
+    `position()` / `restore()` save and restore where an epoch stands, so a
+    resumed run continues with exactly the batches it would have seen.
+    """
+
+    source: Any
+    batch_size: int
+    features: Features
+    seed: int = 0
+    shuffle: bool = True
+    drop_remainder: bool = False
+
+    def __post_init__(self):
+        self.batch_size = check_batch_size(self.batch_size)
+        if len(self.source) == 0:
+            raise ValueError(f"the source ({type(self.source).__name__}) has no examples")
+        if self.drop_remainder and len(self.source) < self.batch_size:
+            raise ValueError(f"drop_remainder with batch_size={self.batch_size} drops all {len(self.source)} "
+                             "examples of the source")
+        self.first_example = self.features(self.source[0])  # a bad source fails here, with the feature's name
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return num_batches(len(self.source), self.batch_size, self.drop_remainder)
+
+    def dataset(self, epoch: int) -> grain.MapDataset:
+        examples = grain.MapDataset.source(self.source)
+        if self.shuffle:
+            examples = examples.shuffle(seed=epoch_seed(self.seed, epoch))
+        return examples.map(self.features).batch(self.batch_size, drop_remainder=self.drop_remainder)
+
+    def epoch(self, epoch: int, position: dict | None = None) -> Iterator[dict]:
+        """The batches of one epoch, from its start or from a saved `position`."""
+        options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
+        iterator = iter(self.dataset(epoch).to_iter_dataset(options))
+        if position is not None:
+            iterator.set_state(position)
+        return iterator
+
+
+def check_batch(batch, *, index: int, input_shape: tuple | None, needs_labels: bool) -> dict:
+    """One batch of an iterable: a dict with "x" (and "y"), consistent sizes, the model's example shape."""
+    if not isinstance(batch, dict) or "x" not in batch or (needs_labels and "y" not in batch):
+        present = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"batch {index} of the iterable is {present}; an iterable source yields dicts "
+                         "{'x': inputs, 'y': labels} (a random-access source takes features=... instead)")
+    sizes = {key: np.shape(value)[0] if np.ndim(value) else None for key, value in batch.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(f"batch {index} of the iterable has entries of different lengths: {sizes}")
+    if input_shape is not None and tuple(np.shape(batch["x"])[1:]) != tuple(input_shape):
+        raise ValueError(f"batch {index} of the iterable has x of shape {np.shape(batch['x'])}: examples of "
+                         f"shape {tuple(np.shape(batch['x'])[1:])}, but the model takes {tuple(input_shape)}")
+    return batch
+
+
+@dataclasses.dataclass
+class IterableBatches:
+    """An iterable of batch dicts, read `steps_per_epoch` batches per epoch or one pass per epoch.
+
+    A re-iterable (a list, a grain `IterDataset`) is iterated anew each epoch
+    unless `steps_per_epoch` is given; with it, and for one-shot iterators
+    and generators, one iterator continues across epochs, as Keras reads a
+    generator.
+    """
+
+    iterable: Iterable
+    steps_per_epoch: int | None = None
+    input_shape: tuple | None = None
+    needs_labels: bool = True
+
+    def __post_init__(self):
+        self._continuing: Iterator | None = None
+        self._first: dict | None = None
+        self._one_shot = iter(self.iterable) is self.iterable
+
+    def _stream(self) -> Iterator:
+        if self._continuing is None:
+            self._continuing = iter(self.iterable)
+        return self._continuing
+
+    def first_batch(self) -> dict:
+        """The first batch, checked; a one-shot iterator keeps it for the first epoch."""
+        if self._first is None:
+            if self._one_shot or self.steps_per_epoch is not None:
+                first = next(self._stream(), None)
+                if first is not None:
+                    self._continuing = itertools.chain([first], self._continuing)
+            else:
+                first = next(iter(self.iterable), None)
+            if first is None:
+                raise ValueError(f"the iterable ({type(self.iterable).__name__}) yields no batches")
+            self._first = check_batch(first, index=0, input_shape=self.input_shape, needs_labels=self.needs_labels)
+        return self._first
+
+    def epoch(self, epoch: int, position=None) -> Iterator[dict]:
+        del epoch
+        if position is not None:
+            raise ValueError("an iterable of batches has no position to restore; use a random-access source")
+        if self._one_shot or self.steps_per_epoch is not None:
+            batches = self._stream()
+            if self.steps_per_epoch is not None:
+                batches = itertools.islice(batches, self.steps_per_epoch)
+        else:
+            batches = iter(self.iterable)
+        for index, batch in enumerate(batches):
+            yield check_batch(batch, index=index, input_shape=self.input_shape, needs_labels=self.needs_labels)
+
+
+def as_batches(data, *, batch_size: int, features: Sequence | None = None, transform: Callable | None = None,
+               input_shape: tuple | None = None, seed: int = 0, shuffle: bool = True, drop_remainder: bool = False,
+               steps_per_epoch: int | None = None, class_weight: dict | None = None,
+               needs_labels: bool = True) -> SourceBatches | IterableBatches:
+    """The batches `fit`, `evaluate` and `predict` read from a source, checked on its first example."""
+    if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not
+                                        isinstance(steps_per_epoch, (int, np.integer)) or steps_per_epoch <= 0):
+        raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+    if is_random_access(data):
+        names = tuple(features) if features is not None else ("image", "label")
+        if len(names) != 2:
+            raise ValueError(f"features must name (input, label), got {features!r}")
+        if not needs_labels:
+            names = (names[0], None)
+        batches = SourceBatches(data, batch_size, Features(names, transform, input_shape, class_weight), seed,
+                                shuffle, drop_remainder)
+        if steps_per_epoch is not None and steps_per_epoch != len(batches):
+            raise ValueError(f"steps_per_epoch={steps_per_epoch}, but the source holds {len(batches)} batches of "
+                             f"{batch_size} per epoch; leave steps_per_epoch out for random-access sources")
+        return batches
+    if features is not None or transform is not None or class_weight is not None:
+        raise ValueError(f"features, transform and class_weight apply to random-access sources; this "
+                         f"{type(data).__name__} is an iterable of batch dicts, which are used as they come")
+    return IterableBatches(data, steps_per_epoch, input_shape, needs_labels)

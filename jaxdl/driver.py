@@ -1,0 +1,448 @@
+"""`fit`, `evaluate` and `predict`: the driver that picks an input path, runs epochs and calls callbacks.
+
+Two input paths share one `TrainState`, one guarded step, one history and
+the same callbacks:
+
+- **in-memory arrays** go to the device once and each epoch is one compiled
+  `lax.scan` over its batches (`train.compiled_epoch`), which removes the
+  per-step dispatch that dominates small models;
+- **sources** (tfds data sources, grain datasets, iterables of batch dicts;
+  see `jaxdl.data.sources`) stream: grain reads and batches on the host,
+  `data.to_device` keeps two batches in flight, and each compiled call runs
+  `steps_per_dispatch` steps (`train.compiled_steps`).
+
+The module is named `driver`, not `fit` as the design sketch has it, so that
+`jaxdl.fit` stays the function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import warnings
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxdl import data
+from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
+from jaxdl.models import FineTuneModel, MobileNetV2
+from jaxdl.models.heads import fast_inference
+from jaxdl.train import (TrainState, _checked_metric_names, _predict_all, compiled_epoch, compiled_evaluate,
+                         compiled_steps, create_train_state, make_eval_step, seed_rngs, summarize, zero_totals)
+
+
+def _read_source(x, what: str, *, batch_size: int, features, transform, input_shape, needs_labels: bool,
+                 y=None, shuffle: bool = False, **options):
+    """`data.as_batches` for `evaluate`/`predict`/`fit`, refusing a `y` beside a source."""
+    if y is not None:
+        raise ValueError(f"{what} was given a {type(x).__name__} as x and labels as y: a source carries its labels; "
+                         "name them with features=(input, label) or a transform, and leave y out")
+    return data.as_batches(x, batch_size=batch_size, features=features, transform=transform,
+                           input_shape=input_shape, shuffle=shuffle, needs_labels=needs_labels, **options)
+
+
+def _check_array_arguments(x, features, transform) -> None:
+    if features is not None or transform is not None:
+        raise ValueError("features and transform name how to read a source's examples; x is an in-memory "
+                         f"array ({type(x).__name__}), whose examples are the inputs already")
+
+
+def _evaluate_source(state: TrainState, batches, eval_step) -> dict:
+    """Sums of `eval_step` over one pass of a source's batches."""
+    totals = None
+    for batch in data.to_device(batches.epoch(0)):
+        sums = eval_step(state, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError("the source yielded no batches to evaluate on")
+    return totals
+
+
+def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("accuracy",),
+             batch_size: int = 256, features: Sequence[str] | None = None,
+             transform: Callable | None = None) -> dict[str, float]:
+    """Loss and metrics over a whole dataset, in inference mode; labels are checked as `fit` checks them.
+
+    `x` is an array (with labels `y`) or a source, read in order (see `fit`).
+    """
+    batch_size = data.check_batch_size(batch_size)
+    metrics = _checked_metric_names(metrics)
+    if data.is_source(x):
+        batches = _read_source(x, "evaluate", y=y, batch_size=batch_size, features=features, transform=transform,
+                               input_shape=state.input_shape, needs_labels=True)
+        _check_labels_fit_the_loss(state, loss, {"the labels of the source": _first_labels(batches)})
+        return summarize(_evaluate_source(state, batches, make_eval_step(loss, metrics)))
+    _check_array_arguments(x, features, transform)
+    x, y = data.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
+    _check_labels_fit_the_loss(state, loss, {"y": y})
+    return summarize(compiled_evaluate(loss, metrics, batch_size)(state, jnp.asarray(x), jnp.asarray(y)))
+
+
+def prediction_batch_size(num_examples: int, batch_size: int) -> int:
+    """The batch `predict` compiles for: `batch_size`, or the power of two that holds a smaller input.
+
+    Padding a few examples up to a large batch wastes the compute; rounding
+    up to powers of two keeps the number of compiled shapes small.
+    """
+    return min(batch_size, 1 << max(num_examples - 1, 0).bit_length())
+
+
+def predict(model_or_state, x, *, variables=None, batch_size: int = 256, features: Sequence[str] | None = None,
+            transform: Callable | None = None) -> np.ndarray:
+    """Model outputs (logits) for `x`, in batches, in inference mode.
+
+    Takes a TrainState, or a Linen module together with its `variables`.
+    `x` is an array or a source read in order (only its input feature,
+    `features[0]`, is read). MobileNetV2 models run their fast inference form
+    (BatchNorm folded, images in chunks, as `jaxdl.classifier` does).
+    """
+    batch_size = data.check_batch_size(batch_size)
+    if isinstance(model_or_state, TrainState):
+        input_shape = model_or_state.input_shape
+        model = getattr(model_or_state.apply_fn, "__self__", None)
+        apply_fn, variables = model_or_state.apply_fn, model_or_state.variables
+    else:
+        if variables is None:
+            raise ValueError("predict(model, x) needs variables=...; or pass a TrainState")
+        input_shape, model, apply_fn = None, model_or_state, model_or_state.apply
+    chunked = isinstance(model, (MobileNetV2, FineTuneModel))
+    if chunked:
+        model, variables = fast_inference(model, variables)
+        apply_fn = model.apply
+    if data.is_source(x):
+        batches = _read_source(x, "predict", batch_size=batch_size, features=features, transform=transform,
+                               input_shape=input_shape, needs_labels=False)
+        outputs = [_predict_all(apply_fn, variables, batch["x"], batch["x"].shape[0], chunked)
+                   for batch in data.to_device(batches.epoch(0))]
+        if not outputs:
+            raise ValueError("the source yielded no batches to predict")
+        return np.concatenate([np.asarray(output) for output in outputs])
+    _check_array_arguments(x, features, transform)
+    x = data.check_dataset(x, input_shape=input_shape, purpose="predicting")
+    size = prediction_batch_size(len(x), batch_size)
+    return np.asarray(_predict_all(apply_fn, variables, jnp.asarray(x), size, chunked))
+
+
+# --- fit ---------------------------------------------------------------------------------------
+
+
+def learning_rate_of(opt_state) -> float | None:
+    """The learning rate an `optax.inject_hyperparams` optimizer holds in its state, or None without one.
+
+    Searches the optimizer state (chains and masks nest it), as Keras logs
+    `learning_rate`; callbacks such as ReduceLROnPlateau change it there.
+    """
+    found = injected_learning_rates(opt_state)
+    return float(found[0].hyperparams["learning_rate"]) if found else None
+
+
+def _check_labels_fit_the_loss(state: TrainState, loss, labels: dict[str, np.ndarray]) -> None:
+    """Labels shaped and valued as the loss reads them: checked on the host, named, before compiling.
+
+    `labels` maps each argument's name to its labels; the model is traced once for all of them.
+    """
+    if not isinstance(loss, str) or loss not in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+        return
+    outputs = jax.eval_shape(state.apply_fn, state.variables, jnp.zeros((1, *state.input_shape)))
+    for name, y in labels.items():
+        _check_class_labels(y, loss, outputs.shape[-1], name)
+
+
+def _check_class_labels(y: np.ndarray, loss: str, num_classes: int, name: str) -> None:
+    """One argument's labels against a cross-entropy loss and the model's `num_classes` outputs."""
+    if loss == "categorical_crossentropy":
+        if y.ndim != 2 or y.shape[1] != num_classes:
+            raise ValueError(f"{name} has shape {y.shape}, but categorical_crossentropy takes one-hot labels of "
+                             f"shape (N, {num_classes}); for integer class labels use "
+                             "loss='sparse_categorical_crossentropy'")
+        return
+    if y.ndim == 2 and y.shape[1] == num_classes and num_classes > 1:
+        raise ValueError(f"{name} has shape {y.shape}: one-hot labels, but sparse_categorical_crossentropy takes "
+                         "integer class labels of shape (N,); use loss='categorical_crossentropy', or pass "
+                         f"{name}.argmax(axis=-1)")
+    if y.ndim != 1:
+        raise ValueError(f"{name} has shape {y.shape}, but sparse_categorical_crossentropy takes integer class "
+                         "labels of shape (N,)")
+    if not np.issubdtype(y.dtype, np.integer) and not np.array_equal(y, np.round(y)):
+        raise ValueError(f"{name} must hold integer class labels for sparse_categorical_crossentropy")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"{name} holds classes {int(y.min())}..{int(y.max())}, but the model has "
+                         f"{num_classes} outputs (classes 0..{num_classes - 1})")
+
+
+def _verbosity(verbose) -> int:
+    """Keras's verbose: 0, 1 or 2; "auto" and True mean 1 on a terminal, 2 when output goes to a file or pipe."""
+    if verbose in ("auto", True):
+        return 1 if sys.stderr.isatty() else 2
+    if verbose is False or verbose in (0, 1, 2):
+        return int(verbose)
+    raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
+
+
+def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> np.ndarray:
+    """Per-example loss weights from Keras's `class_weight` ({class: weight}) and `sample_weight` (N,)."""
+    weights = np.ones(len(y), np.float32)
+    if class_weight is not None and sample_weight is not None:
+        raise ValueError("pass class_weight or sample_weight, not both (as Keras); fold the class weights into "
+                         "sample_weight to combine them")
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, np.float32)
+        if sample_weight.shape != (len(y),) or not np.isfinite(sample_weight).all():
+            raise ValueError(f"sample_weight must hold one finite weight per example, shape ({len(y)},); "
+                             f"got shape {sample_weight.shape}")
+        weights *= sample_weight
+    if class_weight is not None:
+        classes = y if y.ndim == 1 else y.argmax(axis=-1)
+        missing = sorted(set(np.unique(classes).tolist()) - set(class_weight))
+        if missing:
+            raise ValueError(f"class_weight has no weight for classes {missing} found in y")
+        weights *= np.asarray([class_weight[c] for c in classes.tolist()], np.float32)
+    return weights
+
+
+def _state_to_continue(model, optimizer, state: TrainState) -> TrainState:
+    """A private copy of the caller's state, after checking that `model` and `optimizer` do not contradict it.
+
+    The copy is what `fit` donates to its compiled epochs, so the caller's
+    state stays usable after `fit` returns.
+    """
+    if optimizer is not None:
+        raise ValueError("fit(state=...) continues with the optimizer the state was built with (state.tx); "
+                         "pass optimizer=None, or build a new state with create_train_state to change it")
+    trained = getattr(state.apply_fn, "__self__", None)
+    if model is not None and trained is not None and model != trained:
+        raise ValueError(f"fit(state=...) trains the model the state was built for ({type(trained).__name__}); "
+                         f"the model argument ({type(model).__name__}) differs: pass model=None or the same model")
+    return jax.tree.map(jnp.copy, state)
+
+
+def _first_labels(batches) -> np.ndarray:
+    """The labels of a source's first example (as a batch of one) or first batch, to check against the loss."""
+    if isinstance(batches, data.SourceBatches):
+        return np.asarray(batches.first_example["y"])[None]
+    return np.asarray(batches.first_batch()["y"])
+
+
+def _input_shape_of(batches) -> tuple:
+    """The per-example input shape a source's first example (or first batch) shows."""
+    if isinstance(batches, data.SourceBatches):
+        return tuple(np.shape(batches.first_example["x"]))
+    return tuple(np.shape(batches.first_batch()["x"])[1:])
+
+
+@dataclasses.dataclass
+class _ArrayEpochs:
+    """The in-memory path: the arrays live on the device, an epoch is one compiled scan."""
+
+    x: jax.Array
+    y: jax.Array
+    weights: jax.Array
+    shuffle_rng: jax.Array
+    run_epoch: Callable
+    steps_per_epoch: int
+
+    def run(self, state, previous, epoch: int):
+        """`(state, previous, sums, steps run, steps accepted)` of one epoch."""
+        del epoch  # orders follow the step count, so training on from a state sees new ones
+        order_key = jax.random.fold_in(self.shuffle_rng, int(state.step))
+        state, previous, sums, accepted = self.run_epoch(state, previous, self.x, self.y, self.weights, order_key)
+        return state, previous, sums, self.steps_per_epoch, int(accepted)
+
+
+@dataclasses.dataclass
+class _StreamedEpochs:
+    """The source path: host batches prefetched to the device, `steps_per_dispatch` steps per compiled call."""
+
+    batches: data.SourceBatches | data.IterableBatches
+    run_steps: Callable
+    metrics: tuple
+    steps_per_dispatch: int
+
+    def run(self, state, previous, epoch: int):
+        """`(state, previous, sums, steps run, steps accepted)` of one epoch (its order depends on `epoch`)."""
+        totals, healthy, steps = zero_totals(self.metrics), jnp.bool_(True), 0
+        for group in data.to_device(data.stacked(self.batches.epoch(epoch), self.steps_per_dispatch)):
+            state, previous, healthy, totals = self.run_steps(state, previous, healthy, totals, group)
+            steps += group["x"].shape[0]
+        accepted = int(totals.pop("accepted_steps"))
+        return state, previous, totals, steps, accepted
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | None = None,
+        metrics: Sequence[str] = ("accuracy",), epochs: int = 1, batch_size: int = 32, seed: int = 0,
+        validation_split: float | None = None, validation_data=None, shuffle: bool = True,
+        drop_remainder: bool = False, callbacks: Sequence[Callback] = (), state: TrainState | None = None,
+        initial_epoch: int = 0, class_weight: dict | None = None, sample_weight=None,
+        features: Sequence[str] | None = None, transform: Callable | None = None,
+        steps_per_epoch: int | None = None, steps_per_dispatch: int = 1,
+        verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
+    """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
+
+    Returns the final state and a history: per-epoch lists of `loss`, each
+    metric and their `val_` counterparts. The optimizer defaults to Adam(1e-3).
+    An update that makes the loss, a gradient or a parameter non-finite stops
+    training with a warning, and the returned state is the last finite one.
+
+    `x` is an array of inputs (with labels `y`), or a source, which carries
+    its own labels:
+    - a random-access source (`jaxdl.data.tfds_source(...)`, a grain
+      `MapDataset`, or anything with `__len__` and `__getitem__` returning a
+      dict of features): `features=(input, label)` names what to read
+      (default `("image", "label")`), or `transform(example) -> (x, y)`
+      computes it. Shuffling is per epoch from `(seed, epoch)`; batches are
+      read by grain's threads and put on the device ahead of their step;
+    - an iterable of batch dicts `{"x": ..., "y": ...}`: an epoch is
+      `steps_per_epoch` batches, or one pass when that is None.
+    `steps_per_dispatch=K` runs K steps of a source per compiled call.
+    The same model, seed and data in the same order train to the same
+    parameters on both paths (up to float rounding: the array path pads
+    its last batch and masks the padding out).
+
+    Pass `state` to continue training it: it carries its model and optimizer,
+    so `model` must be None or that same model and `optimizer` None. The
+    caller's state is copied, never consumed. Each epoch's shuffle order
+    follows from `seed` and the state's step count (the epoch number for
+    sources), so two calls (`epochs=2`, then `epochs=5, initial_epoch=2`
+    from the returned state) train exactly as one call of 5 epochs with the
+    same seed. As in Keras, `initial_epoch` numbers the first epoch (for
+    callbacks and messages) and training runs epochs `initial_epoch` to
+    `epochs - 1`.
+
+    `class_weight` ({class: weight}) and `sample_weight` (one per example,
+    arrays only) scale each example's loss as Keras does: the loss is the
+    sum of weighted losses over the number of examples; metrics stay
+    unweighted. `verbose`: 0 silent, 1 a progress bar, 2 one line per epoch;
+    "auto" (and True) is 1 on a terminal and 2 otherwise, so logs do not
+    fill with progress-bar updates.
+    """
+    batch_size = data.check_batch_size(batch_size)
+    steps_per_dispatch = _positive_int("steps_per_dispatch", steps_per_dispatch)
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer))
+            or not 0 <= initial_epoch <= epochs):
+        raise ValueError(f"initial_epoch must be an integer from 0 to epochs={epochs}, got {initial_epoch!r}")
+    if validation_split is not None and validation_data is not None:
+        raise ValueError("pass validation_split or validation_data, not both")
+    metrics = _checked_metric_names(metrics)
+    verbosity = _verbosity(verbose)
+    init_rng, shuffle_rng = seed_rngs(seed)
+    input_shape = state.input_shape if state is not None else None
+
+    if data.is_source(x):
+        if validation_split is not None:
+            raise ValueError("validation_split holds out the end of in-memory arrays; with a source, pass "
+                             "validation_data=(another source), e.g. tfds_source(name, 'test')")
+        if sample_weight is not None:
+            raise ValueError("sample_weight is for in-memory arrays; a source's batches may carry a 'weight' "
+                             "entry, or pass class_weight")
+        batches = _read_source(x, "fit", y=y, batch_size=batch_size, features=features, transform=transform,
+                               input_shape=input_shape, needs_labels=True, seed=seed, shuffle=shuffle,
+                               drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
+                               class_weight=class_weight)
+        input_shape = input_shape or _input_shape_of(batches)
+        train_labels = _first_labels(batches)
+    else:
+        _check_array_arguments(x, features, transform)
+        if steps_per_epoch is not None:
+            raise ValueError("steps_per_epoch is for iterable sources; in-memory arrays make "
+                             "ceil(len(x) / batch_size) steps per epoch")
+        if y is None:
+            raise ValueError("fit(model, x, y) needs labels y for in-memory arrays (a source carries its own)")
+        x, y = data.check_dataset(x, y, input_shape=input_shape)
+        weights = example_weights(y, class_weight, sample_weight)
+        if validation_split is not None:
+            (x, y), validation_data = data.split_validation(x, y, validation_split)
+            weights = weights[:len(x)]
+        if drop_remainder and len(x) < batch_size:
+            raise ValueError(f"drop_remainder with batch_size={batch_size} drops all {len(x)} examples")
+        input_shape, train_labels = x.shape[1:], y
+
+    if state is None:
+        state = create_train_state(model, optimizer or optax.adam(1e-3), input_shape, init_rng)
+    else:
+        state = _state_to_continue(model, optimizer, state)
+    validate = None
+    labels = {"y" if not data.is_source(x) else "the labels of the source": train_labels}
+    if validation_data is not None:
+        validate, labels["labels of validation_data"] = _validator(
+            state, validation_data, loss, metrics, batch_size, features, transform)
+    _check_labels_fit_the_loss(state, loss, labels)
+
+    if data.is_source(x):
+        epochs_of = _StreamedEpochs(batches, compiled_steps(loss, metrics), metrics, steps_per_dispatch)
+    else:
+        epochs_of = _ArrayEpochs(jax.device_put(x), jax.device_put(y), jax.device_put(weights), shuffle_rng,
+                                 compiled_epoch(loss, metrics, batch_size, shuffle, drop_remainder),
+                                 data.num_batches(len(x), batch_size, drop_remainder))
+
+    trained_model = model if model is not None else getattr(state.apply_fn, "__self__", None)
+    run = FitRun(state=state, history={}, model=trained_model)
+    previous = jax.tree.map(jnp.copy, state)  # the fallback when a state's own loss is not finite
+    for callback in callbacks:
+        callback.on_train_begin(run)
+    progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=verbosity != 1, leave=True)
+    for epoch in progress:
+        run.state, previous, sums, steps, accepted = epochs_of.run(run.state, previous, epoch)
+        if steps == 0:
+            warnings.warn(f"fit stopped: the source gave no batches for epoch {epoch + 1} (a generator or "
+                          "iterator runs out after one pass: pass steps_per_epoch, or an iterable that can be "
+                          "iterated again)", RuntimeWarning, stacklevel=2)
+            break
+        if accepted < steps:
+            warnings.warn("fit stopped: the loss, a gradient or an updated parameter became NaN or infinite at "
+                          f"epoch {epoch + 1}, step {accepted + 1} of {steps}; the returned state is the last one "
+                          "whose loss, gradients and parameters were all finite (lower the learning rate or check "
+                          "the data)", RuntimeWarning, stacklevel=2)
+            break
+        logs = summarize(sums)
+        if validate is not None:
+            logs.update(summarize(validate(run.state), prefix="val_"))
+        rate = learning_rate_of(run.state.opt_state)
+        if rate is not None:
+            logs["learning_rate"] = rate
+        for key, value in logs.items():
+            run.history.setdefault(key, []).append(value)
+        run.epoch = epoch
+        progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
+        if verbosity == 2:
+            print(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
+        for callback in callbacks:
+            callback.on_epoch_end(run, epoch, logs)
+        if steps_per_epoch is not None and steps < steps_per_epoch:
+            warnings.warn(f"fit stopped: the iterable ran out of batches in epoch {epoch + 1} ({steps} of "
+                          f"steps_per_epoch={steps_per_epoch}); make it yield steps_per_epoch * epochs batches",
+                          RuntimeWarning, stacklevel=2)
+            break
+        if run.stop_training:
+            break
+    progress.close()
+    for callback in callbacks:
+        callback.on_train_end(run)
+    return run.state, run.history
+
+
+def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_size: int, features, transform):
+    """`(validate(state) -> sums, labels to check)` for validation arrays `(x_val, y_val)` or a source."""
+    if data.is_source(validation_data):
+        batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
+                               features=features, transform=transform, input_shape=state.input_shape,
+                               needs_labels=True)
+        eval_step = make_eval_step(loss, metrics)
+        return (lambda trained: _evaluate_source(trained, batches, eval_step)), _first_labels(batches)
+    if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+        raise ValueError("validation_data must be a pair (x_val, y_val) or a source")
+    x_val, y_val = data.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
+    evaluate_all = compiled_evaluate(loss, metrics, batch_size)
+    x_device, y_device = jax.device_put(x_val), jax.device_put(y_val)
+    return (lambda trained: evaluate_all(trained, x_device, y_device)), y_val
