@@ -33,18 +33,18 @@ def _shapes(batch: dict) -> tuple:
     return tuple((key, np.shape(value), np.asarray(value).dtype.str) for key, value in sorted(batch.items()))
 
 
-def stacked(batches: Iterable[dict], group_size: int) -> Iterator[tuple[int, dict]]:
+def stacked(batches: Iterable[dict], group_size: int) -> Iterator[dict]:
     """Groups of up to `group_size` consecutive batches of one shape, stacked on a new leading axis.
 
     A compiled call that scans over a group runs `group_size` steps for one
     dispatch. A batch of another shape (an epoch's smaller last batch) closes
-    the group early. Yields `(number of batches, stacked batch)`.
+    the group early.
     """
     group: list[dict] = []
     for batch in batches:
         if group and (len(group) == group_size or _shapes(batch) != _shapes(group[0])):
-            yield len(group), {key: np.stack([b[key] for b in group]) for key in group[0]}
+            yield {key: np.stack([b[key] for b in group]) for key in group[0]}
             group = []
         group.append(batch)
     if group:
-        yield len(group), {key: np.stack([b[key] for b in group]) for key in group[0]}
+        yield {key: np.stack([b[key] for b in group]) for key in group[0]}

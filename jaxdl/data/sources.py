@@ -20,7 +20,6 @@ import itertools
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import grain
 import numpy as np
 
 from jaxdl.data.arrays import check_batch_size, num_batches
@@ -55,6 +54,7 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     except (NotImplementedError, RuntimeError, AssertionError, FileNotFoundError) as error:
         builder = tfds.builder(name, data_dir=data_dir)
         where = os.fspath(builder.data_dir)
+        root = where[:where.rfind(os.sep + name + os.sep)] if os.sep + name + os.sep in where else where
         prepared_as = None
         if builder.is_prepared():
             prepared_as = getattr(builder.info.file_format, "value", builder.info.file_format)
@@ -64,7 +64,7 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
             f"tfds dataset {name!r} (split {split!r}): {found}. jaxdl reads ArrayRecord files and downloads "
             f"nothing. On a machine with network access run `pip install 'jaxdl[prepare]'` (TensorFlow, which "
             f"tfds needs to write datasets), then `tfds build {name} --file_format=array_record "
-            f"--data_dir=DIR`, and copy DIR/{name} into {os.path.dirname(where)} (or pass data_dir=DIR); "
+            f"--data_dir=DIR`, and copy DIR/{name} into {root} (or pass data_dir=DIR); "
             f"looked in {where}") from error
 
 
@@ -114,7 +114,8 @@ class Features:
             missing = [name for name in self.names if name is not None and name not in example]
             if missing:
                 raise ValueError(f"the examples have no feature {missing[0]!r} (features={self.names}); they "
-                                 f"have {sorted(example)}: name them with features=(input, label)")
+                                 f"have {sorted(example)}: name them with features=(input, label) (a list or "
+                                 "other sequence is read as examples; pass batch dicts as an iterator or generator)")
             input_name, label_name = (f"feature {name!r}" for name in self.names)
             x, y = example[self.names[0]], None if self.names[1] is None else example[self.names[1]]
         x = np.asarray(x)
@@ -172,7 +173,10 @@ class SourceBatches:
         """Batches per epoch."""
         return num_batches(len(self.source), self.batch_size, self.drop_remainder)
 
-    def dataset(self, epoch: int) -> grain.MapDataset:
+    def dataset(self, epoch: int):
+        """The epoch's grain `MapDataset` of batches."""
+        import grain  # imported when a source is read: it adds a second to `import jaxdl`
+
         examples = grain.MapDataset.source(self.source)
         if self.shuffle:
             examples = examples.shuffle(seed=epoch_seed(self.seed, epoch))
@@ -180,6 +184,8 @@ class SourceBatches:
 
     def epoch(self, epoch: int, position: dict | None = None) -> Iterator[dict]:
         """The batches of one epoch, from its start or from a saved `position`."""
+        import grain
+
         options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
         iterator = iter(self.dataset(epoch).to_iter_dataset(options))
         if position is not None:
