@@ -19,7 +19,7 @@ import time
 
 from experiments.common import machine
 
-EXPERIMENTS = ("neuron", "basics", "penguins", "digits", "classify", "transfer")
+EXPERIMENTS = ("neuron", "basics", "penguins", "digits", "mnist", "classify", "transfer")
 
 
 def _show(value) -> str:
@@ -37,19 +37,31 @@ def _show(value) -> str:
 
 
 def run_checks(names, out: str | None, seed: int | None) -> list[tuple]:
-    """(experiment, metric, value, reference, holds) for every check, plus each experiment's seconds."""
+    """(experiment, metric, value, reference, holds) for every check, plus each experiment's seconds.
+
+    `holds` is True or False for a check that ran, None for a plain figure, and
+    "skipped: why" for a check whose data is not here (an experiment's
+    `suite_args()` says which arguments to run it with and what it skips).
+    """
     results = []
     for name in names:
         module = importlib.import_module(f"experiments.{name}")
         print(f"== {name}" + ("" if seed is None else f" (seed {seed})"), flush=True)
+        arguments, skipped = module.suite_args() if hasattr(module, "suite_args") else ([], [])
         started = time.perf_counter()
-        metrics = module.run(["--quiet"] + (["--out", out] if out else []) + ([] if seed is None else ["--seed", str(seed)]))
+        metrics = module.run(["--quiet"] + arguments + (["--out", out] if out else [])
+                             + ([] if seed is None else ["--seed", str(seed)]))
         seconds = time.perf_counter() - started
         for check in module.checks(metrics) if hasattr(module, "checks") else module.CHECKS:
             value = metrics.get(check.metric)
             results.append((name, check.metric, value, check.reference, value is not None and check.holds(value)))
+        results.extend((name, metric, "-", reference, reason) for metric, reference, reason in skipped)
         results.append((name, "seconds", round(seconds, 1), "", None))
     return results
+
+
+def _verdict(holds) -> str:
+    return holds if isinstance(holds, str) else "" if holds is None else "ok" if holds else "MISSED"
 
 
 def _print_table(header: tuple, rows: list[tuple]) -> None:
@@ -78,11 +90,12 @@ def main(argv=None) -> int:
 
     if not args.seeds:
         results = run_checks(args.names, args.out, None)
-        rows = [(name, metric, _show(value), reference, "" if holds is None else "ok" if holds else "MISSED")
+        rows = [(name, metric, _show(value), reference, _verdict(holds))
                 for name, metric, value, reference, holds in results]
         _print_table(("experiment", "metric", "ours", "tutorial / target", ""), rows)
         failed = sum(holds is False for *_, holds in results)
-        print(f"\n{sum(holds is not None for *_, holds in results)} checks, {failed} missed")
+        skipped = sum(isinstance(holds, str) for *_, holds in results)
+        print(f"\n{sum(isinstance(holds, bool) for *_, holds in results)} checks, {failed} missed, {skipped} skipped")
         print(f"measured on {machine()}")
         return 1 if failed else 0
 
@@ -92,11 +105,11 @@ def main(argv=None) -> int:
         values = [results[index][2] for results in by_seed]
         misses = [seed for seed, results in zip(args.seeds, by_seed) if results[index][4] is False]
         failed += bool(misses)
-        verdict = "" if holds is None else "ok" if not misses else "MISSED for seeds " + " ".join(map(str, misses))
+        verdict = _verdict(holds) if not misses else "MISSED for seeds " + " ".join(map(str, misses))
         rows.append((name, metric, _range(values), reference, verdict))
     _print_table(("experiment", "metric", f"seeds {' '.join(map(str, args.seeds))}: min .. max",
                   "tutorial / target", ""), rows)
-    print(f"\n{sum(r[4] != '' for r in rows)} checks over {len(args.seeds)} seeds, {failed} missed for some seed")
+    print(f"\n{sum(r[4] in ('ok',) or r[4].startswith('MISSED') for r in rows)} checks over {len(args.seeds)} seeds, {failed} missed for some seed")
     print(f"measured on {machine()}")
     return 1 if failed else 0
 

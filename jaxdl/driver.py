@@ -34,6 +34,11 @@ from jaxdl.models.heads import fast_inference
 from jaxdl.train import (TrainState, _checked_metric_names, _predict_all, compiled_epoch, compiled_evaluate,
                          compiled_steps, create_train_state, make_eval_step, seed_rngs, summarize, zero_totals)
 
+# Keras's default. One object, not one per call: the optimizer is part of the compiled steps' cache
+# key, so a new `optax.adam` per `fit` would compile every step again. Optax transformations are
+# immutable pairs of functions, so sharing one is safe.
+DEFAULT_OPTIMIZER = optax.adam(1e-3)
+
 
 def _read_source(x, what: str, *, batch_size: int, features, transform, input_shape, needs_labels: bool,
                  y=None, shuffle: bool = False, **options):
@@ -369,7 +374,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         input_shape, train_labels = x.shape[1:], y
 
     if state is None:
-        state = create_train_state(model, optimizer or optax.adam(1e-3), input_shape, init_rng)
+        state = create_train_state(model, optimizer or DEFAULT_OPTIMIZER, input_shape, init_rng)
     else:
         state = _state_to_continue(model, optimizer, state)
     validate = None

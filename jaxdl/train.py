@@ -67,7 +67,7 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
     init_rng, dropout_rng = jax.random.split(rng)
     sample = jnp.zeros((1, *input_shape), input_dtype)
     try:
-        variables = jax.jit(functools.partial(model.init, train=False))(init_rng, sample)
+        variables = _compiled_init(model)(init_rng, sample)
     except (TypeError, ValueError, ZeroDivisionError, IndexError) as error:
         hint = (" Convolutional models take (height, width, channels) per example: add a channel axis "
                 "(x[..., None])." if len(input_shape) == 2 else "")
@@ -81,6 +81,19 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
                          "its last axis was read as channels; add a channel axis (x[..., None])")
     return new_train_state(model.apply, variables["params"], optimizer, batch_stats=variables.get("batch_stats", {}),
                            dropout_rng=dropout_rng, input_shape=input_shape)
+
+
+def _compiled_init(model) -> Callable:
+    """`model.init` in inference mode, compiled once per model (a new jit per call would compile anew)."""
+    try:
+        return _cached_init(model)
+    except TypeError:  # a module with unhashable fields (lists, dicts): compile for this call only
+        return jax.jit(functools.partial(model.init, train=False))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_init(model) -> Callable:
+    return jax.jit(functools.partial(model.init, train=False))
 
 
 def new_train_state(apply_fn, params, optimizer: optax.GradientTransformation, *, batch_stats, dropout_rng,

@@ -25,7 +25,8 @@ def run_experiment(tmp_path_factory, jaxdl_cache):
     def run(name: str):
         if name not in done:
             module = importlib.import_module(f"experiments.{name}")
-            done[name] = module.run(["--quiet", "--out", str(root)]), root / name
+            arguments = module.suite_args()[0] if hasattr(module, "suite_args") else []  # as the suite runs it
+            done[name] = module.run(["--quiet", "--out", str(root), *arguments]), root / name
         return done[name]
 
     return run
@@ -41,6 +42,8 @@ def checks_of(name: str, metrics: dict) -> tuple:
     ("basics", {"params", "accuracy", "val_accuracy", "predictions"}, ["history.png"]),
     ("penguins", {"params", "test_accuracy", "confusion_matrix"}, ["history.png", "confusion_matrix.png"]),
     ("digits", {"mlp_test_accuracy", "cnn_test_accuracy"}, ["mlp_history.png", "cnn_history.png"]),
+    ("mnist", {"mlp_params", "cnn_params", "mlp_test_accuracy", "cnn_test_accuracy", "cnn_confusion_matrix"},
+     ["mlp_history.png", "cnn_history.png", "mlp_confusion_matrix.png", "cnn_confusion_matrix.png"]),
     ("classify", {"chelsea_top5", "chelsea_top3", "coffee_top1", "coffee_probability"}, ["predictions.png"]),
     pytest.param("transfer", {"train_accuracy_all", "train_accuracy", "val_accuracy", "imagenet_top1"},
                  ["history.png"], marks=pytest.mark.requires_cats),
@@ -63,6 +66,36 @@ def test_suite_prints_the_table_and_the_machine(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "neuron      neuron_output  1.25" in out and "2 checks, 0 missed" in out
     assert out.rstrip().splitlines()[-1].startswith("measured on ") and "jax " in out
+
+
+def test_the_suite_runs_mnist_on_mock_data_and_lists_the_real_run_as_skipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
+    from experiments import mnist
+
+    arguments, skipped = mnist.suite_args()
+    assert arguments == ["--mock"]
+    assert skipped == [("test accuracy on real MNIST", "MLP >= 0.98, CNN >= 0.992",
+                        f"skipped: tfds mnist is not prepared in {tmp_path / 'empty' / 'mnist' / '3.0.1'}, and no "
+                        "--data mnist.npz was given")]
+    assert [check.metric for check in mnist.checks({"data": "mock"})] == ["mlp_params", "cnn_params",
+                                                                          "mlp_test_accuracy"]
+
+
+def test_mnist_trains_from_a_keras_npz_file(tmp_path):
+    from experiments import mnist
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 80).astype(np.uint8)
+    pixels = (rng.integers(0, 50, (80, 28, 28)) + 20 * labels[:, None, None]).astype(np.uint8)
+    np.savez(tmp_path / "mnist.npz", x_train=pixels[:64], y_train=labels[:64], x_test=pixels[64:],
+             y_test=labels[64:])
+    metrics = mnist.run(["--quiet", "--out", str(tmp_path), "--data", str(tmp_path / "mnist.npz"),
+                         "--mlp-epochs", "2", "--cnn-epochs", "1", "--batch-size", "32"])
+    assert metrics["data"] == f"keras npz {tmp_path / 'mnist.npz'}"
+    assert (metrics["train_samples"], metrics["test_samples"], metrics["mlp_epochs"]) == (64, 16, 2)
+    np.savez(tmp_path / "other.npz", images=pixels)
+    with pytest.raises(ValueError, match=r"other.npz is not Keras's mnist.npz: it lacks \['x_test'"):
+        mnist.run(["--quiet", "--out", str(tmp_path), "--data", str(tmp_path / "other.npz")])
 
 
 def test_penguins_metrics(run_experiment):

@@ -30,14 +30,14 @@ def pretrained_model(jaxdl_cache):
 
 @pytest.fixture(scope="session")
 def cats(pretrained_model):
-    """Six female and six male photos, preprocessed for the torchvision weights at 96x96, not 224x224.
+    """Six female and six male photos, preprocessed for the torchvision weights at 64x64, not 224x224.
 
     What these tests check (frozen variables, equal paths, saved classes) does not depend on the size,
-    and MobileNetV2 takes any size from 32 up: 5.4x fewer pixels through the backbone.
+    and MobileNetV2 takes any size from 32 up: 12x fewer pixels through the backbone.
     """
     paths = [CATS / f"{sex}{i:02d}.jpg" for sex in "fm" for i in range(1, 7)]
     labels = np.array([0] * 6 + [1] * 6, np.int32)
-    small = {**pretrained_model[2]["preprocessing"], "size": 96, "resize": 110}
+    small = {**pretrained_model[2]["preprocessing"], "size": 64, "resize": 73}
     images, labels, _ = image_io.load_images(paths, labels, small)
     return images, labels
 

@@ -26,6 +26,13 @@ def test_penguin_network_has_83_parameters():
     assert count_params(init(MLP(features=(10,), num_outputs=3), (4,))) == 83
 
 
+def test_mnist_mlp_has_101770_and_the_keras_cnn_34826_parameters():
+    from experiments import mnist
+
+    assert count_params(init(mnist.MLP_MODEL, (28, 28, 1))) == 101_770
+    assert count_params(init(mnist.CNN_MODEL, (28, 28, 1))) == 34_826
+
+
 def test_count_params_matches_keras_summary_with_batchnorm_and_convs():
     import keras
 

@@ -34,7 +34,14 @@ PREFETCH_BATCHES = 8
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-    """A tfds dataset is not on disk in the ArrayRecord format, and jaxdl does not download it."""
+    """A tfds dataset is not on disk in the ArrayRecord format, and jaxdl does not download it.
+
+    `name` is the dataset and `looked_in` the directory searched.
+    """
+
+    def __init__(self, message: str, *, name: str, looked_in: str):
+        super().__init__(message)
+        self.name, self.looked_in = name, looked_in
 
 
 def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
@@ -51,7 +58,7 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(f"tensorflow-datasets has no dataset named {name!r} (see "
                          "https://www.tensorflow.org/datasets/catalog)") from error
-    except (NotImplementedError, RuntimeError, AssertionError, FileNotFoundError) as error:
+    except (NotImplementedError, RuntimeError, AssertionError, FileNotFoundError, KeyError) as error:
         builder = tfds.builder(name, data_dir=data_dir)
         where = os.fspath(builder.data_dir)
         root = where[:where.rfind(os.sep + name + os.sep)] if os.sep + name + os.sep in where else where
@@ -65,7 +72,7 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
             f"nothing. On a machine with network access run `pip install 'jaxdl[prepare]'` (TensorFlow, which "
             f"tfds needs to write datasets), then `tfds build {name} --file_format=array_record "
             f"--data_dir=DIR`, and copy DIR/{name} into {root} (or pass data_dir=DIR); "
-            f"looked in {where}") from error
+            f"looked in {where}", name=name, looked_in=where) from error
 
 
 def is_random_access(value) -> bool:

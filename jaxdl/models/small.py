@@ -33,6 +33,12 @@ def activation(name: str):
         raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}") from None
 
 
+def rescaled(x, scale: float | None, dtype: Any):
+    """`x` as `dtype`, times `scale` when given (Keras's `Rescaling`)."""
+    x = x.astype(dtype)
+    return x if scale is None else x * jnp.asarray(scale, dtype)
+
+
 def keras_batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
     """BatchNorm with Keras's defaults (momentum 0.99, epsilon 1e-3)."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, dtype=dtype, name=name)
@@ -42,7 +48,9 @@ class MLP(nn.Module):
     """Dense layers of `features` units with `activation`, then `num_outputs` logits.
 
     Inputs of any rank are flattened per example. `batch_norm` puts BatchNorm
-    before each activation; `dropout_rate` drops after it.
+    before each activation; `dropout_rate` drops after it. `input_scale`
+    multiplies the inputs first, as Keras's `Rescaling` layer: 1/255 lets
+    uint8 pixels travel to the device as uint8 and become [0, 1] there.
     """
 
     features: Sequence[int]
@@ -50,12 +58,13 @@ class MLP(nn.Module):
     activation: str = "relu"
     dropout_rate: float = 0.0
     batch_norm: bool = False
+    input_scale: float | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         act = activation(self.activation)
-        x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+        x = rescaled(x.reshape((x.shape[0], -1)), self.input_scale, self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Dense(width, dtype=self.dtype, kernel_init=kernel_init, name=f"dense_{i}")(x)
             if self.batch_norm:
@@ -75,28 +84,33 @@ class ConvNet(nn.Module):
     `layers` items: ("conv", features, kernel_size[, activation]),
     ("maxpool", window), ("dropout", rate), ("batchnorm",), ("flatten",),
     ("dense", features[, activation]). The last item should be a dense layer
-    without activation: the logits. Convs use "same" padding; inputs are NHWC
-    (a 3-D batch gets a channel axis).
+    without activation: the logits. Convs use `padding` ("SAME", or "VALID"
+    as Keras's default); inputs are NHWC (a 3-D batch gets a channel axis),
+    multiplied by `input_scale` first when given (see `MLP`).
     """
 
     layers: Sequence[Sequence[Any]]
+    padding: str = "SAME"
+    input_scale: float | None = None
     dtype: Any = jnp.float32
 
     def setup_check(self):
         for i, spec in enumerate(self.layers):
             if not spec or spec[0] not in LAYER_KINDS:
                 raise ValueError(f"ConvNet layers[{i}] = {spec!r}: the first item must be one of {LAYER_KINDS}")
+        if self.padding not in ("SAME", "VALID"):
+            raise ValueError(f"ConvNet padding must be 'SAME' or 'VALID', got {self.padding!r}")
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         self.setup_check()
-        x = x.astype(self.dtype)
+        x = rescaled(x, self.input_scale, self.dtype)
         if x.ndim == 3:
             x = x[..., None]
         for i, (kind, *args) in enumerate(self.layers):
             if kind == "conv":
                 features, size, *act = args
-                x = nn.Conv(features, (size, size), padding="SAME", dtype=self.dtype,
+                x = nn.Conv(features, (size, size), padding=self.padding, dtype=self.dtype,
                             kernel_init=kernel_init, name=f"conv_{i}")(x)
                 x = activation(act[0] if act else "relu")(x)
             elif kind == "maxpool":
