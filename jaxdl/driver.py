@@ -31,8 +31,9 @@ from jaxdl import data
 from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
 from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.heads import fast_inference
-from jaxdl.train import (TrainState, _checked_metric_names, _predict_all, compiled_epoch, compiled_evaluate,
-                         compiled_steps, create_train_state, make_eval_step, seed_rngs, summarize, zero_totals)
+from jaxdl.train import (TrainState, _checked_metric_names, _predict_all, compiled_epoch, compiled_eval_step,
+                         compiled_evaluate, compiled_steps, create_train_state, loops_are_slow, seed_rngs, summarize,
+                         zero_totals)
 
 # Keras's default. One object, not one per call: the optimizer is part of the compiled steps' cache
 # key, so a new `optax.adam` per `fit` would compile every step again. Optax transformations are
@@ -56,10 +57,10 @@ def _check_array_arguments(x, features, transform) -> None:
                          f"array ({type(x).__name__}), whose examples are the inputs already")
 
 
-def _evaluate_source(state: TrainState, batches, eval_step) -> dict:
-    """Sums of `eval_step` over one pass of a source's batches."""
+def _evaluate_batches(state: TrainState, batches, eval_step) -> dict:
+    """Sums of `eval_step` over host batches."""
     totals = None
-    for batch in data.to_device(batches.epoch(0)):
+    for batch in data.to_device(batches):
         sums = eval_step(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
@@ -80,11 +81,11 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
         batches = _read_source(x, "evaluate", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=state.input_shape, needs_labels=True)
         _check_labels_fit_the_loss(state, loss, {"the labels of the source": _first_labels(batches)})
-        return summarize(_evaluate_source(state, batches, make_eval_step(loss, metrics)))
+        return summarize(_evaluate_batches(state, batches.epoch(0), compiled_eval_step(loss, metrics)))
     _check_array_arguments(x, features, transform)
     x, y = data.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
     _check_labels_fit_the_loss(state, loss, {"y": y})
-    return summarize(compiled_evaluate(loss, metrics, batch_size)(state, jnp.asarray(x), jnp.asarray(y)))
+    return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size)(state))
 
 
 def prediction_batch_size(num_examples: int, batch_size: int) -> int:
@@ -129,6 +130,9 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     _check_array_arguments(x, features, transform)
     x = data.check_dataset(x, input_shape=input_shape, purpose="predicting")
     size = prediction_batch_size(len(x), batch_size)
+    if not chunked and len(x) > size and loops_are_slow(apply_fn, variables, x.shape[1:]):
+        return np.concatenate([np.asarray(_predict_all(apply_fn, variables, batch["x"], len(batch["x"]), False))
+                               for batch in data.to_device(data.ordered_batches({"x": x}, np.arange(len(x)), size))])
     return np.asarray(_predict_all(apply_fn, variables, jnp.asarray(x), size, chunked))
 
 
@@ -260,21 +264,33 @@ class _ArrayEpochs:
 
 @dataclasses.dataclass
 class _StreamedEpochs:
-    """The source path: host batches prefetched to the device, `steps_per_dispatch` steps per compiled call."""
+    """Host batches prefetched to the device, `steps_per_dispatch` steps per compiled call.
 
-    batches: data.SourceBatches | data.IterableBatches
+    The path of sources, and of in-memory arrays where a compiled loop is
+    slow (`train.loops_are_slow`). `batches_of(epoch, step)` gives an
+    epoch's host batches: a source's order follows the epoch, an array's the
+    state's step (as on the scan path).
+    """
+
+    batches_of: Callable
     run_steps: Callable
     metrics: tuple
     steps_per_dispatch: int
 
     def run(self, state, previous, epoch: int):
-        """`(state, previous, sums, steps run, steps accepted)` of one epoch (its order depends on `epoch`)."""
+        """`(state, previous, sums, steps run, steps accepted)` of one epoch."""
         totals, healthy, steps = zero_totals(self.metrics), jnp.bool_(True), 0
-        for group in data.to_device(data.stacked(self.batches.epoch(epoch), self.steps_per_dispatch)):
+        host_batches = self.batches_of(epoch, int(state.step))
+        for group in data.to_device(data.stacked(host_batches, self.steps_per_dispatch)):
             state, previous, healthy, totals = self.run_steps(state, previous, healthy, totals, group)
             steps += group["x"].shape[0]
         accepted = int(totals.pop("accepted_steps"))
         return state, previous, totals, steps, accepted
+
+
+def _array_order(shuffle_rng, step: int, num_examples: int) -> np.ndarray:
+    """The order the scan path draws on the device for this step, drawn here for host batches."""
+    return np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_rng, step), num_examples))
 
 
 def _positive_int(name: str, value) -> int:
@@ -385,7 +401,15 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     _check_labels_fit_the_loss(state, loss, labels)
 
     if data.is_source(x):
-        epochs_of = _StreamedEpochs(batches, compiled_steps(loss, metrics), metrics, steps_per_dispatch)
+        epochs_of = _StreamedEpochs(lambda epoch, step: batches.epoch(epoch), compiled_steps(loss, metrics), metrics,
+                                    steps_per_dispatch)
+    elif loops_are_slow(state.apply_fn, state.variables, state.input_shape):
+        def array_batches(epoch, step):
+            del epoch
+            order = _array_order(shuffle_rng, step, len(x)) if shuffle else np.arange(len(x))
+            return data.ordered_batches({"x": x, "y": y, "weight": weights}, order, batch_size, drop_remainder)
+
+        epochs_of = _StreamedEpochs(array_batches, compiled_steps(loss, metrics), metrics, steps_per_dispatch)
     else:
         epochs_of = _ArrayEpochs(jax.device_put(x), jax.device_put(y), jax.device_put(weights), shuffle_rng,
                                  compiled_epoch(loss, metrics, batch_size, shuffle, drop_remainder),
@@ -443,11 +467,21 @@ def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_s
         batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
                                features=features, transform=transform, input_shape=state.input_shape,
                                needs_labels=True)
-        eval_step = make_eval_step(loss, metrics)
-        return (lambda trained: _evaluate_source(trained, batches, eval_step)), _first_labels(batches)
+        eval_step = compiled_eval_step(loss, metrics)
+        return (lambda trained: _evaluate_batches(trained, batches.epoch(0), eval_step)), _first_labels(batches)
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val) or a source")
     x_val, y_val = data.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
+    return _array_evaluator(state, x_val, y_val, loss, metrics, batch_size), y_val
+
+
+def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metrics: tuple, batch_size: int):
+    """`evaluate(state) -> sums` over arrays: one compiled scan, or batch by batch where loops are slow."""
+    if loops_are_slow(state.apply_fn, state.variables, state.input_shape):
+        eval_step = compiled_eval_step(loss, metrics)
+        arrays = {"x": x, "y": y}
+        return lambda trained: _evaluate_batches(trained, data.ordered_batches(arrays, np.arange(len(x)), batch_size),
+                                                 eval_step)
     evaluate_all = compiled_evaluate(loss, metrics, batch_size)
-    x_device, y_device = jax.device_put(x_val), jax.device_put(y_val)
-    return (lambda trained: evaluate_all(trained, x_device, y_device)), y_val
+    x_device, y_device = jax.device_put(x), jax.device_put(y)
+    return lambda trained: evaluate_all(trained, x_device, y_device)

@@ -92,6 +92,15 @@ def padded_indices(order: np.ndarray, batch_size: int, drop_remainder: bool = Fa
     return np.resize(order, total).reshape(-1, batch_size), mask.reshape(-1, batch_size)
 
 
+def ordered_batches(arrays: dict, order: np.ndarray, batch_size: int,
+                    drop_remainder: bool = False) -> Iterator[dict]:
+    """Batches of `arrays` (a dict of equally long arrays) taken in `order`, the last one smaller or dropped."""
+    stop = min(num_batches(len(order), batch_size, drop_remainder) * batch_size, len(order))
+    for start in range(0, stop, batch_size):
+        rows = order[start:start + batch_size]
+        yield {key: value[rows] for key, value in arrays.items()}
+
+
 def batches(x, y, batch_size: int, *, seed: int | None = None, drop_remainder: bool = False,
             pad: bool = True) -> Iterator[dict]:
     """Yields numpy batches for hand-written loops.
@@ -107,10 +116,7 @@ def batches(x, y, batch_size: int, *, seed: int | None = None, drop_remainder: b
     x, y = check_dataset(x, y)
     order = np.arange(len(x)) if seed is None else np.random.default_rng(seed).permutation(len(x))
     if not pad:
-        stop = num_batches(len(x), batch_size, drop_remainder) * batch_size
-        for start in range(0, stop, batch_size):
-            rows = order[start:start + batch_size]
-            yield {"x": x[rows], "y": y[rows]}
+        yield from ordered_batches({"x": x, "y": y}, order, batch_size, drop_remainder)
         return
     index, mask = padded_indices(order, batch_size, drop_remainder)
     for rows, keep in zip(index, mask):
