@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.train_small
 	$(PY) -m benchmarks.mobilenet_inference
 	$(PY) -m benchmarks.finetune
+	$(PY) -m benchmarks.input_pipeline
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
