@@ -37,7 +37,7 @@ def checks(metrics: dict) -> tuple[Check, ...]:
     counts = (Check("mlp_params", f"{MLP_PARAMS:,}", lambda v: v == MLP_PARAMS),
               Check("cnn_params", f"{CNN_PARAMS:,}", lambda v: v == CNN_PARAMS))
     if metrics.get("data") == "mock":
-        return counts + (Check("mlp_test_accuracy", "finite (mock data)", lambda v: np.isfinite(v)),)
+        return counts
     return counts + (Check("mlp_test_accuracy", ">= 0.98", lambda v: v >= 0.98),
                      Check("cnn_test_accuracy", ">= 0.992", lambda v: v >= 0.992))
 

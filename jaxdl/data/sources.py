@@ -24,11 +24,11 @@ import numpy as np
 
 from jaxdl.data.arrays import check_batch_size, num_batches
 
-# Grain's read threads (not worker processes): reading and decoding an
-# ArrayRecord example (PNG decoding by Pillow, numpy copies) releases the GIL
-# for most of its time, threads start instantly and share the source, and the
-# iterator's position stays one small dict. Worker processes pay a fork and a
-# pickle of every batch, which costs more than it saves for small examples.
+# Grain's read threads, not worker processes: threads start at once, share the open source, and
+# keep the iterator's position one small dict; a worker process pays a fork and a pickle of every
+# batch. Two threads: on 2 cores with the MNIST CNN training beside them, 1, 2 and 4 threads
+# delivered 7.1k, 7.2k and 5.4k examples/s and fit ran at 0.69x, 0.85x and 0.75x of its in-memory
+# speed (more threads contend for the GIL and the cores the step computes on).
 READ_THREADS = 2
 PREFETCH_BATCHES = 8
 
