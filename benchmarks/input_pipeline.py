@@ -18,7 +18,6 @@ in-memory throughput. Run: `python -m benchmarks.input_pipeline`.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -27,17 +26,10 @@ import numpy as np
 
 from experiments.common import machine
 from experiments.mnist import CNN_MODEL
-from jaxdl import Callback, data, fit
+from benchmarks.train_small import EpochTimer, steady
+from jaxdl import data, fit
 
 BATCH, EPOCHS = 128, 3
-
-
-class EpochTimer(Callback):
-    def on_train_begin(self, run):
-        self.times = [time.perf_counter()]
-
-    def on_epoch_end(self, run, epoch, logs):
-        self.times.append(time.perf_counter())
 
 
 def mnist_like(examples: int, seed: int = 0):
@@ -59,7 +51,7 @@ def fit_seconds_per_epoch(x, y=None, **options) -> float:
     timer = EpochTimer()
     fit(CNN_MODEL, x, y, loss="sparse_categorical_crossentropy", epochs=EPOCHS, batch_size=BATCH,
         callbacks=[timer], verbose=0, **options)
-    return statistics.median(np.diff(timer.times)[1:])
+    return steady(timer.times)
 
 
 def main(argv=None):
