@@ -367,8 +367,10 @@ def _read_zip(path: Path, select) -> dict[str, _TensorRef]:
                 storage.data = _read_storage(archive, f"{prefix}data/{storage.key}", storage, path)
         return tensors
     # zipfile raises BadZipFile, EOFError or zlib.error for damaged data, NotImplementedError for an
-    # unknown compression method, and RuntimeError for an encrypted member.
-    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError, OSError) as error:
+    # unknown compression method, RuntimeError for an encrypted member, and UnicodeDecodeError for a
+    # member name flagged UTF-8 that is not (found by tests/test_fuzz_loaders.py).
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError, OSError,
+            UnicodeDecodeError) as error:
         raise WeightFileError(f"{path}: damaged zip archive (truncated download?): {error}") from error
 
 
@@ -428,6 +430,10 @@ def load_state_dict(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> coll
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weight file at {path}")
-    read = _read_zip if zipfile.is_zipfile(path) else _read_legacy
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as error:  # is_zipfile lets some damage through (found by test_fuzz_loaders)
+        raise WeightFileError(f"{path}: damaged zip archive (truncated download?): {error}") from error
+    read = _read_zip if is_zip else _read_legacy
     tensors = read(path, lambda unpickled: _select_tensors(path, unpickled, max_bytes))
     return collections.OrderedDict((name, tensor.materialize()) for name, tensor in tensors.items())

@@ -28,6 +28,7 @@ def pytest_unconfigure(config):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: thorough runs left out of `make test` (pytest -m slow runs them)")
     config.addinivalue_line("markers", "requires_cats: needs the tutorial's cat photos (../shared/data/cats); "
                                        "skipped where they are absent, failed instead in CI (CI=true)")
 

@@ -1,0 +1,243 @@
+"""Every loader against damaged and hostile input, property-based (hypothesis).
+
+Each file loader gets genuine files mutated at random: truncated, bits
+flipped, a span overwritten, bytes inserted, emptied, or replaced by random
+bytes, plus the attacks its format invites (a PNG declaring a huge image).
+Every case must end in a correct load or in the loader's own error naming
+the file; any other exception, a crash or an unbounded allocation (memory
+limits are set low here) fails. The default suite runs `QUICK` examples per
+loader (3 for Keras files); `pytest -m slow tests/test_fuzz_loaders.py`
+runs `THOROUGH` each.
+Seeds are derandomized: a run is the same on every machine.
+"""
+import io
+import os
+import struct
+import zlib
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+from jaxdl import data, images
+from jaxdl.convert import ConversionError, from_keras
+from jaxdl.torchfile import WeightFileError, load_state_dict
+
+QUICK, THOROUGH = 25, 1000
+EXAMPLES = pytest.mark.parametrize("examples", [QUICK, pytest.param(THOROUGH, marks=pytest.mark.slow)],
+                                   ids=["quick", "thorough"])
+# A Keras file that survives its damage is converted whole (1.6 s here), so the default suite runs few.
+H5_EXAMPLES = pytest.mark.parametrize("examples", [3, pytest.param(THOROUGH, marks=pytest.mark.slow)],
+                                      ids=["quick", "thorough"])
+MUTATIONS = ("truncate", "flip bits", "overwrite span", "insert bytes", "empty", "random bytes")
+
+
+def mutated(genuine: bytes, kind: str, seed: int, payload: bytes) -> bytes:
+    """`genuine` damaged one way, positions drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    where = int(rng.integers(0, len(genuine)))
+    if kind == "truncate":
+        return genuine[:where]
+    if kind == "flip bits":
+        damaged = bytearray(genuine)
+        for position in rng.integers(0, len(genuine), size=int(rng.integers(1, 9))):
+            damaged[position] ^= 1 << int(rng.integers(0, 8))
+        return bytes(damaged)
+    if kind == "overwrite span":
+        return genuine[:where] + payload + genuine[where + len(payload):]
+    if kind == "insert bytes":
+        return genuine[:where] + payload + genuine[where:]
+    if kind == "empty":
+        return b""
+    return payload
+
+
+damage = st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 2**32 - 1), st.binary(min_size=1, max_size=64))
+
+
+def fuzz(examples: int, strategy, check) -> int:
+    """Runs `check` on `examples` cases drawn from `strategy`; returns how many ran."""
+    ran = []
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def property_holds(case):
+        ran.append(case)
+        check(case)
+
+    property_holds()
+    print(f"{len(ran)} examples")
+    return len(ran)
+
+
+def write(tmp_path, name: str, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+def assert_names_the_file(error: Exception, path) -> None:
+    assert str(path) in str(error) or path.name in str(error), f"{type(error).__name__}: {error}"
+
+
+# --- .pth (torchvision weights) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["zip", "legacy"])
+def genuine_pth(request):
+    state = torch.nn.Linear(3, 2).state_dict()
+    state.update({"matrix": torch.arange(12.0).reshape(3, 4), "counts": torch.arange(5)})
+    buffer = io.BytesIO()
+    torch.save(state, buffer, _use_new_zipfile_serialization=request.param)
+    return buffer.getvalue(), {name: tensor.numpy() for name, tensor in state.items()}
+
+
+@EXAMPLES
+def test_damaged_pth_files_load_or_raise_a_weight_file_error_naming_the_file(tmp_path, genuine_pth, examples):
+    genuine, expected = genuine_pth
+    limit = 64 * len(genuine)  # a flipped size cannot make the loader allocate more than this
+
+    def check(case):
+        path = write(tmp_path, "weights.pth", mutated(genuine, *case))
+        try:
+            loaded = load_state_dict(path, max_bytes=limit)
+        except WeightFileError as error:
+            assert_names_the_file(error, path)
+            return
+        assert all(isinstance(array, np.ndarray) for array in loaded.values())
+        assert sum(array.nbytes for array in loaded.values()) <= limit
+
+    assert fuzz(examples, damage, check) == examples
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def encoded(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A genuine PNG whose header (CRC fixed) declares another size: a decompression bomb's header."""
+    genuine = bytearray(encoded("PNG"))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(genuine[24:29])
+    genuine[16:24] = struct.pack(">II", width, height)
+    genuine[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(genuine)
+
+
+image_cases = st.one_of(
+    st.tuples(st.sampled_from(["PNG", "JPEG"]), damage),
+    st.tuples(st.just("bomb"), st.tuples(st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1))))
+
+
+@EXAMPLES
+def test_damaged_and_bomb_images_load_or_raise_an_image_error_naming_the_file(tmp_path, examples):
+    genuine = {fmt: encoded(fmt) for fmt in ("PNG", "JPEG")}
+    max_pixels = 10_000  # the genuine 32x24 images pass; a declared bomb is refused from its header
+
+    def check(case):
+        kind, detail = case
+        content = png_declaring(*detail) if kind == "bomb" else mutated(genuine[kind], *detail)
+        path = write(tmp_path, "photo.png" if kind != "JPEG" else "photo.jpg", content)
+        try:
+            image = images.load_image(path, max_pixels=max_pixels)
+        except images.ImageError as error:
+            assert str(error).startswith(str(path)), error
+            return
+        assert image.mode == "RGB" and image.width * image.height <= max_pixels
+
+    assert fuzz(examples, image_cases, check) == examples
+
+
+# --- HDF5 (Keras weights) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def genuine_h5(tmp_path_factory):
+    """A small Keras-layout MobileNetV2 weight file (alpha 0.35, no top), as tests/keras_reference writes it."""
+    from tests.keras_reference import build, save_legacy_h5
+
+    path = tmp_path_factory.mktemp("h5") / "mobilenet.h5"
+    save_legacy_h5(build(0.35, 32, False, None, seed=0), path)
+    return path.read_bytes()
+
+
+def layer_edits(genuine: bytes, edit: str, seed: int, tmp_path):
+    """The genuine file with one layer removed, one added, or one weight reshaped."""
+    path = write(tmp_path, "edited.h5", genuine)
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "r+") as file:
+        names = [name.decode() if isinstance(name, bytes) else name for name in file.attrs["layer_names"]]
+        with_weights = [name for name in names if len(file[name].attrs["weight_names"])]
+        name = with_weights[int(rng.integers(0, len(with_weights)))]
+        if edit == "remove layer":
+            file.attrs["layer_names"] = [n.encode() for n in names if n != name]
+        elif edit == "extra layer":
+            extra = file.create_group("extra_dense")
+            extra.attrs["weight_names"] = [b"extra_dense/kernel:0"]
+            extra.create_dataset("extra_dense/kernel:0", data=np.zeros((3, 3), np.float32))
+            names.insert(int(rng.integers(0, len(names))), "extra_dense")
+            file.attrs["layer_names"] = [n.encode() for n in names]
+        else:  # reshape one weight
+            weight = file[name].attrs["weight_names"][0]
+            weight = weight.decode() if isinstance(weight, bytes) else weight
+            values = file[name][weight][...]
+            del file[name][weight]
+            file[name].create_dataset(weight, data=np.zeros(values.shape + (2,), values.dtype))
+    return path.read_bytes()
+
+
+h5_cases = st.one_of(st.tuples(st.just("bytes"), damage),
+                     st.tuples(st.sampled_from(["remove layer", "extra layer", "reshape weight"]),
+                               st.integers(0, 2**32 - 1)))
+
+
+@H5_EXAMPLES
+def test_damaged_keras_files_convert_or_raise_a_conversion_error_naming_the_file(tmp_path, genuine_h5, examples):
+    def check(case):
+        kind, detail = case
+        content = mutated(genuine_h5, *detail) if kind == "bytes" else layer_edits(genuine_h5, kind, detail, tmp_path)
+        path = write(tmp_path, "weights.h5", content)
+        try:
+            model, variables = from_keras(path)
+        except ConversionError as error:
+            assert_names_the_file(error, path)
+            return
+        assert model.alpha == 0.35 and variables["params"]
+
+    assert fuzz(examples, h5_cases, check) == examples
+
+
+# --- sources --------------------------------------------------------------------------------------
+
+feature_values = st.one_of(
+    st.none(), st.text(max_size=3), st.integers(-5, 5), st.floats(allow_nan=True),
+    st.lists(st.floats(-1, 1), max_size=4).map(np.asarray),
+    st.sampled_from([np.zeros(3, np.float32), np.zeros((3, 1), np.float32), np.zeros(3, np.uint8),
+                     np.array(["a", "b", "c"]), np.zeros(3, bool)]))
+examples_strategy = st.one_of(
+    st.dictionaries(st.sampled_from(["image", "label", "x", "other"]), feature_values, max_size=4),
+    feature_values, st.tuples(feature_values, feature_values))
+
+
+@EXAMPLES
+def test_any_example_is_read_or_refused_with_a_value_error(examples):
+    features = data.Features(("image", "label"), input_shape=(3,))
+
+    def check(example):
+        try:
+            batch = features(example)
+        except ValueError as error:
+            assert "feature" in str(error) or "an example is" in str(error), error
+            return
+        assert batch["x"].shape == (3,) and np.issubdtype(batch["y"].dtype, np.number)
+
+    assert fuzz(examples, examples_strategy, check) == examples
