@@ -5,7 +5,9 @@ the same callbacks:
 
 - **in-memory arrays** go to the device once and each epoch is one compiled
   `lax.scan` over its batches (`train.compiled_epoch`), which removes the
-  per-step dispatch that dominates small models;
+  per-step dispatch that dominates small models; convolutional models on
+  CPU, where a compiled loop is slow (`train.loops_are_slow`), take host
+  batches of the arrays through the streamed steps instead;
 - **sources** (tfds data sources, grain datasets, iterables of batch dicts;
   see `jaxdl.data.sources`) stream: grain reads and batches on the host,
   `data.to_device` keeps two batches in flight, and each compiled call runs
@@ -467,6 +469,10 @@ def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_s
         batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
                                features=features, transform=transform, input_shape=state.input_shape,
                                needs_labels=True)
+        if isinstance(batches, data.IterableBatches) and batches.one_shot:
+            raise ValueError(f"validation_data is a one-shot {type(validation_data).__name__}: it would run out "
+                             "after the first epoch's validation; pass a random-access source or an iterable "
+                             "that can be iterated again")
         eval_step = compiled_eval_step(loss, metrics)
         return (lambda trained: _evaluate_batches(trained, batches.epoch(0), eval_step)), _first_labels(batches)
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:

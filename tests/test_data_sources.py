@@ -126,6 +126,8 @@ def test_sources_refuse_what_only_arrays_have():
         fit(model, x, y, loss=CE, features=("image", "label"), verbose=0)
     with pytest.raises(ValueError, match="steps_per_dispatch must be a positive integer, got 0"):
         fit(model, examples(x, y), loss=CE, steps_per_dispatch=0, verbose=0)
+    with pytest.raises(ValueError, match="validation_data is a one-shot generator: it would run out"):
+        fit(model, x, y, loss=CE, verbose=0, validation_data=({"x": x, "y": y} for _ in range(3)))
 
 
 def test_a_generator_that_runs_out_stops_fit_with_a_warning_and_keeps_the_epochs_done():

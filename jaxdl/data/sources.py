@@ -251,7 +251,7 @@ class IterableBatches:
     def __post_init__(self):
         self._continuing: Iterator | None = None
         self._first: dict | None = None
-        self._one_shot = iter(self.iterable) is self.iterable
+        self.one_shot = iter(self.iterable) is self.iterable
 
     def _stream(self) -> Iterator:
         if self._continuing is None:
@@ -261,7 +261,7 @@ class IterableBatches:
     def first_batch(self) -> dict:
         """The first batch, checked; a one-shot iterator keeps it for the first epoch."""
         if self._first is None:
-            if self._one_shot or self.steps_per_epoch is not None:
+            if self.one_shot or self.steps_per_epoch is not None:
                 first = next(self._stream(), None)
                 if first is not None:
                     self._continuing = itertools.chain([first], self._continuing)
@@ -276,7 +276,7 @@ class IterableBatches:
         del epoch
         if position is not None:
             raise ValueError("an iterable of batches has no position to restore; use a random-access source")
-        if self._one_shot or self.steps_per_epoch is not None:
+        if self.one_shot or self.steps_per_epoch is not None:
             batches = self._stream()
             if self.steps_per_epoch is not None:
                 batches = itertools.islice(batches, self.steps_per_epoch)
