@@ -6,16 +6,14 @@ bytes, plus the attacks its format invites (a PNG declaring a huge image).
 Every case must end in a correct load or in the loader's own error naming
 the file; any other exception, a crash or an unbounded allocation (memory
 limits are set low here) fails. The default suite runs `QUICK` examples per
-loader (3 for Keras files); `pytest -m slow tests/test_fuzz_loaders.py`
-runs `THOROUGH` each.
+loader (3 for Keras files, fuzzed in test_mobilenet_v2.py); `pytest -m slow
+tests/test_fuzz_loaders.py tests/test_mobilenet_v2.py` runs `THOROUGH` each.
 Seeds are derandomized: a run is the same on every machine.
 """
 import io
-import os
 import struct
 import zlib
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -23,15 +21,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from jaxdl import data, images
-from jaxdl.convert import ConversionError, from_keras
 from jaxdl.torchfile import WeightFileError, load_state_dict
 
 QUICK, THOROUGH = 25, 1000
 EXAMPLES = pytest.mark.parametrize("examples", [QUICK, pytest.param(THOROUGH, marks=pytest.mark.slow)],
                                    ids=["quick", "thorough"])
-# A Keras file that survives its damage is converted whole (1.6 s here), so the default suite runs few.
-H5_EXAMPLES = pytest.mark.parametrize("examples", [3, pytest.param(THOROUGH, marks=pytest.mark.slow)],
-                                      ids=["quick", "thorough"])
 MUTATIONS = ("truncate", "flip bits", "overwrite span", "insert bytes", "empty", "random bytes")
 
 
@@ -160,63 +154,7 @@ def test_damaged_and_bomb_images_load_or_raise_an_image_error_naming_the_file(tm
     assert fuzz(examples, image_cases, check) == examples
 
 
-# --- HDF5 (Keras weights) -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def genuine_h5(tmp_path_factory):
-    """A small Keras-layout MobileNetV2 weight file (alpha 0.35, no top), as tests/keras_reference writes it."""
-    from tests.keras_reference import build, save_legacy_h5
-
-    path = tmp_path_factory.mktemp("h5") / "mobilenet.h5"
-    save_legacy_h5(build(0.35, 32, False, None, seed=0), path)
-    return path.read_bytes()
-
-
-def layer_edits(genuine: bytes, edit: str, seed: int, tmp_path):
-    """The genuine file with one layer removed, one added, or one weight reshaped."""
-    path = write(tmp_path, "edited.h5", genuine)
-    rng = np.random.default_rng(seed)
-    with h5py.File(path, "r+") as file:
-        names = [name.decode() if isinstance(name, bytes) else name for name in file.attrs["layer_names"]]
-        with_weights = [name for name in names if len(file[name].attrs["weight_names"])]
-        name = with_weights[int(rng.integers(0, len(with_weights)))]
-        if edit == "remove layer":
-            file.attrs["layer_names"] = [n.encode() for n in names if n != name]
-        elif edit == "extra layer":
-            extra = file.create_group("extra_dense")
-            extra.attrs["weight_names"] = [b"extra_dense/kernel:0"]
-            extra.create_dataset("extra_dense/kernel:0", data=np.zeros((3, 3), np.float32))
-            names.insert(int(rng.integers(0, len(names))), "extra_dense")
-            file.attrs["layer_names"] = [n.encode() for n in names]
-        else:  # reshape one weight
-            weight = file[name].attrs["weight_names"][0]
-            weight = weight.decode() if isinstance(weight, bytes) else weight
-            values = file[name][weight][...]
-            del file[name][weight]
-            file[name].create_dataset(weight, data=np.zeros(values.shape + (2,), values.dtype))
-    return path.read_bytes()
-
-
-h5_cases = st.one_of(st.tuples(st.just("bytes"), damage),
-                     st.tuples(st.sampled_from(["remove layer", "extra layer", "reshape weight"]),
-                               st.integers(0, 2**32 - 1)))
-
-
-@H5_EXAMPLES
-def test_damaged_keras_files_convert_or_raise_a_conversion_error_naming_the_file(tmp_path, genuine_h5, examples):
-    def check(case):
-        kind, detail = case
-        content = mutated(genuine_h5, *detail) if kind == "bytes" else layer_edits(genuine_h5, kind, detail, tmp_path)
-        path = write(tmp_path, "weights.h5", content)
-        try:
-            model, variables = from_keras(path)
-        except ConversionError as error:
-            assert_names_the_file(error, path)
-            return
-        assert model.alpha == 0.35 and variables["params"]
-
-    assert fuzz(examples, h5_cases, check) == examples
+# --- HDF5 (Keras weights): in tests/test_mobilenet_v2.py, beside the Keras files its parity tests build ---
 
 
 # --- sources --------------------------------------------------------------------------------------

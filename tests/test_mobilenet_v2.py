@@ -13,6 +13,8 @@ from jaxdl.models import MobileNetV2, count_params
 from jaxdl.models.mobilenet_v2 import correct_pad, folded, layer_plan, make_divisible
 from tests.keras_reference import CONFIGS
 from tests import tolerance
+from tests.test_fuzz_loaders import THOROUGH, assert_names_the_file, damage, fuzz, mutated, write
+from hypothesis import strategies as st
 
 
 
@@ -110,3 +112,54 @@ def test_chunked_inference_equals_one_piece():
         assert chunked.shape == (5, 10)
         # the same few ops on other batch sizes: XLA may pick other kernels
         tolerance.assert_close(chunked, whole, tolerance.FEW_OPS, f"{chunk}x{streams}")
+
+
+def layer_edits(genuine: bytes, edit: str, seed: int, tmp_path):
+    """The genuine file with one layer removed, one added, or one weight reshaped."""
+    path = write(tmp_path, "edited.h5", genuine)
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "r+") as file:
+        names = [name.decode() if isinstance(name, bytes) else name for name in file.attrs["layer_names"]]
+        with_weights = [name for name in names if len(file[name].attrs["weight_names"])]
+        name = with_weights[int(rng.integers(0, len(with_weights)))]
+        if edit == "remove layer":
+            file.attrs["layer_names"] = [n.encode() for n in names if n != name]
+        elif edit == "extra layer":
+            extra = file.create_group("extra_dense")
+            extra.attrs["weight_names"] = [b"extra_dense/kernel:0"]
+            extra.create_dataset("extra_dense/kernel:0", data=np.zeros((3, 3), np.float32))
+            names.insert(int(rng.integers(0, len(names))), "extra_dense")
+            file.attrs["layer_names"] = [n.encode() for n in names]
+        else:  # reshape one weight
+            weight = file[name].attrs["weight_names"][0]
+            weight = weight.decode() if isinstance(weight, bytes) else weight
+            values = file[name][weight][...]
+            del file[name][weight]
+            file[name].create_dataset(weight, data=np.zeros(values.shape + (2,), values.dtype))
+    return path.read_bytes()
+
+
+h5_cases = st.one_of(st.tuples(st.just("bytes"), damage),
+                     st.tuples(st.sampled_from(["remove layer", "extra layer", "reshape weight"]),
+                               st.integers(0, 2**32 - 1)))
+
+
+# A Keras file that survives its damage is converted whole (1.6 s here), so the default suite runs few.
+@pytest.mark.parametrize("examples", [3, pytest.param(THOROUGH, marks=pytest.mark.slow)], ids=["quick", "thorough"])
+def test_damaged_keras_files_convert_or_raise_a_conversion_error_naming_the_file(tmp_path, converted_models,
+                                                                                  examples):
+    """Fuzzed as tests/test_fuzz_loaders.py fuzzes the other loaders, on the legacy file of one parity config."""
+    genuine_h5 = converted_models("a0.35-96-top-legacy")[-1].read_bytes()
+
+    def check(case):
+        kind, detail = case
+        content = mutated(genuine_h5, *detail) if kind == "bytes" else layer_edits(genuine_h5, kind, detail, tmp_path)
+        path = write(tmp_path, "weights.h5", content)
+        try:
+            model, variables = from_keras(path)
+        except ConversionError as error:
+            assert_names_the_file(error, path)
+            return
+        assert model.alpha == 0.35 and variables["params"]
+
+    assert fuzz(examples, h5_cases, check) == examples
