@@ -34,6 +34,7 @@ class FitRun:
     epoch: int = 0
     stop_training: bool = False
     model: Any = None
+    resumed_epoch: int | None = None  # the epoch a run restored from a checkpoint goes on from
 
 
 class Callback:
@@ -47,6 +48,13 @@ class Callback:
 
     def on_train_end(self, run: FitRun) -> None:
         pass
+
+    def checkpoint_state(self) -> tuple[dict, Any]:
+        """`(JSON-able counters, a TrainState or None)` a resumed run needs to go on as if never stopped."""
+        return {}, None
+
+    def restore_checkpoint_state(self, values: dict, state) -> None:
+        """Takes back what `checkpoint_state` gave; called after `on_train_begin` when `fit` resumes."""
 
 
 def _direction(owner: str, monitor: str, mode: str) -> str:
@@ -108,6 +116,14 @@ class EarlyStopping(Callback):
         if self.best_state is not None and self.best_epoch != run.epoch:
             run.state = self.best_state
 
+    def checkpoint_state(self):
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "stopped_epoch": self.stopped_epoch}, self.best_state
+
+    def restore_checkpoint_state(self, values, state):
+        self.best, self.best_epoch, self.wait = values["best"], values["best_epoch"], values["wait"]
+        self.stopped_epoch, self.best_state = values["stopped_epoch"], state
+
 
 class ModelCheckpoint(Callback):
     """Saves the model whenever `monitor` improves (or after every epoch), so the best epoch survives training.
@@ -165,6 +181,12 @@ class ModelCheckpoint(Callback):
         if self.save_best_only:  # only once saved: a failed save must not raise the bar for the next epoch
             self.best = value
 
+    def checkpoint_state(self):
+        return {"best": self.best}, None
+
+    def restore_checkpoint_state(self, values, state):
+        self.best = values["best"]
+
 
 class CSVLogger(Callback):
     """Writes one CSV row per epoch to `path`: the epoch (0-based, as Keras numbers it) and every log.
@@ -186,8 +208,15 @@ class CSVLogger(Callback):
     def on_train_begin(self, run):
         self._close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_header = not (self.append and self.path.exists() and self.path.stat().st_size > 0)
-        self._file = open(self.path, "a" if self.append else "w", newline="")
+        append = self.append or run.resumed_epoch is not None
+        if run.resumed_epoch is not None and self.path.exists():  # rows of epochs the run will redo go
+            with open(self.path, newline="") as file:
+                rows = list(csv.reader(file, delimiter=self.separator))
+            kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) < run.resumed_epoch]
+            with open(self.path, "w", newline="") as file:
+                csv.writer(file, delimiter=self.separator).writerows(kept)
+        write_header = not (append and self.path.exists() and self.path.stat().st_size > 0)
+        self._file = open(self.path, "a" if append else "w", newline="")
         self._write_header, self._writer, self._keys = write_header, None, None
 
     def on_epoch_end(self, run, epoch, logs):
@@ -319,6 +348,12 @@ class ReduceLROnPlateau(Callback):
                 if reduced:
                     run.state = run.state.replace(opt_state=opt_state)
                     self.cooldown_counter, self.wait = self.cooldown, 0
+
+    def checkpoint_state(self):  # the reduced rate itself lives in the optimizer state, which is saved
+        return {"best": self.best, "wait": self.wait, "cooldown_counter": self.cooldown_counter}, None
+
+    def restore_checkpoint_state(self, values, state):
+        self.best, self.wait, self.cooldown_counter = values["best"], values["wait"], values["cooldown_counter"]
 
     def _reduced(self, opt_state):
         """`(opt_state with every injected rate above min_lr multiplied by factor, whether any was)`."""

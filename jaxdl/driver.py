@@ -19,6 +19,8 @@ The module is named `driver`, not `fit` as the design sketch has it, so that
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -29,7 +31,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxdl import data
+from jaxdl import checkpoint, data
 from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
 from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.heads import fast_inference
@@ -256,12 +258,22 @@ class _ArrayEpochs:
     run_epoch: Callable
     steps_per_epoch: int
 
-    def run(self, state, previous, epoch: int):
-        """`(state, previous, sums, steps run, steps accepted)` of one epoch."""
-        del epoch  # orders follow the step count, so training on from a state sees new ones
+    def run(self, state, previous, epoch: int, resume=None, after_dispatch=None):
+        """`(state, previous, sums, steps run, steps accepted)` of one epoch (whole: no `resume` within it)."""
+        del epoch, resume, after_dispatch  # orders follow the step count, so training on from a state sees new ones
         order_key = jax.random.fold_in(self.shuffle_rng, int(state.step))
         state, previous, sums, accepted = self.run_epoch(state, previous, self.x, self.y, self.weights, order_key)
         return state, previous, sums, self.steps_per_epoch, int(accepted)
+
+
+@dataclasses.dataclass
+class _Resume:
+    """Where a checkpoint taken inside an epoch stood: batches done, the epoch's first step, its running sums."""
+
+    batches_done: int
+    start_step: int
+    totals: dict
+    totals_accepted: int = 0
 
 
 @dataclasses.dataclass
@@ -269,9 +281,10 @@ class _StreamedEpochs:
     """Host batches prefetched to the device, `steps_per_dispatch` steps per compiled call.
 
     The path of sources, and of in-memory arrays where a compiled loop is
-    slow (`train.loops_are_slow`). `batches_of(epoch, step)` gives an
-    epoch's host batches: a source's order follows the epoch, an array's the
-    state's step (as on the scan path).
+    slow (`train.loops_are_slow`) or checkpointed within epochs.
+    `batches_of(epoch, start_step, skip)` gives an epoch's host batches after
+    its first `skip`: a source's order follows the epoch, an array's the step
+    the epoch started at (as on the scan path).
     """
 
     batches_of: Callable
@@ -279,14 +292,24 @@ class _StreamedEpochs:
     metrics: tuple
     steps_per_dispatch: int
 
-    def run(self, state, previous, epoch: int):
-        """`(state, previous, sums, steps run, steps accepted)` of one epoch."""
-        totals, healthy, steps = zero_totals(self.metrics), jnp.bool_(True), 0
-        host_batches = self.batches_of(epoch, int(state.step))
+    def run(self, state, previous, epoch: int, resume: _Resume | None = None, after_dispatch=None):
+        """`(state, previous, sums, steps run, steps accepted)` of one epoch.
+
+        `resume` goes on from a checkpoint taken inside this epoch;
+        `after_dispatch(state, previous, totals, batches done, start step)` is
+        called after every compiled call (the checkpoints within an epoch).
+        """
+        start_step = int(state.step) if resume is None else resume.start_step
+        done = 0 if resume is None else resume.batches_done
+        totals = zero_totals(self.metrics) if resume is None else resume.totals
+        healthy, steps = jnp.bool_(True), 0
+        host_batches = self.batches_of(epoch, start_step, done)
         for group in data.to_device(data.stacked(host_batches, self.steps_per_dispatch)):
             state, previous, healthy, totals = self.run_steps(state, previous, healthy, totals, group)
             steps += group["x"].shape[0]
-        accepted = int(totals.pop("accepted_steps"))
+            if after_dispatch is not None:
+                after_dispatch(state, previous, totals, done + steps, start_step)
+        accepted = int(totals.pop("accepted_steps")) - (0 if resume is None else int(resume.totals_accepted))
         return state, previous, totals, steps, accepted
 
 
@@ -308,6 +331,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         initial_epoch: int = 0, class_weight: dict | None = None, sample_weight=None,
         features: Sequence[str] | None = None, transform: Callable | None = None,
         steps_per_epoch: int | None = None, steps_per_dispatch: int = 1,
+        checkpoint_dir=None, checkpoint_every: int | str = "epoch", keep: int = 3,
         verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
     """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
 
@@ -347,6 +371,15 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     unweighted. `verbose`: 0 silent, 1 a progress bar, 2 one line per epoch;
     "auto" (and True) is 1 on a terminal and 2 otherwise, so logs do not
     fill with progress-bar updates.
+
+    `checkpoint_dir` saves the whole run there with orbax (see
+    `checkpoint.TrainingCheckpoints`) after every epoch, or every
+    `checkpoint_every` steps, keeping the last `keep`; calling the same `fit`
+    again with the same directory resumes from the newest readable checkpoint,
+    inside an epoch if it was taken there, and ends with bitwise the
+    parameters and history of a run never interrupted. A checkpoint of
+    another run (model, optimizer, batch size, data order, loss) is refused
+    with the difference named. Needs arrays or a random-access source.
     """
     batch_size = data.check_batch_size(batch_size)
     steps_per_dispatch = _positive_int("steps_per_dispatch", steps_per_dispatch)
@@ -360,6 +393,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     metrics = _checked_metric_names(metrics)
     verbosity = _verbosity(verbose)
     init_rng, shuffle_rng = seed_rngs(seed)
+    every_steps = None
+    if checkpoint_dir is not None and checkpoint_every != "epoch":
+        every_steps = _positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
     input_shape = state.input_shape if state is not None else None
 
     if data.is_source(x):
@@ -403,13 +439,14 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     _check_labels_fit_the_loss(state, loss, labels)
 
     if data.is_source(x):
-        epochs_of = _StreamedEpochs(lambda epoch, step: batches.epoch(epoch), compiled_steps(loss, metrics), metrics,
-                                    steps_per_dispatch)
-    elif loops_are_slow(state.apply_fn, state.variables, state.input_shape):
-        def array_batches(epoch, step):
+        epochs_of = _StreamedEpochs(lambda epoch, step, skip: batches.epoch(epoch, skip or None),
+                                    compiled_steps(loss, metrics), metrics, steps_per_dispatch)
+    elif loops_are_slow(state.apply_fn, state.variables, state.input_shape) or every_steps is not None:
+        def array_batches(epoch, step, skip):
             del epoch
             order = _array_order(shuffle_rng, step, len(x)) if shuffle else np.arange(len(x))
-            return data.ordered_batches({"x": x, "y": y, "weight": weights}, order, batch_size, drop_remainder)
+            return itertools.islice(data.ordered_batches({"x": x, "y": y, "weight": weights}, order, batch_size,
+                                                         drop_remainder), skip, None)
 
         epochs_of = _StreamedEpochs(array_batches, compiled_steps(loss, metrics), metrics, steps_per_dispatch)
     else:
@@ -420,12 +457,59 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     trained_model = model if model is not None else getattr(state.apply_fn, "__self__", None)
     run = FitRun(state=state, history={}, model=trained_model)
     previous = jax.tree.map(jnp.copy, state)  # the fallback when a state's own loss is not finite
+    saver = resume = None
+    if checkpoint_dir is not None:
+        if isinstance(data.is_source(x) and batches, data.IterableBatches):
+            raise ValueError("checkpoint_dir needs in-memory arrays or a random-access source: an iterable of "
+                             "batches cannot be rewound to where a checkpoint stood")
+        config = _run_config(trained_model, run.state, loss, metrics, batch_size, seed, shuffle, drop_remainder,
+                             every_steps, data.is_source(x))
+        saver = checkpoint.TrainingCheckpoints(checkpoint_dir, keep)
+        restored = saver.restore(lambda meta: _checkpoint_like(run.state, metrics, meta),
+                                 lambda meta: _check_same_run(meta.get("config"), config, saver.directory))
+        if restored is not None:
+            meta, tree = restored
+            run.state, previous = _with_arrays(run.state, tree["state"]), _with_arrays(run.state, tree["previous"])
+            run.history, initial_epoch = meta["history"], meta["epoch"]
+            run.resumed_epoch, run.stop_training = initial_epoch, meta["stop_training"]
+            if meta["batches_done"]:
+                totals = jax.tree.map(jnp.asarray, tree["totals"])
+                resume = _Resume(meta["batches_done"], meta["start_step"], totals, int(totals["accepted_steps"]))
     for callback in callbacks:
         callback.on_train_begin(run)
+    if saver is not None and restored is not None:
+        for index, (callback, values) in enumerate(zip(callbacks, meta["callbacks"])):
+            kept = tree["callbacks"].get(str(index))
+            callback.restore_checkpoint_state(values, None if kept is None else _with_arrays(run.state, kept))
+
+    def save(state, previous, totals, epoch, batches_done, start_step, stop_training=False):
+        meta = {"config": config, "epoch": epoch, "batches_done": batches_done, "start_step": start_step,
+                "history": run.history, "stop_training": stop_training, "callbacks": []}
+        kept = {}
+        for index, callback in enumerate(callbacks):
+            values, callback_state = callback.checkpoint_state()
+            meta["callbacks"].append(values)
+            if callback_state is not None:
+                kept[str(index)] = _arrays_of(callback_state)
+        meta["kept_callbacks"] = sorted(kept)
+        tree = {"state": _arrays_of(state), "previous": _arrays_of(previous), "totals": totals, "callbacks": kept}
+        # checkpoint ids: 2 x step, + 1 at an epoch's end, which comes after a save within it at the same step
+        saver.save(2 * int(state.step) + (0 if batches_done else 1), tree, meta)
+
+    def save_within_epoch(epoch):
+        def after_dispatch(state, previous, totals, batches_done, start_step):
+            if batches_done // every_steps > (batches_done - steps_per_dispatch) // every_steps:
+                save(state, previous, totals, epoch, batches_done, start_step)
+        return after_dispatch if every_steps is not None else None
+
     progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=verbosity != 1, leave=True)
     for epoch in progress:
-        run.state, previous, sums, steps, accepted = epochs_of.run(run.state, previous, epoch)
-        if steps == 0:
+        if run.stop_training:
+            break
+        resumed_here = resume if resume is not None and epoch == initial_epoch else None
+        run.state, previous, sums, steps, accepted = epochs_of.run(
+            run.state, previous, epoch, resumed_here, save_within_epoch(epoch) if saver is not None else None)
+        if steps == 0 and resumed_here is None:
             warnings.warn(f"fit stopped: the source gave no batches for epoch {epoch + 1} (a generator or "
                           "iterator runs out after one pass: pass steps_per_epoch, or an iterable that can be "
                           "iterated again)", RuntimeWarning, stacklevel=2)
@@ -450,6 +534,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
             print(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
         for callback in callbacks:
             callback.on_epoch_end(run, epoch, logs)
+        if saver is not None:
+            save(run.state, previous, zero_totals(metrics), epoch + 1, 0, int(run.state.step), run.stop_training)
         if steps_per_epoch is not None and steps < steps_per_epoch:
             warnings.warn(f"fit stopped: the iterable ran out of batches in epoch {epoch + 1} ({steps} of "
                           f"steps_per_epoch={steps_per_epoch}); make it yield steps_per_epoch * epochs batches",
@@ -458,9 +544,79 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         if run.stop_training:
             break
     progress.close()
+    if saver is not None:
+        saver.close()
     for callback in callbacks:
         callback.on_train_end(run)
     return run.state, run.history
+
+
+# --- checkpoints of a run ----------------------------------------------------------------------
+
+
+def _arrays_of(state: TrainState) -> dict:
+    """What a checkpoint keeps of a train state: everything training changes (the key as its raw data)."""
+    return {"params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats,
+            "step": state.step, "dropout_key": jax.random.key_data(state.dropout_rng)}
+
+
+def _with_arrays(state: TrainState, arrays: dict) -> TrainState:
+    """`state` with a checkpoint's arrays (its model, optimizer and frozen variables are the caller's)."""
+    key = jax.random.wrap_key_data(jnp.asarray(arrays["dropout_key"]), impl=jax.random.key_impl(state.dropout_rng))
+    as_device = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+    return state.replace(params=as_device(arrays["params"]), opt_state=as_device(arrays["opt_state"]),
+                         batch_stats=as_device(arrays["batch_stats"]), step=jnp.asarray(arrays["step"], jnp.int32),
+                         dropout_rng=key)
+
+
+def _checkpoint_like(state: TrainState, metrics: tuple, meta: dict) -> dict:
+    """The structure of a checkpoint's arrays, for orbax to restore into."""
+    like = {"state": _arrays_of(state), "previous": _arrays_of(state), "totals": zero_totals(metrics),
+            "callbacks": {key: _arrays_of(state) for key in meta.get("kept_callbacks", [])}}
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), np.asarray(leaf).dtype), like)
+
+
+def _run_config(model, state: TrainState, loss, metrics, batch_size, seed, shuffle, drop_remainder, every_steps,
+                from_source: bool) -> dict:
+    """What must be equal for a checkpoint to continue this run (JSON): a difference is named, not loaded."""
+    from jaxdl.models import model_config
+
+    try:
+        described = model_config(model) if model is not None else None
+    except TypeError:
+        described = type(model).__name__
+    shapes = [list(np.shape(leaf)) for leaf in jax.tree.leaves(state.opt_state)]
+    return {"model": json.loads(json.dumps(described, default=str)),
+            "parameters": [list(np.shape(leaf)) for leaf in jax.tree.leaves(state.params)],
+            "optimizer": f"{jax.tree.structure(state.opt_state)} {shapes}",
+            "input_shape": list(state.input_shape), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
+            "drop_remainder": drop_remainder, "loss": loss if isinstance(loss, str) else getattr(
+                loss, "__qualname__", repr(loss)), "metrics": list(metrics), "checkpoint_every": every_steps,
+            "data": "source" if from_source else "arrays"}
+
+
+def _check_same_run(saved: dict | None, current: dict, directory) -> None:
+    if not isinstance(saved, dict):
+        raise ValueError(f"{directory} holds checkpoints that jaxdl's fit did not write; pass another "
+                         "checkpoint_dir")
+    differences = [key for key in current if saved.get(key) != current[key]]
+    if differences:
+        named = "; ".join(f"{key}: {_difference(saved.get(key), current[key])}" for key in differences)
+        raise ValueError(f"the checkpoint in {directory} is of another run ({named}); pass another "
+                         "checkpoint_dir, or delete it to start afresh")
+
+
+def _difference(saved, now) -> str:
+    """`saved X, now Y`, each shown around where their JSON texts first differ."""
+    saved_text, now_text = json.dumps(saved, default=str), json.dumps(now, default=str)
+    first = next((i for i, (a, b) in enumerate(zip(saved_text, now_text)) if a != b),
+                 min(len(saved_text), len(now_text)))
+    start = max(first - 40, 0)
+
+    def around(text):
+        return ("..." if start else "") + text[start:first + 40] + ("..." if len(text) > first + 40 else "")
+
+    return f"saved {around(saved_text)}, now {around(now_text)}"
 
 
 def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_size: int, features, transform):

@@ -207,12 +207,20 @@ class SourceBatches:
             indices = indices.shuffle(seed=epoch_seed(self.seed, epoch))
         return indices.batch(self.batch_size, drop_remainder=self.drop_remainder).map(self.read)
 
-    def epoch(self, epoch: int, position: dict | None = None) -> Iterator[dict]:
-        """The batches of one epoch, from its start or from a saved `position`."""
+    def epoch(self, epoch: int, position: dict | int | None = None) -> Iterator[dict]:
+        """The batches of one epoch, from its start or from a saved `position`.
+
+        `position` is an iterator's `get_state()`, or the number of batches
+        already consumed (what `fit`'s checkpoints record: the iterator runs
+        ahead of the steps by its prefetch).
+        """
         import grain
 
         options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
-        iterator = iter(self.dataset(epoch).to_iter_dataset(options))
+        batches = self.dataset(epoch)
+        if isinstance(position, (int, np.integer)):
+            batches, position = batches[int(position):], None
+        iterator = iter(batches.to_iter_dataset(options))
         if position is not None:
             iterator.set_state(position)
         return iterator

@@ -1,0 +1,164 @@
+"""Checkpoint and resume: interrupted runs end bitwise where uninterrupted ones do; bad checkpoints are named."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdl import MLP, CSVLogger, EarlyStopping, fit
+from toy_data import CE, blobs
+
+TESTS = Path(__file__).parent
+
+
+def params_equal(a, b) -> bool:
+    return all(np.array_equal(p, q) for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def checkpoint_ids(directory) -> list[int]:
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def crash_after(directory, checkpoint_id: int) -> None:
+    """The directory as a run that died right after writing `checkpoint_id` left it."""
+    for later in [i for i in checkpoint_ids(directory) if i > checkpoint_id]:
+        shutil.rmtree(Path(directory) / str(later))
+
+
+@pytest.mark.parametrize("path", ["arrays", "source", "arrays, epochs only"])
+def test_a_run_resumed_from_any_checkpoint_ends_bitwise_as_the_uninterrupted_run(tmp_path, path):
+    x, y = blobs(n=44)
+    data = [{"image": row, "label": label} for row, label in zip(x, y)] if path == "source" else x
+    labels = None if path == "source" else y
+    every = "epoch" if path.endswith("epochs only") else 3
+    model = MLP(features=(8,), num_outputs=3, dropout_rate=0.2, batch_norm=path == "source")
+
+    def train(directory):
+        stop = EarlyStopping("val_loss", patience=10, restore_best_weights=True)
+        return fit(model, data, labels, loss=CE, epochs=4, batch_size=8, verbose=0, seed=3,
+                   validation_data=(x[:10], y[:10]), callbacks=[stop, CSVLogger(directory.with_suffix(".csv"))],
+                   checkpoint_dir=directory, checkpoint_every=every, keep=100)
+
+    expected, expected_history = train(tmp_path / "uninterrupted")
+    ids = checkpoint_ids(tmp_path / "uninterrupted")
+    # every = 3 steps of 6 per epoch: odd ids end an epoch, even ones stand inside one
+    assert len(ids) == (4 if every == "epoch" else 12) and (every == "epoch" or ids[:3] == [6, 12, 13])
+    shutil.copytree(tmp_path / "uninterrupted", tmp_path / "run")
+    shutil.copy(tmp_path / "uninterrupted.csv", tmp_path / "run.csv")  # the log the run had been writing
+    for checkpoint_id in ids[1:5:3]:  # after the last batch of an epoch, before its end's save; inside one
+        crash_after(tmp_path / "run", checkpoint_id)
+        state, history = train(tmp_path / "run")
+        assert params_equal(state.params, expected.params), checkpoint_id
+        assert history == expected_history, checkpoint_id
+    assert (tmp_path / "run.csv").read_text() == (tmp_path / "uninterrupted.csv").read_text()
+
+
+def test_a_finished_run_called_again_returns_its_result_without_training(tmp_path):
+    x, y = blobs(n=20)
+    options = dict(loss=CE, epochs=2, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
+    state, history = fit(MLP(features=(4,), num_outputs=3), x, y, **options)
+    again, again_history = fit(MLP(features=(4,), num_outputs=3), x, y, **options)
+    assert params_equal(again.params, state.params) and again_history == history and int(again.step) == 6
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path):
+    x, y = blobs(n=20)
+    fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=1, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"of another run \(batch_size: saved 8, now 4\)"):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=4, verbose=0,
+            checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"of another run \(model: saved .*\"features\": \[4\].*, now .*"
+                                         r"\"features\": \[5\].*parameters: saved .*\[3, 4\].*now .*\[3, 5\]"):
+        fit(MLP(features=(5,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=8, verbose=0,
+            checkpoint_dir=tmp_path)
+    import optax
+    with pytest.raises(ValueError, match=r"of another run \(optimizer: saved "):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=8, verbose=0,
+            optimizer=optax.sgd(0.1), checkpoint_dir=tmp_path)
+
+
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_one_before_with_a_warning(tmp_path):
+    x, y = blobs(n=20)
+    options = dict(loss=CE, epochs=3, batch_size=8, verbose=0, keep=5, seed=1)
+    expected, expected_history = fit(MLP(features=(4,), num_outputs=3), x, y, **options)
+    fit(MLP(features=(4,), num_outputs=3), x, y, **{**options, "epochs": 2}, checkpoint_dir=tmp_path)
+    latest = tmp_path / str(checkpoint_ids(tmp_path)[-1])
+    for file in latest.rglob("*"):
+        if file.is_file():
+            file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])  # truncated
+    with pytest.warns(RuntimeWarning, match=f"checkpoint {latest} cannot be read"):
+        state, history = fit(MLP(features=(4,), num_outputs=3), x, y, **options, checkpoint_dir=tmp_path)
+    assert params_equal(state.params, expected.params) and history == expected_history
+
+
+CHILD = """
+import asyncio, sys, time
+sys.path.insert(0, {tests!r})
+from toy_data import CE, blobs
+from jaxdl import MLP, fit
+
+mode, directory = sys.argv[1:3]
+x, y = blobs(n=44)
+
+class Slow:  # a source slow enough for the parent to catch the run inside an epoch
+    def __len__(self):
+        return len(x)
+
+    def __getitem__(self, index):
+        time.sleep(0.02)
+        return {{"image": x[index], "label": y[index]}}
+
+if mode == "slow-save":  # a save that takes a second between writing and committing its files
+    from orbax.checkpoint._src.path import atomicity
+    commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def slow_commit(self, *args, **kwargs):
+        await asyncio.sleep(1.0)
+        return await commit(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = slow_commit
+fit(MLP(features=(8,), num_outputs=3, dropout_rate=0.2), Slow(), loss=CE, epochs=3, batch_size=8, verbose=0,
+    seed=3, checkpoint_dir=directory, checkpoint_every=2)
+"""
+
+
+def kill_when(mode: str, directory: Path, ready) -> None:
+    """Runs the child in `mode` and SIGKILLs it as soon as `ready(directory)` holds."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(TESTS)), mode, str(directory)])
+    deadline = time.monotonic() + 120
+    try:
+        while not (directory.is_dir() and ready(directory)):
+            assert child.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+
+def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
+    x, y = blobs(n=44)
+    source = [{"image": row, "label": label} for row, label in zip(x, y)]
+    options = dict(loss=CE, epochs=3, batch_size=8, verbose=0, seed=3, checkpoint_every=2)
+    model = MLP(features=(8,), num_outputs=3, dropout_rate=0.2)
+    expected, expected_history = fit(model, source, **options, checkpoint_dir=tmp_path / "uninterrupted")
+
+    inside_epoch = lambda d: any(i % 2 == 0 and i > 14 for i in checkpoint_ids(d))  # noqa: E731 (epoch 2)
+    kill_when("slow-steps", tmp_path / "killed-in-epoch", inside_epoch)
+    in_a_save = lambda d: checkpoint_ids(d) and any("tmp" in name for name in os.listdir(d))  # noqa: E731
+    kill_when("slow-save", tmp_path / "killed-in-save", in_a_save)
+    assert any("tmp" in name for name in os.listdir(tmp_path / "killed-in-save"))  # killed mid-save indeed
+
+    for run in ("killed-in-epoch", "killed-in-save"):
+        state, history = fit(model, source, **options, checkpoint_dir=tmp_path / run)
+        assert params_equal(state.params, expected.params), run
+        assert history == expected_history, run
+        assert json.dumps(history)  # the history is plain data
