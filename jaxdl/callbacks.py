@@ -208,11 +208,12 @@ class CSVLogger(Callback):
     def on_train_begin(self, run):
         self._close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        append = self.append or run.resumed_epoch is not None
-        if run.resumed_epoch is not None and self.path.exists():  # rows of epochs the run will redo go
+        resumed_epoch = getattr(run, "resumed_epoch", None)
+        append = self.append or resumed_epoch is not None
+        if resumed_epoch is not None and self.path.exists():  # rows of epochs the run will redo go
             with open(self.path, newline="") as file:
                 rows = list(csv.reader(file, delimiter=self.separator))
-            kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) < run.resumed_epoch]
+            kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) < resumed_epoch]
             with open(self.path, "w", newline="") as file:
                 csv.writer(file, delimiter=self.separator).writerows(kept)
         write_header = not (append and self.path.exists() and self.path.stat().st_size > 0)
