@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import optax
 
-from experiments.common import Check, finish, parser, run_dir
+from experiments.common import Check, checkpointing, finish, parser, run_dir
 from jaxdl import MLP, count_params, fit, predict
 from jaxdl.plots import plot_history
 
@@ -47,13 +47,14 @@ def run(argv=None) -> dict:
     cli.set_defaults(seed=2)
     args = cli.parse_args(argv)
     out = run_dir("basics", args.out)
+    checkpoints = checkpointing(args)
     x, y = rounding_data(seed=args.seed)
     common = dict(loss="sparse_categorical_crossentropy", optimizer=optax.adam(1e-3), epochs=10,
                   batch_size=32, seed=args.seed, verbose=not args.quiet)
-    state, history = fit(model(), x, y, **common)
+    state, history = fit(model(), x, y, **common, **checkpoints("model"))
     probes = np.arange(10, dtype=np.float32).reshape(-1, 1) / 10
     predictions = predict(state, probes).argmax(axis=-1).tolist()
-    _, val_history = fit(model(), x, y, validation_split=0.1, **common)
+    _, val_history = fit(model(), x, y, validation_split=0.1, **common, **checkpoints("validated"))
     plot_history(val_history, out / "history.png", "learning to round")
     return finish(out, {
         "params": count_params(state.variables),

@@ -44,7 +44,7 @@ def plot_predictions(photos: dict, decoded: dict, path) -> None:
 
 
 def run(argv=None) -> dict:
-    cli = parser(__doc__)
+    cli = parser(__doc__, trains=False)
     cli.add_argument("--images", nargs="*", default=[], help="more photo files to classify")
     args = cli.parse_args(argv)
     out = run_dir("classify", args.out)

@@ -43,12 +43,27 @@ def finish(out: Path, metrics: dict) -> dict:
     return metrics
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
+def parser(doc: str, trains: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--out", default=None, help="folder for runs/NAME (default: runs or $JAXDL_RUNS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if trains:
+        p.add_argument("--checkpoint-dir", default=None,
+                       help="save every training run's checkpoints under this folder (one subfolder per model)")
+        p.add_argument("--resume", action="store_true", help="continue the runs saved in --checkpoint-dir")
     return p
+
+
+def checkpointing(args) -> Callable[[str], dict]:
+    """`options(name)`: the `fit` arguments that checkpoint the run `name` under `--checkpoint-dir`."""
+    from jaxdl.checkpoint import run_directory
+
+    try:
+        root = run_directory(args.checkpoint_dir, args.resume)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    return lambda name: {} if root is None else {"checkpoint_dir": root / name}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import optax
 
-from experiments.common import Check, finish, parser, run_dir
+from experiments.common import Check, checkpointing, finish, parser, run_dir
 from jaxdl import MLP, ConvNet, EarlyStopping, count_params, evaluate, fit
 from jaxdl.plots import plot_history
 
@@ -36,12 +36,12 @@ def load_split(seed: int = 0):
     return (x_train, y_train), (x_val, y_val), (x_test, y_test)
 
 
-def train_and_test(model, splits, seed, epochs, verbose):
+def train_and_test(model, splits, seed, epochs, verbose, checkpoint=None):
     (x_train, y_train), val, (x_test, y_test) = splits
     stop = EarlyStopping(monitor="val_accuracy", patience=5, restore_best_weights=True)
     state, history = fit(model, x_train, y_train, loss="sparse_categorical_crossentropy",
                          optimizer=optax.adam(1e-3), epochs=epochs, batch_size=32, seed=seed,
-                         validation_data=val, callbacks=[stop], verbose=verbose)
+                         validation_data=val, callbacks=[stop], verbose=verbose, **(checkpoint or {}))
     test = evaluate(state, x_test, y_test, loss="sparse_categorical_crossentropy")
     return state, history, test["accuracy"]
 
@@ -52,10 +52,11 @@ def run(argv=None) -> dict:
     args = cli.parse_args(argv)
     out = run_dir("digits", args.out)
     splits = load_split(args.seed)
+    checkpoints = checkpointing(args)
     mlp_state, mlp_history, mlp_accuracy = train_and_test(MLP(features=(64,), num_outputs=10), splits,
-                                                          args.seed, args.epochs, not args.quiet)
+                                                          args.seed, args.epochs, not args.quiet, checkpoints("mlp"))
     cnn_state, cnn_history, cnn_accuracy = train_and_test(ConvNet(layers=CNN_LAYERS), splits, args.seed,
-                                                          args.epochs, not args.quiet)
+                                                          args.epochs, not args.quiet, checkpoints("cnn"))
     plot_history(mlp_history, out / "mlp_history.png", "digits, MLP")
     plot_history(cnn_history, out / "cnn_history.png", "digits, CNN")
     return finish(out, {

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import optax
 
-from experiments.common import Check, finish, parser, run_dir
+from experiments.common import Check, checkpointing, finish, parser, run_dir
 from jaxdl import MLP, ConvNet, count_params, evaluate, fit, predict
 from jaxdl.data import DatasetNotPreparedError, tfds_source
 from jaxdl.losses import confusion_matrix
@@ -68,12 +68,13 @@ def labels_of(data) -> np.ndarray:
     return data[1] if isinstance(data, tuple) else np.asarray([example["label"] for example in data], np.int32)
 
 
-def train_and_test(model, train, test, *, epochs: int, batch_size: int, seed: int, verbose: bool):
+def train_and_test(model, train, test, *, epochs: int, batch_size: int, seed: int, verbose: bool,
+                   checkpoint: dict | None = None):
     """Fits on `train` (arrays or a source), validating on `test`; returns state, history, accuracy, logits."""
     arrays = isinstance(train, tuple)
     state, history = fit(model, *(train if arrays else (train,)), loss="sparse_categorical_crossentropy",
                          optimizer=optax.adam(1e-3), epochs=epochs, batch_size=batch_size, seed=seed,
-                         validation_data=test, verbose=verbose)
+                         validation_data=test, verbose=verbose, **(checkpoint or {}))
     logits = predict(state, test[0] if arrays else test, batch_size=512)
     accuracy = evaluate(state, *(test if arrays else (test,)), loss="sparse_categorical_crossentropy",
                         batch_size=512)["accuracy"]
@@ -91,6 +92,7 @@ def run(argv=None) -> dict:
     cli.add_argument("--batch-size", type=int, default=128)
     args = cli.parse_args(argv)
     out = run_dir("mnist", args.out)
+    checkpoints = checkpointing(args)
 
     mocking = contextlib.nullcontext()
     if args.mock:
@@ -102,7 +104,7 @@ def run(argv=None) -> dict:
         train, test, description = find_data(args.data, args.data_dir)
         description = "mock" if args.mock else description
         runs = {name: train_and_test(model, train, test, epochs=epochs, batch_size=args.batch_size,
-                                     seed=args.seed, verbose=not args.quiet)
+                                     seed=args.seed, verbose=not args.quiet, checkpoint=checkpoints(name))
                 for name, model, epochs in (("mlp", MLP_MODEL, args.mlp_epochs), ("cnn", CNN_MODEL,
                                                                                    args.cnn_epochs))}
         truth = labels_of(test)

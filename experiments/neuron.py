@@ -47,7 +47,7 @@ def xor_outputs() -> list[float]:
 
 
 def run(argv=None) -> dict:
-    args = parser(__doc__).parse_args(argv)
+    args = parser(__doc__, trains=False).parse_args(argv)
     return finish(run_dir("neuron", args.out), {"neuron_output": neuron_output(), "xor": xor_outputs()})
 
 

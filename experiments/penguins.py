@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import optax
 
-from experiments.common import Check, finish, parser, run_dir
+from experiments.common import Check, checkpointing, finish, parser, run_dir
 from jaxdl import MLP, count_params, fit, predict, save_model
 from jaxdl.losses import confusion_matrix
 from jaxdl.plots import plot_confusion_matrix, plot_history
@@ -76,7 +76,7 @@ def run(argv=None) -> dict:
     model = MLP(features=(10,), num_outputs=len(SPECIES))
     state, history = fit(model, x_train, y_train, loss="categorical_crossentropy", optimizer=optax.adam(1e-3),
                          epochs=args.epochs, batch_size=32, seed=args.seed, validation_data=(x_test, y_test),
-                         verbose=not args.quiet)
+                         verbose=not args.quiet, **checkpointing(args)("model"))
     logits = predict(state, x_test)
     truth = y_test.argmax(axis=1)
     matrix = np.asarray(confusion_matrix(truth, logits.argmax(axis=1), len(SPECIES)))

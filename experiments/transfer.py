@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from experiments.common import Check, finish, parser, run_dir, shared_data_dir
+from experiments.common import checkpointing, Check, finish, parser, run_dir, shared_data_dir
 from jaxdl import finetune, images as image_io
 from jaxdl.classifier import ImageClassifier
 from jaxdl.imagenet import CAT_CLASSES, decode_predictions
@@ -130,12 +130,13 @@ def run(argv=None) -> dict:
     for path, (index, label, probability) in zip(paths, top1):
         print(f"{Path(path).name}: {label} ({probability:.1%})")
 
+    checkpoints = checkpointing(args)
     common = dict(backbone=imagenet.model, backbone_variables=imagenet.variables, num_classes=len(classes),
                   epochs=args.epochs, learning_rate=1e-3, seed=args.seed, verbose=not args.quiet)
-    everything = finetune.finetune(images, labels, batch_size=args.batch_size, **common)
-    keras_batch = finetune.finetune(images, labels, batch_size=32, **common)
+    everything = finetune.finetune(images, labels, batch_size=args.batch_size, **common, **checkpoints("all"))
+    keras_batch = finetune.finetune(images, labels, batch_size=32, **common, **checkpoints("batch32"))
     split = finetune.finetune(images[train], labels[train], validation_data=(images[~train], labels[~train]),
-                              batch_size=args.batch_size, **common)
+                              batch_size=args.batch_size, **common, **checkpoints("split"))
     plot_history(split.history, out / "history.png",
                  f"transfer learning: {train.sum()} training, {(~train).sum()} validation photos")
     return finish(out, {

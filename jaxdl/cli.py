@@ -108,6 +108,7 @@ def finetune(args) -> int:
 
     from jaxdl import finetune as ft
     from jaxdl import images as image_io
+    from jaxdl.checkpoint import run_directory
     from jaxdl import pretrained
     from jaxdl.classifier import ImageClassifier
     from jaxdl.callbacks import Callback
@@ -143,7 +144,8 @@ def finetune(args) -> int:
         result = ft.finetune(images, labels, backbone=model, backbone_variables=variables, num_classes=len(classes),
                              validation_data=validation, epochs=args.epochs, batch_size=args.batch_size,
                              learning_rate=args.learning_rate, unfreeze=args.unfreeze, augment=args.augment,
-                             seed=args.seed, callbacks=[PrintEpochs()], verbose=False)
+                             seed=args.seed, callbacks=[PrintEpochs()], verbose=False,
+                             checkpoint_dir=run_directory(args.checkpoint_dir, args.resume))
         classifier = ImageClassifier(result.model, result.variables, dict(metadata["preprocessing"]), tuple(classes))
         saved = classifier.save(out, overwrite=args.overwrite, history=result.history,
                                 source=f"fine-tuned on {args.data_dir}")
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--checkpoint-dir", default=None, help="save the training's checkpoints here (every epoch)")
+    p.add_argument("--resume", action="store_true", help="continue the training saved in --checkpoint-dir")
     p.set_defaults(run=finetune)
     return parser
 

@@ -583,7 +583,7 @@ def _run_config(model, state: TrainState, loss, metrics, batch_size, seed, shuff
 
     try:
         described = model_config(model) if model is not None else None
-    except TypeError:
+    except (TypeError, ValueError):  # a module whose config is not plain data: its class names it
         described = type(model).__name__
     shapes = [list(np.shape(leaf)) for leaf in jax.tree.leaves(state.opt_state)]
     return {"model": json.loads(json.dumps(described, default=str)),

@@ -102,13 +102,16 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
              num_classes: int | None = None, validation_data: tuple | None = None, epochs: int = 20,
              batch_size: int = 32, learning_rate: float = 1e-3, unfreeze: int = 0,
              backbone_learning_rate: float = 1e-5, augment: bool = False, cache_features: bool | None = None,
-             seed: int = 0, callbacks: Sequence[Callback] = (), verbose: bool = True) -> FineTuned:
+             seed: int = 0, callbacks: Sequence[Callback] = (), verbose: bool = True,
+             checkpoint_dir=None, checkpoint_every: int | str = "epoch") -> FineTuned:
     """Trains a new head on a frozen pretrained backbone (plus, with `unfreeze`, its top stages).
 
     `images` are preprocessed NHWC arrays, `labels` integer classes. The
     head defaults to one Dense layer of `num_classes`; any Linen module
     taking (features, train) will do. Features are cached unless
     `augment` or `unfreeze` need the backbone at every step.
+    `checkpoint_dir` and `checkpoint_every` checkpoint the training and
+    resume it, as in `fit`.
     """
     head = _head_module(head, num_classes)
     if cache_features is None:
@@ -119,7 +122,8 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
     backbone, backbone_variables = feature_backbone(backbone, backbone_variables)
     unfrozen = top_stage_layers(unfreeze)
     fit_args = dict(loss=LOSS, epochs=epochs, batch_size=batch_size, seed=seed, callbacks=callbacks,
-                    verbose=verbose, validation_data=validation_data)
+                    verbose=verbose, validation_data=validation_data, checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=checkpoint_every)
     if cache_features:
         state, history = _train_on_features(images, labels, backbone, backbone_variables, head,
                                             optax.adam(learning_rate), fit_args)

@@ -162,3 +162,16 @@ def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
         assert params_equal(state.params, expected.params), run
         assert history == expected_history, run
         assert json.dumps(history)  # the history is plain data
+
+
+def test_experiments_checkpoint_with_checkpoint_dir_and_continue_only_with_resume(tmp_path, capsys):
+    from experiments import basics
+
+    options = ["--quiet", "--out", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    metrics = basics.run(options)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["model", "validated"]
+    with pytest.raises(SystemExit, match="already holds checkpoints; pass --resume to continue"):
+        basics.run(options)
+    assert basics.run(options + ["--resume"]) == metrics  # the finished runs, restored
+    with pytest.raises(SystemExit, match="--resume needs --checkpoint-dir"):
+        basics.run(["--quiet", "--out", str(tmp_path / "runs"), "--resume"])
