@@ -129,19 +129,27 @@ fit(MLP(features=(8,), num_outputs=3, dropout_rate=0.2), Slow(), loss=CE, epochs
 """
 
 
-def kill_when(mode: str, directory: Path, ready) -> None:
-    """Runs the child in `mode` and SIGKILLs it as soon as `ready(directory)` holds."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(TESTS)), mode, str(directory)])
+def kill_when(runs: dict) -> None:
+    """Starts a child per `{directory: (mode, ready)}` at once and SIGKILLs each as soon as `ready(directory)`."""
+    children = {directory: subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(TESTS)), mode,
+                                             str(directory)]) for directory, (mode, _) in runs.items()}
     deadline = time.monotonic() + 120
     try:
-        while not (directory.is_dir() and ready(directory)):
-            assert child.poll() is None, "the run ended before it could be interrupted"
+        waiting = dict(children)
+        while waiting:
+            for directory, child in list(waiting.items()):
+                if directory.is_dir() and runs[directory][1](directory):
+                    child.send_signal(signal.SIGKILL)
+                    del waiting[directory]
+                else:
+                    assert child.poll() is None, f"the run in {directory} ended before it could be interrupted"
             assert time.monotonic() < deadline
             time.sleep(0.01)
     finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+        for child in children.values():
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+    assert all(child.returncode == -signal.SIGKILL for child in children.values())
 
 
 def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
@@ -152,9 +160,9 @@ def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
     expected, expected_history = fit(model, source, **options, checkpoint_dir=tmp_path / "uninterrupted")
 
     inside_epoch = lambda d: any(i % 2 == 0 and i > 14 for i in checkpoint_ids(d))  # noqa: E731 (epoch 2)
-    kill_when("slow-steps", tmp_path / "killed-in-epoch", inside_epoch)
     in_a_save = lambda d: checkpoint_ids(d) and any("tmp" in name for name in os.listdir(d))  # noqa: E731
-    kill_when("slow-save", tmp_path / "killed-in-save", in_a_save)
+    kill_when({tmp_path / "killed-in-epoch": ("slow-steps", inside_epoch),
+               tmp_path / "killed-in-save": ("slow-save", in_a_save)})
     assert any("tmp" in name for name in os.listdir(tmp_path / "killed-in-save"))  # killed mid-save indeed
 
     for run in ("killed-in-epoch", "killed-in-save"):
