@@ -482,6 +482,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
             kept = tree["callbacks"].get(str(index))
             callback.restore_checkpoint_state(values, None if kept is None else _with_arrays(run.state, kept))
 
+    batches_per_epoch = len(batches) if data.is_source(x) else data.num_batches(len(x), batch_size, drop_remainder)
+
     def save(state, previous, totals, epoch, batches_done, start_step, stop_training=False):
         meta = {"config": config, "epoch": epoch, "batches_done": batches_done, "start_step": start_step,
                 "history": run.history, "stop_training": stop_training, "callbacks": []}
@@ -493,8 +495,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
                 kept[str(index)] = _arrays_of(callback_state)
         meta["kept_callbacks"] = sorted(kept)
         tree = {"state": _arrays_of(state), "previous": _arrays_of(previous), "totals": totals, "callbacks": kept}
-        # checkpoint ids: 2 x step, + 1 at an epoch's end, which comes after a save within it at the same step
-        saver.save(2 * int(state.step) + (0 if batches_done else 1), tree, meta)
+        # A checkpoint's id counts batches: epoch e's saves are e * (B + 1) + batches done (1..B), its end's
+        # (e + 1) * (B + 1). Steps would not do: a step the NaN guard refuses leaves the step count as it was.
+        saver.save(epoch * (batches_per_epoch + 1) + batches_done, tree, meta)
 
     def save_within_epoch(epoch):
         def after_dispatch(state, previous, totals, batches_done, start_step):

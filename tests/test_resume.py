@@ -48,11 +48,11 @@ def test_a_run_resumed_from_any_checkpoint_ends_bitwise_as_the_uninterrupted_run
 
     expected, expected_history = train(tmp_path / "uninterrupted")
     ids = checkpoint_ids(tmp_path / "uninterrupted")
-    # every = 3 steps of 6 per epoch: odd ids end an epoch, even ones stand inside one
-    assert len(ids) == (4 if every == "epoch" else 12) and (every == "epoch" or ids[:3] == [6, 12, 13])
+    # 6 batches per epoch, ids e * 7 + batches done: every 3 steps gives 3 and 6 inside epoch 0, 7 at its end
+    assert len(ids) == (4 if every == "epoch" else 12) and (every == "epoch" or ids[:3] == [3, 6, 7])
     shutil.copytree(tmp_path / "uninterrupted", tmp_path / "run")
     shutil.copy(tmp_path / "uninterrupted.csv", tmp_path / "run.csv")  # the log the run had been writing
-    for checkpoint_id in ids[1:5:3]:  # after the last batch of an epoch, before its end's save; inside one
+    for checkpoint_id in ids[1:4:2]:  # 6: after the last batch of epoch 0, before its end is saved; 10: inside epoch 1
         crash_after(tmp_path / "run", checkpoint_id)
         state, history = train(tmp_path / "run")
         assert params_equal(state.params, expected.params), checkpoint_id
@@ -159,7 +159,7 @@ def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
     model = MLP(features=(8,), num_outputs=3, dropout_rate=0.2)
     expected, expected_history = fit(model, source, **options, checkpoint_dir=tmp_path / "uninterrupted")
 
-    inside_epoch = lambda d: any(i % 2 == 0 and i > 14 for i in checkpoint_ids(d))  # noqa: E731 (epoch 2)
+    inside_epoch = lambda d: any(i % 7 and i > 7 for i in checkpoint_ids(d))  # noqa: E731 (inside epoch 2)
     in_a_save = lambda d: checkpoint_ids(d) and any("tmp" in name for name in os.listdir(d))  # noqa: E731
     kill_when({tmp_path / "killed-in-epoch": ("slow-steps", inside_epoch),
                tmp_path / "killed-in-save": ("slow-save", in_a_save)})
@@ -183,3 +183,19 @@ def test_experiments_checkpoint_with_checkpoint_dir_and_continue_only_with_resum
     assert basics.run(options + ["--resume"]) == metrics  # the finished runs, restored
     with pytest.raises(SystemExit, match="--resume needs --checkpoint-dir"):
         basics.run(["--quiet", "--out", str(tmp_path / "runs"), "--resume"])
+
+
+def test_a_diverging_run_saves_only_finite_states(tmp_path):
+    import optax
+    import orbax.checkpoint as ocp
+
+    x, y = blobs(n=32)
+    with pytest.warns(RuntimeWarning, match="became NaN or infinite"):
+        state, _ = fit(MLP(features=(8,), num_outputs=3), x * 1e3, y, loss=CE, optimizer=optax.sgd(1e3), epochs=5,
+                       batch_size=8, verbose=0, checkpoint_dir=tmp_path, checkpoint_every=1, keep=100)
+    ids = checkpoint_ids(tmp_path)
+    assert ids and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
+    with ocp.StandardCheckpointer() as reader:
+        for checkpoint_id in ids:
+            saved = reader.restore(tmp_path / str(checkpoint_id) / "tree")
+            assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved["state"]["params"])), checkpoint_id
