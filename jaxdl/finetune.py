@@ -143,13 +143,27 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
     return FineTuned(model, variables, history, state)
 
 
+FEATURE_BATCH = 32
+
+
+def _features(backbone: MobileNetV2, variables: dict, images: np.ndarray) -> np.ndarray:
+    """The backbone's features of `images`, in batches of one shape (the last padded): one compiled program
+    serves every number of images, where one program per number would be compiled again for each split."""
+    batches = []
+    for start in range(0, len(images), FEATURE_BATCH):
+        batch = images[start:start + FEATURE_BATCH]
+        padded = np.pad(batch, ((0, FEATURE_BATCH - len(batch)),) + ((0, 0),) * (batch.ndim - 1))
+        batches.append(np.asarray(predict_in_chunks(backbone.apply, variables, padded))[:len(batch)])
+    return np.concatenate(batches)
+
+
 def _train_on_features(images, labels, backbone, backbone_variables, head, optimizer, fit_args):
     """Pooled features computed once (BatchNorm folded: the backbone is inference-only), then `fit` on them."""
     fast_backbone, fast_variables = folded(backbone, backbone_variables)
-    features = np.asarray(predict_in_chunks(fast_backbone.apply, fast_variables, images))
+    features = _features(fast_backbone, fast_variables, images)
     if fit_args["validation_data"] is not None:
         val_images, val_labels = fit_args["validation_data"]
-        val_features = np.asarray(predict_in_chunks(fast_backbone.apply, fast_variables, val_images))
+        val_features = _features(fast_backbone, fast_variables, val_images)
         fit_args = {**fit_args, "validation_data": (val_features, val_labels)}
     return fit(head, features, labels, optimizer=optimizer, **fit_args)
 
