@@ -457,53 +457,22 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     trained_model = model if model is not None else getattr(state.apply_fn, "__self__", None)
     run = FitRun(state=state, history={}, model=trained_model)
     previous = jax.tree.map(jnp.copy, state)  # the fallback when a state's own loss is not finite
-    saver = resume = None
+    checkpoints = resume = None
     if checkpoint_dir is not None:
-        if isinstance(data.is_source(x) and batches, data.IterableBatches):
+        if data.is_source(x) and isinstance(batches, data.IterableBatches):
             raise ValueError("checkpoint_dir needs in-memory arrays or a random-access source: an iterable of "
                              "batches cannot be rewound to where a checkpoint stood")
-        config = _run_config(trained_model, run.state, loss, metrics, batch_size, seed, shuffle, drop_remainder,
-                             every_steps, data.is_source(x))
-        saver = checkpoint.TrainingCheckpoints(checkpoint_dir, keep)
-        restored = saver.restore(lambda meta: _checkpoint_like(run.state, metrics, meta),
-                                 lambda meta: _check_same_run(meta.get("config"), config, saver.directory))
-        if restored is not None:
-            meta, tree = restored
-            run.state, previous = _with_arrays(run.state, tree["state"]), _with_arrays(run.state, tree["previous"])
-            run.history, initial_epoch = meta["history"], meta["epoch"]
-            run.resumed_epoch, run.stop_training = initial_epoch, meta["stop_training"]
-            if meta["batches_done"]:
-                totals = jax.tree.map(jnp.asarray, tree["totals"])
-                resume = _Resume(meta["batches_done"], meta["start_step"], totals, int(totals["accepted_steps"]))
+        checkpoints = _Checkpoints(
+            checkpoint.TrainingCheckpoints(checkpoint_dir, keep), callbacks, metrics, every_steps, steps_per_dispatch,
+            len(batches) if data.is_source(x) else data.num_batches(len(x), batch_size, drop_remainder),
+            _run_config(trained_model, run.state, loss, metrics, batch_size, seed, shuffle, drop_remainder,
+                        every_steps, data.is_source(x)))
+        previous, resume = checkpoints.restore(run, previous)
+        initial_epoch = initial_epoch if run.resumed_epoch is None else run.resumed_epoch
     for callback in callbacks:
         callback.on_train_begin(run)
-    if saver is not None and restored is not None:
-        for index, (callback, values) in enumerate(zip(callbacks, meta["callbacks"])):
-            kept = tree["callbacks"].get(str(index))
-            callback.restore_checkpoint_state(values, None if kept is None else _with_arrays(run.state, kept))
-
-    batches_per_epoch = len(batches) if data.is_source(x) else data.num_batches(len(x), batch_size, drop_remainder)
-
-    def save(state, previous, totals, epoch, batches_done, start_step, stop_training=False):
-        meta = {"config": config, "epoch": epoch, "batches_done": batches_done, "start_step": start_step,
-                "history": run.history, "stop_training": stop_training, "callbacks": []}
-        kept = {}
-        for index, callback in enumerate(callbacks):
-            values, callback_state = callback.checkpoint_state()
-            meta["callbacks"].append(values)
-            if callback_state is not None:
-                kept[str(index)] = _arrays_of(callback_state)
-        meta["kept_callbacks"] = sorted(kept)
-        tree = {"state": _arrays_of(state), "previous": _arrays_of(previous), "totals": totals, "callbacks": kept}
-        # A checkpoint's id counts batches: epoch e's saves are e * (B + 1) + batches done (1..B), its end's
-        # (e + 1) * (B + 1). Steps would not do: a step the NaN guard refuses leaves the step count as it was.
-        saver.save(epoch * (batches_per_epoch + 1) + batches_done, tree, meta)
-
-    def save_within_epoch(epoch):
-        def after_dispatch(state, previous, totals, batches_done, start_step):
-            if batches_done // every_steps > (batches_done - steps_per_dispatch) // every_steps:
-                save(state, previous, totals, epoch, batches_done, start_step)
-        return after_dispatch if every_steps is not None else None
+    if checkpoints is not None:
+        checkpoints.restore_callbacks(run)
 
     progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=verbosity != 1, leave=True)
     for epoch in progress:
@@ -511,7 +480,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
             break
         resumed_here = resume if resume is not None and epoch == initial_epoch else None
         run.state, previous, sums, steps, accepted = epochs_of.run(
-            run.state, previous, epoch, resumed_here, save_within_epoch(epoch) if saver is not None else None)
+            run.state, previous, epoch, resumed_here, checkpoints and checkpoints.within_epoch(run, epoch))
         if steps == 0 and resumed_here is None:
             warnings.warn(f"fit stopped: the source gave no batches for epoch {epoch + 1} (a generator or "
                           "iterator runs out after one pass: pass steps_per_epoch, or an iterable that can be "
@@ -537,8 +506,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
             print(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
         for callback in callbacks:
             callback.on_epoch_end(run, epoch, logs)
-        if saver is not None:
-            save(run.state, previous, zero_totals(metrics), epoch + 1, 0, int(run.state.step), run.stop_training)
+        if checkpoints is not None:
+            checkpoints.save(run, previous, zero_totals(metrics), epoch + 1, 0, int(run.state.step))
         if steps_per_epoch is not None and steps < steps_per_epoch:
             warnings.warn(f"fit stopped: the iterable ran out of batches in epoch {epoch + 1} ({steps} of "
                           f"steps_per_epoch={steps_per_epoch}); make it yield steps_per_epoch * epochs batches",
@@ -547,14 +516,80 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         if run.stop_training:
             break
     progress.close()
-    if saver is not None:
-        saver.close()
+    if checkpoints is not None:
+        checkpoints.saver.close()
     for callback in callbacks:
         callback.on_train_end(run)
     return run.state, run.history
 
 
 # --- checkpoints of a run ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Checkpoints:
+    """What `fit` saves of a run and takes back: its state, position, history and callbacks' counters."""
+
+    saver: checkpoint.TrainingCheckpoints
+    callbacks: Sequence[Callback]
+    metrics: tuple
+    every_steps: int | None
+    steps_per_dispatch: int
+    batches_per_epoch: int
+    config: dict
+    restored: tuple | None = None
+
+    def restore(self, run: FitRun, previous):
+        """Puts the newest readable checkpoint into `run`; returns `(previous, _Resume or None)`."""
+        self.restored = self.saver.restore(lambda meta: _checkpoint_like(run.state, self.metrics, meta),
+                                           lambda meta: _check_same_run(meta.get("config"), self.config,
+                                                                        self.saver.directory))
+        if self.restored is None:
+            return previous, None
+        meta, tree = self.restored
+        run.state, previous = _with_arrays(run.state, tree["state"]), _with_arrays(run.state, tree["previous"])
+        run.history, run.resumed_epoch, run.stop_training = meta["history"], meta["epoch"], meta["stop_training"]
+        if not meta["batches_done"]:
+            return previous, None
+        totals = jax.tree.map(jnp.asarray, tree["totals"])
+        return previous, _Resume(meta["batches_done"], meta["start_step"], totals, int(totals["accepted_steps"]))
+
+    def restore_callbacks(self, run: FitRun) -> None:
+        """Callbacks' counters, after their `on_train_begin` reset them."""
+        if self.restored is None:
+            return
+        meta, tree = self.restored
+        for index, (callback, values) in enumerate(zip(self.callbacks, meta["callbacks"])):
+            kept = tree["callbacks"].get(str(index))
+            callback.restore_checkpoint_state(values, None if kept is None else _with_arrays(run.state, kept))
+
+    def save(self, run: FitRun, previous, totals, epoch: int, batches_done: int, start_step: int,
+             state=None) -> None:
+        state = run.state if state is None else state
+        meta = {"config": self.config, "epoch": epoch, "batches_done": batches_done, "start_step": start_step,
+                "history": run.history, "stop_training": run.stop_training and not batches_done, "callbacks": []}
+        kept = {}
+        for index, callback in enumerate(self.callbacks):
+            values, callback_state = callback.checkpoint_state()
+            meta["callbacks"].append(values)
+            if callback_state is not None:
+                kept[str(index)] = _arrays_of(callback_state)
+        meta["kept_callbacks"] = sorted(kept)
+        tree = {"state": _arrays_of(state), "previous": _arrays_of(previous), "totals": totals, "callbacks": kept}
+        # A checkpoint's id counts batches: epoch e's saves are e * (B + 1) + batches done (1..B), its end's
+        # (e + 1) * (B + 1). Steps would not do: a step the NaN guard refuses leaves the step count as it was.
+        self.saver.save(epoch * (self.batches_per_epoch + 1) + batches_done, tree, meta)
+
+    def within_epoch(self, run: FitRun, epoch: int):
+        """The `after_dispatch` hook that saves every `every_steps` batches, or None for epoch checkpoints."""
+        if self.every_steps is None:
+            return None
+
+        def after_dispatch(state, previous, totals, batches_done, start_step):
+            if batches_done // self.every_steps > (batches_done - self.steps_per_dispatch) // self.every_steps:
+                self.save(run, previous, totals, epoch, batches_done, start_step, state=state)
+
+        return after_dispatch
 
 
 def _arrays_of(state: TrainState) -> dict:
