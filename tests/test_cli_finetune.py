@@ -165,10 +165,14 @@ def test_finetune_on_the_flat_cat_folder_labels_by_name_and_writes_the_history_f
     from tests.conftest import CATS
 
     out = tmp_path / "cats-model"
-    code = cli.main(["finetune", str(CATS), "--labels-from-name", CAT_PATTERN, "--out", str(out),
-                     "--epochs", "1", "--batch-size", "40"])
+    arguments = ["finetune", str(CATS), "--labels-from-name", CAT_PATTERN, "--out", str(out), "--epochs", "1",
+                 "--batch-size", "40", "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    code = cli.main(arguments)
     printed = capsys.readouterr()
     assert code == 0, printed.err
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]  # 1 batch per epoch: epoch 1 ends at 2
+    assert cli.main(arguments + ["--overwrite"]) == 1  # the directory holds a run: resumed only when asked
+    assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
     lines = printed.out.splitlines()
     assert lines[0] == "40 training images, 0 validation, classes ['f', 'm']"
     assert lines[1].startswith("epoch 1/1: loss ") and "accuracy" in lines[1]
