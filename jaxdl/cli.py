@@ -122,6 +122,7 @@ def finetune(args) -> int:
         out = Path(args.out)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+        checkpoint_dir = run_directory(args.checkpoint_dir, args.resume)  # before any work: the flags may clash
         if args.labels_from_name is not None:
             paths, labels, classes = image_io.labels_from_names(args.data_dir, args.labels_from_name)
         elif args.labels_csv is not None:
@@ -145,7 +146,7 @@ def finetune(args) -> int:
                              validation_data=validation, epochs=args.epochs, batch_size=args.batch_size,
                              learning_rate=args.learning_rate, unfreeze=args.unfreeze, augment=args.augment,
                              seed=args.seed, callbacks=[PrintEpochs()], verbose=False,
-                             checkpoint_dir=run_directory(args.checkpoint_dir, args.resume))
+                             checkpoint_dir=checkpoint_dir)
         classifier = ImageClassifier(result.model, result.variables, dict(metadata["preprocessing"]), tuple(classes))
         saved = classifier.save(out, overwrite=args.overwrite, history=result.history,
                                 source=f"fine-tuned on {args.data_dir}")
