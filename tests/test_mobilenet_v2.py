@@ -144,7 +144,8 @@ h5_cases = st.one_of(st.tuples(st.just("bytes"), damage),
                                st.integers(0, 2**32 - 1)))
 
 
-# A Keras file that survives its damage is converted whole (1.6 s here), so the default suite runs few.
+# A Keras file that survives its damage is converted whole (1.8 s an example in the slow run), so the
+# default suite runs few.
 @pytest.mark.parametrize("examples", [3, pytest.param(THOROUGH, marks=pytest.mark.slow)], ids=["quick", "thorough"])
 def test_damaged_keras_files_convert_or_raise_a_conversion_error_naming_the_file(tmp_path, converted_models,
                                                                                   examples):
