@@ -11,7 +11,9 @@ tests/test_fuzz_loaders.py tests/test_mobilenet_v2.py` runs `THOROUGH` each.
 Seeds are derandomized: a run is the same on every machine.
 """
 import io
+import os
 import struct
+import subprocess
 import zlib
 
 import numpy as np
@@ -111,6 +113,51 @@ def test_damaged_pth_files_load_or_raise_a_weight_file_error_naming_the_file(tmp
     assert fuzz(examples, damage, check, always=found) == examples
 
 
+class Foreign:
+    """An object whose pickle calls `function(*arguments)` when loaded: what a hostile checkpoint hides."""
+
+    def __init__(self, function, arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
+
+
+crafted_pth = st.fixed_dictionaries({
+    "numel": st.integers(0, 2**40), "data_numel": st.integers(0, 64),
+    "size": st.lists(st.integers(-3, 2**33), max_size=4), "stride": st.lists(st.integers(-2**40, 2**33), max_size=4),
+    "offset": st.integers(-2**40, 2**40), "zip_format": st.booleans(),
+    "foreign": st.sampled_from([None, (os.system, ("touch pwned",)), (eval, ("1",)), (getattr, ("text", "upper")),
+                                (subprocess.Popen, (["true"],)), (np.frombuffer, (b"\0" * 8,))])})
+
+
+@EXAMPLES
+def test_crafted_pth_layouts_and_globals_are_loaded_within_bounds_or_refused(tmp_path, examples, monkeypatch):
+    """Declared sizes, strides and offsets of any value, and pickles calling functions a state dict never
+    needs: each loads within its storage and `max_bytes`, or is refused; no code of the file's choosing runs."""
+    from test_torchfile import Storage, Tensor, write_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    limit = 1 << 20
+
+    def check(case):
+        storage = Storage(case["numel"], np.zeros(case["data_numel"], np.float32).tobytes())
+        state = {"weight": Tensor(storage, tuple(case["size"]), tuple(case["stride"]), case["offset"])}
+        if case["foreign"] is not None:
+            state["extra"] = Foreign(*case["foreign"])
+        path = write_checkpoint(tmp_path / "crafted.pth", state, case["zip_format"])
+        try:
+            loaded = load_state_dict(path, max_bytes=limit)
+        except WeightFileError as error:
+            assert_names_the_file(error, path)
+            return
+        finally:
+            assert not (tmp_path / "pwned").exists()
+        assert case["foreign"] is None and sum(array.nbytes for array in loaded.values()) <= limit
+
+    assert fuzz(examples, crafted_pth, check) == examples
+
+
 # --- images ---------------------------------------------------------------------------------------
 
 
@@ -136,6 +183,7 @@ image_cases = st.one_of(
 
 
 @EXAMPLES
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own notice; ours refuses
 def test_damaged_and_bomb_images_load_or_raise_an_image_error_naming_the_file(tmp_path, examples):
     genuine = {fmt: encoded(fmt) for fmt in ("PNG", "JPEG")}
     max_pixels = 10_000  # the genuine 32x24 images pass; a declared bomb is refused from its header
