@@ -98,6 +98,12 @@ def test_a_transform_reads_examples_of_any_layout():
     tolerance.assert_close(history, expected, tolerance.FEW_OPS)
     with pytest.raises(ValueError, match="an example is a tuple, not a dict of features; pass transform="):
         fit(MLP(features=(4,), num_outputs=3), Indexed(), **options)
+    import grain  # a grain MapDataset, with a map of its own, is a random-access source too
+
+    doubled = grain.MapDataset.source(examples(x, y)).map(lambda example: {**example, "image": example["image"] * 2})
+    _, expected_doubled = fit(MLP(features=(4,), num_outputs=3), x * 2, y, **options)
+    tolerance.assert_close(fit(MLP(features=(4,), num_outputs=3), doubled, **options)[1], expected_doubled,
+                           tolerance.FEW_OPS)
 
 
 @pytest.mark.parametrize("source, match", [
