@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxdl.data import positive_int
 from jaxdl.models import model_config, model_from_config
 
 CONFIG_FILE = "model.json"
@@ -169,8 +170,7 @@ class TrainingCheckpoints:
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         import orbax.checkpoint as ocp
 
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive integer, got {keep!r}")
+        keep = positive_int("keep", keep)
         self.directory = Path(directory).absolute()
         self._ocp = ocp
         self.manager = ocp.CheckpointManager(

@@ -318,12 +318,6 @@ def _array_order(shuffle_rng, step: int, num_examples: int) -> np.ndarray:
     return np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_rng, step), num_examples))
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | None = None,
         metrics: Sequence[str] = ("accuracy",), epochs: int = 1, batch_size: int = 32, seed: int = 0,
         validation_split: float | None = None, validation_data=None, shuffle: bool = True,
@@ -382,7 +376,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     with the difference named. Needs arrays or a random-access source.
     """
     batch_size = data.check_batch_size(batch_size)
-    steps_per_dispatch = _positive_int("steps_per_dispatch", steps_per_dispatch)
+    steps_per_dispatch = data.positive_int("steps_per_dispatch", steps_per_dispatch)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
     if (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer))
@@ -395,7 +389,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     init_rng, shuffle_rng = seed_rngs(seed)
     every_steps = None
     if checkpoint_dir is not None and checkpoint_every != "epoch":
-        every_steps = _positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
+        every_steps = data.positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
     input_shape = state.input_shape if state is not None else None
 
     if data.is_source(x):

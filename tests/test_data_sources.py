@@ -130,6 +130,10 @@ def test_sources_refuse_what_only_arrays_have():
         fit(model, examples(x, y), loss=CE, batch_size=8, steps_per_epoch=5, verbose=0)
     with pytest.raises(ValueError, match="features and transform name how to read a source's examples"):
         fit(model, x, y, loss=CE, features=("image", "label"), verbose=0)
+    with pytest.raises(ValueError, match="steps_per_epoch must be a positive integer, got 0"):
+        fit(model, iter([{"x": x, "y": y}]), loss=CE, steps_per_epoch=0, verbose=0)
+    with pytest.raises(ValueError, match=r"features must name \(input, label\), got \('image',\)"):
+        fit(model, examples(x, y), loss=CE, features=("image",), verbose=0)
     with pytest.raises(ValueError, match="steps_per_dispatch must be a positive integer, got 0"):
         fit(model, examples(x, y), loss=CE, steps_per_dispatch=0, verbose=0)
     with pytest.raises(ValueError, match="validation_data is a one-shot generator: it would run out"):

@@ -78,6 +78,11 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path):
                                          r"\"features\": \[5\].*parameters: saved .*\[3, 4\].*now .*\[3, 5\]"):
         fit(MLP(features=(5,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=8, verbose=0,
             checkpoint_dir=tmp_path)
+    for bad, match in ((dict(checkpoint_every=0), r"checkpoint_every \(steps, or 'epoch'\) must be a positive "
+                                                  r"integer, got 0"),
+                       (dict(checkpoint_every="weekly"), "got 'weekly'"), (dict(keep=0), "keep must be a positive")):
+        with pytest.raises(ValueError, match=match):
+            fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, verbose=0, checkpoint_dir=tmp_path / "new", **bad)
     import optax
     with pytest.raises(ValueError, match=r"of another run \(optimizer: saved "):
         fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=8, verbose=0,

@@ -11,10 +11,15 @@ from typing import Iterator
 import numpy as np
 
 
+def positive_int(name: str, value) -> int:
+    """`value` as an int, or a ValueError naming `name` when it is not a positive integer (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
+    return positive_int("batch_size", batch_size)
 
 
 def _is_streaming_source(value) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jaxdl.data.arrays import check_batch_size, num_batches
+from jaxdl.data.arrays import check_batch_size, num_batches, positive_int
 
 # Grain's read threads, not worker processes: threads start at once, share the open source, and
 # keep the iterator's position one small dict; a worker process pays a fork and a pickle of every
@@ -299,9 +299,8 @@ def as_batches(data, *, batch_size: int, features: Sequence | None = None, trans
                steps_per_epoch: int | None = None, class_weight: dict | None = None,
                needs_labels: bool = True) -> SourceBatches | IterableBatches:
     """The batches `fit`, `evaluate` and `predict` read from a source, checked on its first example."""
-    if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not
-                                        isinstance(steps_per_epoch, (int, np.integer)) or steps_per_epoch <= 0):
-        raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+    if steps_per_epoch is not None:
+        steps_per_epoch = positive_int("steps_per_epoch", steps_per_epoch)
     if is_random_access(data):
         names = tuple(features) if features is not None else ("image", "label")
         if len(names) != 2:
