@@ -7,5 +7,7 @@ from jaxdl.callbacks import (Callback, CSVLogger, EarlyStopping, FitRun, ModelCh
 from jaxdl.train import TrainState, create_train_state, make_eval_step, make_train_step, summarize
 from jaxdl.driver import evaluate, fit, predict
 from jaxdl.data import tfds_source
+from jaxdl.uncertainty import mc_predict
+from jaxdl.tuning import sweep
 
 __version__ = "0.1.0"

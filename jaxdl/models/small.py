@@ -47,7 +47,10 @@ def keras_batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.Bat
 class MLP(nn.Module):
     """Dense layers of `features` units with `activation`, then `num_outputs` logits.
 
-    Inputs of any rank are flattened per example. `batch_norm` puts BatchNorm
+    Inputs of any rank are flattened per example. `input_batch_norm` puts a
+    BatchNorm on the (flattened) inputs, Keras's `BatchNormalization()` right
+    after `Input` (unscaled features of different magnitudes: 2 trainable and
+    2 non-trainable numbers per feature). `batch_norm` puts BatchNorm
     before each activation; `dropout_rate` drops after it. `input_scale`
     multiplies the inputs first, as Keras's `Rescaling` layer: 1/255 lets
     uint8 pixels travel to the device as uint8 and become [0, 1] there.
@@ -60,11 +63,14 @@ class MLP(nn.Module):
     batch_norm: bool = False
     input_scale: float | None = None
     dtype: Any = jnp.float32
+    input_batch_norm: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         act = activation(self.activation)
         x = rescaled(x.reshape((x.shape[0], -1)), self.input_scale, self.dtype)
+        if self.input_batch_norm:
+            x = keras_batch_norm(train, self.dtype, name="input_batch_norm")(x)
         for i, width in enumerate(self.features):
             x = nn.Dense(width, dtype=self.dtype, kernel_init=kernel_init, name=f"dense_{i}")(x)
             if self.batch_norm:
