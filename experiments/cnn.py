@@ -267,8 +267,12 @@ def run(argv=None) -> dict:
                                 "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                                 "epochs": len(history["loss"]), "params": count_params(state.variables)}
 
+    # One model object per architecture: compiled steps are keyed by the model's `apply`, a bound method, and
+    # bound methods of two equal models compare unequal (Python compares their `self` by identity).
+    networks = models(input_scale)
+    by_layers = {networks["cnn"].layers: networks["cnn"]}
     for name in ("dense_only", "cnn"):
-        _, history, result = train(name, models(input_scale)[name], args.epochs, stop=False)
+        _, history, result = train(name, networks[name], args.epochs, stop=False)
         plot_history(history, out / f"{name}_history.png", f"{name} ({result['params']:,} parameters)")
         metrics.update({f"{name}_{key}": value for key, value in result.items()})
 
@@ -277,7 +281,8 @@ def run(argv=None) -> dict:
     def with_dropout(conv_blocks: int, dropout_rate: float) -> dict:
         key = (int(conv_blocks), float(dropout_rate))
         if key not in trained:
-            model = ConvNet(conv_layers(*key), padding="VALID", input_scale=input_scale)
+            layers = conv_layers(*key)
+            model = by_layers.setdefault(layers, ConvNet(layers, padding="VALID", input_scale=input_scale))
             state, history, result = train(f"blocks{key[0]}_dropout{key[1]:g}", model, args.sweep_epochs, stop=True)
             trained[key] = model, state, result
         return trained[key][2]

@@ -19,7 +19,7 @@ import time
 
 from experiments.common import machine
 
-EXPERIMENTS = ("neuron", "basics", "penguins", "digits", "mnist", "classify", "transfer")
+EXPERIMENTS = ("neuron", "basics", "penguins", "weather", "digits", "mnist", "cnn", "classify", "transfer")
 
 
 def _show(value) -> str:
