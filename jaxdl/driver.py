@@ -19,6 +19,7 @@ The module is named `driver`, not `fit` as the design sketch has it, so that
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import sys
@@ -31,10 +32,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxdl import checkpoint, data
+from jaxdl import checkpoint, data, sharding
 from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
 from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.heads import fast_inference
+from jaxdl.precision import with_precision
 from jaxdl.train import (TrainState, _checked_metric_names, _predict_all, compiled_epoch, compiled_eval_step,
                          compiled_evaluate, compiled_steps, create_train_state, loops_are_slow, seed_rngs, summarize,
                          zero_totals)
@@ -61,10 +63,10 @@ def _check_array_arguments(x, features, transform) -> None:
                          f"array ({type(x).__name__}), whose examples are the inputs already")
 
 
-def _evaluate_batches(state: TrainState, batches, eval_step) -> dict:
-    """Sums of `eval_step` over host batches."""
+def _evaluate_batches(state: TrainState, batches, eval_step, put: Callable) -> dict:
+    """Sums of `eval_step` over host batches, each placed by `put`."""
     totals = None
-    for batch in data.to_device(batches):
+    for batch in data.to_device(batches, put=put):
         sums = eval_step(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
@@ -74,43 +76,66 @@ def _evaluate_batches(state: TrainState, batches, eval_step) -> dict:
 
 def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("accuracy",),
              batch_size: int = 256, features: Sequence[str] | None = None,
-             transform: Callable | None = None) -> dict[str, float]:
+             transform: Callable | None = None, mesh=None) -> dict[str, float]:
     """Loss and metrics over a whole dataset, in inference mode; labels are checked as `fit` checks them.
 
-    `x` is an array (with labels `y`) or a source, read in order (see `fit`).
+    `x` is an array (with labels `y`) or a source, read in order (see `fit`,
+    also for `mesh`).
     """
     batch_size = data.check_batch_size(batch_size)
     metrics = _checked_metric_names(metrics)
+    mesh = sharding.resolve_mesh(mesh)
+    sharding.check_global_batch(batch_size, mesh)
+    state = sharding.put_replicated(state, mesh)
     if data.is_source(x):
         batches = _read_source(x, "evaluate", y=y, batch_size=batch_size, features=features, transform=transform,
-                               input_shape=state.input_shape, needs_labels=True)
+                               input_shape=state.input_shape, needs_labels=True, **_split_over(mesh))
         _check_labels_fit_the_loss(state, loss, {"the labels of the source": _first_labels(batches)})
-        return summarize(_evaluate_batches(state, batches.epoch(0), compiled_eval_step(loss, metrics)))
+        return summarize(_evaluate_batches(state, batches.epoch(0), compiled_eval_step(loss, metrics, mesh),
+                                           _batch_placer(mesh, batches)))
     _check_array_arguments(x, features, transform)
     x, y = data.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
     _check_labels_fit_the_loss(state, loss, {"y": y})
-    return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size)(state))
+    return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size, mesh)(state))
 
 
-def prediction_batch_size(num_examples: int, batch_size: int) -> int:
+def _split_over(mesh) -> dict:
+    """How a source is read for data-parallel steps: batches the mesh splits evenly, this process's part of each."""
+    return {"multiple": sharding.data_parallelism(mesh), "process": (jax.process_index(), jax.process_count())}
+
+
+def _batch_placer(mesh, batches=None, stacked: bool = False) -> Callable:
+    """`put(host batch)` onto the mesh: a source's batches are this process's part already, arrays' are whole."""
+    if isinstance(batches, (data.SourceBatches, data.IterableBatches)):
+        return lambda batch: sharding.put_batch(batch, mesh, stacked)
+    return lambda batch: sharding.put_global_batch(batch, mesh, stacked)
+
+
+def prediction_batch_size(num_examples: int, batch_size: int, multiple: int = 1) -> int:
     """The batch `predict` compiles for: `batch_size`, or the power of two that holds a smaller input.
 
     Padding a few examples up to a large batch wastes the compute; rounding
-    up to powers of two keeps the number of compiled shapes small.
+    up to powers of two keeps the number of compiled shapes small. The size
+    is then rounded up to a `multiple` (the devices that split the batch).
     """
-    return min(batch_size, 1 << max(num_examples - 1, 0).bit_length())
+    size = min(batch_size, 1 << max(num_examples - 1, 0).bit_length())
+    return -(-size // multiple) * multiple
 
 
 def predict(model_or_state, x, *, variables=None, batch_size: int = 256, features: Sequence[str] | None = None,
-            transform: Callable | None = None) -> np.ndarray:
+            transform: Callable | None = None, mesh=None, precision: str | None = None) -> np.ndarray:
     """Model outputs (logits) for `x`, in batches, in inference mode.
 
     Takes a TrainState, or a Linen module together with its `variables`.
     `x` is an array or a source read in order (only its input feature,
     `features[0]`, is read). MobileNetV2 models run their fast inference form
     (BatchNorm folded, images in chunks, as `jaxdl.classifier` does).
+    `precision` ("bfloat16", ...) computes in another dtype than the
+    model's own (see `jaxdl.precision`); outputs come back as float32.
+    Batches are split over the `mesh` (see `fit`); every process gets all outputs.
     """
     batch_size = data.check_batch_size(batch_size)
+    mesh = sharding.resolve_mesh(mesh)
     if isinstance(model_or_state, TrainState):
         input_shape = model_or_state.input_shape
         model = getattr(model_or_state.apply_fn, "__self__", None)
@@ -119,25 +144,38 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
         if variables is None:
             raise ValueError("predict(model, x) needs variables=...; or pass a TrainState")
         input_shape, model, apply_fn = None, model_or_state, model_or_state.apply
+    if precision is not None:
+        if model is None:
+            raise ValueError("predict(..., precision=...) needs the state's model: build the state with "
+                             "create_train_state, or pass the module and its variables")
+        model = with_precision(model, precision)
+        apply_fn = model.apply
     chunked = isinstance(model, (MobileNetV2, FineTuneModel))
     if chunked:
         model, variables = fast_inference(model, variables)
         apply_fn = model.apply
+    variables = sharding.put_replicated(variables, mesh)
+    parts = sharding.data_parallelism(mesh)
+
+    def outputs_of(images, size=None):  # size: the batch compiled for, the images' own rounded up by default
+        size = size or -(-len(images) // parts) * parts
+        return np.asarray(_predict_all(apply_fn, variables, images, size, chunked, mesh), np.float32)
+
+    put = functools.partial(sharding.put_replicated, mesh=mesh)
     if data.is_source(x):
         batches = _read_source(x, "predict", batch_size=batch_size, features=features, transform=transform,
                                input_shape=input_shape, needs_labels=False)
-        outputs = [_predict_all(apply_fn, variables, batch["x"], batch["x"].shape[0], chunked)
-                   for batch in data.to_device(batches.epoch(0))]
+        outputs = [outputs_of(batch["x"]) for batch in data.to_device(batches.epoch(0), put=put)]
         if not outputs:
             raise ValueError("the source yielded no batches to predict")
-        return np.concatenate([np.asarray(output) for output in outputs])
+        return np.concatenate(outputs)
     _check_array_arguments(x, features, transform)
     x = data.check_dataset(x, input_shape=input_shape, purpose="predicting")
-    size = prediction_batch_size(len(x), batch_size)
+    size = prediction_batch_size(len(x), batch_size, parts)
     if not chunked and len(x) > size and loops_are_slow(apply_fn, variables, x.shape[1:]):
-        return np.concatenate([np.asarray(_predict_all(apply_fn, variables, batch["x"], len(batch["x"]), False))
-                               for batch in data.to_device(data.ordered_batches({"x": x}, np.arange(len(x)), size))])
-    return np.asarray(_predict_all(apply_fn, variables, jnp.asarray(x), size, chunked))
+        return np.concatenate([outputs_of(batch["x"]) for batch in
+                               data.to_device(data.ordered_batches({"x": x}, np.arange(len(x)), size), put=put)])
+    return outputs_of(put(x), size)
 
 
 # --- fit ---------------------------------------------------------------------------------------
@@ -291,6 +329,8 @@ class _StreamedEpochs:
     run_steps: Callable
     metrics: tuple
     steps_per_dispatch: int
+    put: Callable = functools.partial(jax.device_put)
+    batch_norm: bool = False
 
     def run(self, state, previous, epoch: int, resume: _Resume | None = None, after_dispatch=None):
         """`(state, previous, sums, steps run, steps accepted)` of one epoch.
@@ -304,13 +344,30 @@ class _StreamedEpochs:
         totals = zero_totals(self.metrics) if resume is None else resume.totals
         healthy, steps = jnp.bool_(True), 0
         host_batches = self.batches_of(epoch, start_step, done)
-        for group in data.to_device(data.stacked(host_batches, self.steps_per_dispatch)):
+        for group in data.to_device(data.stacked(host_batches, self.steps_per_dispatch), put=self.put):
+            if self.batch_norm and "mask" in group:
+                raise ValueError(f"a batch of {group['mask'].shape[-1]} examples (padded to split over the "
+                                 "devices) reached a model with BatchNorm statistics, which padding rows would "
+                                 "enter; make every batch a multiple of the mesh's device count")
             state, previous, healthy, totals = self.run_steps(state, previous, healthy, totals, group)
             steps += group["x"].shape[0]
             if after_dispatch is not None:
                 after_dispatch(state, previous, totals, done + steps, start_step)
         accepted = int(totals.pop("accepted_steps")) - (0 if resume is None else int(resume.totals_accepted))
         return state, previous, totals, steps, accepted
+
+
+def _check_last_batch_splits(num_examples: int | None, batch_size: int, parts: int) -> None:
+    """A BatchNorm model's last batch must split over the devices as it is: its statistics cannot mask padding.
+
+    `num_examples` None (an iterable): each batch is checked as it comes (`_StreamedEpochs`).
+    """
+    last = 0 if num_examples is None else num_examples % batch_size
+    if last % parts:
+        raise ValueError(f"the last batch of each epoch holds {last} examples ({num_examples} examples, batch_size="
+                         f"{batch_size}), which the mesh's {parts} devices cannot split, and this model's BatchNorm "
+                         "statistics cannot leave out padding rows; pass drop_remainder=True, or a batch_size that "
+                         f"leaves a multiple of {parts}")
 
 
 def _array_order(shuffle_rng, step: int, num_examples: int) -> np.ndarray:
@@ -326,6 +383,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         features: Sequence[str] | None = None, transform: Callable | None = None,
         steps_per_epoch: int | None = None, steps_per_dispatch: int = 1,
         checkpoint_dir=None, checkpoint_every: int | str = "epoch", keep: int = 3,
+        mesh=None, precision: str | None = None,
         verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
     """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
 
@@ -374,8 +432,22 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     parameters and history of a run never interrupted. A checkpoint of
     another run (model, optimizer, batch size, data order, loss) is refused
     with the difference named. Needs arrays or a random-access source.
+
+    `mesh` (default: `jaxdl.sharding.data_mesh()`, all devices) trains
+    data-parallel: each batch is split over the mesh's `data` axis, state
+    and arrays are replicated, and `jax.jit` sums the gradients over devices;
+    `batch_size` is the global batch and must split evenly. A last batch the
+    devices cannot split is filled up and masked (for BatchNorm models, which
+    cannot be masked, it is an error: pass drop_remainder=True). With several
+    processes (`jaxdl.distributed.initialize`), each reads only its part of
+    every batch of a source. `precision` ("bfloat16", or "float16" with
+    dynamic loss scaling) computes in half precision while parameters and
+    optimizer state stay float32 (see `jaxdl.precision`).
     """
     batch_size = data.check_batch_size(batch_size)
+    mesh = sharding.resolve_mesh(mesh)
+    sharding.check_global_batch(batch_size, mesh)
+    parts = sharding.data_parallelism(mesh)
     steps_per_dispatch = data.positive_int("steps_per_dispatch", steps_per_dispatch)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -402,9 +474,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         batches = _read_source(x, "fit", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=input_shape, needs_labels=True, seed=seed, shuffle=shuffle,
                                drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
-                               class_weight=class_weight)
+                               class_weight=class_weight, **_split_over(mesh))
         input_shape = input_shape or _input_shape_of(batches)
         train_labels = _first_labels(batches)
+        train_size = len(batches.source) if isinstance(batches, data.SourceBatches) else None
     else:
         _check_array_arguments(x, features, transform)
         if steps_per_epoch is not None:
@@ -419,36 +492,45 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
             weights = weights[:len(x)]
         if drop_remainder and len(x) < batch_size:
             raise ValueError(f"drop_remainder with batch_size={batch_size} drops all {len(x)} examples")
-        input_shape, train_labels = x.shape[1:], y
+        input_shape, train_labels, train_size = x.shape[1:], y, len(x)
 
     if state is None:
-        state = create_train_state(model, optimizer or DEFAULT_OPTIMIZER, input_shape, init_rng)
+        state = create_train_state(model, optimizer or DEFAULT_OPTIMIZER, input_shape, init_rng, precision=precision)
     else:
+        if precision is not None:
+            raise ValueError("fit(state=..., precision=...): a state computes in its model's dtype; build a new "
+                             "state with create_train_state(..., precision=...) to change it")
         state = _state_to_continue(model, optimizer, state)
+    state = sharding.put_replicated(state, mesh)
+    if state.batch_stats and not drop_remainder and parts > 1:
+        _check_last_batch_splits(train_size, batch_size, parts)
     validate = None
     labels = {"y" if not data.is_source(x) else "the labels of the source": train_labels}
     if validation_data is not None:
         validate, labels["labels of validation_data"] = _validator(
-            state, validation_data, loss, metrics, batch_size, features, transform)
+            state, validation_data, loss, metrics, batch_size, features, transform, mesh)
     _check_labels_fit_the_loss(state, loss, labels)
 
+    run_steps = compiled_steps(loss, metrics, mesh)
     if data.is_source(x):
-        epochs_of = _StreamedEpochs(lambda epoch, step, skip: batches.epoch(epoch, skip or None),
-                                    compiled_steps(loss, metrics), metrics, steps_per_dispatch)
+        epochs_of = _StreamedEpochs(lambda epoch, step, skip: batches.epoch(epoch, skip or None), run_steps,
+                                    metrics, steps_per_dispatch, _batch_placer(mesh, batches, stacked=True),
+                                    bool(state.batch_stats))
     elif loops_are_slow(state.apply_fn, state.variables, state.input_shape) or every_steps is not None:
         def array_batches(epoch, step, skip):
             del epoch
             order = _array_order(shuffle_rng, step, len(x)) if shuffle else np.arange(len(x))
             return itertools.islice(data.ordered_batches({"x": x, "y": y, "weight": weights}, order, batch_size,
-                                                         drop_remainder), skip, None)
+                                                         drop_remainder, parts), skip, None)
 
-        epochs_of = _StreamedEpochs(array_batches, compiled_steps(loss, metrics), metrics, steps_per_dispatch)
+        epochs_of = _StreamedEpochs(array_batches, run_steps, metrics, steps_per_dispatch,
+                                    _batch_placer(mesh, stacked=True))
     else:
-        epochs_of = _ArrayEpochs(jax.device_put(x), jax.device_put(y), jax.device_put(weights), shuffle_rng,
-                                 compiled_epoch(loss, metrics, batch_size, shuffle, drop_remainder),
+        epochs_of = _ArrayEpochs(*sharding.put_replicated((x, y, weights), mesh), shuffle_rng,
+                                 compiled_epoch(loss, metrics, batch_size, shuffle, drop_remainder, mesh),
                                  data.num_batches(len(x), batch_size, drop_remainder))
 
-    trained_model = model if model is not None else getattr(state.apply_fn, "__self__", None)
+    trained_model = getattr(state.apply_fn, "__self__", None) or model
     run = FitRun(state=state, history={}, model=trained_model)
     previous = jax.tree.map(jnp.copy, state)  # the fallback when a state's own loss is not finite
     checkpoints = resume = None
@@ -462,6 +544,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
             _run_config(trained_model, run.state, loss, metrics, batch_size, seed, shuffle, drop_remainder,
                         every_steps, data.is_source(x)))
         previous, resume = checkpoints.restore(run, previous)
+        run.state, previous = sharding.put_replicated((run.state, previous), mesh)
         initial_epoch = initial_epoch if run.resumed_epoch is None else run.resumed_epoch
     for callback in callbacks:
         callback.on_train_begin(run)
@@ -651,31 +734,32 @@ def _difference(saved, now) -> str:
     return f"saved {around(saved_text)}, now {around(now_text)}"
 
 
-def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_size: int, features, transform):
+def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_size: int, features, transform,
+               mesh):
     """`(validate(state) -> sums, labels to check)` for validation arrays `(x_val, y_val)` or a source."""
     if data.is_source(validation_data):
         batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
                                features=features, transform=transform, input_shape=state.input_shape,
-                               needs_labels=True)
+                               needs_labels=True, **_split_over(mesh))
         if isinstance(batches, data.IterableBatches) and batches.one_shot:
             raise ValueError(f"validation_data is a one-shot {type(validation_data).__name__}: it would run out "
                              "after the first epoch's validation; pass a random-access source or an iterable "
                              "that can be iterated again")
-        eval_step = compiled_eval_step(loss, metrics)
-        return (lambda trained: _evaluate_batches(trained, batches.epoch(0), eval_step)), _first_labels(batches)
+        eval_step, put = compiled_eval_step(loss, metrics, mesh), _batch_placer(mesh, batches)
+        return (lambda trained: _evaluate_batches(trained, batches.epoch(0), eval_step, put)), _first_labels(batches)
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val) or a source")
     x_val, y_val = data.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
-    return _array_evaluator(state, x_val, y_val, loss, metrics, batch_size), y_val
+    return _array_evaluator(state, x_val, y_val, loss, metrics, batch_size, mesh), y_val
 
 
-def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metrics: tuple, batch_size: int):
+def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metrics: tuple, batch_size: int, mesh):
     """`evaluate(state) -> sums` over arrays: one compiled scan, or batch by batch where loops are slow."""
     if loops_are_slow(state.apply_fn, state.variables, state.input_shape):
-        eval_step = compiled_eval_step(loss, metrics)
-        arrays = {"x": x, "y": y}
-        return lambda trained: _evaluate_batches(trained, data.ordered_batches(arrays, np.arange(len(x)), batch_size),
-                                                 eval_step)
-    evaluate_all = compiled_evaluate(loss, metrics, batch_size)
-    x_device, y_device = jax.device_put(x), jax.device_put(y)
+        eval_step, put, arrays = compiled_eval_step(loss, metrics, mesh), _batch_placer(mesh), {"x": x, "y": y}
+        parts = sharding.data_parallelism(mesh)
+        return lambda trained: _evaluate_batches(
+            trained, data.ordered_batches(arrays, np.arange(len(x)), batch_size, multiple=parts), eval_step, put)
+    evaluate_all = compiled_evaluate(loss, metrics, batch_size, mesh)
+    x_device, y_device = sharding.put_replicated((x, y), mesh)
     return lambda trained: evaluate_all(trained, x_device, y_device)

@@ -30,8 +30,9 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jaxdl import data, losses
+from jaxdl import data, losses, sharding
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
+from jaxdl.precision import loss_scale, with_precision
 
 
 class TrainState(train_state.TrainState):
@@ -41,12 +42,15 @@ class TrainState(train_state.TrainState):
     reproducible from its seed without threading keys through the loop.
     `frozen` holds variable collections that `apply_fn` reads but training
     never differentiates nor changes (a pretrained backbone, for instance).
+    `dynamic_scale` (flax's `DynamicScale`) scales the loss of a float16 run
+    (see `jaxdl.precision`); None otherwise.
     """
 
     batch_stats: Any
     dropout_rng: jax.Array
     input_shape: tuple = flax.struct.field(pytree_node=False)
     frozen: Any = flax.struct.field(default_factory=dict)
+    dynamic_scale: Any = None
 
     @property
     def variables(self) -> dict:
@@ -58,12 +62,15 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation, input_shape: Sequence[int],
-                       rng: jax.Array, *, input_dtype=jnp.float32) -> TrainState:
+                       rng: jax.Array, *, input_dtype=jnp.float32, precision: str | None = None) -> TrainState:
     """Initialises `model` for examples of `input_shape` (no batch axis).
 
+    `precision` ("float32", "bfloat16", "float16") sets the model's
+    computation dtype, the parameters staying float32 (see `jaxdl.precision`).
     A model that cannot take that shape is one error naming the shape (and,
     for a 2-D example given to a convolutional model, the missing channel axis).
     """
+    model = with_precision(model, precision)
     init_rng, dropout_rng = jax.random.split(rng)
     sample = jnp.zeros((1, *input_shape), input_dtype)
     try:
@@ -80,7 +87,7 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
                          f"(height, width, channels) per example, but the examples have shape {tuple(input_shape)}: "
                          "its last axis was read as channels; add a channel axis (x[..., None])")
     return new_train_state(model.apply, variables["params"], optimizer, batch_stats=variables.get("batch_stats", {}),
-                           dropout_rng=dropout_rng, input_shape=input_shape)
+                           dropout_rng=dropout_rng, input_shape=input_shape, dynamic_scale=loss_scale(precision))
 
 
 def _compiled_init(model) -> Callable:
@@ -97,11 +104,11 @@ def _cached_init(model) -> Callable:
 
 
 def new_train_state(apply_fn, params, optimizer: optax.GradientTransformation, *, batch_stats, dropout_rng,
-                    input_shape: Sequence[int], frozen: dict | None = None) -> TrainState:
+                    input_shape: Sequence[int], frozen: dict | None = None, dynamic_scale=None) -> TrainState:
     """A TrainState at step 0 from already initialised variables."""
     state = TrainState.create(apply_fn=apply_fn, params=params, tx=optimizer, batch_stats=batch_stats,
                               dropout_rng=dropout_rng, input_shape=tuple(int(d) for d in input_shape),
-                              frozen=frozen or {})
+                              frozen=frozen or {}, dynamic_scale=dynamic_scale)
     # TrainState.create starts from the Python int 0, a weakly typed scalar: the second
     # call of a compiled step would see int32 instead and compile again.
     return state.replace(step=jnp.zeros((), jnp.int32))
@@ -114,6 +121,7 @@ def _batch_sums(outputs, batch, loss_fn: Callable, metric_names, label_key: str)
     scales each example's loss, not its metrics, as Keras's `sample_weight`
     and `class_weight` do (its `metrics` are unweighted).
     """
+    outputs = outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))  # half-precision models: float32 loss
     mask = batch.get("mask")
     if mask is None:
         mask = jnp.ones(outputs.shape[0], jnp.float32)
@@ -150,6 +158,8 @@ class StepContract:
     reads it), `rng_streams` the random streams it draws from in training.
     `loss` is a name from `jaxdl.losses` (comparing outputs with
     `batch[label_key]`) or a function `(outputs, batch) -> per-example loss`.
+    `mesh` (see `jaxdl.sharding`) splits the batch over its `data` axis and
+    keeps the state whole on every device; None leaves placement to JAX.
     """
 
     loss: Any
@@ -158,6 +168,7 @@ class StepContract:
     label_key: str = "y"
     train_flag: str | None = "train"
     rng_streams: tuple[str, ...] = ("dropout", "augment")
+    mesh: Any = None
 
     def loss_fn(self) -> Callable:
         """`(outputs, batch) -> per-example loss`."""
@@ -227,6 +238,7 @@ def _guarded_train_step(contract: StepContract) -> Callable:
 
     def step(state, batch: dict, rng=None):
         contract.check_batch(batch)
+        batch = sharding.constrain_batch(batch, contract.mesh)
         rngs = contract.step_rngs(state, rng)
 
         def objective(params):
@@ -234,28 +246,45 @@ def _guarded_train_step(contract: StepContract) -> Callable:
             sums = _batch_sums(outputs, batch, loss_fn, contract.metrics, contract.label_key)
             return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates)
 
-        grads, (sums, updates) = jax.grad(objective, has_aux=True)(state.params)
+        scale = getattr(state, "dynamic_scale", None)
+        if scale is None:
+            grads, (sums, updates) = jax.grad(objective, has_aux=True)(state.params)
+        else:  # float16: the loss scaled up before differentiating, the gradients scaled back
+            scale, scale_finite, (_, (sums, updates)), grads = scale.value_and_grad(objective, has_aux=True)(
+                state.params)
         if getattr(state, "batch_stats", None):
             new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
         else:
             new_state = state.apply_gradients(grads=grads)
-        finite = _all_finite((sums["loss"], grads, new_state.params, getattr(new_state, "batch_stats", None)))
-        return new_state, sums, finite
+        if scale is None:
+            finite = _all_finite((sums["loss"], grads, new_state.params, getattr(new_state, "batch_stats", None)))
+        else:  # an overflow is the loss scale's to handle: the step is skipped, the scale lowered
+            skipped = state.replace(step=new_state.step)
+            new_state = jax.tree.map(lambda new, old: jnp.where(scale_finite, new, old), new_state, skipped)
+            new_state = new_state.replace(dynamic_scale=scale)
+            finite = _all_finite((sums["loss"], new_state.params, new_state.batch_stats))
+        return sharding.constrain_replicated(new_state, contract.mesh), sums, finite
 
     return step
 
 
-def _refusing_consumed_states(jitted: Callable, what: str) -> Callable:
-    """`jitted`, but a state whose buffers an earlier call donated is one clear error, not JAX's."""
+def _refusing_consumed_states(jitted: Callable, what: str, mesh=None) -> Callable:
+    """`jitted`, but a state whose buffers an earlier call donated is one clear error, not JAX's.
+
+    With a `mesh`, a batch still on the host is put on the devices split over
+    the mesh's `data` axis first (with several processes: this process's rows).
+    """
 
     @functools.wraps(jitted)
-    def call(state, *args, **kwargs):
+    def call(state, batch, *args, **kwargs):
         if any(isinstance(leaf, jax.Array) and leaf.is_deleted() for leaf in jax.tree.leaves(state)):
             raise ValueError(f"this state was already used by an earlier {what}: a compiled step donates the "
                              "state it is given (its buffers are reused), so continue from the state it "
                              "returned (`state, sums = step(state, batch)`), or pass a copy "
                              "(jax.tree.map(jnp.copy, state)) to keep the old one")
-        return jitted(state, *args, **kwargs)
+        if mesh is not None:
+            batch = sharding.put_batch(batch, mesh)
+        return jitted(state, batch, *args, **kwargs)
 
     call.jitted = jitted
     return call
@@ -263,7 +292,7 @@ def _refusing_consumed_states(jitted: Callable, what: str) -> Callable:
 
 def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True, input_key: str = "x",
                     label_key: str = "y", train_flag: str | None = "train",
-                    rng_streams: Sequence[str] = ("dropout", "augment")) -> Callable:
+                    rng_streams: Sequence[str] = ("dropout", "augment"), mesh=None) -> Callable:
     """Returns `train_step(state, batch, rng=None) -> (state, sums)`.
 
     Works with jaxdl's `TrainState` and with Flax's own (`batch_stats`,
@@ -275,12 +304,15 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
     function `(outputs, batch) -> per-example loss`; see `StepContract`
     for `train_flag` and `rng_streams`. With `jit` the step is compiled and
     donates the incoming state; without it, it is the plain function to compose.
+    `mesh` (`jaxdl.sharding.data_mesh()`) trains data-parallel: the batch is
+    split over its `data` axis, the state replicated, the gradients summed
+    over devices by `jax.jit` itself.
     A model with BatchNorm statistics takes no `mask`: padding rows would enter
     the batch statistics, so give it unpadded batches (`data.batches(...,
     pad=False)`), whose last one is smaller, as in Keras.
     """
     contract = StepContract(loss, _checked_metric_names(metrics), input_key, label_key, train_flag,
-                            tuple(rng_streams))
+                            tuple(rng_streams), mesh)
     guarded_step = _guarded_train_step(contract)
 
     def train_step(state, batch: dict, rng=None):
@@ -291,21 +323,27 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
         new_state, sums, _ = guarded_step(state, batch, rng)
         return new_state, sums
 
-    return _refusing_consumed_states(jax.jit(train_step, donate_argnums=(0,)), "train step") if jit else train_step
+    if not jit:
+        return train_step
+    return _refusing_consumed_states(jax.jit(train_step, donate_argnums=(0,)), "train step", mesh)
 
 
 def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True, input_key: str = "x",
-                   label_key: str = "y", train_flag: str | None = "train") -> Callable:
+                   label_key: str = "y", train_flag: str | None = "train", mesh=None) -> Callable:
     """Returns `eval_step(state, batch) -> sums`, running the model in inference mode (see `make_train_step`)."""
-    contract = StepContract(loss, _checked_metric_names(metrics), input_key, label_key, train_flag, ())
+    contract = StepContract(loss, _checked_metric_names(metrics), input_key, label_key, train_flag, (), mesh)
     loss_fn = contract.loss_fn()
 
     def eval_step(state, batch: dict):
         contract.check_batch(batch)
+        batch = sharding.constrain_batch(batch, contract.mesh)
         outputs, _ = contract.apply(state, state.params, batch, train=False)
         return _batch_sums(outputs, batch, loss_fn, contract.metrics, contract.label_key)
 
-    return jax.jit(eval_step) if jit else eval_step
+    if not jit:
+        return eval_step
+    jitted = jax.jit(eval_step)
+    return jitted if mesh is None else lambda state, batch: jitted(state, sharding.put_batch(batch, mesh))
 
 
 def summarize(sums: dict, prefix: str = "") -> dict[str, float]:
@@ -352,7 +390,7 @@ def _guarded_scan_body(contract: StepContract) -> Callable:
 
 
 @functools.lru_cache(maxsize=64)
-def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_remainder: bool):
+def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_remainder: bool, mesh=None):
     """`epoch(state, previous, x, y, weight, key) -> (state, previous, sums, healthy_steps)`: one compiled pass.
 
     `weight` scales each example's loss (Keras's sample and class weights).
@@ -364,7 +402,7 @@ def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_re
     models with BatchNorm statistics, where padding rows would enter the
     statistics: there it runs as its own smaller batch, as Keras's last batch does.
     """
-    guarded_body = _guarded_scan_body(StepContract(loss, metrics))
+    guarded_body = _guarded_scan_body(StepContract(loss, metrics, mesh=mesh))
 
     def epoch(state, previous, x, y, weight, key):
         num_examples = x.shape[0]
@@ -390,7 +428,7 @@ def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_re
 
 
 @functools.lru_cache(maxsize=64)
-def compiled_steps(loss, metrics: tuple):
+def compiled_steps(loss, metrics: tuple, mesh=None):
     """`steps(state, previous, healthy, totals, batches) -> (state, previous, healthy, totals)`: K guarded steps.
 
     `batches` stacks K batches on a leading axis; one dispatch runs their K
@@ -402,7 +440,7 @@ def compiled_steps(loss, metrics: tuple):
     adds up the sums and `accepted_steps` on the device, so an epoch never
     waits for the host between dispatches.
     """
-    guarded_body = _guarded_scan_body(StepContract(loss, metrics))
+    guarded_body = _guarded_scan_body(StepContract(loss, metrics, mesh=mesh))
 
     def steps(state, previous, healthy, totals, batches):
         carry = (state, previous, healthy)
@@ -471,14 +509,14 @@ def zero_totals(metrics: Sequence[str]) -> dict:
 
 
 @functools.lru_cache(maxsize=64)
-def compiled_eval_step(loss, metrics: tuple):
-    """`make_eval_step(loss, metrics)`, compiled once per loss and metrics."""
-    return make_eval_step(loss, metrics)
+def compiled_eval_step(loss, metrics: tuple, mesh=None):
+    """`make_eval_step(loss, metrics)`, compiled once per loss, metrics and mesh."""
+    return jax.jit(make_eval_step(loss, metrics, jit=False, mesh=mesh))
 
 
 @functools.lru_cache(maxsize=64)
-def compiled_evaluate(loss, metrics: tuple, batch_size: int):
-    eval_step = make_eval_step(loss, metrics, jit=False)
+def compiled_evaluate(loss, metrics: tuple, batch_size: int, mesh=None):
+    eval_step = make_eval_step(loss, metrics, jit=False, mesh=mesh)
 
     def evaluate_all(state, x, y):
         index, mask = _scan_batches(x.shape[0], batch_size, False)
@@ -493,12 +531,13 @@ def compiled_evaluate(loss, metrics: tuple, batch_size: int):
     return jax.jit(evaluate_all)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "chunked"))
-def _predict_all(apply_fn, variables, x, batch_size, chunked):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "chunked", "mesh"))
+def _predict_all(apply_fn, variables, x, batch_size, chunked, mesh=None):
     index, _ = _scan_batches(x.shape[0], batch_size, False)
 
     def forward(rows):
-        return apply_in_chunks(apply_fn, variables, x[rows]) if chunked else apply_fn(variables, x[rows], train=False)
+        images = sharding.constrain_batch(x[rows], mesh)
+        return apply_in_chunks(apply_fn, variables, images) if chunked else apply_fn(variables, images, train=False)
 
     if index.shape[0] == 1:  # one batch: no loop (see `loops_are_slow`)
         return forward(index[0])[: x.shape[0]]

@@ -12,6 +12,7 @@ import pytest
 from jaxdl import MLP, EarlyStopping, checkpoint, create_train_state, fit, load_model, predict
 from jaxdl.callbacks import (CSVLogger, FitRun, ModelCheckpoint, ReduceLROnPlateau, TensorBoard,
                              injected_learning_rates)
+from jaxdl.sharding import data_mesh
 from jaxdl.train import compiled_epoch, new_train_state, seed_rngs
 from tests import tolerance
 from tests.toy_data import CE, blobs
@@ -198,7 +199,7 @@ def test_tensorboard_writes_the_history_as_keras_lays_it_out(tmp_path):
 
 def test_reduce_lr_on_plateau_reduces_after_patience_without_recompiling():
     x, y = blobs(40)
-    epoch_fn = compiled_epoch(CE, ("accuracy",), 8, True, False)
+    epoch_fn = compiled_epoch(CE, ("accuracy",), 8, True, False, data_mesh())  # fit's mesh: all devices
     epoch_fn.clear_cache()
     # min_delta=1e9: only the first epoch "improves", so every `patience` epochs the rate halves.
     reduce = ReduceLROnPlateau(monitor="loss", factor=0.5, patience=2, min_delta=1e9)

@@ -11,6 +11,7 @@ import pytest
 
 from jaxdl import (MLP, ConvNet, EarlyStopping, create_train_state, data, evaluate, fit, load_model,
                    make_eval_step, make_train_step, predict, save_model, summarize)
+from jaxdl.sharding import data_mesh
 from jaxdl.train import compiled_epoch, seed_rngs
 from tests import tolerance
 from tests.toy_data import CE, blobs
@@ -87,7 +88,7 @@ def test_train_step_compiles_once_including_the_padded_last_batch():
 def test_fit_compiles_one_epoch_function_for_all_epochs():
     x, y = blobs(37)  # 37 = 4 * 8 + 5: a partial last batch every epoch
     model = MLP(features=(5,), num_outputs=3)
-    epoch_fn = compiled_epoch(CE, ("accuracy",), 8, True, False)
+    epoch_fn = compiled_epoch(CE, ("accuracy",), 8, True, False, data_mesh())  # fit's mesh: all devices
     epoch_fn.clear_cache()
     _, history = fit(model, x, y, loss=CE, epochs=4, batch_size=8, verbose=False)
     assert len(history["loss"]) == 4

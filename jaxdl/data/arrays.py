@@ -97,13 +97,40 @@ def padded_indices(order: np.ndarray, batch_size: int, drop_remainder: bool = Fa
     return np.resize(order, total).reshape(-1, batch_size), mask.reshape(-1, batch_size)
 
 
-def ordered_batches(arrays: dict, order: np.ndarray, batch_size: int,
-                    drop_remainder: bool = False) -> Iterator[dict]:
-    """Batches of `arrays` (a dict of equally long arrays) taken in `order`, the last one smaller or dropped."""
+def rows_to_split(rows: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """`rows` filled up (wrapping around) to a multiple of `multiple`, with the mask of the real ones.
+
+    A batch split over `multiple` devices must divide evenly; the mask keeps
+    the added rows out of the loss and metrics. None: nothing was added.
+    """
+    missing = -len(rows) % multiple
+    if not missing:
+        return rows, None
+    return np.resize(rows, len(rows) + missing), (np.arange(len(rows) + missing) < len(rows)).astype(np.float32)
+
+
+def split_evenly(batch: dict, multiple: int) -> dict:
+    """A batch dict filled up to a multiple of `multiple` examples, its `mask` marking the real ones."""
+    rows, mask = rows_to_split(np.arange(len(next(iter(batch.values())))), multiple)
+    if mask is None:
+        return batch
+    padded = {key: np.asarray(value)[rows] for key, value in batch.items()}
+    padded["mask"] = mask * padded["mask"] if "mask" in batch else mask
+    return padded
+
+
+def ordered_batches(arrays: dict, order: np.ndarray, batch_size: int, drop_remainder: bool = False,
+                    multiple: int = 1) -> Iterator[dict]:
+    """Batches of `arrays` (a dict of equally long arrays) taken in `order`, the last one smaller or dropped.
+
+    A smaller last batch that `multiple` devices could not split is filled
+    up and gets a `mask` (see `rows_to_split`).
+    """
     stop = min(num_batches(len(order), batch_size, drop_remainder) * batch_size, len(order))
     for start in range(0, stop, batch_size):
-        rows = order[start:start + batch_size]
-        yield {key: value[rows] for key, value in arrays.items()}
+        rows, mask = rows_to_split(order[start:start + batch_size], multiple)
+        batch = {key: value[rows] for key, value in arrays.items()}
+        yield batch if mask is None else {**batch, "mask": mask}
 
 
 def batches(x, y, batch_size: int, *, seed: int | None = None, drop_remainder: bool = False,

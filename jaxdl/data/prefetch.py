@@ -8,21 +8,22 @@ the copy and the host's loading overlap the step that is computing.
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 
 
-def to_device(batches: Iterable[dict], size: int = 2, sharding=None) -> Iterator[dict]:
+def to_device(batches: Iterable[dict], size: int = 2, put: Callable = jax.device_put) -> Iterator[dict]:
     """Yields the batches as device arrays, `size` of them put on the device before they are needed.
 
-    Arrays keep their dtype: uint8 images travel as uint8 (a quarter of
-    float32's bytes) and become floats inside the compiled step.
+    `put(batch)` places one batch (`jaxdl.sharding.put_batch` splits it over
+    devices). Arrays keep their dtype: uint8 images travel as uint8 (a
+    quarter of float32's bytes) and become floats inside the compiled step.
     """
     queue: collections.deque = collections.deque()
     for batch in batches:
-        queue.append(jax.device_put(batch, sharding))
+        queue.append(put(batch))
         if len(queue) > size:
             yield queue.popleft()
     while queue:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jaxdl.data.arrays import check_batch_size, num_batches, positive_int
+from jaxdl.data.arrays import check_batch_size, num_batches, positive_int, rows_to_split, split_evenly
 
 # Grain's read threads, not worker processes: threads start at once, share the open source, and
 # keep the iterator's position one small dict; a worker process pays a fork and a pickle of every
@@ -158,6 +158,11 @@ class SourceBatches:
     only on `(seed, epoch)`: another each epoch, the same on every run.
     `position()` / `restore()` save and restore where an epoch stands, so a
     resumed run continues with exactly the batches it would have seen.
+
+    For data-parallel training, a last batch that `multiple` devices could
+    not split is filled up and masked (`arrays.rows_to_split`), and a
+    process `(index, count)` of several reads only its consecutive part of
+    every batch: the global batch is the same for any number of processes.
     """
 
     source: Any
@@ -166,6 +171,8 @@ class SourceBatches:
     seed: int = 0
     shuffle: bool = True
     drop_remainder: bool = False
+    multiple: int = 1
+    process: tuple[int, int] = (0, 1)
 
     def __post_init__(self):
         self.batch_size = check_batch_size(self.batch_size)
@@ -198,6 +205,14 @@ class SourceBatches:
         mapped = [self.features(example) for example in examples]
         return {key: np.stack([example[key] for example in mapped]) for key in mapped[0]}
 
+    def read_part(self, indices: np.ndarray) -> dict:
+        """This process's part of the batch of the examples at `indices` (see the class)."""
+        rows, mask = rows_to_split(np.asarray(indices), self.multiple)
+        index, count = self.process
+        part = slice(index * len(rows) // count, (index + 1) * len(rows) // count)
+        batch = self.read(rows[part])
+        return batch if mask is None else {**batch, "mask": mask[part]}
+
     def dataset(self, epoch: int):
         """The epoch's grain `MapDataset` of batches: example numbers shuffled, batched, then read."""
         import grain  # imported when a source is read: it adds a second to `import jaxdl`
@@ -205,7 +220,7 @@ class SourceBatches:
         indices = grain.MapDataset.range(len(self.source))
         if self.shuffle:
             indices = indices.shuffle(seed=epoch_seed(self.seed, epoch))
-        return indices.batch(self.batch_size, drop_remainder=self.drop_remainder).map(self.read)
+        return indices.batch(self.batch_size, drop_remainder=self.drop_remainder).map(self.read_part)
 
     def epoch(self, epoch: int, position: dict | int | None = None) -> Iterator[dict]:
         """The batches of one epoch, from its start or from a saved `position`.
@@ -248,13 +263,15 @@ class IterableBatches:
     A re-iterable (a list, a grain `IterDataset`) is iterated anew each epoch
     unless `steps_per_epoch` is given; with it, and for one-shot iterators
     and generators, one iterator continues across epochs, as Keras reads a
-    generator.
+    generator. A batch that `multiple` devices could not split is filled up
+    and masked (`arrays.split_evenly`).
     """
 
     iterable: Iterable
     steps_per_epoch: int | None = None
     input_shape: tuple | None = None
     needs_labels: bool = True
+    multiple: int = 1
 
     def __post_init__(self):
         self._continuing: Iterator | None = None
@@ -291,14 +308,20 @@ class IterableBatches:
         else:
             batches = iter(self.iterable)
         for index, batch in enumerate(batches):
-            yield check_batch(batch, index=index, input_shape=self.input_shape, needs_labels=self.needs_labels)
+            batch = check_batch(batch, index=index, input_shape=self.input_shape, needs_labels=self.needs_labels)
+            yield split_evenly(batch, self.multiple)
 
 
 def as_batches(data, *, batch_size: int, features: Sequence | None = None, transform: Callable | None = None,
                input_shape: tuple | None = None, seed: int = 0, shuffle: bool = True, drop_remainder: bool = False,
                steps_per_epoch: int | None = None, class_weight: dict | None = None,
-               needs_labels: bool = True) -> SourceBatches | IterableBatches:
-    """The batches `fit`, `evaluate` and `predict` read from a source, checked on its first example."""
+               needs_labels: bool = True, multiple: int = 1,
+               process: tuple[int, int] = (0, 1)) -> SourceBatches | IterableBatches:
+    """The batches `fit`, `evaluate` and `predict` read from a source, checked on its first example.
+
+    `multiple` and `process` split a random-access source's batches for
+    data-parallel training (see `SourceBatches`).
+    """
     if steps_per_epoch is not None:
         steps_per_epoch = positive_int("steps_per_epoch", steps_per_epoch)
     if is_random_access(data):
@@ -308,7 +331,7 @@ def as_batches(data, *, batch_size: int, features: Sequence | None = None, trans
         if not needs_labels:
             names = (names[0], None)
         batches = SourceBatches(data, batch_size, Features(names, transform, input_shape, class_weight), seed,
-                                shuffle, drop_remainder)
+                                shuffle, drop_remainder, multiple, process)
         if steps_per_epoch is not None and steps_per_epoch != len(batches):
             raise ValueError(f"steps_per_epoch={steps_per_epoch}, but the source holds {len(batches)} batches of "
                              f"{batch_size} per epoch; leave steps_per_epoch out for random-access sources")
@@ -316,4 +339,5 @@ def as_batches(data, *, batch_size: int, features: Sequence | None = None, trans
     if features is not None or transform is not None or class_weight is not None:
         raise ValueError(f"features, transform and class_weight apply to random-access sources; this "
                          f"{type(data).__name__} is an iterable of batch dicts, which are used as they come")
-    return IterableBatches(data, steps_per_epoch, input_shape, needs_labels)
+    # An iterable yields this process's part of each batch, which its own devices split.
+    return IterableBatches(data, steps_per_epoch, input_shape, needs_labels, multiple // process[1])

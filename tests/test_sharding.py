@@ -1,0 +1,124 @@
+"""Data-parallel training over several devices: the same training as on one device, really split.
+
+The CPU becomes four devices only in a fresh process (XLA reads
+--xla_force_host_platform_device_count at start-up), so the runs happen in
+subprocesses (`tests/data_parallel_runs.py`), once per module, and the tests
+read what they wrote.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import tolerance
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+RUNS = [f"{name}/{kind}" for name in ("mlp", "bn_cnn") for kind in ("arrays", "source")]
+
+
+def run_in_subprocess(out: Path, devices: int, *arguments) -> tuple[dict, dict]:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    done = subprocess.run([sys.executable, "-m", "tests.data_parallel_runs", str(out), *arguments], cwd=REPOSITORY,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(np.load(f"{out}.npz")), json.loads(Path(f"{out}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+    """One process with 4 devices: every run on all 4 and on 1 of them."""
+    return run_in_subprocess(tmp_path_factory.mktemp("dp") / "four", 4)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Two processes with 2 devices each, joined by `jaxdl.distributed.initialize`."""
+    return run_in_subprocess(tmp_path_factory.mktemp("dp") / "two", 2, "--processes", "2")
+
+
+def results_of(arrays: dict, run: str) -> dict:
+    return {key[len(run):]: value for key, value in arrays.items() if key.startswith(run + "/")}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_four_devices_train_as_one_device_does(four_devices, run):
+    """The MLP (with dropout, a padded last batch) and a BatchNorm CNN, from arrays and from a source."""
+    arrays, facts = four_devices
+    reference = results_of(arrays, run.split("/")[0] + "/arrays/one")
+    trained = results_of(arrays, run + "/many")
+    assert set(trained) == set(reference) and len(trained) >= 5
+    tolerance.assert_close(trained, reference, tolerance.DATA_PARALLEL, err_msg=run)
+    # The parameters live whole on all 4 devices; on the reference, on 1.
+    assert facts[run + "/many"] == {"devices": 4, "replicated": True}
+    assert facts[run.split("/")[0] + "/arrays/one"] == {"devices": 1, "replicated": True}
+
+
+def test_batchnorm_statistics_are_the_global_batchs(four_devices):
+    """Means over a batch split over 4 devices are the whole batch's: the running statistics match one device's."""
+    arrays, _ = four_devices
+    for kind in ("arrays", "source"):
+        stats = results_of(arrays, f"bn_cnn/{kind}/many")
+        reference = results_of(arrays, "bn_cnn/arrays/one")
+        means = [key for key in stats if "batch_stats" in key]
+        assert means and all(np.abs(stats[key]).max() > 0 for key in means)
+        tolerance.assert_close({k: stats[k] for k in means}, {k: reference[k] for k in means},
+                               tolerance.DATA_PARALLEL)
+
+
+def test_batches_are_split_over_the_data_axis(four_devices):
+    _, facts = four_devices
+    assert facts["devices"] == 4
+    assert facts["batch"] == {"spec": "P('data',)", "expected": "P('data',)", "rows_per_device": [4, 4, 4, 4]}
+
+
+def test_a_hand_written_loop_with_the_step_factory_trains_data_parallel(four_devices):
+    arrays, facts = four_devices
+    tolerance.assert_close(results_of(arrays, "mlp/step/many"), results_of(arrays, "mlp/step/one"),
+                           tolerance.DATA_PARALLEL)
+    assert facts["mlp/step/many"] == {"devices": 4, "replicated": True}
+
+
+def test_evaluate_and_predict_give_one_devices_numbers(four_devices):
+    arrays, _ = four_devices
+    tolerance.assert_close(arrays["evaluate/many"], arrays["evaluate/one"], tolerance.DATA_PARALLEL)
+    assert arrays["predict/many"].shape == (5, 3)  # 5 rows, padded to 8 to split, then cut back
+    tolerance.assert_close(arrays["predict/many"], arrays["predict/one"], tolerance.DATA_PARALLEL)
+
+
+def test_what_the_devices_cannot_split_is_an_error_naming_the_numbers(four_devices):
+    errors = four_devices[1]["errors"]
+    assert errors["indivisible"].startswith("batch_size=6 cannot be split over the mesh's 4 devices")
+    assert "multiple of 4" in errors["indivisible"]
+    assert "the last batch of each epoch holds 6 examples (70 examples, batch_size=16)" in \
+        errors["batch_norm_last_batch"] and "drop_remainder=True" in errors["batch_norm_last_batch"]
+    assert errors["no_data_axis"].startswith("the mesh has axes ('model',) but no 'data' axis")
+
+
+@pytest.mark.parametrize("run", ["mlp/source", "bn_cnn/arrays"])
+def test_two_processes_train_as_one_process_does(two_processes, four_devices, run):
+    """Each process reads its half of every batch of a source; the global batch, and the training, are the same."""
+    arrays, facts = two_processes
+    assert facts["processes"] == 2 and facts["devices"] == 4
+    tolerance.assert_close(results_of(arrays, run + "/many"), results_of(four_devices[0], run.split("/")[0]
+                                                                         + "/arrays/one"), tolerance.DATA_PARALLEL)
+    assert facts[run + "/many"] == {"devices": 4, "replicated": True}
+
+
+def test_distributed_initialize_reads_the_environment(monkeypatch):
+    from jaxdl import distributed
+
+    for name in (distributed.COORDINATOR, distributed.PROCESS_COUNT, distributed.PROCESS_ID, *distributed._CLUSTER_SIZES):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize() is False  # one process: nothing to join
+    monkeypatch.setenv(distributed.COORDINATOR, "localhost:1234")
+    with pytest.raises(ValueError, match=r"\$JAX_COORDINATOR_ADDRESS is set, but \$JAX_NUM_PROCESSES and "
+                                         r"\$JAX_PROCESS_ID not"):
+        distributed.initialize()
+    monkeypatch.setenv(distributed.PROCESS_COUNT, "2")
+    monkeypatch.setenv(distributed.PROCESS_ID, "2")
+    with pytest.raises(ValueError, match=r"\$JAX_PROCESS_ID=2 must be from 0 to \$JAX_NUM_PROCESSES-1=1"):
+        distributed.initialize()
