@@ -91,8 +91,8 @@ def load_weather(path: str | os.PathLike, days: int = DAYS):
         raise _reading_error(path, f"not a readable CSV ({type(error).__name__}: {error})") from None
     missing = [name for name in (*DROPPED, TARGET) if name not in frame.columns]
     if missing:
-        raise _reading_error(path, f"no column {', '.join(missing)}; its columns are "
-                                   f"{', '.join(map(str, frame.columns[:6]))}{', ...' if len(frame.columns) > 6 else ''}")
+        shown = ", ".join(map(str, frame.columns[:6])) + (", ..." if len(frame.columns) > 6 else "")
+        raise _reading_error(path, f"no column {', '.join(missing)}; its columns are {shown}")
     if len(frame) < days + 2:
         raise _reading_error(path, f"{len(frame)} rows, but X takes rows 0..{days} and y the day after each, so "
                                    f"it needs at least {days + 2} rows (or a smaller --days)")
@@ -215,8 +215,8 @@ def run(argv=None) -> dict:
         baseline, baseline_test = "tomorrow = today (today's BASEL_sunshine)", today_test
     else:
         x, y, names = load_diabetes_data()
-        data = ("scikit-learn diabetes (stand-in: no --data weather CSV given; 442 patients, 10 features, "
-                "disease progression after one year)")
+        data = ("scikit-learn diabetes (stand-in for the weather CSV, which --data did not give: 442 patients, "
+                "10 features, disease progression after one year)")
         (x_train, y_train), (x_val, y_val), (x_test, y_test) = split(args.seed, x, y)
         baseline, baseline_test = "the training mean", np.full_like(y_test, y_train.mean())
         print(f"no --data given: the weather workflow runs on {data}", flush=True)
@@ -246,7 +246,8 @@ def run(argv=None) -> dict:
         return rmse(predict(state, x_test), y_test)
 
     metrics = {"data": data, "features": len(names), "train_samples": len(y_train), "val_samples": len(y_val),
-               "test_samples": len(y_test), "epochs": args.epochs, "lesson_params": list(lesson_param_counts().values())}
+               "test_samples": len(y_test), "epochs": args.epochs,
+               "lesson_params": list(lesson_param_counts().values())}
 
     state, history, _ = train("base", BASE)
     plot_history(history, out / "history.png", f"base network ({count_params(state.variables):,} parameters)")

@@ -127,8 +127,8 @@ def _best_index(rows: list[dict], monitor: str, mode: str) -> int | None:
     return min(candidates)[1] if candidates else None  # ties: the first in grid order
 
 
-def sweep(train_fn: Callable[..., Mapping[str, Any]], grid: Mapping[str, Sequence], out: str | os.PathLike | None = None,
-          *, monitor: str = "val_loss", mode: str = "min", verbose: bool = True) -> SweepTable:
+def sweep(train_fn: Callable[..., Mapping[str, Any]], grid: Mapping[str, Sequence],
+          out: str | os.PathLike | None = None, *, monitor: str = "val_loss", mode: str = "min", verbose: bool = True) -> SweepTable:
     """Trains every configuration of `grid` with `train_fn(**config) -> {metric: value}`; returns their table.
 
     The table is printed (unless `verbose=False`), written to `out` as CSV

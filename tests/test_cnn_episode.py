@@ -59,7 +59,8 @@ def test_the_episode_runs_end_to_end_on_generated_npy_files(tmp_path, capsys):
     assert isinstance(model, ConvNet) and model.layers == cnn.conv_layers(2) and model.input_scale == 1 / 255
     assert metadata["config"] == {"conv_blocks": 2, "dropout_rate": 0.0}
     printed = capsys.readouterr().out
-    assert f"saved to {out / 'best_model'}" in printed and f"logging to TensorBoard under {tmp_path / 'logs'}" in printed
+    assert f"saved to {out / 'best_model'}" in printed
+    assert f"logging to TensorBoard under {tmp_path / 'logs'}" in printed
     assert (tmp_path / "logs" / "cnn.csv").is_file() and list((tmp_path / "logs" / "cnn" / "train").iterdir())
 
 

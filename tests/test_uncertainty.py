@@ -1,4 +1,5 @@
-"""jaxdl.mc_predict: Monte-Carlo dropout as one compiled vmap, reproducible from its key, BatchNorm on running averages."""
+"""jaxdl.mc_predict: Monte-Carlo dropout in one compiled vmap, reproducible from its key, BatchNorm on running
+averages."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,14 +2,13 @@
 import json
 import math
 
-import jax
 import numpy as np
 import optax
 import pandas as pd
 import pytest
 
 from experiments import weather
-from jaxdl import MLP, EarlyStopping, fit, load_model
+from jaxdl import MLP, EarlyStopping, fit
 from jaxdl.train import create_train_state, seed_rngs
 from tests import tolerance
 
@@ -141,3 +140,15 @@ def test_early_stopping_stops_where_a_constructed_validation_loss_starts_rising(
     tolerance.assert_close(np.asarray(history["val_loss"]), expected_val[:best + patience + 1], tolerance.FEW_OPS)
     restored = float(state.params["logits"]["kernel"][0, 0] + state.params["logits"]["bias"][0])
     tolerance.assert_close(restored, p[best], tolerance.FEW_OPS)  # the best epoch's weights, not the last's
+
+
+def test_the_suites_checks_compare_the_network_with_its_own_runs_baseline():
+    metrics = {"lesson_params": [14_101, 961, 14_457, 178], "test_rmse": 48.4, "baseline_rmse": 64.0,
+               "early_stopping_epoch": 59, "epochs": 200, "mc_dropout_mean_std": 27.3}
+    checks = weather.checks(metrics)
+    assert [c.metric for c in checks] == ["lesson_params", "test_rmse", "early_stopping_epoch", "mc_dropout_mean_std"]
+    assert all(check.holds(metrics[check.metric]) for check in checks)
+    assert checks[1].reference == "< baseline_rmse (64)"
+    worse = {**metrics, "test_rmse": 70.0, "early_stopping_epoch": 200}
+    assert [c.metric for c in weather.checks(worse) if not c.holds(worse[c.metric])] == ["test_rmse",
+                                                                                         "early_stopping_epoch"]
