@@ -329,7 +329,7 @@ class _StreamedEpochs:
     run_steps: Callable
     metrics: tuple
     steps_per_dispatch: int
-    put: Callable = functools.partial(jax.device_put)
+    put: Callable
     batch_norm: bool = False
 
     def run(self, state, previous, epoch: int, resume: _Resume | None = None, after_dispatch=None):
@@ -671,17 +671,23 @@ class _Checkpoints:
 
 def _arrays_of(state: TrainState) -> dict:
     """What a checkpoint keeps of a train state: everything training changes (the key as its raw data)."""
-    return {"params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats,
-            "step": state.step, "dropout_key": jax.random.key_data(state.dropout_rng)}
+    arrays = {"params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats,
+              "step": state.step, "dropout_key": jax.random.key_data(state.dropout_rng)}
+    if state.dynamic_scale is not None:  # float16's loss scale and its count of finite steps
+        arrays["loss_scale"] = {"scale": state.dynamic_scale.scale, "fin_steps": state.dynamic_scale.fin_steps}
+    return arrays
 
 
 def _with_arrays(state: TrainState, arrays: dict) -> TrainState:
     """`state` with a checkpoint's arrays (its model, optimizer and frozen variables are the caller's)."""
     key = jax.random.wrap_key_data(jnp.asarray(arrays["dropout_key"]), impl=jax.random.key_impl(state.dropout_rng))
     as_device = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+    scale = state.dynamic_scale
+    if scale is not None:
+        scale = scale.replace(**as_device(arrays["loss_scale"]))
     return state.replace(params=as_device(arrays["params"]), opt_state=as_device(arrays["opt_state"]),
                          batch_stats=as_device(arrays["batch_stats"]), step=jnp.asarray(arrays["step"], jnp.int32),
-                         dropout_rng=key)
+                         dropout_rng=key, dynamic_scale=scale)
 
 
 def _checkpoint_like(state: TrainState, metrics: tuple, meta: dict) -> dict:

@@ -69,6 +69,26 @@ def test_golden_logits_and_top5(photo_logits, photo, ndarrays_regression):
                     "top5_probabilities": {"atol": probability_tolerance.atol, "rtol": probability_tolerance.rtol}})
 
 
+def test_bfloat16_inference_agrees_on_the_top_classes(imagenet_classifier, photo_logits):
+    """Half precision keeps the ranking that matters: the same top-1 class, and the same top-5 set.
+
+    bfloat16 keeps 8 bits of mantissa (about 2 decimal digits), so logits move by around 1%;
+    coffee's 3rd and 4th logits differ by 0.05, and the top-5 may change order, not members.
+    """
+    from jaxdl import predict
+
+    model, variables = imagenet_classifier.inference_form()
+    photos = classify_experiment.sample_photos()
+    batch = np.stack([images.preprocess(p, imagenet_classifier.preprocessing) for p in photos.values()])
+    half = predict(model, batch, variables=variables, precision="bfloat16")
+    assert half.dtype == np.float32 and half.shape == (2, 1000)
+    for photo, outputs in zip(photos, half):
+        full = photo_logits[photo]
+        assert outputs.argmax() == full.argmax()
+        assert set(np.argsort(-outputs)[:5]) == set(np.argsort(-full)[:5])
+        assert not np.array_equal(outputs, full)  # it did compute in another precision
+
+
 def test_unfolded_model_gives_the_same_probabilities(imagenet_classifier, jaxdl_cache):
     """Folding BatchNorm into the convs is exact in real numbers; in float32 it reorders a deep network's sums."""
     from jaxdl.classifier import ImageClassifier

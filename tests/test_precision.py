@@ -1,0 +1,95 @@
+"""Mixed precision: half-precision compute, float32 parameters and optimizer state, float16 loss scaling."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.digits import CNN_LAYERS, load_split
+from jaxdl import MLP, ConvNet, create_train_state, evaluate, fit, make_train_step
+from jaxdl.precision import with_precision
+from tests.toy_data import CE, blobs
+
+
+def floating_dtypes(tree) -> set:
+    return {str(leaf.dtype) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)}
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_half_precision_computes_in_half_and_keeps_float32_masters(precision):
+    x, y = blobs(64)
+    state, history = fit(MLP(features=(16,), num_outputs=3), x, y, loss=CE, epochs=3, batch_size=16,
+                         precision=precision, verbose=0)
+    model = state.apply_fn.__self__
+    assert model.dtype == jnp.dtype(precision)
+    assert floating_dtypes(state.params) == floating_dtypes(state.opt_state) == {"float32"}
+    outputs = state.apply_fn(state.variables, x[:4])
+    assert outputs.dtype == jnp.dtype(precision)
+    assert history["loss"][-1] < history["loss"][0]  # it trains
+    assert (state.dynamic_scale is not None) == (precision == "float16")
+
+
+def test_float16_skips_a_step_whose_gradients_overflow_and_lowers_the_scale():
+    x, y = blobs(16)
+    state = create_train_state(MLP(features=(8,), num_outputs=3), optax.sgd(0.1), x.shape[1:], jax.random.key(0),
+                               precision="float16")
+    step = make_train_step(CE)
+    # A loss scaled by 2^40 overflows float16 (largest 65504): the update is skipped, the scale halved.
+    huge = state.replace(dynamic_scale=state.dynamic_scale.replace(scale=jnp.asarray(2.0 ** 40, jnp.float32)))
+    before = jax.tree.map(np.asarray, huge.params)
+    after, _ = step(huge, {"x": x, "y": y})
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after.params), before)
+    assert float(after.dynamic_scale.scale) == 2.0 ** 39 and int(after.step) == 1
+    # At the default scale (2^15) the gradients fit: the parameters move.
+    moved, _ = step(create_train_state(MLP(features=(8,), num_outputs=3), optax.sgd(0.1), x.shape[1:],
+                                       jax.random.key(0), precision="float16"), {"x": x, "y": y})
+    assert not np.array_equal(np.asarray(moved.params["logits"]["kernel"]), before["logits"]["kernel"])
+
+
+def test_bfloat16_digits_cnn_is_within_a_point_of_float32():
+    """The issue's bar: the digits CNN trained in bfloat16 reaches float32's test accuracy to 1 point.
+
+    10 epochs (the experiment runs up to 40) keep the test short; both runs have the same seed and
+    batches, so they differ by bfloat16's rounding alone. Measured here: 0.9694 and 0.9639 at 10
+    epochs, 0.9806 and 0.9806 at 40.
+    """
+    (x_train, y_train), _, (x_test, y_test) = load_split(0)
+    accuracy = {}
+    for precision in (None, "bfloat16"):
+        state, _ = fit(ConvNet(layers=CNN_LAYERS), x_train, y_train, loss=CE, optimizer=optax.adam(1e-3),
+                       epochs=10, batch_size=32, seed=0, precision=precision, verbose=0)
+        accuracy[precision] = evaluate(state, x_test, y_test, loss=CE)["accuracy"]
+    assert accuracy[None] >= 0.94  # the experiment's own band (experiments/digits.py)
+    assert abs(accuracy["bfloat16"] - accuracy[None]) <= 0.01
+
+
+def test_precision_errors_name_what_is_wrong():
+    with pytest.raises(ValueError, match=r"precision must be one of \['bfloat16', 'float16', 'float32'\], "
+                                         r"got 'half'"):
+        with_precision(MLP(features=(4,), num_outputs=2), "half")
+
+    class NoDtype(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(2)(x)
+
+    with pytest.raises(ValueError, match="NoDtype has no `dtype` field"):
+        with_precision(NoDtype(), "bfloat16")
+    x, y = blobs(16)
+    state, _ = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"fit\(state=..., precision=...\): a state computes in its model's dtype"):
+        fit(None, x, y, loss=CE, state=state, precision="bfloat16", verbose=0)
+
+
+def test_a_float16_run_resumes_with_its_loss_scale(tmp_path):
+    """The loss scale is part of the run: a resumed float16 run ends bitwise as the uninterrupted one."""
+    x, y = blobs(64)
+    options = dict(loss=CE, batch_size=32, precision="float16", verbose=0)
+    whole, _ = fit(MLP(features=(8,), num_outputs=3), x, y, epochs=3, **options)
+    fit(MLP(features=(8,), num_outputs=3), x, y, epochs=2, checkpoint_dir=tmp_path, **options)
+    resumed, _ = fit(MLP(features=(8,), num_outputs=3), x, y, epochs=3, checkpoint_dir=tmp_path, **options)
+    assert float(whole.dynamic_scale.scale) < 2.0 ** 15  # the first steps overflowed and lowered it
+    for a, b in zip(jax.tree.leaves((whole.params, whole.dynamic_scale)),
+                    jax.tree.leaves((resumed.params, resumed.dynamic_scale))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
