@@ -62,8 +62,7 @@ def _dropout_rates(model, variables, example_shape, dtype, train_flag) -> list[f
     return rates
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_samples", "train_flag"))
-def _mc_moments(model, variables, x, rng, n_samples: int, train_flag: str):
+def _moments(model, variables, x, rng, n_samples: int, train_flag: str):
     """`(mean, std)` over `n_samples` dropout passes on one batch `x`: one vmap, one program."""
     def one_pass(key):
         with nn.intercept_methods(_dropout_always_on):
@@ -76,6 +75,19 @@ def _mc_moments(model, variables, x, rng, n_samples: int, train_flag: str):
     mean_shift = shifted.mean(axis=0)
     variance = jnp.maximum((shifted ** 2).mean(axis=0) - mean_shift ** 2, 0.0)
     return samples[0] + mean_shift, jnp.sqrt(variance)
+
+
+# Compiled once per model (hashable: jaxdl's models are), input shape and sample count.
+_mc_moments = jax.jit(_moments, static_argnames=("model", "n_samples", "train_flag"))
+
+
+def _sampler(model):
+    """`_mc_moments`, or for a model with unhashable fields (lists, dicts) a program compiled for this call."""
+    try:
+        hash(model)
+        return _mc_moments
+    except TypeError:
+        return jax.jit(functools.partial(_moments, model), static_argnames=("n_samples", "train_flag"))
 
 
 def mc_predict(model: nn.Module, variables, x, n_samples: int, rng, *, batch_size: int | None = None,
@@ -113,8 +125,10 @@ def mc_predict(model: nn.Module, variables, x, n_samples: int, rng, *, batch_siz
         warnings.warn(f"{type(model).__name__} has no nn.Dropout layer with a rate above 0: every Monte-Carlo "
                       "sample is the same prediction, and the standard deviation is 0 (give the model dropout, "
                       "e.g. MLP(..., dropout_rate=0.2))", UserWarning, stacklevel=2)
+    sampler = _sampler(model)
+    moments = functools.partial(sampler, model) if sampler is _mc_moments else sampler
     if batch_size is None or batch_size >= x.shape[0]:
-        mean, std = _mc_moments(model, variables, x, rng, int(n_samples), train_flag)
+        mean, std = moments(variables, x, rng, n_samples=int(n_samples), train_flag=train_flag)
         return np.asarray(mean), np.asarray(std)
     means, stds = [], []
     for index, start in enumerate(range(0, x.shape[0], batch_size)):
@@ -122,7 +136,8 @@ def mc_predict(model: nn.Module, variables, x, n_samples: int, rng, *, batch_siz
         real = rows.shape[0]
         if real < batch_size:  # pad to one shape: one compiled program for every batch
             rows = jnp.concatenate([rows, jnp.zeros((batch_size - real, *rows.shape[1:]), rows.dtype)])
-        mean, std = _mc_moments(model, variables, rows, jax.random.fold_in(rng, index), int(n_samples), train_flag)
+        mean, std = moments(variables, rows, jax.random.fold_in(rng, index), n_samples=int(n_samples),
+                            train_flag=train_flag)
         means.append(np.asarray(mean)[:real])
         stds.append(np.asarray(std)[:real])
     return np.concatenate(means), np.concatenate(stds)

@@ -1,5 +1,6 @@
 """jaxdl.mc_predict: Monte-Carlo dropout in one compiled vmap, reproducible from its key, BatchNorm on running
 averages."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +81,23 @@ def test_bad_arguments_are_named():
         mc_predict(DROPOUT_BN, variables, X[0], 10, jax.random.key(0))
     with pytest.raises(ValueError, match="batch_size must be a positive integer or None, got -1"):
         mc_predict(DROPOUT_BN, variables, X, 10, jax.random.key(0), batch_size=-1)
+
+
+class CallTimeDropout(nn.Module):
+    """Flax's examples' style: `deterministic` given when Dropout is called, and a list field (unhashable)."""
+
+    widths: list
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for width in self.widths:
+            x = nn.Dropout(0.5)(nn.relu(nn.Dense(width)(x)), deterministic=not train)
+        return nn.Dense(1)(x)
+
+
+def test_any_linen_module_with_dropout_works_whoever_sets_deterministic():
+    model = CallTimeDropout([8])
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 5)))
+    mean, std = mc_predict(model, variables, X[:4], N, jax.random.key(1))
+    again, _ = mc_predict(model, variables, X[:4], N, jax.random.key(1))
+    assert mean.shape == (4, 1) and np.all(std > 0) and np.array_equal(mean, again)
