@@ -222,6 +222,11 @@ def run(argv=None) -> dict:
     cli.add_argument("--grid-rates", type=float, nargs="+", default=list(GRID_RATES), help="grid: dropout rates")
     cli.add_argument("--logdir", default=None, help="log every run to TensorBoard and CSV under this folder")
     args = cli.parse_args(argv)
+    bad_rates = [rate for rate in args.rates + args.grid_rates if not 0 <= rate < 1]
+    if bad_rates:
+        raise SystemExit(f"error: --rates and --grid-rates take dropout rates in [0, 1), got {bad_rates}")
+    if min(args.blocks) < 1:
+        raise SystemExit(f"error: --blocks takes positive numbers of conv blocks, got {args.blocks}")
     out = run_dir("cnn", args.out)
     counts = param_counts()
     metrics = {f"{name}_params_64x64": count for name, count in counts.items()}
