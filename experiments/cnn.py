@@ -221,6 +221,8 @@ def run(argv=None) -> dict:
     cli.add_argument("--blocks", type=int, nargs="+", default=list(GRID_BLOCKS), help="grid: conv blocks")
     cli.add_argument("--grid-rates", type=float, nargs="+", default=list(GRID_RATES), help="grid: dropout rates")
     cli.add_argument("--logdir", default=None, help="log every run to TensorBoard and CSV under this folder")
+    cli.add_argument("--skip-dense", action="store_true",
+                     help="do not train the dense-only network (a network fewer to compile, for quick checks)")
     args = cli.parse_args(argv)
     bad_rates = [rate for rate in args.rates + args.grid_rates if not 0 <= rate < 1]
     if bad_rates:
@@ -276,7 +278,7 @@ def run(argv=None) -> dict:
     # bound methods of two equal models compare unequal (Python compares their `self` by identity).
     networks = models(input_scale)
     by_layers = {networks["cnn"].layers: networks["cnn"]}
-    for name in ("dense_only", "cnn"):
+    for name in ("cnn",) if args.skip_dense else ("dense_only", "cnn"):
         _, history, result = train(name, networks[name], args.epochs, stop=False)
         plot_history(history, out / f"{name}_history.png", f"{name} ({result['params']:,} parameters)")
         metrics.update({f"{name}_{key}": value for key, value in result.items()})

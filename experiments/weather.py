@@ -49,6 +49,7 @@ BASE = MLP(features=(100, 50), num_outputs=1)
 SMALL = MLP(features=(10, 5), num_outputs=1)
 BATCH_NORM = MLP(features=(100, 50), num_outputs=1, input_batch_norm=True)
 DROPOUT = MLP(features=(100, 50), num_outputs=1, dropout_rate=0.2)
+REFINEMENTS = ("small", "early_stopping", "batch_norm", "dropout")  # "dropout" includes Monte-Carlo dropout
 LESSON_PARAMS = {"base": 14_101, "small": 961, "batch_norm": 14_457, "batch_norm_non_trainable": 178}
 
 def checks(metrics: dict) -> tuple[Check, ...]:
@@ -201,6 +202,9 @@ def run(argv=None) -> dict:
     cli.add_argument("--patience", type=int, default=10, help="early stopping's patience (epochs)")
     cli.add_argument("--mc-samples", type=int, default=100, help="Monte-Carlo dropout samples per input")
     cli.add_argument("--logdir", default=None, help="log every run to TensorBoard and CSV under this folder")
+    cli.add_argument("--refinements", nargs="*", choices=REFINEMENTS, default=list(REFINEMENTS),
+                     help="which refinements to train after the base network (default: all; each is a network "
+                          "to compile, so a quick check may pick fewer)")
     args = cli.parse_args(argv)
     if args.days < 1 or args.epochs < 1 or args.mc_samples < 1 or args.patience < 0:
         raise SystemExit("error: --days, --epochs and --mc-samples must be positive, --patience not negative")
@@ -259,25 +263,29 @@ def run(argv=None) -> dict:
                    best_val_rmse_epoch=int(np.argmin(history["val_rmse"])) + 1,
                    baseline=baseline, baseline_rmse=rmse(baseline_test, y_test))
 
-    state, _, _ = train("small", SMALL)
-    metrics.update(small_params=count_params(state.variables), small_test_rmse=test_rmse(state))
+    if "small" in args.refinements:
+        state, _, _ = train("small", SMALL)
+        metrics.update(small_params=count_params(state.variables), small_test_rmse=test_rmse(state))
 
-    state, history, stop = train("early_stopping", BASE, stop=True)
-    metrics.update(early_stopping_epoch=len(history["loss"]), early_stopping_best_epoch=stop.best_epoch + 1,
-                   early_stopping_test_rmse=test_rmse(state))
+    if "early_stopping" in args.refinements:
+        state, history, stop = train("early_stopping", BASE, stop=True)
+        metrics.update(early_stopping_epoch=len(history["loss"]), early_stopping_best_epoch=stop.best_epoch + 1,
+                       early_stopping_test_rmse=test_rmse(state))
 
-    state, history, _ = train("batch_norm", BATCH_NORM, stop=True)
-    kinds = count_by_kind(state.variables)
-    metrics.update(batch_norm_params=kinds["total"], batch_norm_non_trainable=kinds["non_trainable"],
-                   batch_norm_epochs=len(history["loss"]), batch_norm_test_rmse=test_rmse(state))
+    if "batch_norm" in args.refinements:
+        state, history, _ = train("batch_norm", BATCH_NORM, stop=True)
+        kinds = count_by_kind(state.variables)
+        metrics.update(batch_norm_params=kinds["total"], batch_norm_non_trainable=kinds["non_trainable"],
+                       batch_norm_epochs=len(history["loss"]), batch_norm_test_rmse=test_rmse(state))
 
-    state, history, _ = train("dropout", DROPOUT, stop=True)
-    metrics.update(dropout_epochs=len(history["loss"]), dropout_test_rmse=test_rmse(state))
-    mean, std = mc_predict(DROPOUT, state.variables, x_test, args.mc_samples, jax.random.key(args.seed))
-    plot_uncertainty(y_test, mean[:, 0], std[:, 0], out / "mc_dropout.png",
-                     f"Monte-Carlo dropout, {args.mc_samples} samples per input")
-    metrics.update(mc_samples=args.mc_samples, mc_dropout_test_rmse=rmse(mean, y_test),
-                   mc_dropout_mean_std=float(std.mean()), mc_dropout_max_std=float(std.max()))
+    if "dropout" in args.refinements:
+        state, history, _ = train("dropout", DROPOUT, stop=True)
+        metrics.update(dropout_epochs=len(history["loss"]), dropout_test_rmse=test_rmse(state))
+        mean, std = mc_predict(DROPOUT, state.variables, x_test, args.mc_samples, jax.random.key(args.seed))
+        plot_uncertainty(y_test, mean[:, 0], std[:, 0], out / "mc_dropout.png",
+                         f"Monte-Carlo dropout, {args.mc_samples} samples per input")
+        metrics.update(mc_samples=args.mc_samples, mc_dropout_test_rmse=rmse(mean, y_test),
+                       mc_dropout_mean_std=float(std.mean()), mc_dropout_max_std=float(std.max()))
     plot_refinements(histories, out / "refinements.png")
     if args.logdir:
         metrics["logdir"] = str(args.logdir)
@@ -289,15 +297,19 @@ def run(argv=None) -> dict:
 def _print_summary(metrics: dict) -> None:
     """The refinements side by side: test RMSE of each network and the baseline's."""
     rows = [("baseline: " + metrics["baseline"], metrics["baseline_rmse"]),
-            (f"base network ({metrics['params']:,} parameters, {metrics['epochs']} epochs)", metrics["test_rmse"]),
-            (f"smaller network ({metrics['small_params']:,} parameters)", metrics["small_test_rmse"]),
-            (f"early stopping (stopped after epoch {metrics['early_stopping_epoch']}, best "
-             f"{metrics['early_stopping_best_epoch']})", metrics["early_stopping_test_rmse"]),
-            (f"BatchNorm on the inputs ({metrics['batch_norm_params']:,} parameters, "
-             f"{metrics['batch_norm_non_trainable']} non-trainable)", metrics["batch_norm_test_rmse"]),
-            ("dropout 0.2", metrics["dropout_test_rmse"]),
-            (f"Monte-Carlo dropout mean ({metrics['mc_samples']} samples; mean std "
-             f"{metrics['mc_dropout_mean_std']:.3g})", metrics["mc_dropout_test_rmse"])]
+            (f"base network ({metrics['params']:,} parameters, {metrics['epochs']} epochs)", metrics["test_rmse"])]
+    if "small_test_rmse" in metrics:
+        rows.append((f"smaller network ({metrics['small_params']:,} parameters)", metrics["small_test_rmse"]))
+    if "early_stopping_test_rmse" in metrics:
+        rows.append((f"early stopping (stopped after epoch {metrics['early_stopping_epoch']}, best "
+                     f"{metrics['early_stopping_best_epoch']})", metrics["early_stopping_test_rmse"]))
+    if "batch_norm_test_rmse" in metrics:
+        rows.append((f"BatchNorm on the inputs ({metrics['batch_norm_params']:,} parameters, "
+                     f"{metrics['batch_norm_non_trainable']} non-trainable)", metrics["batch_norm_test_rmse"]))
+    if "dropout_test_rmse" in metrics:
+        rows += [("dropout 0.2", metrics["dropout_test_rmse"]),
+                 (f"Monte-Carlo dropout mean ({metrics['mc_samples']} samples; mean std "
+                  f"{metrics['mc_dropout_mean_std']:.3g})", metrics["mc_dropout_test_rmse"])]
     width = max(len(name) for name, _ in rows)
     print(f"\n{'test RMSE':>{width + 12}}")
     for name, value in rows:
