@@ -43,7 +43,7 @@ def model() -> MLP:
 
 
 def run(argv=None) -> dict:
-    cli = parser(__doc__)
+    cli = parser(__doc__, precision=True)
     cli.set_defaults(seed=2)
     args = cli.parse_args(argv)
     out = run_dir("basics", args.out)

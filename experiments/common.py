@@ -43,7 +43,8 @@ def finish(out: Path, metrics: dict) -> dict:
     return metrics
 
 
-def parser(doc: str, trains: bool = True) -> argparse.ArgumentParser:
+def parser(doc: str, trains: bool = True, precision: bool = False) -> argparse.ArgumentParser:
+    """The experiments' common options; `trains` adds checkpointing, `precision` the computation dtype."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--out", default=None, help="folder for runs/NAME (default: runs or $JAXDL_RUNS)")
     p.add_argument("--seed", type=int, default=0)
@@ -52,18 +53,30 @@ def parser(doc: str, trains: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--checkpoint-dir", default=None,
                        help="save every training run's checkpoints under this folder (one subfolder per model)")
         p.add_argument("--resume", action="store_true", help="continue the runs saved in --checkpoint-dir")
+    if precision:
+        p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=None,
+                       help="compute in this dtype, parameters staying float32 (default: the models' own, float32)")
     return p
 
 
 def checkpointing(args) -> Callable[[str], dict]:
-    """`options(name)`: the `fit` arguments that checkpoint the run `name` under `--checkpoint-dir`."""
+    """`options(name)`: the `fit` arguments the command line chose for the run `name`.
+
+    Checkpoints under `--checkpoint-dir`, and `--precision` where the
+    experiment offers it. First joins a multi-process run when the
+    environment describes one (`jaxdl.distributed.initialize`): every
+    training experiment runs the same way on one host or several.
+    """
+    from jaxdl import distributed
     from jaxdl.checkpoint import run_directory
 
+    distributed.initialize()
     try:
         root = run_directory(args.checkpoint_dir, args.resume)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    return lambda name: {} if root is None else {"checkpoint_dir": root / name}
+    chosen = {} if getattr(args, "precision", None) is None else {"precision": args.precision}
+    return lambda name: chosen if root is None else {**chosen, "checkpoint_dir": root / name}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ def train_and_test(model, splits, seed, epochs, verbose, checkpoint=None):
 
 
 def run(argv=None) -> dict:
-    cli = parser(__doc__)
+    cli = parser(__doc__, precision=True)
     cli.add_argument("--epochs", type=int, default=40)
     args = cli.parse_args(argv)
     out = run_dir("digits", args.out)

@@ -82,7 +82,7 @@ def train_and_test(model, train, test, *, epochs: int, batch_size: int, seed: in
 
 
 def run(argv=None) -> dict:
-    cli = parser(__doc__)
+    cli = parser(__doc__, precision=True)
     cli.add_argument("--data", default=None, help="Keras's mnist.npz (x_train, y_train, x_test, y_test)")
     cli.add_argument("--data-dir", default=None, help="tfds data dir holding mnist as ArrayRecord "
                                                       "(default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")

@@ -65,7 +65,7 @@ def predictions_in_new_process(model_dir, x) -> np.ndarray:
 
 
 def run(argv=None) -> dict:
-    cli = parser(__doc__)
+    cli = parser(__doc__, precision=True)
     cli.add_argument("--unscaled", action="store_true", help="train on raw features, as the tutorial does")
     cli.add_argument("--epochs", type=int, default=100)
     args = cli.parse_args(argv)

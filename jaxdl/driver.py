@@ -583,6 +583,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
             print(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
         for callback in callbacks:
             callback.on_epoch_end(run, epoch, logs)
+        run.state = sharding.put_replicated(run.state, mesh)  # what a callback replaced (a learning rate), placed
         if checkpoints is not None:
             checkpoints.save(run, previous, zero_totals(metrics), epoch + 1, 0, int(run.state.step))
         if steps_per_epoch is not None and steps < steps_per_epoch:

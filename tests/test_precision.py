@@ -93,3 +93,14 @@ def test_a_float16_run_resumes_with_its_loss_scale(tmp_path):
     for a, b in zip(jax.tree.leaves((whole.params, whole.dynamic_scale)),
                     jax.tree.leaves((resumed.params, resumed.dynamic_scale))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_experiments_pass_precision_to_fit(tmp_path):
+    from experiments.common import checkpointing, parser
+
+    cli = parser("An experiment.", precision=True)
+    assert checkpointing(cli.parse_args([]))("model") == {}
+    chosen = cli.parse_args(["--precision", "bfloat16", "--checkpoint-dir", str(tmp_path)])
+    assert checkpointing(chosen)("model") == {"precision": "bfloat16", "checkpoint_dir": tmp_path / "model"}
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--precision", "half"])
