@@ -27,10 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) -m benchmarks.train_small
-	$(PY) -m benchmarks.mobilenet_inference
-	$(PY) -m benchmarks.finetune
-	$(PY) -m benchmarks.input_pipeline
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

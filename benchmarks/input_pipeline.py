@@ -13,23 +13,27 @@ pipeline's cost does not depend on what the digits look like. Each `fit`
 runs 3 epochs; the first (which compiles) is excluded and the median of the
 others is reported. Goals: the source delivers at least 5x the examples/s
 the step consumes, and `fit` from the source reaches at least 0.8x the
-in-memory throughput. Run: `python -m benchmarks.input_pipeline`.
+in-memory throughput. `--quick`: 1,280 examples, 2 epochs.
+Run: `python -m benchmarks.input_pipeline [--quick] [--json PATH] [--examples N]`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from experiments.common import machine
-from experiments.mnist import CNN_MODEL
+from benchmarks import report
 from benchmarks.train_small import EpochTimer, steady
+from experiments.mnist import CNN_MODEL
 from jaxdl import data, fit
 
 BATCH, EPOCHS = 128, 3
+EXAMPLES, QUICK_EXAMPLES, QUICK_EPOCHS = 20_000, 1_280, 2
 
 
 def mnist_like(examples: int, seed: int = 0):
@@ -47,18 +51,18 @@ def delivered_per_second(batches) -> float:
     return count / (time.perf_counter() - started)
 
 
-def fit_seconds_per_epoch(x, y=None, **options) -> float:
+def fit_seconds_per_epoch(x, y=None, epochs: int = EPOCHS, **options) -> float:
     timer = EpochTimer()
-    fit(CNN_MODEL, x, y, loss="sparse_categorical_crossentropy", epochs=EPOCHS, batch_size=BATCH,
+    fit(CNN_MODEL, x, y, loss="sparse_categorical_crossentropy", epochs=epochs, batch_size=BATCH,
         callbacks=[timer], verbose=0, **options)
     return steady(timer.times)
 
 
-def main(argv=None):
-    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("--examples", type=int, default=20_000, help="training examples (MNIST has 60,000)")
-    args = cli.parse_args(argv)
-    images, labels = mnist_like(args.examples)
+def measure(quick: bool, examples: int | None = None) -> dict:
+    """Examples/s of the batch iterators alone, and `fit`'s seconds per epoch from a source and from arrays."""
+    examples = examples or (QUICK_EXAMPLES if quick else EXAMPLES)
+    epochs = QUICK_EPOCHS if quick else EPOCHS
+    images, labels = mnist_like(examples)
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
         data.write_image_dataset(root, "mnist", {"train": (images, labels)}, num_classes=10, version="3.0.1")
@@ -69,29 +73,52 @@ def main(argv=None):
         order = np.random.default_rng(0).permutation(len(images))
         from_arrays = delivered_per_second(data.ordered_batches({"x": images, "y": labels}, order, BATCH))
 
-        arrays_epoch = fit_seconds_per_epoch(images, labels)
-        source_epoch = fit_seconds_per_epoch(source)
-        source_epoch_k4 = fit_seconds_per_epoch(source, steps_per_dispatch=4)
+        arrays_epoch = fit_seconds_per_epoch(images, labels, epochs)
+        source_epoch = fit_seconds_per_epoch(source, epochs=epochs)
+        source_epoch_k4 = fit_seconds_per_epoch(source, epochs=epochs, steps_per_dispatch=4)
 
-    consumed = len(images) / arrays_epoch
-    print(f"measured on {machine()}; {len(images):,} MNIST-shaped examples (tfds ArrayRecord written in "
-          f"{written:.1f} s), batch {BATCH}, {EPOCHS} epochs, median of epochs 2-{EPOCHS}, "
-          f"grain read threads {data.sources.READ_THREADS}")
+    consumed = "the train step consumes (`fit` on arrays)"
+    figures = {"tfds ArrayRecord source (grain) alone": report.figure(from_source, "examples/s"),
+               "in-memory host batches alone": report.figure(from_arrays, "examples/s"),
+               consumed: report.figure(len(images) / arrays_epoch, "examples/s"),
+               "`fit` from in-memory arrays": report.figure(arrays_epoch, "s/epoch"),
+               "`fit` from the tfds source, 1 step per dispatch": report.figure(source_epoch, "s/epoch"),
+               "`fit` from the tfds source, 4 steps per dispatch": report.figure(source_epoch_k4, "s/epoch")}
+    ratios = [report.ratio("tfds ArrayRecord source (grain) alone", consumed),
+              report.ratio("in-memory host batches alone", consumed),
+              report.ratio("`fit` from in-memory arrays", "`fit` from the tfds source, 1 step per dispatch"),
+              report.ratio("`fit` from in-memory arrays", "`fit` from the tfds source, 4 steps per dispatch")]
+    return report.result(
+        "Input pipeline", f"The MNIST CNN on CPU, batch {BATCH}, {len(images):,} MNIST-shaped examples written as a "
+        f"tfds ArrayRecord directory of PNGs (in {written:.1f} s), grain read threads {data.sources.READ_THREADS}; "
+        f"`fit` runs {epochs} epochs, median of epochs 2-{epochs}. Goals: the source delivers >= 5x what the step "
+        "consumes; `fit` from the source reaches >= 0.8x the in-memory throughput (the arrays' s/epoch over the "
+        "source's).", figures, ratios)
+
+
+def print_table(measured: dict) -> None:
+    figures = measured["figures"]
+    print(measured["about"])
     print()
-    print("| batches alone | examples/s | vs what the step consumes |")
+    print("| figure | value | unit |")
     print("|---|---|---|")
-    print(f"| tfds ArrayRecord source (grain) | {from_source:,.0f} | {from_source / consumed:.1f}x |")
-    print(f"| in-memory arrays | {from_arrays:,.0f} | {from_arrays / consumed:.1f}x |")
-    print(f"| the train step consumes (fit on arrays) | {consumed:,.0f} | 1.0x |")
-    print()
-    print("| `fit` of the MNIST CNN | s per epoch | examples/s | vs in-memory |")
-    print("|---|---|---|---|")
-    for name, seconds in (("in-memory arrays", arrays_epoch), ("tfds source, 1 step per dispatch", source_epoch),
-                          ("tfds source, 4 steps per dispatch", source_epoch_k4)):
-        print(f"| {name} | {seconds:.2f} | {len(images) / seconds:,.0f} | {arrays_epoch / seconds:.2f}x |")
-    print(f"\njax {jax.__version__}: source delivers {from_source / consumed:.1f}x what the step consumes "
-          f"(goal >= 5x); fit from the source runs at {arrays_epoch / source_epoch:.2f}x the in-memory "
-          f"throughput (goal >= 0.8x)")
+    for label, fig in figures.items():
+        print(f"| {label} | {fig['value']:,.2f} | {fig['unit']} |")
+    for pair in measured["ratios"]:
+        print(f"{pair['ours']} / {pair['peer']}: {figures[pair['ours']]['value'] / figures[pair['peer']]['value']:.2f}x")
+
+
+def main(argv=None):
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--examples", type=int, help=f"training examples (default {EXAMPLES:,}; MNIST has 60,000)")
+    cli.add_argument("--quick", action="store_true")
+    cli.add_argument("--json", type=Path)
+    args = cli.parse_args(argv)
+    measured = measure(args.quick, args.examples)
+    if args.json:
+        args.json.write_text(json.dumps(measured, indent=1))
+    else:
+        print_table(measured)
 
 
 if __name__ == "__main__":

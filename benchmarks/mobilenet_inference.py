@@ -11,7 +11,9 @@ Engines (same weights: torchvision's ImageNet MobileNetV2, converted):
 Then the wall time of a first and a second `jaxdl classify` process on one image,
 with an empty cache directory at the start (the first one converts the weights and compiles;
 the second finds both in the cache).
-Run: `python -m benchmarks.mobilenet_inference`.
+`--quick`: jaxdl (chunked and in one piece) and PyTorch in inference mode only,
+fewer calls, no `jaxdl classify` processes.
+Run: `python -m benchmarks.mobilenet_inference [--quick] [--json PATH]`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from jaxdl.classifier import ImageClassifier  # noqa: E402
 from jaxdl.models.mobilenet_v2 import apply_in_chunks, inference_chunk, layer_plan  # noqa: E402
 
@@ -141,61 +144,69 @@ def classify_process_seconds(image_path: str, cache: str) -> float:
     return time.perf_counter() - start
 
 
-def main():
+def measure(quick: bool) -> dict:
+    """Images per second of each engine at batch 1 and 32; jaxdl's as-shipped engine against each peer."""
     rng = np.random.default_rng(0)
     inputs = {b: rng.normal(size=(b, 224, 224, 3)).astype(np.float32) for b in BATCHES}
     fast = ImageClassifier.load("imagenet")
-    unfolded = ImageClassifier.load("imagenet", fast=False)
-    rows = []
+    figures, notes, engines = {}, [], []
 
-    def measure(name, build, repeats=(15, 5)):
+    def engine(name, build, repeats=(15, 5)):
         """`build()` makes the engine; an optional peer that fails is reported, not fatal."""
         try:
-            engine = build()
-            rows.append((name, *(images_per_second(engine(inputs[batch]), batch, count)
-                                  for batch, count in zip(BATCHES, repeats))))
+            run = build()
+            for batch, count in zip(BATCHES, (1, 1) if quick else repeats):
+                figures[f"{name}, batch {batch}"] = report.figure(
+                    images_per_second(run(inputs[batch]), batch, count + 2 * quick), "img/s")
+            engines.append(name)
         except Exception as error:  # noqa: BLE001
-            print(f"{name}: skipped ({type(error).__name__}: {error})", file=sys.stderr)
+            notes.append(f"{name}: skipped ({type(error).__name__}: {error})")
 
     chunk, streams = inference_chunk()
-    measure(f"jaxdl (folded BN, matmul/shifted convs, {streams} streams of {chunk} images)",
-            lambda: jaxdl_engine(fast))
-    measure("jaxdl, the same in one piece", lambda: jaxdl_engine(fast, whole_batch=True))
-    measure("jaxdl, naive port (BN, lax convs, grouped depthwise)",
-            lambda: jaxdl_engine(unfolded, "xla", whole_batch=True), repeats=(3, 2))
-    measure("Keras 3 on JAX (`predict`)", lambda: keras_engine(unfolded), repeats=(5, 2))
+    ours = "jaxdl (as `jaxdl classify` runs it)"
+    engine(ours, lambda: jaxdl_engine(fast))
+    notes.append(f"{ours}: BatchNorm folded, matmul/shifted convs, {streams} streams of {chunk} images")
+    engine("jaxdl, the same in one piece", lambda: jaxdl_engine(fast, whole_batch=True))
+    if not quick:
+        unfolded = ImageClassifier.load("imagenet", fast=False)
+        engine("jaxdl, naive port (BN, lax convs, grouped depthwise)",
+               lambda: jaxdl_engine(unfolded, "xla", whole_batch=True), repeats=(3, 2))
+        engine("Keras 3 on JAX (`predict`)", lambda: keras_engine(unfolded), repeats=(5, 2))
     try:
         import torch
 
         eager, inference = torch_engines()
-        measure(f"PyTorch {torch.__version__} eager", lambda: eager, repeats=(10, 3))
-        measure(f"PyTorch {torch.__version__} inference mode, channels-last", lambda: inference, repeats=(10, 3))
+        if not quick:
+            engine(f"PyTorch {torch.__version__} eager", lambda: eager, repeats=(10, 3))
+        engine(f"PyTorch {torch.__version__} inference mode, channels-last", lambda: inference, repeats=(10, 3))
     except ImportError:
-        print("PyTorch: not installed", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            import onnxruntime
+        notes.append("PyTorch: skipped (not installed)")
+    if not quick:
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                import onnxruntime
 
-            measure(f"ONNX Runtime {onnxruntime.__version__}", lambda: onnx_engine(folder), repeats=(15, 5))
-        except ImportError:
-            print("ONNX Runtime: not installed", file=sys.stderr)
+                engine(f"ONNX Runtime {onnxruntime.__version__}", lambda: onnx_engine(folder), repeats=(15, 5))
+            except ImportError:
+                notes.append("ONNX Runtime: skipped (not installed; `pip install -e '.[bench]'` adds it)")
+    ratios = [report.ratio(f"{ours}, batch {batch}", f"{peer}, batch {batch}")
+              for peer in engines if peer != ours for batch in BATCHES]
+    if not quick:
+        figures.update(classify_processes())
+        ratios.append(report.ratio("`jaxdl classify`, first process (empty cache)",
+                                   "`jaxdl classify`, second process (cache warm)"))
+    else:
+        notes.append("--quick: the naive port, Keras, PyTorch eager, ONNX Runtime and the `jaxdl classify` "
+                     "processes are left out")
+    return report.result(
+        "MobileNetV2 inference", "MobileNetV2 1.0 at 224, torchvision's ImageNet weights converted, random "
+        "images; images per second, median of repeated calls, compile excluded; ratios > 1x mean jaxdl is "
+        "faster. Then the wall time of a first and a second `jaxdl classify` process on one photo, the cache "
+        "directory empty at the start.", figures, ratios, notes)
 
-    try:
-        import keras
 
-        keras_version = keras.__version__
-    except ImportError:
-        keras_version = "-"
-    print(f"jax {jax.__version__}, keras {keras_version}, {os.cpu_count()} cores; "
-          "MobileNetV2 1.0 at 224, images per second (median of repeated calls, compile excluded)")
-    print("| engine | batch 1 | batch 32 |")
-    print("|---|---|---|")
-    for name, b1, b32 in rows:
-        print(f"| {name} | {b1:.1f} | {b32:.1f} |")
-    ours = rows[0][2]
-    for name, _, b32 in rows[1:]:
-        print(f"jaxdl / {name} at batch 32: {ours / b32:.2f}x")
-
+def classify_processes() -> dict:
+    """Seconds of a first `jaxdl classify` process (converts, compiles) and a second (finds both cached)."""
     from PIL import Image
     from skimage import data
 
@@ -205,8 +216,29 @@ def main():
         cache = os.path.join(folder, "cache")
         first = classify_process_seconds(image, cache)
         second = classify_process_seconds(image, cache)
-    print(f"`jaxdl classify` on one image, empty cache: first process {first:.2f} s, second {second:.2f} s "
-          f"({first / second:.2f}x faster)")
+    return {"`jaxdl classify`, first process (empty cache)": report.figure(first, "s"),
+            "`jaxdl classify`, second process (cache warm)": report.figure(second, "s")}
+
+
+def print_table(measured: dict) -> None:
+    figures = measured["figures"]
+    print(f"jax {jax.__version__}, {os.cpu_count()} cores; {measured['about']}")
+    print("| engine | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")
+    print("|---|" + "---|" * len(BATCHES))
+    names = [label.rsplit(", batch ", 1)[0] for label in figures if ", batch " in label]
+    for name in dict.fromkeys(names):
+        print(f"| {name} | " + " | ".join(f"{figures[f'{name}, batch {b}']['value']:.1f}" for b in BATCHES) + " |")
+    for pair in measured["ratios"]:
+        print(f"{pair['ours']} / {pair['peer']}: {figures[pair['ours']]['value'] / figures[pair['peer']]['value']:.2f}x")
+    for label, fig in figures.items():
+        if fig["unit"] == "s":
+            print(f"{label}: {fig['value']:.2f} s")
+    for note in measured["notes"]:
+        print(note)
+
+
+def main(argv=None):
+    report.run_cli(measure, __doc__.splitlines()[0], argv, print_table)
 
 
 if __name__ == "__main__":

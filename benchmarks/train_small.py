@@ -4,9 +4,10 @@
 - a hand-written minimal Flax + Optax `lax.scan` epoch loop (the floor),
 - Keras 3 `model.fit` on its JAX backend (same architecture, batch, epochs).
 
-Each trains 10,000 examples, batch 32, for 20 epochs; the first epoch (which
-compiles) is excluded and the median of the others is reported.
-Run: `python -m benchmarks.train_small`.
+Each trains 10,000 examples, batch 32, for 20 epochs (`--quick`: 2,000
+examples, 4 epochs); the first epoch (which compiles) is excluded and the
+median of the others is reported.
+Run: `python -m benchmarks.train_small [--quick] [--json PATH]`.
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from experiments.basics import model, rounding_data  # noqa: E402
 from jaxdl import Callback, fit  # noqa: E402
 
 EPOCHS, BATCH = 20, 32
+QUICK_EPOCHS, QUICK_EXAMPLES = 4, 2_000
 
 
 class EpochTimer(Callback):
@@ -39,14 +42,14 @@ def steady(times: list[float]) -> float:
     return statistics.median(np.diff(times)[1:])
 
 
-def time_jaxdl(x, y) -> float:
+def time_jaxdl(x, y, epochs: int = EPOCHS) -> float:
     timer = EpochTimer()
-    fit(model(), x, y, loss="sparse_categorical_crossentropy", optimizer=optax.adam(1e-3), epochs=EPOCHS,
+    fit(model(), x, y, loss="sparse_categorical_crossentropy", optimizer=optax.adam(1e-3), epochs=epochs,
         batch_size=BATCH, callbacks=[timer], verbose=False)
     return steady(timer.times)
 
 
-def time_hand_written(x, y) -> float:
+def time_hand_written(x, y, epochs: int = EPOCHS) -> float:
     """What a user would write by hand: one jitted epoch of scanned Adam steps."""
     net, tx = model(), optax.adam(1e-3)
     params = net.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
@@ -73,14 +76,14 @@ def time_hand_written(x, y) -> float:
 
     x, y = jnp.asarray(x), jnp.asarray(y)
     times = [time.perf_counter()]
-    for e in range(EPOCHS):
+    for e in range(epochs):
         carry, loss = epoch(carry, x, y, jax.random.key(e))
         float(loss)  # fetch the epoch's loss, as fit does for its history
         times.append(time.perf_counter())
     return steady(times)
 
 
-def time_keras(x, y) -> float:
+def time_keras(x, y, epochs: int = EPOCHS) -> tuple[float, str]:
     import keras
 
     class KerasTimer(keras.callbacks.Callback):
@@ -96,23 +99,47 @@ def time_keras(x, y) -> float:
     net.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"])
     timer = KerasTimer()
-    net.fit(x, y, batch_size=BATCH, epochs=EPOCHS, verbose=0, callbacks=[timer])
+    net.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, callbacks=[timer])
     return steady(timer.times), keras.__version__
 
 
-def main():
+def measure(quick: bool) -> dict:
+    """ms per epoch of the three loops, and each peer against jaxdl's `fit`."""
     x, y = rounding_data()
-    ours = time_jaxdl(x, y)
-    floor = time_hand_written(x, y)
-    keras_time, keras_version = time_keras(x, y)
-    print(f"jax {jax.__version__}, keras {keras_version}, {os.cpu_count()} cores; "
-          f"{len(x)} examples, batch {BATCH}, {EPOCHS} epochs, median of epochs 2-{EPOCHS}")
+    epochs = QUICK_EPOCHS if quick else EPOCHS
+    if quick:
+        x, y = x[:QUICK_EXAMPLES], y[:QUICK_EXAMPLES]
+    ours, floor = "jaxdl `fit`", "hand-written Flax+Optax `lax.scan`"
+    figures = {ours: report.figure(time_jaxdl(x, y, epochs) * 1e3, "ms/epoch"),
+               floor: report.figure(time_hand_written(x, y, epochs) * 1e3, "ms/epoch")}
+    ratios, notes = [report.ratio(ours, floor)], []
+    try:
+        seconds, version = time_keras(x, y, epochs)
+        keras_name = f"Keras {version} `fit` (JAX backend)"
+        figures[keras_name] = report.figure(seconds * 1e3, "ms/epoch")
+        ratios.append(report.ratio(keras_name, ours))
+    except ImportError as error:
+        notes.append(f"Keras: skipped ({error})")
+    return report.result(
+        "Small network training loop",
+        f"The `basics` \"learning to round\" network, {len(x):,} examples, batch {BATCH}, {epochs} epochs; "
+        f"ms per epoch, median of epochs 2-{epochs}, all three loops in one process.", figures, ratios, notes)
+
+
+def print_table(measured: dict) -> None:
+    figures = measured["figures"]
+    ours = figures["jaxdl `fit`"]["value"]
+    print(f"jax {jax.__version__}, {os.cpu_count()} cores; {measured['about']}")
     print("| loop | ms per epoch | vs jaxdl fit |")
     print("|---|---|---|")
-    for name, seconds in [("jaxdl `fit`", ours), ("hand-written Flax+Optax `lax.scan`", floor),
-                          (f"Keras {keras_version} `fit` (JAX backend)", keras_time)]:
-        print(f"| {name} | {seconds * 1e3:.2f} | {seconds / ours:.2f}x |")
-    print(f"Keras / jaxdl = {keras_time / ours:.1f}x; jaxdl / hand-written = {ours / floor:.2f}x")
+    for name, fig in figures.items():
+        print(f"| {name} | {fig['value']:.2f} | {fig['value'] / ours:.2f}x |")
+    for note in measured["notes"]:
+        print(note)
+
+
+def main(argv=None):
+    report.run_cli(measure, __doc__.splitlines()[0], argv, print_table)
 
 
 if __name__ == "__main__":
