@@ -79,6 +79,7 @@ def main(argv=None):
     cli.add_argument("--out", type=Path, default=REPOSITORY / "BENCHMARKS.md", help="the report to write")
     cli.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
                      help=f"run only these of {', '.join(BENCHMARKS)}")
+    cli.add_argument("--note", default="", help="a sentence for the report's header (why these options, ...)")
     cli.add_argument("--timeout", type=float, default=1800, help="seconds one repeat may take (default 1800)")
     args = cli.parse_args(argv)
     if args.repeats < 1:
@@ -101,7 +102,8 @@ def main(argv=None):
               "every figure below was measured by that run (never typed in). Each repeat of each benchmark ran "
               "in a fresh process; a figure is the median of the repeats with their spread (min-max), a ratio "
               "`ours / peer` the median and spread of the per-repeat ratios. "
-              "Regenerate with `python -m benchmarks` (`--quick` for a minute's smoke run).\n\n"
+              "Regenerate with `python -m benchmarks` (`--quick` for a minute's smoke run). "
+              f"{args.note}\n\n"
               f"## Machine\n\n{machine}- load average at the start: {load_before}; at the end: {load_text()} "
               "(other work on the machine slows every figure; judge them by it)\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)

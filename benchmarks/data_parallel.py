@@ -41,8 +41,8 @@ from benchmarks.train_small import EpochTimer, steady  # noqa: E402
 
 BATCH = 64
 # model -> (input shape, steps per epoch, epochs), full and quick
-SIZES = {"mnist_cnn": {"full": ((28, 28, 1), 20, 4), "quick": ((28, 28, 1), 3, 2)},
-         "mobilenet_v2": {"full": ((96, 96, 3), 4, 3), "quick": None}}
+SIZES = {"mnist_cnn": {"full": ((28, 28, 1), 10, 3), "quick": ((28, 28, 1), 3, 2)},
+         "mobilenet_v2": {"full": ((96, 96, 3), 3, 3), "quick": None}}
 NAMES = {"mnist_cnn": "MNIST CNN", "mobilenet_v2": "MobileNetV2 96x96"}
 
 

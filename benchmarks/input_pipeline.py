@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from benchmarks import report
@@ -33,7 +32,7 @@ from experiments.mnist import CNN_MODEL
 from jaxdl import data, fit
 
 BATCH, EPOCHS = 128, 3
-EXAMPLES, QUICK_EXAMPLES, QUICK_EPOCHS = 20_000, 1_280, 2
+EXAMPLES, QUICK_EXAMPLES, QUICK_EPOCHS = 10_000, 1_280, 2
 
 
 def mnist_like(examples: int, seed: int = 0):
