@@ -37,9 +37,9 @@ from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
 from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.heads import fast_inference
 from jaxdl.precision import with_precision
-from jaxdl.train import (TrainState, _checked_metric_names, _predict_all, compiled_epoch, compiled_eval_step,
-                         compiled_evaluate, compiled_steps, create_train_state, loops_are_slow, seed_rngs, summarize,
-                         zero_totals)
+from jaxdl.train import (TrainState, _checked_metric_names, _predict_all, canonical, compiled_epoch,
+                         compiled_eval_step, compiled_evaluate, compiled_steps, create_train_state, loops_are_slow,
+                         seed_rngs, summarize, zero_totals)
 
 # Keras's default. One object, not one per call: the optimizer is part of the compiled steps' cache
 # key, so a new `optax.adam` per `fit` would compile every step again. Optax transformations are
@@ -89,7 +89,7 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
     state = sharding.put_replicated(state, mesh)
     if data.is_source(x):
         batches = _read_source(x, "evaluate", y=y, batch_size=batch_size, features=features, transform=transform,
-                               input_shape=state.input_shape, needs_labels=True, **_split_over(mesh))
+                               input_shape=state.input_shape, needs_labels=True, **_split_over(mesh, batch_size))
         _check_labels_fit_the_loss(state, loss, {"the labels of the source": _first_labels(batches)})
         return summarize(_evaluate_batches(state, batches.epoch(0), compiled_eval_step(loss, metrics, mesh),
                                            _batch_placer(mesh, batches)))
@@ -99,9 +99,12 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
     return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size, mesh)(state))
 
 
-def _split_over(mesh) -> dict:
-    """How a source is read for data-parallel steps: batches the mesh splits evenly, this process's part of each."""
-    return {"multiple": sharding.data_parallelism(mesh), "process": (jax.process_index(), jax.process_count())}
+def _split_over(mesh, pad_to: int) -> dict:
+    """How a source is read for data-parallel steps: this process's part of each batch, a smaller last batch
+    filled up to a multiple of `pad_to` (and masked). Evaluation and models without BatchNorm statistics pad
+    to the whole batch, so one compiled step serves every batch; BatchNorm models to the device count only.
+    """
+    return {"multiple": pad_to, "process": (jax.process_index(), jax.process_count())}
 
 
 def _batch_placer(mesh, batches=None, stacked: bool = False) -> Callable:
@@ -143,16 +146,18 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     else:
         if variables is None:
             raise ValueError("predict(model, x) needs variables=...; or pass a TrainState")
-        input_shape, model, apply_fn = None, model_or_state, model_or_state.apply
+        input_shape, model = None, canonical(model_or_state)
+        apply_fn = model.apply
     if precision is not None:
         if model is None:
             raise ValueError("predict(..., precision=...) needs the state's model: build the state with "
                              "create_train_state, or pass the module and its variables")
-        model = with_precision(model, precision)
+        model = canonical(with_precision(model, precision))
         apply_fn = model.apply
     chunked = isinstance(model, (MobileNetV2, FineTuneModel))
     if chunked:
         model, variables = fast_inference(model, variables)
+        model = canonical(model)
         apply_fn = model.apply
     variables = sharding.put_replicated(variables, mesh)
     parts = sharding.data_parallelism(mesh)
@@ -436,9 +441,11 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     `mesh` (default: `jaxdl.sharding.data_mesh()`, all devices) trains
     data-parallel: each batch is split over the mesh's `data` axis, state
     and arrays are replicated, and `jax.jit` sums the gradients over devices;
-    `batch_size` is the global batch and must split evenly. A last batch the
-    devices cannot split is filled up and masked (for BatchNorm models, which
-    cannot be masked, it is an error: pass drop_remainder=True). With several
+    `batch_size` is the global batch and must split evenly. A smaller last
+    batch is filled up and masked, as the in-memory scan does; a BatchNorm
+    model, whose statistics cannot leave padding out, takes it as it is,
+    which the devices must be able to split (else an error names the sizes:
+    pass drop_remainder=True). With several
     processes (`jaxdl.distributed.initialize`), each reads only its part of
     every batch of a source. `precision` ("bfloat16", or "float16" with
     dynamic loss scaling) computes in half precision while parameters and
@@ -474,7 +481,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         batches = _read_source(x, "fit", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=input_shape, needs_labels=True, seed=seed, shuffle=shuffle,
                                drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
-                               class_weight=class_weight, **_split_over(mesh))
+                               class_weight=class_weight, **_split_over(mesh, parts))
         input_shape = input_shape or _input_shape_of(batches)
         train_labels = _first_labels(batches)
         train_size = len(batches.source) if isinstance(batches, data.SourceBatches) else None
@@ -504,6 +511,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     state = sharding.put_replicated(state, mesh)
     if state.batch_stats and not drop_remainder and parts > 1:
         _check_last_batch_splits(train_size, batch_size, parts)
+    pad_to = parts if state.batch_stats else batch_size  # see `_split_over`
+    if data.is_source(x) and isinstance(batches, data.SourceBatches):
+        batches = dataclasses.replace(batches, multiple=pad_to)
     validate = None
     labels = {"y" if not data.is_source(x) else "the labels of the source": train_labels}
     if validation_data is not None:
@@ -521,7 +531,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
             del epoch
             order = _array_order(shuffle_rng, step, len(x)) if shuffle else np.arange(len(x))
             return itertools.islice(data.ordered_batches({"x": x, "y": y, "weight": weights}, order, batch_size,
-                                                         drop_remainder, parts), skip, None)
+                                                         drop_remainder, pad_to), skip, None)
 
         epochs_of = _StreamedEpochs(array_batches, run_steps, metrics, steps_per_dispatch,
                                     _batch_placer(mesh, stacked=True))
@@ -747,7 +757,7 @@ def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_s
     if data.is_source(validation_data):
         batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
                                features=features, transform=transform, input_shape=state.input_shape,
-                               needs_labels=True, **_split_over(mesh))
+                               needs_labels=True, **_split_over(mesh, batch_size))
         if isinstance(batches, data.IterableBatches) and batches.one_shot:
             raise ValueError(f"validation_data is a one-shot {type(validation_data).__name__}: it would run out "
                              "after the first epoch's validation; pass a random-access source or an iterable "
@@ -764,9 +774,8 @@ def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metr
     """`evaluate(state) -> sums` over arrays: one compiled scan, or batch by batch where loops are slow."""
     if loops_are_slow(state.apply_fn, state.variables, state.input_shape):
         eval_step, put, arrays = compiled_eval_step(loss, metrics, mesh), _batch_placer(mesh), {"x": x, "y": y}
-        parts = sharding.data_parallelism(mesh)
         return lambda trained: _evaluate_batches(
-            trained, data.ordered_batches(arrays, np.arange(len(x)), batch_size, multiple=parts), eval_step, put)
+            trained, data.ordered_batches(arrays, np.arange(len(x)), batch_size, multiple=batch_size), eval_step, put)
     evaluate_all = compiled_evaluate(loss, metrics, batch_size, mesh)
     x_device, y_device = sharding.put_replicated((x, y), mesh)
     return lambda trained: evaluate_all(trained, x_device, y_device)

@@ -70,7 +70,7 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
     A model that cannot take that shape is one error naming the shape (and,
     for a 2-D example given to a convolutional model, the missing channel axis).
     """
-    model = with_precision(model, precision)
+    model = canonical(with_precision(model, precision))
     init_rng, dropout_rng = jax.random.split(rng)
     sample = jnp.zeros((1, *input_shape), input_dtype)
     try:
@@ -88,6 +88,25 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
                          "its last axis was read as channels; add a channel axis (x[..., None])")
     return new_train_state(model.apply, variables["params"], optimizer, batch_stats=variables.get("batch_stats", {}),
                            dropout_rng=dropout_rng, input_shape=input_shape, dynamic_scale=loss_scale(precision))
+
+
+def canonical(model):
+    """The first instance seen of a model equal to `model` (or `model`, if unhashable).
+
+    A state's `apply_fn` is a static part of every compiled step's cache key,
+    and Python compares bound methods by their instance's identity: two equal
+    models built separately (a script run twice in one process, a test per
+    model) would compile every step again. One instance per model shares them.
+    """
+    try:
+        return _first_equal(model)
+    except TypeError:
+        return model
+
+
+@functools.lru_cache(maxsize=64)
+def _first_equal(model):
+    return model
 
 
 def _compiled_init(model) -> Callable:

@@ -21,7 +21,8 @@ RUNS = [f"{name}/{kind}" for name in ("mlp", "bn_cnn") for kind in ("arrays", "s
 
 
 def run_in_subprocess(out: Path, devices: int, *arguments) -> tuple[dict, dict]:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = {**os.environ, "XLA_FLAGS": flags.strip()}
     done = subprocess.run([sys.executable, "-m", "tests.data_parallel_runs", str(out), *arguments], cwd=REPOSITORY,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
