@@ -554,9 +554,10 @@ def compiled_evaluate(loss, metrics: tuple, batch_size: int, mesh=None):
 def _predict_all(apply_fn, variables, x, batch_size, chunked, mesh=None):
     index, _ = _scan_batches(x.shape[0], batch_size, False)
 
-    def forward(rows):
+    def forward(rows):  # computed split over the mesh, gathered whole: every process gets every output
         images = sharding.constrain_batch(x[rows], mesh)
-        return apply_in_chunks(apply_fn, variables, images) if chunked else apply_fn(variables, images, train=False)
+        outputs = apply_in_chunks(apply_fn, variables, images) if chunked else apply_fn(variables, images, train=False)
+        return sharding.constrain_replicated(outputs, mesh)
 
     if index.shape[0] == 1:  # one batch: no loop (see `loops_are_slow`)
         return forward(index[0])[: x.shape[0]]

@@ -100,16 +100,18 @@ def all_runs(multi_process: bool) -> tuple[dict, dict]:
     # the path where each process reads only its part of a source, and arrays for BatchNorm).
     runs = ([("mlp", "source"), ("bn_cnn", "arrays")] if multi_process else
             [(name, kind) for name in models() for kind in ("arrays", "source")])
+    x, y, states = *dataset(), {}
     for name, kind in runs:
-        record(arrays, facts, f"{name}/{kind}/many", *train(name, everywhere, kind == "source"))
-    if multi_process:
+        states[name, kind], history = train(name, everywhere, kind == "source")
+        record(arrays, facts, f"{name}/{kind}/many", states[name, kind], history)
+    trained = states["bn_cnn", "arrays"]
+    if multi_process:  # outputs computed split over both processes, then whole in each
+        arrays["predict/many"] = predict(trained, x[:5])
         return arrays, facts
     meshes = {"many": everywhere, "one": data_mesh(jax.devices()[:1])}
     for name in models():
         record(arrays, facts, f"{name}/arrays/one", *train(name, meshes["one"], False))
 
-    x, y = dataset()
-    trained, _ = train("bn_cnn", everywhere, False)
     for label, mesh in meshes.items():
         scores = evaluate(trained, x, y, loss=CE, batch_size=16, mesh=mesh)
         arrays[f"evaluate/{label}"] = np.asarray([scores["loss"], scores["accuracy"]])

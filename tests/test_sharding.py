@@ -109,6 +109,10 @@ def test_two_processes_train_as_one_process_does(two_processes, four_devices, ru
     assert facts[run + "/many"] == {"devices": 4, "replicated": True}
 
 
+def test_two_processes_each_get_every_prediction(two_processes, four_devices):
+    tolerance.assert_close(two_processes[0]["predict/many"], four_devices[0]["predict/one"], tolerance.DATA_PARALLEL)
+
+
 def test_distributed_initialize_reads_the_environment(monkeypatch):
     from jaxdl import distributed
 
