@@ -32,7 +32,7 @@ def machine_section() -> str:
             "print(json.dumps({'machine': machine(), 'devices': [str(d) for d in jax.devices()]}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPOSITORY)
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    return found, (f"- machine: {found['machine']}\n- devices: {', '.join(found['devices'])}\n"
+    return (f"- machine: {found['machine']}\n- devices: {', '.join(found['devices'])}\n"
                    f"- python {sys.version.split()[0]}, {os.cpu_count()} logical cores\n")
 
 
@@ -88,7 +88,7 @@ def main(argv=None):
     options = " ".join(["--quick" if args.quick else f"--repeats {repeats}"]
                        + (["--only " + " ".join(args.only)] if args.only else []))
     started, load_before = time.perf_counter(), load_text()
-    _, machine = machine_section()
+    machine = machine_section()
     sections = []
     for name in BENCHMARKS:
         if args.only and name not in args.only:
