@@ -13,8 +13,10 @@ on random data, global batch 64, Adam. Each runs in a process started with
 
 Both train the same epochs of the same steps; the first epoch (which compiles)
 is left out and the median epoch, divided by its steps, is the ms/step.
-The 4 simulated CPU devices share this machine's cores: "4 devices" measures
-the SPMD program's overhead (the batch split, the gradient all-reduce), not a speed-up.
+The 4 simulated CPU devices share this machine's cores, so "4 devices" is not
+what 4 real devices give: it shows what the SPMD program (the batch split,
+the gradient all-reduce) costs or saves here, where 4 device programs can
+also keep the cores busier than one does.
 Run: `python -m benchmarks.data_parallel [--quick]`.
 """
 from __future__ import annotations
@@ -158,8 +160,9 @@ def measure(quick: bool) -> dict:
                      f"median of epochs 2-{epochs}")
     if quick:
         notes.append("--quick: the MNIST CNN only, both meshes in one process")
-    notes += [f"{DEVICES} simulated CPU devices share this machine's {os.cpu_count()} cores: the {DEVICES}-device "
-              "figures measure the SPMD program's overhead (batch split, gradient all-reduce), not a speed-up",
+    notes += [f"{DEVICES} simulated CPU devices share this machine's {os.cpu_count()} cores: a {DEVICES}-device "
+              f"figure is not what {DEVICES} real devices give, only what the SPMD program (batch split, gradient "
+              "all-reduce) costs or saves on these cores, which its device programs may keep busier than one does",
               "goal: fit / hand-written jit step below 1.05x"]
     return report.result(
         "Data-parallel training step", f"Global batch {BATCH}, Adam, random data; jaxdl `fit` (metrics=()) against "
