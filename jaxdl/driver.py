@@ -99,12 +99,13 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
     return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size, mesh)(state))
 
 
-def _split_over(mesh, pad_to: int) -> dict:
+def _split_over(mesh, pad_to: int, masked: bool = True) -> dict:
     """How a source is read for data-parallel steps: this process's part of each batch, a smaller last batch
     filled up to a multiple of `pad_to` (and masked). Evaluation and models without BatchNorm statistics pad
-    to the whole batch, so one compiled step serves every batch; BatchNorm models to the device count only.
+    to the whole batch and mask every batch, so that one compiled step serves them all; BatchNorm models,
+    which cannot be masked, to the device count only.
     """
-    return {"multiple": pad_to, "process": (jax.process_index(), jax.process_count())}
+    return {"multiple": pad_to, "process": (jax.process_index(), jax.process_count()), "masked": masked}
 
 
 def _batch_placer(mesh, batches=None, stacked: bool = False) -> Callable:
@@ -335,6 +336,7 @@ class _StreamedEpochs:
     metrics: tuple
     steps_per_dispatch: int
     put: Callable
+    put_state: Callable
     batch_norm: bool = False
 
     def run(self, state, previous, epoch: int, resume: _Resume | None = None, after_dispatch=None):
@@ -347,7 +349,9 @@ class _StreamedEpochs:
         start_step = int(state.step) if resume is None else resume.start_step
         done = 0 if resume is None else resume.batches_done
         totals = zero_totals(self.metrics) if resume is None else resume.totals
-        healthy, steps = jnp.bool_(True), 0
+        # Placed as the state is: an argument placed otherwise than the call before's output would recompile.
+        healthy, totals = self.put_state((jnp.bool_(True), totals))
+        steps = 0
         host_batches = self.batches_of(epoch, start_step, done)
         for group in data.to_device(data.stacked(host_batches, self.steps_per_dispatch), put=self.put):
             if self.batch_norm and "mask" in group:
@@ -481,7 +485,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         batches = _read_source(x, "fit", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=input_shape, needs_labels=True, seed=seed, shuffle=shuffle,
                                drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
-                               class_weight=class_weight, **_split_over(mesh, parts))
+                               class_weight=class_weight, **_split_over(mesh, parts, masked=False))
         input_shape = input_shape or _input_shape_of(batches)
         train_labels = _first_labels(batches)
         train_size = len(batches.source) if isinstance(batches, data.SourceBatches) else None
@@ -511,9 +515,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     state = sharding.put_replicated(state, mesh)
     if state.batch_stats and not drop_remainder and parts > 1:
         _check_last_batch_splits(train_size, batch_size, parts)
-    pad_to = parts if state.batch_stats else batch_size  # see `_split_over`
+    pad_to, masked = (parts, False) if state.batch_stats else (batch_size, True)  # see `_split_over`
     if data.is_source(x) and isinstance(batches, data.SourceBatches):
-        batches = dataclasses.replace(batches, multiple=pad_to)
+        batches = dataclasses.replace(batches, multiple=pad_to, masked=masked)
     validate = None
     labels = {"y" if not data.is_source(x) else "the labels of the source": train_labels}
     if validation_data is not None:
@@ -522,19 +526,20 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     _check_labels_fit_the_loss(state, loss, labels)
 
     run_steps = compiled_steps(loss, metrics, mesh)
+    put_state = functools.partial(sharding.put_replicated, mesh=mesh)
     if data.is_source(x):
         epochs_of = _StreamedEpochs(lambda epoch, step, skip: batches.epoch(epoch, skip or None), run_steps,
                                     metrics, steps_per_dispatch, _batch_placer(mesh, batches, stacked=True),
-                                    bool(state.batch_stats))
+                                    put_state, bool(state.batch_stats))
     elif loops_are_slow(state.apply_fn, state.variables, state.input_shape) or every_steps is not None:
         def array_batches(epoch, step, skip):
             del epoch
             order = _array_order(shuffle_rng, step, len(x)) if shuffle else np.arange(len(x))
             return itertools.islice(data.ordered_batches({"x": x, "y": y, "weight": weights}, order, batch_size,
-                                                         drop_remainder, pad_to), skip, None)
+                                                         drop_remainder, pad_to, masked), skip, None)
 
         epochs_of = _StreamedEpochs(array_batches, run_steps, metrics, steps_per_dispatch,
-                                    _batch_placer(mesh, stacked=True))
+                                    _batch_placer(mesh, stacked=True), put_state)
     else:
         epochs_of = _ArrayEpochs(*sharding.put_replicated((x, y, weights), mesh), shuffle_rng,
                                  compiled_epoch(loss, metrics, batch_size, shuffle, drop_remainder, mesh),
@@ -775,7 +780,8 @@ def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metr
     if loops_are_slow(state.apply_fn, state.variables, state.input_shape):
         eval_step, put, arrays = compiled_eval_step(loss, metrics, mesh), _batch_placer(mesh), {"x": x, "y": y}
         return lambda trained: _evaluate_batches(
-            trained, data.ordered_batches(arrays, np.arange(len(x)), batch_size, multiple=batch_size), eval_step, put)
+            trained, data.ordered_batches(arrays, np.arange(len(x)), batch_size, multiple=batch_size, masked=True),
+            eval_step, put)
     evaluate_all = compiled_evaluate(loss, metrics, batch_size, mesh)
     x_device, y_device = sharding.put_replicated((x, y), mesh)
     return lambda trained: evaluate_all(trained, x_device, y_device)

@@ -97,15 +97,17 @@ def padded_indices(order: np.ndarray, batch_size: int, drop_remainder: bool = Fa
     return np.resize(order, total).reshape(-1, batch_size), mask.reshape(-1, batch_size)
 
 
-def rows_to_split(rows: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray | None]:
+def rows_to_split(rows: np.ndarray, multiple: int, masked: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """`rows` filled up (wrapping around) to a multiple of `multiple`, with the mask of the real ones.
 
     A batch split over `multiple` devices must divide evenly; the mask keeps
-    the added rows out of the loss and metrics. None: nothing was added.
+    the added rows out of the loss and metrics. None: nothing was added and
+    `masked` was not asked for (a mask on every batch, padded or not, gives
+    all batches one structure: one compiled step).
     """
     missing = -len(rows) % multiple
     if not missing:
-        return rows, None
+        return rows, np.ones(len(rows), np.float32) if masked else None
     return np.resize(rows, len(rows) + missing), (np.arange(len(rows) + missing) < len(rows)).astype(np.float32)
 
 
@@ -120,15 +122,15 @@ def split_evenly(batch: dict, multiple: int) -> dict:
 
 
 def ordered_batches(arrays: dict, order: np.ndarray, batch_size: int, drop_remainder: bool = False,
-                    multiple: int = 1) -> Iterator[dict]:
+                    multiple: int = 1, masked: bool = False) -> Iterator[dict]:
     """Batches of `arrays` (a dict of equally long arrays) taken in `order`, the last one smaller or dropped.
 
     A smaller last batch that `multiple` devices could not split is filled
-    up and gets a `mask` (see `rows_to_split`).
+    up and gets a `mask`; with `masked` every batch has one (see `rows_to_split`).
     """
     stop = min(num_batches(len(order), batch_size, drop_remainder) * batch_size, len(order))
     for start in range(0, stop, batch_size):
-        rows, mask = rows_to_split(order[start:start + batch_size], multiple)
+        rows, mask = rows_to_split(order[start:start + batch_size], multiple, masked)
         batch = {key: value[rows] for key, value in arrays.items()}
         yield batch if mask is None else {**batch, "mask": mask}
 

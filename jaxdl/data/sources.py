@@ -160,7 +160,8 @@ class SourceBatches:
     resumed run continues with exactly the batches it would have seen.
 
     For data-parallel training, a last batch that `multiple` devices could
-    not split is filled up and masked (`arrays.rows_to_split`), and a
+    not split is filled up and masked (`arrays.rows_to_split`; `masked`
+    gives every batch a mask, so that all have one structure), and a
     process `(index, count)` of several reads only its consecutive part of
     every batch: the global batch is the same for any number of processes.
     """
@@ -173,6 +174,7 @@ class SourceBatches:
     drop_remainder: bool = False
     multiple: int = 1
     process: tuple[int, int] = (0, 1)
+    masked: bool = False
 
     def __post_init__(self):
         self.batch_size = check_batch_size(self.batch_size)
@@ -207,7 +209,7 @@ class SourceBatches:
 
     def read_part(self, indices: np.ndarray) -> dict:
         """This process's part of the batch of the examples at `indices` (see the class)."""
-        rows, mask = rows_to_split(np.asarray(indices), self.multiple)
+        rows, mask = rows_to_split(np.asarray(indices), self.multiple, self.masked)
         index, count = self.process
         part = slice(index * len(rows) // count, (index + 1) * len(rows) // count)
         batch = self.read(rows[part])
@@ -315,8 +317,8 @@ class IterableBatches:
 def as_batches(data, *, batch_size: int, features: Sequence | None = None, transform: Callable | None = None,
                input_shape: tuple | None = None, seed: int = 0, shuffle: bool = True, drop_remainder: bool = False,
                steps_per_epoch: int | None = None, class_weight: dict | None = None,
-               needs_labels: bool = True, multiple: int = 1,
-               process: tuple[int, int] = (0, 1)) -> SourceBatches | IterableBatches:
+               needs_labels: bool = True, multiple: int = 1, process: tuple[int, int] = (0, 1),
+               masked: bool = False) -> SourceBatches | IterableBatches:
     """The batches `fit`, `evaluate` and `predict` read from a source, checked on its first example.
 
     `multiple` and `process` split a random-access source's batches for
@@ -331,7 +333,7 @@ def as_batches(data, *, batch_size: int, features: Sequence | None = None, trans
         if not needs_labels:
             names = (names[0], None)
         batches = SourceBatches(data, batch_size, Features(names, transform, input_shape, class_weight), seed,
-                                shuffle, drop_remainder, multiple, process)
+                                shuffle, drop_remainder, multiple, process, masked)
         if steps_per_epoch is not None and steps_per_epoch != len(batches):
             raise ValueError(f"steps_per_epoch={steps_per_epoch}, but the source holds {len(batches)} batches of "
                              f"{batch_size} per epoch; leave steps_per_epoch out for random-access sources")
