@@ -50,15 +50,16 @@ def test_float16_skips_a_step_whose_gradients_overflow_and_lowers_the_scale():
 def test_bfloat16_digits_cnn_is_within_a_point_of_float32():
     """The issue's bar: the digits CNN trained in bfloat16 reaches float32's test accuracy to 1 point.
 
-    10 epochs (the experiment runs up to 40) keep the test short; both runs have the same seed and
-    batches, so they differ by bfloat16's rounding alone. Measured here: 0.9694 and 0.9639 at 10
-    epochs, 0.9806 and 0.9806 at 40.
+    20 epochs (the experiment runs up to 40) keep the test short; both runs have the same seed and
+    batches, so they differ by bfloat16's rounding alone. Measured here (AMD EPYC, the suite's
+    XLA flags), bfloat16 minus float32 over seeds 0-3: +0.28, 0, +0.28 and 0 points; after 10
+    epochs the gap was still -0.8 points for seed 0, too close to the bar to test there.
     """
     (x_train, y_train), _, (x_test, y_test) = load_split(0)
     accuracy = {}
     for precision in (None, "bfloat16"):
         state, _ = fit(ConvNet(layers=CNN_LAYERS), x_train, y_train, loss=CE, optimizer=optax.adam(1e-3),
-                       epochs=10, batch_size=32, seed=0, precision=precision, verbose=0)
+                       epochs=20, batch_size=32, seed=0, precision=precision, verbose=0)
         accuracy[precision] = evaluate(state, x_test, y_test, loss=CE)["accuracy"]
     assert accuracy[None] >= 0.94  # the experiment's own band (experiments/digits.py)
     assert abs(accuracy["bfloat16"] - accuracy[None]) <= 0.01
