@@ -89,7 +89,7 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
     state = sharding.put_replicated(state, mesh)
     if data.is_source(x):
         batches = _read_source(x, "evaluate", y=y, batch_size=batch_size, features=features, transform=transform,
-                               input_shape=state.input_shape, needs_labels=True, **_split_over(mesh, batch_size))
+                               input_shape=state.input_shape, needs_labels=True, **_split_over(batch_size))
         _check_labels_fit_the_loss(state, loss, {"the labels of the source": _first_labels(batches)})
         return summarize(_evaluate_batches(state, batches.epoch(0), compiled_eval_step(loss, metrics, mesh),
                                            _batch_placer(mesh, batches)))
@@ -99,7 +99,7 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
     return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size, mesh)(state))
 
 
-def _split_over(mesh, pad_to: int, masked: bool = True) -> dict:
+def _split_over(pad_to: int, masked: bool = True) -> dict:
     """How a source is read for data-parallel steps: this process's part of each batch, a smaller last batch
     filled up to a multiple of `pad_to` (and masked). Evaluation and models without BatchNorm statistics pad
     to the whole batch and mask every batch, so that one compiled step serves them all; BatchNorm models,
@@ -485,7 +485,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         batches = _read_source(x, "fit", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=input_shape, needs_labels=True, seed=seed, shuffle=shuffle,
                                drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
-                               class_weight=class_weight, **_split_over(mesh, parts, masked=False))
+                               class_weight=class_weight, **_split_over(parts, masked=False))
         input_shape = input_shape or _input_shape_of(batches)
         train_labels = _first_labels(batches)
         train_size = len(batches.source) if isinstance(batches, data.SourceBatches) else None
@@ -762,7 +762,7 @@ def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_s
     if data.is_source(validation_data):
         batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
                                features=features, transform=transform, input_shape=state.input_shape,
-                               needs_labels=True, **_split_over(mesh, batch_size))
+                               needs_labels=True, **_split_over(batch_size))
         if isinstance(batches, data.IterableBatches) and batches.one_shot:
             raise ValueError(f"validation_data is a one-shot {type(validation_data).__name__}: it would run out "
                              "after the first epoch's validation; pass a random-access source or an iterable "

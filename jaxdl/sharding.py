@@ -61,11 +61,6 @@ def check_global_batch(batch_size: int, mesh: Mesh, what: str = "batch_size") ->
                          f"{max(parts, batch_size // parts * parts)} or {(batch_size // parts + 1) * parts})")
 
 
-def padding_to_split(num_examples: int, mesh: Mesh) -> int:
-    """Rows to add to a batch of `num_examples` so that the `data` axis splits it evenly."""
-    return -num_examples % data_parallelism(mesh)
-
-
 def local_rows(global_batch: int, mesh: Mesh) -> slice:
     """This process's rows of a global batch: its devices' consecutive part of the `data` axis.
 
