@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdl import data
+
 DATA_AXIS = "data"
 
 
@@ -67,13 +69,10 @@ def local_rows(global_batch: int, mesh: Mesh) -> slice:
     Assumes the processes' devices are consecutive along the axis, as in
     `data_mesh()` (jax.devices() lists them process by process).
     """
-    count, index = jax.process_count(), jax.process_index()
-    if count == 1:
-        return slice(0, global_batch)
+    count = jax.process_count()
     if global_batch % count:
         raise ValueError(f"a global batch of {global_batch} cannot be split over {count} processes")
-    per_process = global_batch // count
-    return slice(index * per_process, (index + 1) * per_process)
+    return data.process_part(global_batch, (jax.process_index(), count))
 
 
 def put_replicated(tree, mesh: Mesh):

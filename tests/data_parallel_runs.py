@@ -90,7 +90,7 @@ def all_runs(multi_process: bool) -> tuple[dict, dict]:
     import jax
     import optax
 
-    from jaxdl import data, evaluate, make_train_step, predict
+    from jaxdl import data, evaluate, fit, make_train_step, predict
     from jaxdl.sharding import batch_sharding, data_mesh, put_global_batch
     from jaxdl.train import create_train_state
 
@@ -133,6 +133,9 @@ def all_runs(multi_process: bool) -> tuple[dict, dict]:
         "batch_norm_last_batch": error_of(lambda: train("bn_cnn", everywhere, False, drop_remainder=False)),
         "no_data_axis": error_of(lambda: train("mlp", jax.sharding.Mesh(np.asarray(jax.devices()), ("model",)),
                                                False)),
+        # An iterable's batches come as they are: one of 6 would need padding, which BatchNorm cannot mask.
+        "batch_norm_iterable": error_of(lambda: fit(models()["bn_cnn"], iter([{"x": x[:6], "y": y[:6]}]), loss=CE,
+                                                    mesh=everywhere, verbose=0)),
     }
     return arrays, facts
 

@@ -97,6 +97,17 @@ def test_what_the_devices_cannot_split_is_an_error_naming_the_numbers(four_devic
     assert "the last batch of each epoch holds 6 examples (70 examples, batch_size=16)" in \
         errors["batch_norm_last_batch"] and "drop_remainder=True" in errors["batch_norm_last_batch"]
     assert errors["no_data_axis"].startswith("the mesh has axes ('model',) but no 'data' axis")
+    assert errors["batch_norm_iterable"].startswith("a batch of 8 examples (padded to split over the devices) "
+                                                    "reached a model with BatchNorm statistics")
+
+
+def test_a_mesh_must_be_a_jax_mesh():
+    from jaxdl import MLP, fit
+    from tests.toy_data import CE, blobs
+
+    x, y = blobs(16)
+    with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh, got list"):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, mesh=["cpu:0"], verbose=0)
 
 
 @pytest.mark.parametrize("run", ["mlp/source", "bn_cnn/arrays"])
@@ -116,7 +127,8 @@ def test_two_processes_each_get_every_prediction(two_processes, four_devices):
 def test_distributed_initialize_reads_the_environment(monkeypatch):
     from jaxdl import distributed
 
-    for name in (distributed.COORDINATOR, distributed.PROCESS_COUNT, distributed.PROCESS_ID, *distributed._CLUSTER_SIZES):
+    for name in (distributed.COORDINATOR, distributed.PROCESS_COUNT, distributed.PROCESS_ID,
+                 *distributed._CLUSTER_SIZES):
         monkeypatch.delenv(name, raising=False)
     assert distributed.initialize() is False  # one process: nothing to join
     monkeypatch.setenv(distributed.COORDINATOR, "localhost:1234")

@@ -85,18 +85,6 @@ def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False
     return math.ceil(num_examples / batch_size)
 
 
-def padded_indices(order: np.ndarray, batch_size: int, drop_remainder: bool = False):
-    """Example indices as (batches, batch_size) plus a mask of the real ones.
-
-    The last partial batch is filled by wrapping around and masked out, so
-    every batch has one shape and a jitted step compiles once.
-    """
-    n = len(order)
-    total = num_batches(n, batch_size, drop_remainder) * batch_size
-    mask = np.arange(total) < min(n, total)
-    return np.resize(order, total).reshape(-1, batch_size), mask.reshape(-1, batch_size)
-
-
 def rows_to_split(rows: np.ndarray, multiple: int, masked: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """`rows` filled up (wrapping around) to a multiple of `multiple`, with the mask of the real ones.
 
@@ -109,6 +97,23 @@ def rows_to_split(rows: np.ndarray, multiple: int, masked: bool = False) -> tupl
     if not missing:
         return rows, np.ones(len(rows), np.float32) if masked else None
     return np.resize(rows, len(rows) + missing), (np.arange(len(rows) + missing) < len(rows)).astype(np.float32)
+
+
+def padded_indices(order: np.ndarray, batch_size: int, drop_remainder: bool = False):
+    """Example indices as (batches, batch_size) plus a mask of the real ones.
+
+    The last partial batch is filled by wrapping around and masked out (see
+    `rows_to_split`), so every batch has one shape and a jitted step compiles once.
+    """
+    kept = order[:num_batches(len(order), batch_size, drop_remainder) * batch_size]
+    rows, mask = rows_to_split(kept, batch_size, masked=True)
+    return rows.reshape(-1, batch_size), mask.reshape(-1, batch_size)
+
+
+def process_part(size: int, process: tuple[int, int]) -> slice:
+    """Process `(index, count)`'s consecutive part of `size` rows: its devices' part of a split batch."""
+    index, count = process
+    return slice(index * size // count, (index + 1) * size // count)
 
 
 def split_evenly(batch: dict, multiple: int) -> dict:

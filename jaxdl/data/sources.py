@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jaxdl.data.arrays import check_batch_size, num_batches, positive_int, rows_to_split, split_evenly
+from jaxdl.data.arrays import (check_batch_size, num_batches, positive_int, process_part, rows_to_split,
+                               split_evenly)
 
 # Grain's read threads, not worker processes: threads start at once, share the open source, and
 # keep the iterator's position one small dict; a worker process pays a fork and a pickle of every
@@ -210,8 +211,7 @@ class SourceBatches:
     def read_part(self, indices: np.ndarray) -> dict:
         """This process's part of the batch of the examples at `indices` (see the class)."""
         rows, mask = rows_to_split(np.asarray(indices), self.multiple, self.masked)
-        index, count = self.process
-        part = slice(index * len(rows) // count, (index + 1) * len(rows) // count)
+        part = process_part(len(rows), self.process)
         batch = self.read(rows[part])
         return batch if mask is None else {**batch, "mask": mask[part]}
 
