@@ -8,7 +8,8 @@ and its error. A configuration that raises is a row whose `error` holds the
 exception's type and message; the sweep goes on (a diverging learning rate
 must not cost the rest of the grid). The best row is the one whose
 `monitor` is lowest (`mode="min"`) or highest (`mode="max"`), among rows
-without error, as Keras's callbacks choose.
+without error, as Keras's callbacks choose; a metric may be any real number
+(Python, numpy scalar, 0-d numpy or JAX array), never a bool, NaN or infinity.
 
 It is a grid and a table, not a tuner: no search strategy, no scheduling,
 no persistence beyond the CSV. To keep what a configuration trained (its
@@ -21,11 +22,14 @@ import csv
 import dataclasses
 import itertools
 import math
+import numbers
 import os
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
 
 RESERVED = ("seconds", "error")
 
@@ -92,11 +96,31 @@ class SweepTable:
         return path
 
 
+def _real(value) -> float | None:
+    """`value` as a float when it is one real number, else None.
+
+    Metrics come straight from training as Python numbers, numpy scalars
+    (`np.float32(0.3)`) or 0-d numpy and JAX arrays (`history["val_loss"][-1]`,
+    `jnp.mean(...)`): all are real numbers to compare. Bools, strings, complex
+    numbers and arrays of several values are not (None).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Real):  # int, float, numpy integer and floating scalars
+        return float(value)
+    if hasattr(value, "__array__") and np.ndim(value) == 0:  # 0-d numpy arrays, JAX arrays
+        array = np.asarray(value)
+        if array.dtype.kind in "iuf":
+            return float(array)
+    return None
+
+
 def _cell(value) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    real = _real(value)
+    if real is not None and np.asarray(value).dtype.kind == "f":  # floats of any kind; integers as they are
+        return f"{real:.4g}"
     return str(value)
 
 
@@ -120,8 +144,8 @@ def configurations(grid: Mapping[str, Sequence]) -> list[dict[str, Any]]:
 def _best_index(rows: list[dict], monitor: str, mode: str) -> int | None:
     candidates = []
     for index, row in enumerate(rows):
-        value = row.get(monitor)
-        if row["error"] or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        value = _real(row.get(monitor))
+        if row["error"] or value is None or not math.isfinite(value):  # NaN is never best
             continue
         candidates.append((value if mode == "min" else -value, index))
     return min(candidates)[1] if candidates else None  # ties: the first in grid order

@@ -66,3 +66,26 @@ def test_bad_grids_and_modes_are_named():
         configurations({})
     with pytest.raises(ValueError, match="sweep mode must be 'min' or 'max', got 'auto'"):
         sweep(fake_training, {"conv_blocks": [1]}, mode="auto")
+
+
+def test_numpy_and_jax_scalar_metrics_pick_the_best_row_and_nan_and_bools_never_do():
+    """Metrics straight from a training run are numpy or JAX scalars (e.g. `history["val_loss"][-1]`)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    kinds = {"float32": np.float32, "float64": np.float64, "int64": np.int64,
+             "0-d array": lambda v: np.array(v, np.float32), "jax": lambda v: jnp.asarray(v, jnp.float32)}
+    for kind, make in kinds.items():
+        losses = {1: make(3), 2: make(1), 3: make(2)}
+        table = sweep(lambda rate: {"val_loss": losses[rate]}, {"rate": [1, 2, 3]}, verbose=False)
+        assert table.best_config == {"rate": 2}, kind
+        assert table.verdict() == "best by val_loss (min): rate=2 -> val_loss = 1", kind
+        high = sweep(lambda rate: {"val_loss": losses[rate]}, {"rate": [1, 2, 3]}, mode="max", verbose=False)
+        assert high.best_config == {"rate": 1}, kind
+
+    values = {1: np.float32("nan"), 2: jnp.asarray(jnp.nan), 3: np.float32(0.5), 4: np.float32(0.25)}
+    assert sweep(lambda rate: {"val_loss": values[rate]}, {"rate": [1, 2, 3, 4]}, verbose=False).best_config == \
+        {"rate": 4}
+    not_numbers = {1: np.bool_(False), 2: True, 3: np.array([0.1, 0.2]), 4: "0.1", 5: jnp.asarray([0.0])}
+    table = sweep(lambda rate: {"val_loss": not_numbers[rate]}, {"rate": [1, 2, 3, 4, 5]}, verbose=False)
+    assert table.best is None  # bools, arrays of several values, strings: not one real number
