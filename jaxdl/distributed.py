@@ -13,8 +13,12 @@ import jax
 
 # The variables `initialize` reads: JAX's own name for the coordinator, and the process count and id beside it.
 COORDINATOR, PROCESS_COUNT, PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
-# Launchers whose variables `jax.distributed.initialize()` reads by itself (jax/_src/clusters).
-_CLUSTER_SIZES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# How many processes a launcher started together, for launchers whose variables
+# `jax.distributed.initialize()` reads by itself (jax/_src/clusters). For SLURM it is the
+# *step's* task count, which only `srun` sets: SLURM_NTASKS describes the whole allocation
+# and is also set in an salloc shell or sbatch script, where a process started without srun
+# is a single task that would wait forever for the others.
+_CLUSTER_SIZES = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def _environment_int(name: str) -> int:
@@ -30,7 +34,10 @@ def initialize(**options) -> bool:
 
     - `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES`
       and `JAX_PROCESS_ID`: `jax.distributed.initialize` with those;
-    - a SLURM or MPI launch of more than one task: JAX's own detection;
+    - a launch of more than one task by `srun` (SLURM_STEP_NUM_TASKS > 1) or
+      by MPI (OMPI_COMM_WORLD_SIZE, PMI_SIZE): JAX's own detection. A
+      process started inside a SLURM allocation without `srun` is one
+      process, however many tasks the allocation holds (SLURM_NTASKS);
     - otherwise one process: nothing to do, False.
     `options` go to `jax.distributed.initialize`. Call it first, before
     anything touches a device. Calling it again is harmless.
@@ -47,7 +54,8 @@ def initialize(**options) -> bool:
             raise ValueError(f"${PROCESS_ID}={index} must be from 0 to ${PROCESS_COUNT}-1={count - 1}")
         jax.distributed.initialize(os.environ[COORDINATOR], count, index, **options)
         return True
-    if any(os.environ.get(name, "1").isdigit() and int(os.environ.get(name, "1")) > 1 for name in _CLUSTER_SIZES):
+    if any(os.environ.get(name, "1").strip().isdigit() and int(os.environ.get(name, "1")) > 1
+           for name in _CLUSTER_SIZES):
         jax.distributed.initialize(**options)
         return True
     return False
