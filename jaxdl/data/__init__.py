@@ -1,6 +1,7 @@
 """Data for `fit`, `evaluate` and `predict`: in-memory arrays, tfds and grain sources, and device prefetch."""
-from jaxdl.data.arrays import (batches, check_batch_size, check_dataset, num_batches, ordered_batches, rows_to_split,
-                               padded_indices, positive_int, process_part, split_evenly, split_validation)
+from jaxdl.data.arrays import (batches, check_batch_size, check_dataset, class_indices, num_batches, ordered_batches,
+                               rows_to_split, padded_indices, positive_int, process_part, split_evenly,
+                               split_validation)
 from jaxdl.data.prefetch import stacked, to_device
 from jaxdl.data.tfds_writer import write_image_dataset
 from jaxdl.data.sources import (DatasetNotPreparedError, Features, IterableBatches, SourceBatches, as_batches,

@@ -68,6 +68,43 @@ def check_dataset(x, y=None, *, name: str = "x", input_shape: tuple | None = Non
     return x, y
 
 
+def class_indices(y: np.ndarray, *, name: str = "y") -> np.ndarray:
+    """The class number of every example of labels `y` (N, ...), as Keras reads them for `class_weight`.
+
+    - (N,) labels are class numbers: integers as they are, floats (and bools)
+      that are whole numbers as integers;
+    - (N, 1) labels are one binary label each (0/1, or a probability): rounded
+      and squeezed, as Keras does. An argmax over that length-1 axis would give
+      class 0 for every example, and class_weight no effect;
+    - (N, C) labels with C > 1 are one-hot (or probabilities): their argmax.
+
+    Returns an int64 array of shape (N,). Anything else (more axes, fractional
+    (N,) labels, NaN, non-numeric values) is a ValueError naming `name`, the
+    example and what class_weight reads.
+    """
+    y = np.asarray(y)
+    if y.dtype == bool:
+        y = y.astype(np.int64)
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{name} holds {y.dtype} values; class_weight reads numeric labels (class numbers, "
+                         "binary 0/1 labels or one-hot rows)")
+    if y.ndim not in (1, 2):
+        raise ValueError(f"{name} has labels of shape {y.shape[1:]} per example; class_weight reads a class "
+                         "number (shape ()), one binary label (shape (1,)) or a one-hot row (shape (C,))")
+    if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
+        bad = int(np.argwhere(~np.isfinite(y.reshape(len(y), -1)))[0][0])
+        raise ValueError(f"{name} holds NaN or infinite labels (example {bad}); class_weight cannot read a class")
+    if y.ndim == 2:
+        return (np.round(y[:, 0]) if y.shape[1] == 1 else y.argmax(axis=1)).astype(np.int64)
+    if np.issubdtype(y.dtype, np.floating):
+        fractional = np.flatnonzero(y != np.round(y))
+        if fractional.size:
+            raise ValueError(f"{name} holds {y[fractional[0]]:g} (example {int(fractional[0])}), not a class "
+                             "number: class_weight reads whole-number labels of shape (N,) (binary probabilities "
+                             "are rounded only when shaped (N, 1), as Keras)")
+    return y.astype(np.int64)
+
+
 def split_validation(x, y, validation_split: float):
     """Holds out the last `validation_split` of the examples, as Keras's `fit` does."""
     if isinstance(validation_split, bool) or not 0.0 < float(validation_split) < 1.0:

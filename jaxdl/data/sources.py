@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jaxdl.data.arrays import (check_batch_size, num_batches, positive_int, process_part, rows_to_split,
-                               split_evenly)
+from jaxdl.data.arrays import (check_batch_size, class_indices, num_batches, positive_int, process_part,
+                               rows_to_split, split_evenly)
 
 # Grain's read threads, not worker processes: threads start at once, share the open source, and
 # keep the iterator's position one small dict; a worker process pays a fork and a pickle of every
@@ -104,6 +104,9 @@ class Features:
     `names` is (input feature, label feature); the label may be None for
     prediction. `transform(example) -> (x, y)` replaces the lookup by names.
     `input_shape` (no batch axis), when known, is checked on every example.
+    `class_weight` ({class: weight}) adds the example's "weight", its class
+    read as Keras reads it (`arrays.class_indices`: a (1,) binary label is
+    rounded, a one-hot row argmaxed).
     """
 
     names: tuple[str, str | None] = ("image", "label")
@@ -139,7 +142,9 @@ class Features:
                 raise ValueError(f"{label_name} holds {y.dtype} values; labels must be numbers")
             batch["y"] = y
             if self.class_weight is not None:
-                label = int(y) if y.ndim == 0 else int(y.argmax())
+                # One example's label read as `arrays.class_indices` reads a batch of them: a class number,
+                # a (1,) binary label rounded (an argmax of it would be class 0 for every example), a one-hot row.
+                label = int(class_indices(y[None], name=label_name)[0])
                 if label not in self.class_weight:
                     raise ValueError(f"class_weight has no weight for class {label} found in {label_name}")
                 batch["weight"] = np.float32(self.class_weight[label])
