@@ -88,6 +88,24 @@ def _is_list_of_dicts(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
+def _grain_batch(source):
+    """The `.batch(...)` step of a grain dataset pipeline `source`, or None when it has none (or is not grain).
+
+    Walks the pipeline's parents (a handful of objects, nothing read): a
+    batch anywhere upstream makes every item of `source` a batch.
+    """
+    pending, seen = [source], 0
+    while pending and seen < 1000:
+        node, seen = pending.pop(), seen + 1
+        kind = type(node)
+        if kind.__name__ == "BatchMapDataset" and kind.__module__.startswith("grain"):
+            return node
+        if kind.__module__.startswith("grain"):
+            parents = getattr(node, "parents", ())
+            pending.extend(parents if isinstance(parents, (list, tuple)) else ())
+    return None
+
+
 def is_source(value) -> bool:
     """Anything `fit` reads through this module rather than as in-memory arrays."""
     if isinstance(value, (np.ndarray, tuple, dict)) or hasattr(value, "__array__"):
@@ -131,8 +149,13 @@ class Features:
             x, y = example[self.names[0]], None if self.names[1] is None else example[self.names[1]]
         x = np.asarray(x)
         if self.input_shape is not None and x.shape != tuple(self.input_shape):
+            batch_of = x.shape[0] if x.ndim == len(self.input_shape) + 1 and x.shape[1:] == tuple(self.input_shape) \
+                else None  # the model's example shape behind one more axis: the source holds batches
             raise ValueError(f"{input_name} has shape {x.shape} per example, but the model takes "
-                             f"{tuple(self.input_shape)}")
+                             f"{tuple(self.input_shape)}"
+                             + (f": a batch of {batch_of} examples? jaxdl batches a source itself and wants one "
+                                "example per item (pass batches as an iterable of {'x': ..., 'y': ...} dicts "
+                                "instead)" if batch_of is not None else ""))
         if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
             raise ValueError(f"{input_name} holds {x.dtype} values; the model takes numbers")
         batch = {"x": x}
@@ -170,6 +193,9 @@ class SourceBatches:
     gives every batch a mask, so that all have one structure), and a
     process `(index, count)` of several reads only its consecutive part of
     every batch: the global batch is the same for any number of processes.
+
+    The source holds examples: a grain dataset already `.batch()`ed (its items
+    batches) is refused, since batching here would stack batches of batches.
     """
 
     source: Any
@@ -184,6 +210,21 @@ class SourceBatches:
 
     def __post_init__(self):
         self.batch_size = check_batch_size(self.batch_size)
+        batched = _grain_batch(self.source)
+        if batched is not None:
+            size = getattr(batched, "_batch_size", None)
+            input_name, label_name = self.features.names
+            keep = (f"dataset.map(lambda batch: {{'x': batch[{input_name!r}], 'y': batch[{label_name!r}]}})"
+                    if label_name is not None else f"dataset.map(lambda batch: {{'x': batch[{input_name!r}]}})")
+            if self.features.transform is not None:
+                keep = "dataset.map(lambda batch: {'x': ..., 'y': ...})"
+            raise ValueError(
+                f"the source is a grain dataset already batched (.batch({size if size is not None else '...'})): "
+                f"each of its {len(self.source)} items is a batch"
+                + (f" of {size} examples" if size is not None else "")
+                + f", but jaxdl batches a source itself (batch_size={self.batch_size}) and reads it example by "
+                f"example; drop the .batch() and pass batch_size to fit/evaluate/predict (or, to keep your own "
+                f"batches, pass an iterable of batch dicts: {keep}.to_iter_dataset())")
         if len(self.source) == 0:
             raise ValueError(f"the source ({type(self.source).__name__}) has no examples")
         if self.drop_remainder and len(self.source) < self.batch_size:
