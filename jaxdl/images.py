@@ -147,15 +147,23 @@ def image_folder(directory: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     """(paths, labels, class names) from one subfolder per class, as Keras's image_dataset_from_directory.
 
     Classes are the subfolders in alphabetical order. Fewer than two
-    classes, or a class without images, is an error naming the folder.
+    classes, or a class without images, is an error naming the folder; when
+    the images lie directly in the folder (a flat folder, labelled by name or
+    by a CSV file rather than by subfolder), the error names the options and
+    functions that read it.
     """
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such data folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
+        flat = sum(1 for p in root.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
         raise ValueError(f"{root}: needs one subfolder per class and at least two classes, found {len(classes)}"
-                         + (f" ({classes[0]})" if classes else ""))
+                         + (f" ({classes[0]})" if classes else "")
+                         + (f"; it holds {flat} images directly (a flat folder): take each image's class from "
+                            "its file name (--labels-from-name REGEX, images.labels_from_names) or from a CSV "
+                            "file of 'file,class' lines (--labels-csv FILE, images.labels_from_csv)" if flat else ""))
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -181,3 +181,19 @@ def test_finetune_on_the_flat_cat_folder_labels_by_name_and_writes_the_history_f
     assert list(history) == ["loss", "accuracy"] and len(history["loss"]) == 1
     _, metadata = read_model(out)
     assert metadata["classes"] == ["f", "m"] and metadata["history"] == history
+
+
+def test_a_flat_folder_without_a_labels_option_is_told_which_options_label_it(tmp_path, capsys):
+    data = flat_cats(tmp_path)
+    assert cli.main(["finetune", str(data), "--out", str(tmp_path / "m")]) == 1
+    assert capsys.readouterr().err == (
+        f"jaxdl finetune: {data}: needs one subfolder per class and at least two classes, found 0; it holds 5 "
+        "images directly (a flat folder): take each image's class from its file name (--labels-from-name REGEX, "
+        "images.labels_from_names) or from a CSV file of 'file,class' lines (--labels-csv FILE, "
+        "images.labels_from_csv)\n")
+    assert not (tmp_path / "m").exists()
+    photos(data / "extra", "x.jpg")  # one subfolder beside the images: still a flat folder to label
+    with pytest.raises(ValueError, match=r"found 1 \(extra\); it holds 5 images directly .*--labels-from-name REGEX"):
+        images.image_folder(data)
+    with pytest.raises(ValueError, match=r"found 0$"):  # no images at all: nothing to suggest
+        images.image_folder(photos(tmp_path / "empty"))
