@@ -4,6 +4,7 @@
     jaxdl convert keras|torchvision SRC DST [--overwrite]
     jaxdl finetune DATA_DIR --out DIR [--labels-from-name REGEX | --labels-csv FILE] [--epochs 20]
                    [--val-split F] [--unfreeze N] [--augment]
+    jaxdl prepare NAME [--data-dir DIR] [--manual-dir M]
 """
 from __future__ import annotations
 
@@ -160,6 +161,23 @@ def finetune(args) -> int:
     return 0
 
 
+def prepare(args) -> int:
+    """Writes tfds dataset NAME as ArrayRecord (`jaxdl.data.prepare`); TensorFlow must be installed."""
+    from jaxdl.data.prepare import TensorFlowMissingError, prepare as prepare_dataset
+
+    try:
+        written = prepare_dataset(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir)
+    except TensorFlowMissingError as error:
+        print(f"jaxdl prepare: {error}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, AssertionError) as error:  # tfds reports a bad download or file by assertion
+        print(f"jaxdl prepare: {args.name}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    splits = ", ".join(f"{split} {count:,}" for split, count in written["splits"].items())
+    print(f"prepared {written['name']} {written['version']} as ArrayRecord in {written['path']}: {splits} examples")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdl", description="jaxdl: functional deep learning on JAX")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, help="save the training's checkpoints here (every epoch)")
     p.add_argument("--resume", action="store_true", help="continue the training saved in --checkpoint-dir")
     p.set_defaults(run=finetune)
+
+    p = commands.add_parser("prepare", help="write a tensorflow-datasets dataset as ArrayRecord (needs TensorFlow)",
+                            description="Download and prepare tfds dataset NAME as ArrayRecord, the format jaxdl "
+                                        "reads (tfds_source, experiments.mnist --data-dir). tfds writes with "
+                                        "TensorFlow: pip install 'jaxdl[prepare]'.")
+    p.add_argument("name", metavar="NAME", help="a tfds dataset name, e.g. mnist")
+    p.add_argument("--data-dir", default=None,
+                   help="tfds data dir to write into (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--manual-dir", default=None,
+                   help="take the dataset's files from this directory instead of downloading them (for mnist: "
+                        "the four IDX .gz files, as in ../shared/data/mnist)")
+    p.set_defaults(run=prepare)
     return parser
 
 

@@ -26,6 +26,7 @@ import pytest  # noqa: E402
 from experiments.common import shared_data_dir  # noqa: E402
 
 CATS = shared_data_dir() / "cats"
+MNIST = shared_data_dir() / "mnist"  # the four original IDX files (its README has their checksums)
 
 
 def pytest_unconfigure(config):
@@ -37,17 +38,28 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: thorough runs left out of `make test` (pytest -m slow runs them)")
     config.addinivalue_line("markers", "requires_cats: needs the tutorial's cat photos (../shared/data/cats); "
                                        "skipped where they are absent, failed instead in CI (CI=true)")
+    config.addinivalue_line("markers", "requires_mnist: needs MNIST's four IDX files (../shared/data/mnist); "
+                                       "skipped where they are absent, failed instead in CI (CI=true)")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """Tests marked `requires_cats` skip in a clone without the photos; CI has them, so there their absence fails."""
-    if item.get_closest_marker("requires_cats") is None or CATS.is_dir():
-        return
-    reason = f"needs the tutorial's cat photos at {CATS} (../shared/data/cats beside the clone); not in this checkout"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true, but the test {reason}", pytrace=False)
-    pytest.skip(reason)
+    """Tests marked `requires_cats` / `requires_mnist` skip in a clone without that shared data; CI has it, so
+    there its absence fails."""
+    for marker, path, what in (("requires_cats", CATS, "the tutorial's cat photos"),
+                               ("requires_mnist", MNIST, "MNIST's four IDX files")):
+        if item.get_closest_marker(marker) is None or path.is_dir():
+            continue
+        reason = f"needs {what} at {path} (../shared/data/{path.name} beside the clone); not in this checkout"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, but the test {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """`../shared/data/mnist`: tests that use it are marked `requires_mnist` (skipped where it is absent)."""
+    return MNIST
 
 
 @pytest.fixture(scope="session")

@@ -204,7 +204,7 @@ def test_an_unprepared_tfds_dataset_is_one_error_naming_it_and_how_to_prepare_it
         tfds_source("mnist", "train", data_dir=tmp_path)
     message = str(error.value)
     for part in ("tfds dataset 'mnist'", "not prepared", f"looked in {tmp_path}{'/'}mnist",
-                 "pip install 'jaxdl[prepare]'", "tfds build mnist --file_format=array_record",
+                 "pip install 'jaxdl[prepare]'", f"jaxdl prepare mnist --data-dir {tmp_path}", "--manual-dir",
                  "downloads nothing"):
         assert part in message, part
     with pytest.raises(ValueError, match="tensorflow-datasets has no dataset named 'no_such_dataset'"):

@@ -6,3 +6,5 @@ from jaxdl.data.prefetch import stacked, to_device
 from jaxdl.data.tfds_writer import write_image_dataset
 from jaxdl.data.sources import (DatasetNotPreparedError, Features, IterableBatches, SourceBatches, as_batches,
                                 epoch_seed, is_source, tfds_source)
+from jaxdl.data.idx import load_mnist, read_idx, read_idx_pair
+from jaxdl.data.prepare import TensorFlowMissingError, prepare

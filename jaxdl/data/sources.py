@@ -70,10 +70,11 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
                  if prepared_as else "it is not prepared there")
         raise DatasetNotPreparedError(
             f"tfds dataset {name!r} (split {split!r}): {found}. jaxdl reads ArrayRecord files and downloads "
-            f"nothing. On a machine with network access run `pip install 'jaxdl[prepare]'` (TensorFlow, which "
-            f"tfds needs to write datasets), then `tfds build {name} --file_format=array_record "
-            f"--data_dir=DIR`, and copy DIR/{name} into {root} (or pass data_dir=DIR); "
-            f"looked in {where}", name=name, looked_in=where) from error
+            f"nothing. Prepare it with `jaxdl prepare {name} --data-dir {root}` (or jaxdl.data.prepare), which "
+            f"downloads its files, or with `--manual-dir M` takes them from M (for mnist the four IDX .gz files, "
+            f"as in ../shared/data/mnist); it needs TensorFlow, which tfds writes datasets with: "
+            f"`pip install 'jaxdl[prepare]'`. Prepared elsewhere, pass data_dir=DIR or copy DIR/{name} into "
+            f"{root}; looked in {where}", name=name, looked_in=where) from error
 
 
 def is_random_access(value) -> bool:
