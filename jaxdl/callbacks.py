@@ -35,6 +35,8 @@ class FitRun:
     stop_training: bool = False
     model: Any = None
     resumed_epoch: int | None = None  # the epoch a run restored from a checkpoint goes on from
+    resumed_batches: int = 0  # the batches of that epoch already done
+    verbose: int = 0  # fit's verbosity: 0 silent; callbacks print their messages when it is not
 
 
 class Callback:
@@ -48,6 +50,16 @@ class Callback:
 
     def on_train_end(self, run: FitRun) -> None:
         pass
+
+    def settings(self) -> dict:
+        """The arguments that decide what this callback does to a run and keeps of it (JSON-able).
+
+        `fit` saves them with each checkpoint, beside the class, and refuses to
+        resume with a callback list whose classes or settings differ (a saved
+        `best` means nothing to a callback monitoring another metric). Where a
+        callback only writes (a log file's path), leave it out: it may change.
+        """
+        return {}
 
     def checkpoint_state(self) -> tuple[dict, Any]:
         """`(JSON-able counters, a TrainState or None)` a resumed run needs to go on as if never stopped."""
@@ -94,6 +106,10 @@ class EarlyStopping(Callback):
         self.mode = _direction("EarlyStopping", monitor, mode)
         self.restore_best_weights = restore_best_weights
 
+    def settings(self):
+        return {"monitor": self.monitor, "patience": self.patience, "min_delta": self.min_delta,
+                "mode": self.mode, "restore_best_weights": self.restore_best_weights}
+
     def on_train_begin(self, run):
         self.best, self.best_epoch, self.best_state, self.wait = None, None, None, 0
         self.stopped_epoch = None
@@ -113,8 +129,10 @@ class EarlyStopping(Callback):
             run.stop_training, self.stopped_epoch = True, epoch
 
     def on_train_end(self, run):
-        if self.best_state is not None and self.best_epoch != run.epoch:
+        if self.restore_best_weights and self.best_state is not None and self.best_epoch != run.epoch:
             run.state = self.best_state
+            if run.verbose:  # as Keras says it
+                print(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.", flush=True)
 
     def checkpoint_state(self):
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
@@ -122,7 +140,8 @@ class EarlyStopping(Callback):
 
     def restore_checkpoint_state(self, values, state):
         self.best, self.best_epoch, self.wait = values["best"], values["best_epoch"], values["wait"]
-        self.stopped_epoch, self.best_state = values["stopped_epoch"], state
+        self.stopped_epoch = values["stopped_epoch"]
+        self.best_state = state if self.restore_best_weights else None
 
 
 class ModelCheckpoint(Callback):
@@ -156,6 +175,9 @@ class ModelCheckpoint(Callback):
         self.mode = _direction("ModelCheckpoint", monitor, mode)
         self.best = None
         self.last_saved: Path | None = None
+
+    def settings(self):  # not the directory: where the model is written may change between runs
+        return {"monitor": self.monitor, "mode": self.mode, "save_best_only": self.save_best_only}
 
     def on_train_begin(self, run):
         if run.model is None:
@@ -323,6 +345,10 @@ class ReduceLROnPlateau(Callback):
         self.mode = _direction("ReduceLROnPlateau", monitor, mode)
         self.min_delta, self.cooldown, self.min_lr = abs(min_delta), cooldown, min_lr
         self.best, self.wait, self.cooldown_counter = None, 0, 0
+
+    def settings(self):
+        return {"monitor": self.monitor, "factor": self.factor, "patience": self.patience, "mode": self.mode,
+                "min_delta": self.min_delta, "cooldown": self.cooldown, "min_lr": self.min_lr}
 
     def on_train_begin(self, run):
         injected = injected_learning_rates(run.state.opt_state)

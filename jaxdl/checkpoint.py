@@ -1,4 +1,6 @@
-"""Saving a trained model to a directory and loading it in another process.
+"""Saving a trained model to a directory and loading it in another process (model export).
+
+A training run's checkpoints (state, position, history) are `jaxdl.run_checkpoint`'s.
 
 A model directory holds `model.json` (the model's class and config, plus any
 metadata such as class names) and `variables/`, an orbax checkpoint of the
@@ -11,13 +13,11 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxdl.data import positive_int
 from jaxdl.models import model_config, model_from_config
 
 CONFIG_FILE = "model.json"
@@ -152,83 +152,10 @@ def run_directory(directory: str | os.PathLike | None, resume: bool) -> Path | N
     return path
 
 
-# --- a training run: orbax CheckpointManager --------------------------------------------------
+def __getattr__(name: str):
+    """`TrainingCheckpoints` moved to `jaxdl.run_checkpoint` (everything a run checkpoint holds lives there)."""
+    if name == "TrainingCheckpoints":
+        from jaxdl.run_checkpoint import TrainingCheckpoints
 
-
-class TrainingCheckpoints:
-    """Saves and restores a training run in `directory` with orbax's `CheckpointManager`.
-
-    Each checkpoint is one step of the run: `tree` (the train state's arrays,
-    the fallback state, the epoch's running sums, callbacks' arrays) and
-    `meta` (JSON: where in the run it was taken, the history, callbacks'
-    counters, the run's config). Orbax writes into a temporary directory and
-    renames it when complete, so a crash during a save leaves the previous
-    checkpoint as the latest; `keep` checkpoints are kept. Saves are
-    asynchronous: training goes on while the files are written.
-    """
-
-    def __init__(self, directory: str | os.PathLike, keep: int = 3):
-        import orbax.checkpoint as ocp
-
-        keep = positive_int("keep", keep)
-        self.directory = Path(directory).absolute()
-        self._ocp = ocp
-        self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("tree", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                                 cleanup_tmp_directories=True))  # saves a crash cut short
-
-    def save(self, step: int, tree, meta: dict) -> None:
-        """Starts writing checkpoint `step`; the arrays are copied to the host first, so training may go on."""
-        ocp = self._ocp
-        meta = json.loads(json.dumps(meta))  # a copy: the save is written later, and the run goes on changing it
-        self.manager.save(step, args=ocp.args.Composite(tree=ocp.args.StandardSave(jax.device_get(tree)),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
-
-    def steps(self) -> list[int]:
-        return sorted(self.manager.all_steps(), reverse=True)
-
-    def restore(self, like, check) -> tuple[dict, dict] | None:
-        """`(meta, tree)` of the newest readable checkpoint, or None when the directory has none.
-
-        `check(meta)` raises when the checkpoint belongs to another run (that
-        error propagates); `like(meta)` gives the tree's structure. A
-        checkpoint that cannot be read (truncated, corrupted) is skipped with a
-        warning naming it, and the one before it is tried; when none can be
-        read, the error says so and nothing is overwritten.
-        """
-        ocp = self._ocp
-        steps = self.steps()
-        for step in steps:
-            try:
-                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            except Exception as error:  # noqa: BLE001 - orbax, tensorstore and JSON each raise their own kinds
-                self._unreadable(step, error)
-                continue
-            check(meta)
-            try:
-                tree = self.manager.restore(step, args=ocp.args.Composite(
-                    tree=ocp.args.StandardRestore(like(meta)))).tree
-            except Exception as error:  # noqa: BLE001
-                self._unreadable(step, error)
-                continue
-            return meta, tree
-        if steps:
-            raise ValueError(f"none of the checkpoints in {self.directory} ({', '.join(map(str, steps))}) can be "
-                             "read; move the directory away to start the run afresh")
-        return None
-
-    def _unreadable(self, step: int, error: Exception) -> None:
-        """Moves a checkpoint that cannot be read aside (kept for inspection, out of the run's way)."""
-        bad = self.directory / str(step)
-        aside = self.directory / f"unreadable-{step}"
-        warnings.warn(f"checkpoint {bad} cannot be read ({type(error).__name__}: {str(error)[:200]}); moved to "
-                      f"{aside}, trying the one before it", RuntimeWarning, stacklevel=4)
-        if bad.exists() and not aside.exists():
-            os.replace(bad, aside)
-        self.manager.reload()
-
-    def close(self) -> None:
-        """Waits for the last save to be written."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        return TrainingCheckpoints
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,27 +1,20 @@
-"""`fit`, `evaluate` and `predict`: the driver that picks an input path, runs epochs and calls callbacks.
+"""`fit`, `evaluate` and `predict`: the run of a training, read as its outline.
 
-Two input paths share one `TrainState`, one guarded step, one history and
-the same callbacks:
+`fit` resolves the model's contract (`jaxdl.contract`: its train flag),
+makes an input adapter (`jaxdl.adapters`: arrays or a source), makes or
+continues the state, restores a run checkpoint (`jaxdl.run_checkpoint`),
+then for each epoch runs the epoch loop (`jaxdl.epoch_loop`), validates,
+logs, calls back and saves; whatever ends the run, the checkpoint being
+written is completed or cleaned up.
 
-- **in-memory arrays** go to the device once and each epoch is one compiled
-  `lax.scan` over its batches (`train.compiled_epoch`), which removes the
-  per-step dispatch that dominates small models; convolutional models on
-  CPU, where a compiled loop is slow (`train.loops_are_slow`), take host
-  batches of the arrays through the streamed steps instead;
-- **sources** (tfds data sources, grain datasets, iterables of batch dicts;
-  see `jaxdl.data.sources`) stream: grain reads and batches on the host,
-  `data.to_device` keeps two batches in flight, and each compiled call runs
-  `steps_per_dispatch` steps (`train.compiled_steps`).
-
-The module is named `driver`, not `fit` as the design sketch has it, so that
-`jaxdl.fit` stays the function.
+This module owns epochs, validation, logs, callbacks and messages; batching
+belongs to the adapters, steps to the epoch loop and `jaxdl.train`, and what
+a checkpoint holds to `jaxdl.run_checkpoint`. It is named `driver`, not
+`fit`, so that `jaxdl.fit` stays the function.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import itertools
-import json
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -32,11 +25,15 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxdl import checkpoint, data, sharding
+from jaxdl import data, sharding
+from jaxdl.adapters import ArrayInput, SourceInput, example_weights  # noqa: F401 (example_weights: public here)
 from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
+from jaxdl.contract import AUTO, resolve_train_flag, traced_outputs
+from jaxdl.epoch_loop import ScannedEpochs, StreamedEpochs
 from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.heads import fast_inference
 from jaxdl.precision import with_precision
+from jaxdl.run_checkpoint import RunCheckpoints, TrainingCheckpoints, run_config
 from jaxdl.train import (TrainState, _checked_metric_names, _predict_all, canonical, compiled_epoch,
                          compiled_eval_step, compiled_evaluate, compiled_steps, create_train_state, loops_are_slow,
                          seed_rngs, summarize, zero_totals)
@@ -76,27 +73,28 @@ def _evaluate_batches(state: TrainState, batches, eval_step, put: Callable) -> d
 
 def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("accuracy",),
              batch_size: int = 256, features: Sequence[str] | None = None,
-             transform: Callable | None = None, mesh=None) -> dict[str, float]:
+             transform: Callable | None = None, mesh=None, train_flag: str | None = AUTO) -> dict[str, float]:
     """Loss and metrics over a whole dataset, in inference mode; labels are checked as `fit` checks them.
 
     `x` is an array (with labels `y`) or a source, read in order (see `fit`,
-    also for `mesh`).
+    also for `mesh` and `train_flag`).
     """
     batch_size = data.check_batch_size(batch_size)
     metrics = _checked_metric_names(metrics)
     mesh = sharding.resolve_mesh(mesh)
     sharding.check_global_batch(batch_size, mesh)
+    train_flag = resolve_train_flag(state.apply_fn, train_flag)
     state = sharding.put_replicated(state, mesh)
     if data.is_source(x):
         batches = _read_source(x, "evaluate", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=state.input_shape, needs_labels=True, **_split_over(batch_size))
-        _check_labels_fit_the_loss(state, loss, {"the labels of the source": _first_labels(batches)})
-        return summarize(_evaluate_batches(state, batches.epoch(0), compiled_eval_step(loss, metrics, mesh),
-                                           _batch_placer(mesh, batches)))
+        _check_outputs_fit_the_loss(state, loss, train_flag, {"the labels of the source": SourceInput(batches).labels})
+        eval_step = compiled_eval_step(loss, metrics, mesh, train_flag)
+        return summarize(_evaluate_batches(state, batches.epoch(0), eval_step, _batch_placer(mesh, batches)))
     _check_array_arguments(x, features, transform)
     x, y = data.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
-    _check_labels_fit_the_loss(state, loss, {"y": y})
-    return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size, mesh)(state))
+    _check_outputs_fit_the_loss(state, loss, train_flag, {"y": y})
+    return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size, mesh, train_flag)(state))
 
 
 def _split_over(pad_to: int, masked: bool = True) -> dict:
@@ -127,7 +125,8 @@ def prediction_batch_size(num_examples: int, batch_size: int, multiple: int = 1)
 
 
 def predict(model_or_state, x, *, variables=None, batch_size: int = 256, features: Sequence[str] | None = None,
-            transform: Callable | None = None, mesh=None, precision: str | None = None) -> np.ndarray:
+            transform: Callable | None = None, mesh=None, precision: str | None = None,
+            train_flag: str | None = AUTO) -> np.ndarray:
     """Model outputs (logits) for `x`, in batches, in inference mode.
 
     Takes a TrainState, or a Linen module together with its `variables`.
@@ -137,6 +136,7 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     `precision` ("bfloat16", ...) computes in another dtype than the
     model's own (see `jaxdl.precision`); outputs come back as float32.
     Batches are split over the `mesh` (see `fit`); every process gets all outputs.
+    `train_flag` names the model's training keyword, passed False here (see `fit`).
     """
     batch_size = data.check_batch_size(batch_size)
     mesh = sharding.resolve_mesh(mesh)
@@ -160,12 +160,14 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
         model, variables = fast_inference(model, variables)
         model = canonical(model)
         apply_fn = model.apply
+    train_flag = None if chunked else resolve_train_flag(apply_fn, train_flag)
     variables = sharding.put_replicated(variables, mesh)
     parts = sharding.data_parallelism(mesh)
 
     def outputs_of(images, size=None):  # size: the batch compiled for, the images' own rounded up by default
         size = size or -(-len(images) // parts) * parts
-        return np.asarray(_predict_all(apply_fn, variables, images, size, chunked, mesh), np.float32)
+        return np.asarray(_predict_all(apply_fn, variables, images, size, chunked, mesh, train_flag=train_flag),
+                          np.float32)
 
     put = functools.partial(sharding.put_replicated, mesh=mesh)
     if data.is_source(x):
@@ -178,7 +180,7 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     _check_array_arguments(x, features, transform)
     x = data.check_dataset(x, input_shape=input_shape, purpose="predicting")
     size = prediction_batch_size(len(x), batch_size, parts)
-    if not chunked and len(x) > size and loops_are_slow(apply_fn, variables, x.shape[1:]):
+    if not chunked and len(x) > size and loops_are_slow(apply_fn, variables, x.shape[1:], train_flag):
         return np.concatenate([outputs_of(batch["x"]) for batch in
                                data.to_device(data.ordered_batches({"x": x}, np.arange(len(x)), size), put=put)])
     return outputs_of(put(x), size)
@@ -197,16 +199,30 @@ def learning_rate_of(opt_state) -> float | None:
     return float(found[0].hyperparams["learning_rate"]) if found else None
 
 
-def _check_labels_fit_the_loss(state: TrainState, loss, labels: dict[str, np.ndarray]) -> None:
-    """Labels shaped and valued as the loss reads them: checked on the host, named, before compiling.
+_CLASS_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
 
-    `labels` maps each argument's name to its labels; the model is traced once for all of them.
+
+def _check_outputs_fit_the_loss(state: TrainState, loss, train_flag, labels: dict[str, np.ndarray]) -> None:
+    """Labels shaped and valued as the loss reads them, and outputs that are logits: checked before compiling.
+
+    `labels` maps each argument's name to its labels; the model is traced
+    once for all of them, through the model's contract (its train flag). A
+    model whose outputs come out of a sigmoid or softmax gets a warning:
+    jaxdl's named losses take logits, as Keras's do with `from_logits=True`.
     """
-    if not isinstance(loss, str) or loss not in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+    if not isinstance(loss, str) or loss not in _CLASS_LOSSES:
         return
-    outputs = jax.eval_shape(state.apply_fn, state.variables, jnp.zeros((1, *state.input_shape)))
+    activation, output_shape = traced_outputs(state.apply_fn, state.variables, state.input_shape, train_flag)
+    if activation is not None:
+        warnings.warn(f"the model's outputs come out of a {activation} (probabilities), but loss={loss!r} takes "
+                      f"logits (it applies the {'sigmoid' if loss.startswith('binary') else 'softmax'} itself, as "
+                      "Keras's losses do with from_logits=True): remove the final activation (jaxdl's ConvNet: "
+                      "('dense', units) without one), or training will crawl and accuracy read the outputs wrongly",
+                      UserWarning, stacklevel=3)
+    if loss == "binary_crossentropy":
+        return
     for name, y in labels.items():
-        _check_class_labels(y, loss, outputs.shape[-1], name)
+        _check_class_labels(y, loss, output_shape[-1], name)
 
 
 def _check_class_labels(y: np.ndarray, loss: str, num_classes: int, name: str) -> None:
@@ -240,33 +256,15 @@ def _verbosity(verbose) -> int:
     raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
 
 
-def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> np.ndarray:
-    """Per-example loss weights from Keras's `class_weight` ({class: weight}) and `sample_weight` (N,)."""
-    weights = np.ones(len(y), np.float32)
-    if class_weight is not None and sample_weight is not None:
-        raise ValueError("pass class_weight or sample_weight, not both (as Keras); fold the class weights into "
-                         "sample_weight to combine them")
-    if sample_weight is not None:
-        sample_weight = np.asarray(sample_weight, np.float32)
-        if sample_weight.shape != (len(y),) or not np.isfinite(sample_weight).all():
-            raise ValueError(f"sample_weight must hold one finite weight per example, shape ({len(y)},); "
-                             f"got shape {sample_weight.shape}")
-        weights *= sample_weight
-    if class_weight is not None:
-        classes = y if y.ndim == 1 else y.argmax(axis=-1)
-        missing = sorted(set(np.unique(classes).tolist()) - set(class_weight))
-        if missing:
-            raise ValueError(f"class_weight has no weight for classes {missing} found in y")
-        weights *= np.asarray([class_weight[c] for c in classes.tolist()], np.float32)
-    return weights
-
-
-def _state_to_continue(model, optimizer, state: TrainState) -> TrainState:
+def _state_to_continue(model, optimizer, state: TrainState, precision) -> TrainState:
     """A private copy of the caller's state, after checking that `model` and `optimizer` do not contradict it.
 
     The copy is what `fit` donates to its compiled epochs, so the caller's
     state stays usable after `fit` returns.
     """
+    if precision is not None:
+        raise ValueError("fit(state=..., precision=...): a state computes in its model's dtype; build a new "
+                         "state with create_train_state(..., precision=...) to change it")
     if optimizer is not None:
         raise ValueError("fit(state=...) continues with the optimizer the state was built with (state.tx); "
                          "pass optimizer=None, or build a new state with create_train_state to change it")
@@ -277,99 +275,10 @@ def _state_to_continue(model, optimizer, state: TrainState) -> TrainState:
     return jax.tree.map(jnp.copy, state)
 
 
-def _first_labels(batches) -> np.ndarray:
-    """The labels of a source's first example (as a batch of one) or first batch, to check against the loss."""
-    if isinstance(batches, data.SourceBatches):
-        return np.asarray(batches.first_example["y"])[None]
-    return np.asarray(batches.first_batch()["y"])
-
-
-def _input_shape_of(batches) -> tuple:
-    """The per-example input shape a source's first example (or first batch) shows."""
-    if isinstance(batches, data.SourceBatches):
-        return tuple(np.shape(batches.first_example["x"]))
-    return tuple(np.shape(batches.first_batch()["x"])[1:])
-
-
-@dataclasses.dataclass
-class _ArrayEpochs:
-    """The in-memory path: the arrays live on the device, an epoch is one compiled scan."""
-
-    x: jax.Array
-    y: jax.Array
-    weights: jax.Array
-    shuffle_rng: jax.Array
-    run_epoch: Callable
-    steps_per_epoch: int
-
-    def run(self, state, previous, epoch: int, resume=None, after_dispatch=None):
-        """`(state, previous, sums, steps run, steps accepted)` of one epoch (whole: no `resume` within it)."""
-        del epoch, resume, after_dispatch  # orders follow the step count, so training on from a state sees new ones
-        order_key = jax.random.fold_in(self.shuffle_rng, int(state.step))
-        state, previous, sums, accepted = self.run_epoch(state, previous, self.x, self.y, self.weights, order_key)
-        return state, previous, sums, self.steps_per_epoch, int(accepted)
-
-
-@dataclasses.dataclass
-class _Resume:
-    """Where a checkpoint taken inside an epoch stood: batches done, the epoch's first step, its running sums."""
-
-    batches_done: int
-    start_step: int
-    totals: dict
-    totals_accepted: int = 0
-
-
-@dataclasses.dataclass
-class _StreamedEpochs:
-    """Host batches prefetched to the device, `steps_per_dispatch` steps per compiled call.
-
-    The path of sources, and of in-memory arrays where a compiled loop is
-    slow (`train.loops_are_slow`) or checkpointed within epochs.
-    `batches_of(epoch, start_step, skip)` gives an epoch's host batches after
-    its first `skip`: a source's order follows the epoch, an array's the step
-    the epoch started at (as on the scan path).
-    """
-
-    batches_of: Callable
-    run_steps: Callable
-    metrics: tuple
-    steps_per_dispatch: int
-    put: Callable
-    put_state: Callable
-    batch_norm: bool = False
-
-    def run(self, state, previous, epoch: int, resume: _Resume | None = None, after_dispatch=None):
-        """`(state, previous, sums, steps run, steps accepted)` of one epoch.
-
-        `resume` goes on from a checkpoint taken inside this epoch;
-        `after_dispatch(state, previous, totals, batches done, start step)` is
-        called after every compiled call (the checkpoints within an epoch).
-        """
-        start_step = int(state.step) if resume is None else resume.start_step
-        done = 0 if resume is None else resume.batches_done
-        totals = zero_totals(self.metrics) if resume is None else resume.totals
-        # Placed as the state is: an argument placed otherwise than the call before's output would recompile.
-        healthy, totals = self.put_state((jnp.bool_(True), totals))
-        steps = 0
-        host_batches = self.batches_of(epoch, start_step, done)
-        for group in data.to_device(data.stacked(host_batches, self.steps_per_dispatch), put=self.put):
-            if self.batch_norm and "mask" in group:
-                raise ValueError(f"a batch of {group['mask'].shape[-1]} examples (padded to split over the "
-                                 "devices) reached a model with BatchNorm statistics, which padding rows would "
-                                 "enter; make every batch a multiple of the mesh's device count")
-            state, previous, healthy, totals = self.run_steps(state, previous, healthy, totals, group)
-            steps += group["x"].shape[0]
-            if after_dispatch is not None:
-                after_dispatch(state, previous, totals, done + steps, start_step)
-        accepted = int(totals.pop("accepted_steps")) - (0 if resume is None else int(resume.totals_accepted))
-        return state, previous, totals, steps, accepted
-
-
 def _check_last_batch_splits(num_examples: int | None, batch_size: int, parts: int) -> None:
     """A BatchNorm model's last batch must split over the devices as it is: its statistics cannot mask padding.
 
-    `num_examples` None (an iterable): each batch is checked as it comes (`_StreamedEpochs`).
+    `num_examples` None (an iterable): each batch is checked as it comes (`StreamedEpochs`).
     """
     last = 0 if num_examples is None else num_examples % batch_size
     if last % parts:
@@ -379,9 +288,61 @@ def _check_last_batch_splits(num_examples: int | None, batch_size: int, parts: i
                          f"leaves a multiple of {parts}")
 
 
-def _array_order(shuffle_rng, step: int, num_examples: int) -> np.ndarray:
-    """The order the scan path draws on the device for this step, drawn here for host batches."""
-    return np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_rng, step), num_examples))
+def _non_negative_epochs(epochs, initial_epoch) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer))
+            or not 0 <= initial_epoch <= epochs):
+        raise ValueError(f"initial_epoch must be an integer from 0 to epochs={epochs}, got {initial_epoch!r}")
+
+
+def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remainder, validation_split,
+                    validation_data, class_weight, sample_weight, features, transform, steps_per_epoch, parts,
+                    shuffle_rng):
+    """`(adapter, validation_data)`: the training input checked and read, with a validation split taken off."""
+    if validation_split is not None and validation_data is not None:
+        raise ValueError("pass validation_split or validation_data, not both")
+    if data.is_source(x):
+        if validation_split is not None:
+            raise ValueError("validation_split holds out the end of in-memory arrays; with a source, pass "
+                             "validation_data=(another source), e.g. tfds_source(name, 'test')")
+        if sample_weight is not None:
+            raise ValueError("sample_weight is for in-memory arrays; a source's batches may carry a 'weight' "
+                             "entry, or pass class_weight")
+        batches = _read_source(x, "fit", y=y, batch_size=batch_size, features=features, transform=transform,
+                               input_shape=input_shape, needs_labels=True, seed=seed, shuffle=shuffle,
+                               drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
+                               class_weight=class_weight, **_split_over(parts, masked=False))
+        return SourceInput(batches), validation_data
+    _check_array_arguments(x, features, transform)
+    if steps_per_epoch is not None:
+        raise ValueError("steps_per_epoch is for iterable sources; in-memory arrays make "
+                         "ceil(len(x) / batch_size) steps per epoch")
+    if y is None:
+        raise ValueError("fit(model, x, y) needs labels y for in-memory arrays (a source carries its own)")
+    x, y = data.check_dataset(x, y, input_shape=input_shape)
+    weights = example_weights(y, class_weight, sample_weight)
+    if validation_split is not None:
+        (x, y), validation_data = data.split_validation(x, y, validation_split)
+        weights = weights[:len(x)]
+    if drop_remainder and len(x) < batch_size:
+        raise ValueError(f"drop_remainder with batch_size={batch_size} drops all {len(x)} examples")
+    return ArrayInput(x, y, weights, batch_size, shuffle, drop_remainder, shuffle_rng, validation_split), \
+        validation_data
+
+
+def _epoch_loop(inputs, state: TrainState, contract: dict, *, mesh, steps_per_dispatch: int, stream: bool):
+    """The epoch loop for this input: a scanned epoch over arrays on the device, or streamed host batches."""
+    loss, metrics, flag, streams = contract["loss"], contract["metrics"], contract["train_flag"], \
+        contract["rng_streams"]
+    if isinstance(inputs, ArrayInput) and not stream:
+        return ScannedEpochs(*sharding.put_replicated((inputs.x, inputs.y, inputs.weights), mesh), inputs.shuffle_rng,
+                             compiled_epoch(loss, metrics, inputs.batch_size, inputs.shuffle, inputs.drop_remainder,
+                                            mesh, flag, streams), inputs.batches_per_epoch)
+    placer = _batch_placer(mesh, getattr(inputs, "batches", None), stacked=True)
+    return StreamedEpochs(inputs.host_batches, compiled_steps(loss, metrics, mesh, flag, streams), metrics,
+                          steps_per_dispatch, placer, functools.partial(sharding.put_replicated, mesh=mesh),
+                          bool(state.batch_stats))
 
 
 def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | None = None,
@@ -392,7 +353,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         features: Sequence[str] | None = None, transform: Callable | None = None,
         steps_per_epoch: int | None = None, steps_per_dispatch: int = 1,
         checkpoint_dir=None, checkpoint_every: int | str = "epoch", keep: int = 3,
-        mesh=None, precision: str | None = None,
+        mesh=None, precision: str | None = None, train_flag: str | None = AUTO,
+        rng_streams: Sequence[str] = ("dropout", "augment"),
         verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
     """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
 
@@ -440,7 +402,14 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     inside an epoch if it was taken there, and ends with bitwise the
     parameters and history of a run never interrupted. A checkpoint of
     another run (model, optimizer, batch size, data order, loss) is refused
-    with the difference named. Needs arrays or a random-access source.
+    with the difference named: the config compared holds the data's identity
+    (number of examples and batches, validation split, a fingerprint of the
+    examples) and each callback's class and settings. A resumed run says
+    where it resumed from (verbose > 0). Whatever ends the run (an error,
+    Ctrl-C), the checkpoint being written is completed first; a save that
+    fails is a `run_checkpoint.CheckpointSaveError` naming the directory,
+    carrying the trained `state` and `history`. Needs arrays or a
+    random-access source.
 
     `mesh` (default: `jaxdl.sharding.data_mesh()`, all devices) trains
     data-parallel: each batch is split over the mesh's `data` axis, state
@@ -454,135 +423,150 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     every batch of a source. `precision` ("bfloat16", or "float16" with
     dynamic loss scaling) computes in half precision while parameters and
     optimizer state stay float32 (see `jaxdl.precision`).
+
+    `train_flag` names the keyword that switches the model between training
+    and inference ("train", "training", "deterministic" (passed inverted) or
+    None); the default "auto" reads it from the model's `__call__`, so
+    `def __call__(self, x, train: bool)` as in Flax's examples needs nothing
+    (see `jaxdl.contract`). `rng_streams` names the random streams the model
+    draws from in training (a key each, from the run's seed and the step).
+    Every call of the model, checks included, goes through that contract.
     """
-    batch_size = data.check_batch_size(batch_size)
+    batch_size, metrics, verbosity = data.check_batch_size(batch_size), _checked_metric_names(metrics), \
+        _verbosity(verbose)
     mesh = sharding.resolve_mesh(mesh)
     sharding.check_global_batch(batch_size, mesh)
     parts = sharding.data_parallelism(mesh)
     steps_per_dispatch = data.positive_int("steps_per_dispatch", steps_per_dispatch)
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
-    if (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer))
-            or not 0 <= initial_epoch <= epochs):
-        raise ValueError(f"initial_epoch must be an integer from 0 to epochs={epochs}, got {initial_epoch!r}")
-    if validation_split is not None and validation_data is not None:
-        raise ValueError("pass validation_split or validation_data, not both")
-    metrics = _checked_metric_names(metrics)
-    verbosity = _verbosity(verbose)
-    init_rng, shuffle_rng = seed_rngs(seed)
+    _non_negative_epochs(epochs, initial_epoch)
     every_steps = None
     if checkpoint_dir is not None and checkpoint_every != "epoch":
         every_steps = data.positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
-    input_shape = state.input_shape if state is not None else None
+    init_rng, shuffle_rng = seed_rngs(seed)
 
-    if data.is_source(x):
-        if validation_split is not None:
-            raise ValueError("validation_split holds out the end of in-memory arrays; with a source, pass "
-                             "validation_data=(another source), e.g. tfds_source(name, 'test')")
-        if sample_weight is not None:
-            raise ValueError("sample_weight is for in-memory arrays; a source's batches may carry a 'weight' "
-                             "entry, or pass class_weight")
-        batches = _read_source(x, "fit", y=y, batch_size=batch_size, features=features, transform=transform,
-                               input_shape=input_shape, needs_labels=True, seed=seed, shuffle=shuffle,
-                               drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
-                               class_weight=class_weight, **_split_over(parts, masked=False))
-        input_shape = input_shape or _input_shape_of(batches)
-        train_labels = _first_labels(batches)
-        train_size = len(batches.source) if isinstance(batches, data.SourceBatches) else None
-    else:
-        _check_array_arguments(x, features, transform)
-        if steps_per_epoch is not None:
-            raise ValueError("steps_per_epoch is for iterable sources; in-memory arrays make "
-                             "ceil(len(x) / batch_size) steps per epoch")
-        if y is None:
-            raise ValueError("fit(model, x, y) needs labels y for in-memory arrays (a source carries its own)")
-        x, y = data.check_dataset(x, y, input_shape=input_shape)
-        weights = example_weights(y, class_weight, sample_weight)
-        if validation_split is not None:
-            (x, y), validation_data = data.split_validation(x, y, validation_split)
-            weights = weights[:len(x)]
-        if drop_remainder and len(x) < batch_size:
-            raise ValueError(f"drop_remainder with batch_size={batch_size} drops all {len(x)} examples")
-        input_shape, train_labels, train_size = x.shape[1:], y, len(x)
-
+    # The model's contract, then the input adapter, then the state.
+    train_flag = resolve_train_flag(model if state is None else state.apply_fn, train_flag)
+    inputs, validation_data = _training_input(
+        x, y, input_shape=None if state is None else state.input_shape, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, drop_remainder=drop_remainder, validation_split=validation_split,
+        validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight, features=features,
+        transform=transform, steps_per_epoch=steps_per_epoch, parts=parts, shuffle_rng=shuffle_rng)
     if state is None:
-        state = create_train_state(model, optimizer or DEFAULT_OPTIMIZER, input_shape, init_rng, precision=precision)
+        state = create_train_state(model, optimizer or DEFAULT_OPTIMIZER, inputs.input_shape, init_rng,
+                                   precision=precision, train_flag=train_flag)
     else:
-        if precision is not None:
-            raise ValueError("fit(state=..., precision=...): a state computes in its model's dtype; build a new "
-                             "state with create_train_state(..., precision=...) to change it")
-        state = _state_to_continue(model, optimizer, state)
+        state = _state_to_continue(model, optimizer, state, precision)
     state = sharding.put_replicated(state, mesh)
     if state.batch_stats and not drop_remainder and parts > 1:
-        _check_last_batch_splits(train_size, batch_size, parts)
+        _check_last_batch_splits(inputs.num_examples, batch_size, parts)
     pad_to, masked = (parts, False) if state.batch_stats else (batch_size, True)  # see `_split_over`
-    if data.is_source(x) and isinstance(batches, data.SourceBatches):
-        batches = dataclasses.replace(batches, multiple=pad_to, masked=masked)
-    validate = None
-    labels = {"y" if not data.is_source(x) else "the labels of the source": train_labels}
+    inputs.use_padding(pad_to, masked)
+    contract = {"loss": loss, "metrics": metrics, "train_flag": train_flag, "rng_streams": tuple(rng_streams)}
+    validate, labels = None, {"y" if isinstance(inputs, ArrayInput) else "the labels of the source": inputs.labels}
     if validation_data is not None:
         validate, labels["labels of validation_data"] = _validator(
-            state, validation_data, loss, metrics, batch_size, features, transform, mesh)
-    _check_labels_fit_the_loss(state, loss, labels)
+            state, validation_data, loss, metrics, batch_size, features, transform, mesh, train_flag)
+    _check_outputs_fit_the_loss(state, loss, train_flag, labels)
 
-    run_steps = compiled_steps(loss, metrics, mesh)
-    put_state = functools.partial(sharding.put_replicated, mesh=mesh)
-    if data.is_source(x):
-        epochs_of = _StreamedEpochs(lambda epoch, step, skip: batches.epoch(epoch, skip or None), run_steps,
-                                    metrics, steps_per_dispatch, _batch_placer(mesh, batches, stacked=True),
-                                    put_state, bool(state.batch_stats))
-    elif loops_are_slow(state.apply_fn, state.variables, state.input_shape) or every_steps is not None:
-        def array_batches(epoch, step, skip):
-            del epoch
-            order = _array_order(shuffle_rng, step, len(x)) if shuffle else np.arange(len(x))
-            return itertools.islice(data.ordered_batches({"x": x, "y": y, "weight": weights}, order, batch_size,
-                                                         drop_remainder, pad_to, masked), skip, None)
-
-        epochs_of = _StreamedEpochs(array_batches, run_steps, metrics, steps_per_dispatch,
-                                    _batch_placer(mesh, stacked=True), put_state)
-    else:
-        epochs_of = _ArrayEpochs(*sharding.put_replicated((x, y, weights), mesh), shuffle_rng,
-                                 compiled_epoch(loss, metrics, batch_size, shuffle, drop_remainder, mesh),
-                                 data.num_batches(len(x), batch_size, drop_remainder))
-
+    stream = isinstance(inputs, SourceInput) or every_steps is not None or loops_are_slow(
+        state.apply_fn, state.variables, state.input_shape, train_flag)
+    loop = _epoch_loop(inputs, state, contract, mesh=mesh, steps_per_dispatch=steps_per_dispatch, stream=stream)
     trained_model = getattr(state.apply_fn, "__self__", None) or model
-    run = FitRun(state=state, history={}, model=trained_model)
-    previous = jax.tree.map(jnp.copy, state)  # the fallback when a state's own loss is not finite
-    checkpoints = resume = None
+    run = FitRun(state=state, history={}, model=trained_model, verbose=verbosity)
+    checkpoints = None
     if checkpoint_dir is not None:
-        if data.is_source(x) and isinstance(batches, data.IterableBatches):
-            raise ValueError("checkpoint_dir needs in-memory arrays or a random-access source: an iterable of "
-                             "batches cannot be rewound to where a checkpoint stood")
-        checkpoints = _Checkpoints(
-            checkpoint.TrainingCheckpoints(checkpoint_dir, keep), callbacks, metrics, every_steps, steps_per_dispatch,
-            len(batches) if data.is_source(x) else data.num_batches(len(x), batch_size, drop_remainder),
-            _run_config(trained_model, run.state, loss, metrics, batch_size, seed, shuffle, drop_remainder,
-                        every_steps, data.is_source(x)))
-        previous, resume = checkpoints.restore(run, previous)
-        run.state, previous = sharding.put_replicated((run.state, previous), mesh)
-        initial_epoch = initial_epoch if run.resumed_epoch is None else run.resumed_epoch
-    for callback in callbacks:
-        callback.on_train_begin(run)
-    if checkpoints is not None:
-        checkpoints.restore_callbacks(run)
+        checkpoints = _run_checkpoints(checkpoint_dir, keep, run, inputs, callbacks, contract, batch_size=batch_size,
+                                       seed=seed, every_steps=every_steps, steps_per_dispatch=steps_per_dispatch)
+    return _run_epochs(run, loop, checkpoints, callbacks, validate, mesh=mesh, epochs=epochs,
+                       initial_epoch=initial_epoch, metrics=metrics, verbosity=verbosity,
+                       steps_per_epoch=steps_per_epoch)
 
+
+def _run_checkpoints(directory, keep, run: FitRun, inputs, callbacks, contract: dict, *, batch_size, seed,
+                     every_steps, steps_per_dispatch) -> RunCheckpoints:
+    """The run checkpoint of this call, described once (`run_checkpoint.run_config`)."""
+    if not inputs.resumable:
+        raise ValueError("checkpoint_dir needs in-memory arrays or a random-access source: an iterable of "
+                         "batches cannot be rewound to where a checkpoint stood")
+    config = run_config(
+        run.model, run.state, loss=contract["loss"], metrics=contract["metrics"], batch_size=batch_size, seed=seed,
+        shuffle=getattr(inputs, "shuffle", None) if isinstance(inputs, ArrayInput) else inputs.batches.shuffle,
+        drop_remainder=inputs.drop_remainder if isinstance(inputs, ArrayInput) else inputs.batches.drop_remainder,
+        every_steps=every_steps, data_kind=inputs.kind, examples=inputs.num_examples,
+        batches_per_epoch=inputs.batches_per_epoch, validation_split=getattr(inputs, "validation_split", None),
+        fingerprint=inputs.fingerprint(), callbacks=callbacks, train_flag=contract["train_flag"])
+    return RunCheckpoints(TrainingCheckpoints(directory, keep), callbacks, contract["metrics"], every_steps,
+                          steps_per_dispatch, inputs.batches_per_epoch, config)
+
+
+def _say(verbosity: int, message: str) -> None:
+    if verbosity:
+        print(message, flush=True)
+
+
+def _run_epochs(run: FitRun, loop, checkpoints: RunCheckpoints | None, callbacks, validate, *, mesh, epochs: int,
+                initial_epoch: int, metrics: tuple, verbosity: int, steps_per_epoch):
+    """Epochs, validation, logs, callbacks and saves; on any exit the checkpoint being written is finished."""
+    previous = jax.tree.map(jnp.copy, run.state)  # the fallback when a state's own loss is not finite
+    resume = None
+    try:
+        if checkpoints is not None:
+            previous, resume = checkpoints.restore(run, previous, zero_totals(metrics))
+            run.state, previous = sharding.put_replicated((run.state, previous), mesh)
+            if run.resumed_epoch is not None:
+                initial_epoch = run.resumed_epoch
+                finished = run.stop_training or (initial_epoch >= epochs and resume is None)
+                _say(run.verbose, f"the run in {checkpoints.directory} had already finished (epoch {initial_epoch} "
+                                  "of its epochs); returning its result" if finished else
+                     f"resumed from epoch {initial_epoch + 1}, step {run.resumed_batches} of "
+                     f"{checkpoints.directory}")
+        for callback in callbacks:
+            callback.on_train_begin(run)
+        if checkpoints is not None:
+            checkpoints.restore_callbacks(run)
+        _epochs(run, loop, checkpoints, callbacks, validate, resume, previous, mesh=mesh, epochs=epochs,
+                initial_epoch=initial_epoch, metrics=metrics, verbosity=verbosity, steps_per_epoch=steps_per_epoch)
+    except KeyboardInterrupt:
+        if checkpoints is not None:
+            checkpoints.saver.close_quietly()
+            print(f"\ninterrupted: the run's checkpoints in {checkpoints.directory} hold it up to its last save; "
+                  "call fit again with the same checkpoint_dir to resume", file=sys.stderr, flush=True)
+        raise
+    except BaseException as error:
+        if checkpoints is not None:
+            failed = checkpoints.saver.close_quietly()
+            if failed is not None and not isinstance(error, type(failed)):
+                error.add_note(f"the checkpoint being saved when this happened failed too: {failed}")
+        raise
+    if checkpoints is not None:
+        checkpoints.close(run)
+    for callback in callbacks:
+        callback.on_train_end(run)
+    return run.state, run.history
+
+
+def _epochs(run: FitRun, loop, checkpoints, callbacks, validate, resume, previous, *, mesh, epochs, initial_epoch,
+            metrics, verbosity, steps_per_epoch) -> None:
+    """Each epoch: run it, validate, log, call back, save; stop on a callback's word or a refused step."""
     progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=verbosity != 1, leave=True)
     for epoch in progress:
         if run.stop_training:
             break
         resumed_here = resume if resume is not None and epoch == initial_epoch else None
-        run.state, previous, sums, steps, accepted = epochs_of.run(
+        run.state, previous, sums, steps, accepted = loop.run(
             run.state, previous, epoch, resumed_here, checkpoints and checkpoints.within_epoch(run, epoch))
         if steps == 0 and resumed_here is None:
             warnings.warn(f"fit stopped: the source gave no batches for epoch {epoch + 1} (a generator or "
                           "iterator runs out after one pass: pass steps_per_epoch, or an iterable that can be "
-                          "iterated again)", RuntimeWarning, stacklevel=2)
+                          "iterated again)", RuntimeWarning, stacklevel=4)
             break
         if accepted < steps:
+            before = 0 if resumed_here is None else resumed_here.batches_done  # batches done before a resume
             warnings.warn("fit stopped: the loss, a gradient or an updated parameter became NaN or infinite at "
-                          f"epoch {epoch + 1}, step {accepted + 1} of {steps}; the returned state is the last one "
+                          f"epoch {epoch + 1}, step {before + accepted + 1} of {before + steps}; the returned "
+                          "state is the last one "
                           "whose loss, gradients and parameters were all finite (lower the learning rate or check "
-                          "the data)", RuntimeWarning, stacklevel=2)
+                          "the data)", RuntimeWarning, stacklevel=4)
             break
         logs = summarize(sums)
         if validate is not None:
@@ -604,160 +588,15 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         if steps_per_epoch is not None and steps < steps_per_epoch:
             warnings.warn(f"fit stopped: the iterable ran out of batches in epoch {epoch + 1} ({steps} of "
                           f"steps_per_epoch={steps_per_epoch}); make it yield steps_per_epoch * epochs batches",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=4)
             break
         if run.stop_training:
             break
     progress.close()
-    if checkpoints is not None:
-        checkpoints.saver.close()
-    for callback in callbacks:
-        callback.on_train_end(run)
-    return run.state, run.history
-
-
-# --- checkpoints of a run ----------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Checkpoints:
-    """What `fit` saves of a run and takes back: its state, position, history and callbacks' counters."""
-
-    saver: checkpoint.TrainingCheckpoints
-    callbacks: Sequence[Callback]
-    metrics: tuple
-    every_steps: int | None
-    steps_per_dispatch: int
-    batches_per_epoch: int
-    config: dict
-    restored: tuple | None = None
-
-    def restore(self, run: FitRun, previous):
-        """Puts the newest readable checkpoint into `run`; returns `(previous, _Resume or None)`."""
-        self.restored = self.saver.restore(lambda meta: _checkpoint_like(run.state, self.metrics, meta),
-                                           lambda meta: _check_same_run(meta.get("config"), self.config,
-                                                                        self.saver.directory))
-        if self.restored is None:
-            return previous, None
-        meta, tree = self.restored
-        run.state, previous = _with_arrays(run.state, tree["state"]), _with_arrays(run.state, tree["previous"])
-        run.history, run.resumed_epoch, run.stop_training = meta["history"], meta["epoch"], meta["stop_training"]
-        if not meta["batches_done"]:
-            return previous, None
-        totals = jax.tree.map(jnp.asarray, tree["totals"])
-        return previous, _Resume(meta["batches_done"], meta["start_step"], totals, int(totals["accepted_steps"]))
-
-    def restore_callbacks(self, run: FitRun) -> None:
-        """Callbacks' counters, after their `on_train_begin` reset them."""
-        if self.restored is None:
-            return
-        meta, tree = self.restored
-        for index, (callback, values) in enumerate(zip(self.callbacks, meta["callbacks"])):
-            kept = tree["callbacks"].get(str(index))
-            callback.restore_checkpoint_state(values, None if kept is None else _with_arrays(run.state, kept))
-
-    def save(self, run: FitRun, previous, totals, epoch: int, batches_done: int, start_step: int,
-             state=None) -> None:
-        state = run.state if state is None else state
-        meta = {"config": self.config, "epoch": epoch, "batches_done": batches_done, "start_step": start_step,
-                "history": run.history, "stop_training": run.stop_training and not batches_done, "callbacks": []}
-        kept = {}
-        for index, callback in enumerate(self.callbacks):
-            values, callback_state = callback.checkpoint_state()
-            meta["callbacks"].append(values)
-            if callback_state is not None:
-                kept[str(index)] = _arrays_of(callback_state)
-        meta["kept_callbacks"] = sorted(kept)
-        tree = {"state": _arrays_of(state), "previous": _arrays_of(previous), "totals": totals, "callbacks": kept}
-        # A checkpoint's id counts batches: epoch e's saves are e * (B + 1) + batches done (1..B), its end's
-        # (e + 1) * (B + 1). Steps would not do: a step the NaN guard refuses leaves the step count as it was.
-        self.saver.save(epoch * (self.batches_per_epoch + 1) + batches_done, tree, meta)
-
-    def within_epoch(self, run: FitRun, epoch: int):
-        """The `after_dispatch` hook that saves every `every_steps` batches, or None for epoch checkpoints."""
-        if self.every_steps is None:
-            return None
-
-        def after_dispatch(state, previous, totals, batches_done, start_step):
-            if batches_done // self.every_steps > (batches_done - self.steps_per_dispatch) // self.every_steps:
-                self.save(run, previous, totals, epoch, batches_done, start_step, state=state)
-
-        return after_dispatch
-
-
-def _arrays_of(state: TrainState) -> dict:
-    """What a checkpoint keeps of a train state: everything training changes (the key as its raw data)."""
-    arrays = {"params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats,
-              "step": state.step, "dropout_key": jax.random.key_data(state.dropout_rng)}
-    if state.dynamic_scale is not None:  # float16's loss scale and its count of finite steps
-        arrays["loss_scale"] = {"scale": state.dynamic_scale.scale, "fin_steps": state.dynamic_scale.fin_steps}
-    return arrays
-
-
-def _with_arrays(state: TrainState, arrays: dict) -> TrainState:
-    """`state` with a checkpoint's arrays (its model, optimizer and frozen variables are the caller's)."""
-    key = jax.random.wrap_key_data(jnp.asarray(arrays["dropout_key"]), impl=jax.random.key_impl(state.dropout_rng))
-    as_device = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
-    scale = state.dynamic_scale
-    if scale is not None:
-        scale = scale.replace(**as_device(arrays["loss_scale"]))
-    return state.replace(params=as_device(arrays["params"]), opt_state=as_device(arrays["opt_state"]),
-                         batch_stats=as_device(arrays["batch_stats"]), step=jnp.asarray(arrays["step"], jnp.int32),
-                         dropout_rng=key, dynamic_scale=scale)
-
-
-def _checkpoint_like(state: TrainState, metrics: tuple, meta: dict) -> dict:
-    """The structure of a checkpoint's arrays, for orbax to restore into."""
-    like = {"state": _arrays_of(state), "previous": _arrays_of(state), "totals": zero_totals(metrics),
-            "callbacks": {key: _arrays_of(state) for key in meta.get("kept_callbacks", [])}}
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), np.asarray(leaf).dtype), like)
-
-
-def _run_config(model, state: TrainState, loss, metrics, batch_size, seed, shuffle, drop_remainder, every_steps,
-                from_source: bool) -> dict:
-    """What must be equal for a checkpoint to continue this run (JSON): a difference is named, not loaded."""
-    from jaxdl.models import model_config
-
-    try:
-        described = model_config(model) if model is not None else None
-    except (TypeError, ValueError):  # a module whose config is not plain data: its class names it
-        described = type(model).__name__
-    shapes = [list(np.shape(leaf)) for leaf in jax.tree.leaves(state.opt_state)]
-    return {"model": json.loads(json.dumps(described, default=str)),
-            "parameters": [list(np.shape(leaf)) for leaf in jax.tree.leaves(state.params)],
-            "optimizer": f"{jax.tree.structure(state.opt_state)} {shapes}",
-            "input_shape": list(state.input_shape), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
-            "drop_remainder": drop_remainder, "loss": loss if isinstance(loss, str) else getattr(
-                loss, "__qualname__", repr(loss)), "metrics": list(metrics), "checkpoint_every": every_steps,
-            "data": "source" if from_source else "arrays"}
-
-
-def _check_same_run(saved: dict | None, current: dict, directory) -> None:
-    if not isinstance(saved, dict):
-        raise ValueError(f"{directory} holds checkpoints that jaxdl's fit did not write; pass another "
-                         "checkpoint_dir")
-    differences = [key for key in current if saved.get(key) != current[key]]
-    if differences:
-        named = "; ".join(f"{key}: {_difference(saved.get(key), current[key])}" for key in differences)
-        raise ValueError(f"the checkpoint in {directory} is of another run ({named}); pass another "
-                         "checkpoint_dir, or delete it to start afresh")
-
-
-def _difference(saved, now) -> str:
-    """`saved X, now Y`, each shown around where their JSON texts first differ."""
-    saved_text, now_text = json.dumps(saved, default=str), json.dumps(now, default=str)
-    first = next((i for i, (a, b) in enumerate(zip(saved_text, now_text)) if a != b),
-                 min(len(saved_text), len(now_text)))
-    start = max(first - 40, 0)
-
-    def around(text):
-        return ("..." if start else "") + text[start:first + 40] + ("..." if len(text) > first + 40 else "")
-
-    return f"saved {around(saved_text)}, now {around(now_text)}"
 
 
 def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_size: int, features, transform,
-               mesh):
+               mesh, train_flag):
     """`(validate(state) -> sums, labels to check)` for validation arrays `(x_val, y_val)` or a source."""
     if data.is_source(validation_data):
         batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
@@ -767,21 +606,24 @@ def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_s
             raise ValueError(f"validation_data is a one-shot {type(validation_data).__name__}: it would run out "
                              "after the first epoch's validation; pass a random-access source or an iterable "
                              "that can be iterated again")
-        eval_step, put = compiled_eval_step(loss, metrics, mesh), _batch_placer(mesh, batches)
-        return (lambda trained: _evaluate_batches(trained, batches.epoch(0), eval_step, put)), _first_labels(batches)
+        eval_step, put = compiled_eval_step(loss, metrics, mesh, train_flag), _batch_placer(mesh, batches)
+        return (lambda trained: _evaluate_batches(trained, batches.epoch(0), eval_step, put)), \
+            SourceInput(batches).labels
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val) or a source")
     x_val, y_val = data.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
-    return _array_evaluator(state, x_val, y_val, loss, metrics, batch_size, mesh), y_val
+    return _array_evaluator(state, x_val, y_val, loss, metrics, batch_size, mesh, train_flag), y_val
 
 
-def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metrics: tuple, batch_size: int, mesh):
+def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metrics: tuple, batch_size: int, mesh,
+                     train_flag):
     """`evaluate(state) -> sums` over arrays: one compiled scan, or batch by batch where loops are slow."""
-    if loops_are_slow(state.apply_fn, state.variables, state.input_shape):
-        eval_step, put, arrays = compiled_eval_step(loss, metrics, mesh), _batch_placer(mesh), {"x": x, "y": y}
+    if loops_are_slow(state.apply_fn, state.variables, state.input_shape, train_flag):
+        eval_step, put, arrays = compiled_eval_step(loss, metrics, mesh, train_flag), _batch_placer(mesh), \
+            {"x": x, "y": y}
         return lambda trained: _evaluate_batches(
             trained, data.ordered_batches(arrays, np.arange(len(x)), batch_size, multiple=batch_size, masked=True),
             eval_step, put)
-    evaluate_all = compiled_evaluate(loss, metrics, batch_size, mesh)
+    evaluate_all = compiled_evaluate(loss, metrics, batch_size, mesh, train_flag)
     x_device, y_device = sharding.put_replicated((x, y), mesh)
     return lambda trained: evaluate_all(trained, x_device, y_device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Sequence
 
 import flax.errors
@@ -31,6 +32,7 @@ import optax
 from flax.training import train_state
 
 from jaxdl import data, losses, sharding
+from jaxdl.contract import AUTO, flag_kwargs, inference, resolve_train_flag
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
 from jaxdl.precision import loss_scale, with_precision
 
@@ -62,8 +64,12 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation, input_shape: Sequence[int],
-                       rng: jax.Array, *, input_dtype=jnp.float32, precision: str | None = None) -> TrainState:
-    """Initialises `model` for examples of `input_shape` (no batch axis).
+                       rng: jax.Array, *, input_dtype=jnp.float32, precision: str | None = None,
+                       train_flag: str | None = AUTO) -> TrainState:
+    """Initialises `model` for examples of `input_shape` (no batch axis), in inference mode.
+
+    `train_flag` names the model's training keyword ("auto": read from its
+    `__call__`, see `jaxdl.contract`).
 
     `precision` ("float32", "bfloat16", "float16") sets the model's
     computation dtype, the parameters staying float32 (see `jaxdl.precision`).
@@ -71,10 +77,11 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
     for a 2-D example given to a convolutional model, the missing channel axis).
     """
     model = canonical(with_precision(model, precision))
+    train_flag = resolve_train_flag(model, train_flag)
     init_rng, dropout_rng = jax.random.split(rng)
     sample = jnp.zeros((1, *input_shape), input_dtype)
     try:
-        variables = _compiled_init(model)(init_rng, sample)
+        variables = _compiled_init(model, train_flag)(init_rng, sample)
     except (TypeError, ValueError, ZeroDivisionError, IndexError) as error:
         hint = (" Convolutional models take (height, width, channels) per example: add a channel axis "
                 "(x[..., None])." if len(input_shape) == 2 else "")
@@ -109,17 +116,17 @@ def _first_equal(model):
     return model
 
 
-def _compiled_init(model) -> Callable:
+def _compiled_init(model, train_flag: str | None) -> Callable:
     """`model.init` in inference mode, compiled once per model (a new jit per call would compile anew)."""
     try:
-        return _cached_init(model)
+        return _cached_init(model, train_flag)
     except TypeError:  # a module with unhashable fields (lists, dicts): compile for this call only
-        return jax.jit(functools.partial(model.init, train=False))
+        return _cached_init.__wrapped__(model, train_flag)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_init(model) -> Callable:
-    return jax.jit(functools.partial(model.init, train=False))
+def _cached_init(model, train_flag: str | None) -> Callable:
+    return jax.jit(functools.partial(model.init, **flag_kwargs(train_flag, False)))
 
 
 def new_train_state(apply_fn, params, optimizer: optax.GradientTransformation, *, batch_stats, dropout_rng,
@@ -174,7 +181,9 @@ class StepContract:
     The model is called as `apply_fn(variables, batch[input_key], **{train_flag: True}, rngs=...)`,
     Flax's own convention: `train_flag` names the model's keyword (None: the
     model takes none; "deterministic" is passed inverted, as Flax's Dropout
-    reads it), `rng_streams` the random streams it draws from in training.
+    reads it; "auto", the default, reads it from the model's `__call__` when
+    the step is traced, see `jaxdl.contract`), `rng_streams` the random
+    streams it draws from in training.
     `loss` is a name from `jaxdl.losses` (comparing outputs with
     `batch[label_key]`) or a function `(outputs, batch) -> per-example loss`.
     `mesh` (see `jaxdl.sharding`) splits the batch over its `data` axis and
@@ -185,7 +194,7 @@ class StepContract:
     metrics: tuple[str, ...] = ("accuracy",)
     input_key: str = "x"
     label_key: str = "y"
-    train_flag: str | None = "train"
+    train_flag: str | None = AUTO
     rng_streams: tuple[str, ...] = ("dropout", "augment")
     mesh: Any = None
 
@@ -211,9 +220,8 @@ class StepContract:
         variables = {"params": params, **getattr(state, "frozen", {})}
         if stats:
             variables["batch_stats"] = stats
-        kwargs = {}
-        if self.train_flag:
-            kwargs[self.train_flag] = (not train) if self.train_flag == "deterministic" else train
+        train_flag = resolve_train_flag(state.apply_fn, self.train_flag)
+        kwargs = flag_kwargs(train_flag, train)
         if train and rngs:
             kwargs["rngs"] = rngs
         if train and stats:
@@ -221,12 +229,13 @@ class StepContract:
         try:
             result = state.apply_fn(variables, batch[self.input_key], **kwargs)
         except TypeError as error:
-            if self.train_flag and f"'{self.train_flag}'" in str(error):
+            if train_flag and f"'{train_flag}'" in str(error):
                 raise ValueError(
-                    f"the model does not take the keyword {self.train_flag!r}: jaxdl's steps call "
-                    f"`model.apply(variables, x, {self.train_flag}=True/False, rngs=...)`, as Flax's examples "
+                    f"the model does not take the keyword {train_flag!r}: jaxdl's steps call "
+                    f"`model.apply(variables, x, {train_flag}=True/False, rngs=...)`, as Flax's examples "
                     "do; give your __call__ that argument, or name yours with train_flag='training' "
-                    "('deterministic' is passed inverted), or train_flag=None for a model without one"
+                    "('deterministic' is passed inverted), train_flag=None for a model without one, or "
+                    "train_flag='auto' to read it from the model's signature"
                 ) from error
             raise
         except flax.errors.InvalidRngError as error:
@@ -287,6 +296,16 @@ def _guarded_train_step(contract: StepContract) -> Callable:
     return step
 
 
+def _refuse_consumed(state, what: str) -> None:
+    """A state whose buffers a train step donated is one clear error (inside a user's jit it is traced: skipped)."""
+    if any(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.is_deleted()
+           for leaf in jax.tree.leaves(state)):
+        raise ValueError(f"the state given to this {what} was already used by an earlier train step: "
+                         "a compiled train step donates the state it is given (its buffers are reused), so "
+                         "continue from the state it returned (`state, sums = step(state, batch)`), or pass a "
+                         "copy (jax.tree.map(jnp.copy, state)) to keep the old one")
+
+
 def _refusing_consumed_states(jitted: Callable, what: str, mesh=None) -> Callable:
     """`jitted`, but a state whose buffers an earlier call donated is one clear error, not JAX's.
 
@@ -296,11 +315,7 @@ def _refusing_consumed_states(jitted: Callable, what: str, mesh=None) -> Callabl
 
     @functools.wraps(jitted)
     def call(state, batch, *args, **kwargs):
-        if any(isinstance(leaf, jax.Array) and leaf.is_deleted() for leaf in jax.tree.leaves(state)):
-            raise ValueError(f"this state was already used by an earlier {what}: a compiled step donates the "
-                             "state it is given (its buffers are reused), so continue from the state it "
-                             "returned (`state, sums = step(state, batch)`), or pass a copy "
-                             "(jax.tree.map(jnp.copy, state)) to keep the old one")
+        _refuse_consumed(state, what)
         if mesh is not None:
             batch = sharding.put_batch(batch, mesh)
         return jitted(state, batch, *args, **kwargs)
@@ -310,7 +325,7 @@ def _refusing_consumed_states(jitted: Callable, what: str, mesh=None) -> Callabl
 
 
 def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True, input_key: str = "x",
-                    label_key: str = "y", train_flag: str | None = "train",
+                    label_key: str = "y", train_flag: str | None = AUTO,
                     rng_streams: Sequence[str] = ("dropout", "augment"), mesh=None) -> Callable:
     """Returns `train_step(state, batch, rng=None) -> (state, sums)`.
 
@@ -348,7 +363,7 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
 
 
 def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True, input_key: str = "x",
-                   label_key: str = "y", train_flag: str | None = "train", mesh=None) -> Callable:
+                   label_key: str = "y", train_flag: str | None = AUTO, mesh=None) -> Callable:
     """Returns `eval_step(state, batch) -> sums`, running the model in inference mode (see `make_train_step`)."""
     contract = StepContract(loss, _checked_metric_names(metrics), input_key, label_key, train_flag, (), mesh)
     loss_fn = contract.loss_fn()
@@ -362,7 +377,14 @@ def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = 
     if not jit:
         return eval_step
     jitted = jax.jit(eval_step)
-    return jitted if mesh is None else lambda state, batch: jitted(state, sharding.put_batch(batch, mesh))
+
+    @functools.wraps(eval_step)
+    def call(state, batch):
+        _refuse_consumed(state, "eval step")
+        return jitted(state, batch if mesh is None else sharding.put_batch(batch, mesh))
+
+    call.jitted = jitted
+    return call
 
 
 def summarize(sums: dict, prefix: str = "") -> dict[str, float]:
@@ -382,6 +404,22 @@ def _scan_batches(num_examples: int, batch_size: int, drop_remainder: bool, orde
     if order is not None:  # a permutation computed on the device
         index = jnp.resize(order, index.size).reshape(index.shape)
     return index, jnp.asarray(mask, jnp.float32)
+
+
+def _cached_by_arguments(factory: Callable) -> Callable:
+    """`functools.lru_cache` keyed on the bound arguments, defaults filled in: `f(a)` and `f(a, b=default)`
+    share one compiled program (a plain lru_cache keys them apart and would compile twice)."""
+    cached = functools.lru_cache(maxsize=64)(factory)
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return cached(*bound.args)
+
+    call.cache_clear = cached.cache_clear
+    return call
 
 
 def _guarded_scan_body(contract: StepContract) -> Callable:
@@ -408,8 +446,9 @@ def _guarded_scan_body(contract: StepContract) -> Callable:
     return guarded_body
 
 
-@functools.lru_cache(maxsize=64)
-def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_remainder: bool, mesh=None):
+@_cached_by_arguments
+def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_remainder: bool, mesh=None,
+                   train_flag: str | None = "train", rng_streams: tuple = ("dropout", "augment")):
     """`epoch(state, previous, x, y, weight, key) -> (state, previous, sums, healthy_steps)`: one compiled pass.
 
     `weight` scales each example's loss (Keras's sample and class weights).
@@ -421,7 +460,8 @@ def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_re
     models with BatchNorm statistics, where padding rows would enter the
     statistics: there it runs as its own smaller batch, as Keras's last batch does.
     """
-    guarded_body = _guarded_scan_body(StepContract(loss, metrics, mesh=mesh))
+    guarded_body = _guarded_scan_body(StepContract(loss, metrics, train_flag=train_flag, rng_streams=rng_streams,
+                                                   mesh=mesh))
 
     def epoch(state, previous, x, y, weight, key):
         num_examples = x.shape[0]
@@ -446,8 +486,9 @@ def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_re
     return jax.jit(epoch, donate_argnums=(0, 1))
 
 
-@functools.lru_cache(maxsize=64)
-def compiled_steps(loss, metrics: tuple, mesh=None):
+@_cached_by_arguments
+def compiled_steps(loss, metrics: tuple, mesh=None, train_flag: str | None = "train",
+                   rng_streams: tuple = ("dropout", "augment")):
     """`steps(state, previous, healthy, totals, batches) -> (state, previous, healthy, totals)`: K guarded steps.
 
     `batches` stacks K batches on a leading axis; one dispatch runs their K
@@ -459,7 +500,8 @@ def compiled_steps(loss, metrics: tuple, mesh=None):
     adds up the sums and `accepted_steps` on the device, so an epoch never
     waits for the host between dispatches.
     """
-    guarded_body = _guarded_scan_body(StepContract(loss, metrics, mesh=mesh))
+    guarded_body = _guarded_scan_body(StepContract(loss, metrics, train_flag=train_flag, rng_streams=rng_streams,
+                                                   mesh=mesh))
 
     def steps(state, previous, healthy, totals, batches):
         carry = (state, previous, healthy)
@@ -499,13 +541,14 @@ class _Ignored:
 
 
 @functools.lru_cache(maxsize=64)
-def _convolves(apply_fn, input_shape: tuple, variables: _Ignored) -> bool:
+def _convolves(apply_fn, input_shape: tuple, variables: _Ignored, train_flag: str | None) -> bool:
     """Whether `apply_fn` convolves: one model (`apply_fn`) at one input shape has one set of operations."""
     shapes = jax.eval_shape(lambda: variables.value)
-    return _has_convolution(jax.make_jaxpr(apply_fn)(shapes, jnp.zeros((1, *input_shape))).jaxpr)
+    forward = inference(apply_fn, train_flag)
+    return _has_convolution(jax.make_jaxpr(forward)(shapes, jnp.zeros((1, *input_shape))).jaxpr)
 
 
-def loops_are_slow(apply_fn, variables, input_shape: Sequence[int]) -> bool:
+def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: str | None = AUTO) -> bool:
     """Whether a compiled loop over steps would be slow for this model here: convolutions on XLA:CPU.
 
     See `compiled_steps`: there `fit` runs its steps unrolled, K per call, and
@@ -515,10 +558,11 @@ def loops_are_slow(apply_fn, variables, input_shape: Sequence[int]) -> bool:
     """
     if jax.default_backend() != "cpu":
         return False
+    train_flag = resolve_train_flag(apply_fn, train_flag)
     try:
-        return _convolves(apply_fn, tuple(input_shape), _Ignored(variables))
+        return _convolves(apply_fn, tuple(input_shape), _Ignored(variables), train_flag)
     except TypeError:  # an unhashable model: trace it uncached
-        return _convolves.__wrapped__(apply_fn, tuple(input_shape), _Ignored(variables))
+        return _convolves.__wrapped__(apply_fn, tuple(input_shape), _Ignored(variables), train_flag)
 
 
 def zero_totals(metrics: Sequence[str]) -> dict:
@@ -527,15 +571,16 @@ def zero_totals(metrics: Sequence[str]) -> dict:
     return {**totals, "accepted_steps": jnp.zeros((), jnp.int32)}
 
 
-@functools.lru_cache(maxsize=64)
-def compiled_eval_step(loss, metrics: tuple, mesh=None):
-    """`make_eval_step(loss, metrics)`, compiled once per loss, metrics and mesh."""
-    return jax.jit(make_eval_step(loss, metrics, jit=False, mesh=mesh))
+@_cached_by_arguments
+def compiled_eval_step(loss, metrics: tuple, mesh=None, train_flag: str | None = "train"):
+    """`make_eval_step(loss, metrics)`, compiled once per loss, metrics, mesh and train flag."""
+    return jax.jit(make_eval_step(loss, metrics, jit=False, mesh=mesh, train_flag=train_flag))
 
 
-@functools.lru_cache(maxsize=64)
-def compiled_evaluate(loss, metrics: tuple, batch_size: int, mesh=None):
-    eval_step = make_eval_step(loss, metrics, jit=False, mesh=mesh)
+@_cached_by_arguments
+def compiled_evaluate(loss, metrics: tuple, batch_size: int, mesh=None, train_flag: str | None = "train"):
+    """`evaluate_all(state, x, y) -> sums`: the eval step scanned over in-memory arrays, one compiled call."""
+    eval_step = make_eval_step(loss, metrics, jit=False, mesh=mesh, train_flag=train_flag)
 
     def evaluate_all(state, x, y):
         index, mask = _scan_batches(x.shape[0], batch_size, False)
@@ -550,13 +595,15 @@ def compiled_evaluate(loss, metrics: tuple, batch_size: int, mesh=None):
     return jax.jit(evaluate_all)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "chunked", "mesh"))
-def _predict_all(apply_fn, variables, x, batch_size, chunked, mesh=None):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "chunked", "mesh", "train_flag"))
+def _predict_all(apply_fn, variables, x, batch_size, chunked, mesh=None, train_flag="train"):
+    """The model's outputs on every row of `x`, in batches of `batch_size`, in inference mode."""
     index, _ = _scan_batches(x.shape[0], batch_size, False)
+    forward_fn = inference(apply_fn, train_flag)
 
     def forward(rows):  # computed split over the mesh, gathered whole: every process gets every output
         images = sharding.constrain_batch(x[rows], mesh)
-        outputs = apply_in_chunks(apply_fn, variables, images) if chunked else apply_fn(variables, images, train=False)
+        outputs = apply_in_chunks(apply_fn, variables, images) if chunked else forward_fn(variables, images)
         return sharding.constrain_replicated(outputs, mesh)
 
     if index.shape[0] == 1:  # one batch: no loop (see `loops_are_slow`)

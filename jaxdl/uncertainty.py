@@ -30,23 +30,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl.contract import AUTO, flag_kwargs, resolve_train_flag
+
 
 def _dropout_always_on(next_fun, args, kwargs, context):
-    """Interceptor: every `nn.Dropout.__call__` drops, whatever `deterministic` its module or caller says."""
+    """Interceptor: every `nn.Dropout.__call__` drops, whatever `deterministic` its module or caller says.
+
+    The caller may pass `deterministic` by keyword or by position
+    (`nn.Dropout(0.5)(x, not train)`), and `rng` after it.
+    """
     module = context.module
     if not isinstance(module, nn.Dropout) or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
+    inputs, *positional = args
+    if positional:  # Dropout.__call__(inputs, deterministic=None, rng=None): name what came by position
+        kwargs = {**dict(zip(("deterministic", "rng"), positional)), **kwargs}
     if module.deterministic is False and not kwargs.get("deterministic"):
-        return next_fun(*args, **kwargs)  # drops already (this is also the copy made below, called)
+        return next_fun(inputs, **kwargs)  # drops already (this is also the copy made below, called)
     kwargs = {key: value for key, value in kwargs.items() if key != "deterministic"}
     if kwargs.get("rng") is None:
         kwargs["rng"] = module.make_rng(module.rng_collection)
     # Flax's own dropout, as an unbound copy told to drop: the same mask, scaling and rate-0/1 cases.
-    return module.clone(parent=None, deterministic=False).apply({}, *args, **kwargs)
+    return module.clone(parent=None, deterministic=False).apply({}, inputs, **kwargs)
 
 
-def _dropout_rates(model, variables, example_shape, dtype, train_flag) -> list[float]:
-    """The rate of every `nn.Dropout` call of one forward pass (traced abstractly, nothing computed)."""
+def _dropout_rates(model, variables, example_shape, dtype, train_flag) -> tuple[list[float], int]:
+    """The rate of every `nn.Dropout` call of one forward pass, and the outputs per example (nothing computed)."""
     rates = []
 
     def record(next_fun, args, kwargs, context):
@@ -56,19 +65,24 @@ def _dropout_rates(model, variables, example_shape, dtype, train_flag) -> list[f
 
     def forward(variables, x):
         with nn.intercept_methods(record):
-            return model.apply(variables, x, **{train_flag: False})
+            return model.apply(variables, x, **flag_kwargs(train_flag, False))
 
-    jax.eval_shape(forward, variables, jax.ShapeDtypeStruct((1, *example_shape), dtype))
-    return rates
+    outputs = jax.eval_shape(forward, variables, jax.ShapeDtypeStruct((1, *example_shape), dtype))
+    return rates, int(outputs.shape[-1]) if outputs.ndim else 1
 
 
-def _moments(model, variables, x, rng, n_samples: int, train_flag: str):
-    """`(mean, std)` over `n_samples` dropout passes on one batch `x`: one vmap, one program."""
+def _moments(model, variables, x, rng, n_samples: int, train_flag: str | None, output: str):
+    """`(mean, std)` over `n_samples` dropout passes on one batch `x`: one vmap, one program.
+
+    `output` "logits" keeps the model's outputs; "softmax"/"sigmoid" turns each pass into probabilities first.
+    """
     def one_pass(key):
         with nn.intercept_methods(_dropout_always_on):
-            return model.apply(variables, x, rngs={"dropout": key}, **{train_flag: False})
+            outputs = model.apply(variables, x, rngs={"dropout": key}, **flag_kwargs(train_flag, False))
+        outputs = outputs.astype(jnp.float32)
+        return {"softmax": jax.nn.softmax, "sigmoid": jax.nn.sigmoid}.get(output, lambda o: o)(outputs)
 
-    samples = jax.vmap(one_pass)(jax.random.split(rng, n_samples)).astype(jnp.float32)
+    samples = jax.vmap(one_pass)(jax.random.split(rng, n_samples))
     # Moments around the first sample (the shifted-data algorithm): no cancellation between two large
     # sums, and samples that are all equal (no dropout, or rate 0) give a spread of exactly 0.
     shifted = samples - samples[0]
@@ -78,7 +92,7 @@ def _moments(model, variables, x, rng, n_samples: int, train_flag: str):
 
 
 # Compiled once per model (hashable: jaxdl's models are), input shape and sample count.
-_mc_moments = jax.jit(_moments, static_argnames=("model", "n_samples", "train_flag"))
+_mc_moments = jax.jit(_moments, static_argnames=("model", "n_samples", "train_flag", "output"))
 
 
 def _sampler(model):
@@ -87,30 +101,65 @@ def _sampler(model):
         hash(model)
         return _mc_moments
     except TypeError:
-        return jax.jit(functools.partial(_moments, model), static_argnames=("n_samples", "train_flag"))
+        return jax.jit(functools.partial(_moments, model), static_argnames=("n_samples", "train_flag", "output"))
 
 
-def mc_predict(model: nn.Module, variables, x, n_samples: int, rng, *, batch_size: int | None = None,
-               train_flag: str = "train") -> tuple[np.ndarray, np.ndarray]:
+_CLASSIFIER_OUTPUTS = {"sparse_categorical_crossentropy": "softmax", "categorical_crossentropy": "softmax",
+                       "binary_crossentropy": "sigmoid"}
+
+
+def _output_kind(loss, probabilities: bool | None, num_outputs: int) -> str:
+    """"logits", "softmax" or "sigmoid": what each Monte-Carlo pass returns before the moments are taken."""
+    if probabilities is None:
+        return _CLASSIFIER_OUTPUTS.get(loss, "logits") if isinstance(loss, str) else "logits"
+    if not probabilities:
+        return "logits"
+    if isinstance(loss, str) and loss in _CLASSIFIER_OUTPUTS:
+        return _CLASSIFIER_OUTPUTS[loss]
+    return "sigmoid" if num_outputs == 1 else "softmax"
+
+
+def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, batch_size: int | None = None,
+               train_flag: str | None = AUTO, loss=None,
+               probabilities: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of `n_samples` predictions of `model` on `x` with dropout on.
 
-    `variables` are the model's (e.g. `state.variables`); `x` is a batch of
+    `variables` are the model's (e.g. `state.variables`), or a whole
+    `TrainState` (its variables are used, and `model` may be None: the
+    state's own model); `x` is a batch of
     inputs, shape `(N, ...)`; `rng` a JAX key (or an int seed): the same key
     gives the same masks, so the result is reproducible. BatchNorm runs on
     its running averages (see the module docstring). Returns two arrays of
     the model's output shape, `(N, outputs)`; the standard deviation is the
     population one (over the samples, ddof 0).
 
+    What is averaged: for a classifier, Monte-Carlo dropout averages
+    *probabilities* (Gal & Ghahramani), so with a classification `loss`
+    (the name given to `fit`: sparse/categorical cross-entropy gives softmax
+    probabilities, binary cross-entropy sigmoid ones) each pass is turned
+    into probabilities before the mean and spread are taken. Without a loss,
+    the model's raw outputs (logits, or a regression's values) are averaged.
+    `probabilities=True` or False overrides that choice.
+
     `batch_size` splits `x` into batches of that many inputs (the last one
     padded), all run by the same compiled program, for inputs whose
     `n_samples` copies of activations would not fit in memory at once; batch
     `i` draws its masks from `fold_in(rng, i)`. `train_flag` names the
-    model's inference keyword (jaxdl's models and Flax's examples: `train`).
+    model's training keyword, passed False here ("auto": read from the
+    model's `__call__`, see `jaxdl.contract`).
 
     A model without any `nn.Dropout` of a rate above 0 (jaxdl's `MLP` with
     `dropout_rate=0` has none) gets a warning: every sample is then the same
     prediction, and the standard deviation is exactly 0.
     """
+    if hasattr(variables, "apply_fn") and hasattr(variables, "params"):  # a TrainState
+        state = variables
+        model = model if model is not None else getattr(state.apply_fn, "__self__", None)
+        variables = state.variables
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"mc_predict needs the Linen module (got {type(model).__name__}); pass it, or a "
+                         "TrainState built by create_train_state, whose apply_fn is its module's")
+    train_flag = resolve_train_flag(model, train_flag)
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
@@ -121,14 +170,17 @@ def mc_predict(model: nn.Module, variables, x, n_samples: int, rng, *, batch_siz
     x = jnp.asarray(x)
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch of inputs, shape (N, ...); got shape {tuple(x.shape)}")
-    if not any(_dropout_rates(model, variables, x.shape[1:], x.dtype, train_flag)):
+    rates, num_outputs = _dropout_rates(model, variables, x.shape[1:], x.dtype, train_flag)
+    if not any(rates):
         warnings.warn(f"{type(model).__name__} has no nn.Dropout layer with a rate above 0: every Monte-Carlo "
                       "sample is the same prediction, and the standard deviation is 0 (give the model dropout, "
                       "e.g. MLP(..., dropout_rate=0.2))", UserWarning, stacklevel=2)
+    output = _output_kind(loss, probabilities, num_outputs)
     sampler = _sampler(model)
     moments = functools.partial(sampler, model) if sampler is _mc_moments else sampler
+    moments = functools.partial(moments, n_samples=int(n_samples), train_flag=train_flag, output=output)
     if batch_size is None or batch_size >= x.shape[0]:
-        mean, std = moments(variables, x, rng, n_samples=int(n_samples), train_flag=train_flag)
+        mean, std = moments(variables, x, rng)
         return np.asarray(mean), np.asarray(std)
     means, stds = [], []
     for index, start in enumerate(range(0, x.shape[0], batch_size)):
@@ -136,8 +188,7 @@ def mc_predict(model: nn.Module, variables, x, n_samples: int, rng, *, batch_siz
         real = rows.shape[0]
         if real < batch_size:  # pad to one shape: one compiled program for every batch
             rows = jnp.concatenate([rows, jnp.zeros((batch_size - real, *rows.shape[1:]), rows.dtype)])
-        mean, std = moments(variables, rows, jax.random.fold_in(rng, index), n_samples=int(n_samples),
-                            train_flag=train_flag)
+        mean, std = moments(variables, rows, jax.random.fold_in(rng, index))
         means.append(np.asarray(mean)[:real])
         stds.append(np.asarray(std)[:real])
     return np.concatenate(means), np.concatenate(stds)

@@ -100,7 +100,7 @@ def test_model_checkpoint_needs_a_model_it_can_save_by_config(tmp_path):
                             optax.adam(1e-3), batch_stats={}, dropout_rng=seed_rngs(0)[1], input_shape=(3,))
     with pytest.raises(ValueError, match="no Linen module.*create_train_state"):
         fit(None, x, y, loss=CE, epochs=1, state=plain, callbacks=[ModelCheckpoint(tmp_path / "m", "loss")],
-            verbose=False)
+            verbose=False, train_flag="train")  # a **kw function: its flag cannot be read, so it is named
 
     class Custom(nn.Module):  # a function in a field: no config can hold it
         act: Callable = nn.relu

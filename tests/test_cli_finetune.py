@@ -170,7 +170,7 @@ def test_finetune_on_the_flat_cat_folder_labels_by_name_and_writes_the_history_f
     code = cli.main(arguments)
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]  # 1 batch per epoch: epoch 1 ends at 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["1"]  # ids count batches seen: 1 an epoch
     assert cli.main(arguments + ["--overwrite"]) == 1  # the directory holds a run: resumed only when asked
     assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
     lines = printed.out.splitlines()

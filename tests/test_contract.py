@@ -79,7 +79,8 @@ def test_a_model_without_the_train_flag_is_named():
     params = Plain().init(jax.random.key(0), x[:1])["params"]
     state = train_state.TrainState.create(apply_fn=Plain().apply, params=params, tx=optax.sgd(0.1))
     with pytest.raises(ValueError, match="does not take the keyword 'train'.*train_flag=None"):
-        make_train_step(CE)(state, {"x": x, "y": y})
+        make_train_step(CE, train_flag="train")(state, {"x": x, "y": y})
+    state, _ = make_train_step(CE)(state, {"x": x, "y": y})  # "auto" reads that it takes no flag
     make_train_step(CE, train_flag=None)(state, {"x": x, "y": y})
 
 
@@ -164,7 +165,7 @@ def test_predict_runs_mobilenet_in_its_fast_form(monkeypatch):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     variables = jax.tree.map(lambda leaf: np.ones(leaf.shape, leaf.dtype), shapes)  # values do not matter here
     calls = []
-    monkeypatch.setattr(driver, "_predict_all", lambda apply_fn, variables, x, size, chunked, mesh: calls.append(
+    monkeypatch.setattr(driver, "_predict_all", lambda apply_fn, variables, x, size, chunked, mesh, **_: calls.append(
         (apply_fn.__self__, set(variables), size, chunked)) or np.zeros((len(x), 3)))
     predict(model, np.zeros((3, 32, 32, 3), np.float32), variables=variables)
     fast_model, _ = folded(model, variables)

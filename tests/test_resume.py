@@ -48,11 +48,12 @@ def test_a_run_resumed_from_any_checkpoint_ends_bitwise_as_the_uninterrupted_run
 
     expected, expected_history = train(tmp_path / "uninterrupted")
     ids = checkpoint_ids(tmp_path / "uninterrupted")
-    # 6 batches per epoch, ids e * 7 + batches done: every 3 steps gives 3 and 6 inside epoch 0, 7 at its end
-    assert len(ids) == (3 if every == "epoch" else 9) and (every == "epoch" or ids[:3] == [3, 6, 7])
+    # 6 batches per epoch, ids count batches seen (e * 6 + batches done): every 3 steps gives 3 inside epoch 0,
+    # 6 at its end (its last batch is saved by the epoch's end, not twice), 9 inside epoch 1
+    assert ids == ([6, 12, 18] if every == "epoch" else [3, 6, 9, 12, 15, 18])
     shutil.copytree(tmp_path / "uninterrupted", tmp_path / "run")
     shutil.copy(tmp_path / "uninterrupted.csv", tmp_path / "run.csv")  # the log the run had been writing
-    for checkpoint_id in ids[1:4:2]:  # 6: after the last batch of epoch 0, before its end is saved; 10: inside epoch 1
+    for checkpoint_id in ids[:3]:  # inside epoch 0, at its end, inside epoch 1 (epochs only: the ends of 0, 1, 2)
         crash_after(tmp_path / "run", checkpoint_id)
         state, history = train(tmp_path / "run")
         assert params_equal(state.params, expected.params), checkpoint_id
@@ -71,7 +72,7 @@ def test_a_finished_run_called_again_returns_its_result_without_training(tmp_pat
 def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path):
     x, y = blobs(n=20)
     fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=1, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"of another run \(batch_size: saved 8, now 4\)"):
+    with pytest.raises(ValueError, match=r"of another run \(batch_size: saved 8, now 4; batches_per_epoch: saved 3, now 5\)"):
         fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=4, verbose=0,
             checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"of another run \(model: saved .*\"features\": \[4\].*, now .*"
@@ -164,7 +165,7 @@ def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
     model = MLP(features=(8,), num_outputs=3, dropout_rate=0.2)
     expected, expected_history = fit(model, source, **options, checkpoint_dir=tmp_path / "uninterrupted")
 
-    inside_epoch = lambda d: any(i % 7 and i > 7 for i in checkpoint_ids(d))  # noqa: E731 (inside epoch 2)
+    inside_epoch = lambda d: any(i % 6 and i > 6 for i in checkpoint_ids(d))  # noqa: E731 (inside epoch 2)
     in_a_save = lambda d: checkpoint_ids(d) and any("tmp" in name for name in os.listdir(d))  # noqa: E731
     kill_when({tmp_path / "killed-in-epoch": ("slow-steps", inside_epoch),
                tmp_path / "killed-in-save": ("slow-save", in_a_save)})

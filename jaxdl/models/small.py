@@ -18,6 +18,7 @@ ACTIVATIONS = {
     "relu6": nn.relu6,
     "tanh": nn.tanh,
     "sigmoid": nn.sigmoid,
+    "softmax": nn.softmax,  # probabilities: a final layer's, for losses told so (jaxdl's losses take logits)
     "gelu": nn.gelu,
     "elu": nn.elu,
     "linear": lambda x: x,

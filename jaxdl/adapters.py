@@ -1,0 +1,165 @@
+"""Input adapters: one per kind of training input, each owning how its examples become batches.
+
+As Keras 3 splits its trainer (`keras/src/trainers/epoch_iterator.py`), an
+adapter owns, for one kind of input: reading and checking its examples,
+labels and weights (class and sample); shuffling, as a pure function of the
+seed and the epoch (arrays: of the step the epoch starts at); batching,
+padding and masks; the number of batches; the position a checkpoint can
+restore; and the data's identity, which a resumed run compares.
+
+- `ArrayInput`: in-memory arrays (x, y, per-example weights);
+- `SourceInput`: a random-access source (tfds `data_source`, grain
+  `MapDataset`, a list of example dicts) or an iterable of batch dicts,
+  through `jaxdl.data.sources`.
+
+Nothing outside this module asks what kind of input it has: the epoch loop
+takes `host_batches(epoch, start_step, skip)`, the run reads the counts and
+the identity. Device placement, steps and checkpoints belong to others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from jaxdl import data
+from jaxdl.run_checkpoint import data_fingerprint
+
+
+def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> np.ndarray:
+    """Per-example loss weights from Keras's `class_weight` ({class: weight}) and `sample_weight` (N,).
+
+    Classes are read as Keras reads them (`data.class_indices`): integer
+    labels as they are, one-hot rows by their largest entry, and one-unit
+    binary labels of shape (N, 1) rounded.
+    """
+    weights = np.ones(len(y), np.float32)
+    if class_weight is not None and sample_weight is not None:
+        raise ValueError("pass class_weight or sample_weight, not both (as Keras); fold the class weights into "
+                         "sample_weight to combine them")
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, np.float32)
+        if sample_weight.shape != (len(y),) or not np.isfinite(sample_weight).all():
+            raise ValueError(f"sample_weight must hold one finite weight per example, shape ({len(y)},); "
+                             f"got shape {sample_weight.shape}")
+        weights *= sample_weight
+    if class_weight is not None:
+        classes = data.class_indices(y)
+        missing = sorted(set(np.unique(classes).tolist()) - set(class_weight))
+        if missing:
+            raise ValueError(f"class_weight has no weight for classes {missing} found in y")
+        weights *= np.asarray([class_weight[c] for c in classes.tolist()], np.float32)
+    return weights
+
+
+@dataclasses.dataclass
+class ArrayInput:
+    """In-memory arrays: whole on the device for the scanned epoch, or read as host batches.
+
+    The shuffle order of an epoch is a permutation drawn from `shuffle_rng`
+    folded with the step the epoch starts at, on the device (the scanned
+    epoch) or here (`host_batches`): the same order either way.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    weights: np.ndarray
+    batch_size: int
+    shuffle: bool
+    drop_remainder: bool
+    shuffle_rng: Any
+    validation_split: float | None = None
+    pad_to: int = 1
+    masked: bool = False
+    kind = "arrays"
+    resumable = True
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.x)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return data.num_batches(len(self.x), self.batch_size, self.drop_remainder)
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels to check against the loss."""
+        return self.y
+
+    def fingerprint(self) -> str:
+        return data_fingerprint(self.x, self.y, self.weights)
+
+    def use_padding(self, pad_to: int, masked: bool) -> None:
+        """How host batches fill up a last batch the devices cannot split (see `driver._split_over`)."""
+        self.pad_to, self.masked = pad_to, masked
+
+    def order(self, step: int) -> np.ndarray:
+        """The order the scanned epoch draws on the device for this step, drawn here for host batches."""
+        if not self.shuffle:
+            return np.arange(len(self.x))
+        return np.asarray(jax.random.permutation(jax.random.fold_in(self.shuffle_rng, step), len(self.x)))
+
+    def host_batches(self, epoch: int, start_step: int, skip: int = 0) -> Iterator[dict]:
+        del epoch  # arrays' orders follow the step count, so training on from a state sees new ones
+        arrays = {"x": self.x, "y": self.y, "weight": self.weights}
+        return itertools.islice(data.ordered_batches(arrays, self.order(start_step), self.batch_size,
+                                                     self.drop_remainder, self.pad_to, self.masked), skip, None)
+
+
+@dataclasses.dataclass
+class SourceInput:
+    """A source: random-access (`data.SourceBatches`) or an iterable of batch dicts (`data.IterableBatches`)."""
+
+    batches: data.SourceBatches | data.IterableBatches
+    kind = "source"
+
+    @property
+    def resumable(self) -> bool:
+        """Only a random-access source can be rewound to where a checkpoint stood."""
+        return isinstance(self.batches, data.SourceBatches)
+
+    @property
+    def num_examples(self) -> int | None:
+        return len(self.batches.source) if self.resumable else None
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        return len(self.batches) if self.resumable else self.batches.steps_per_epoch
+
+    @property
+    def input_shape(self) -> tuple:
+        if self.resumable:
+            return tuple(np.shape(self.batches.first_example["x"]))
+        return tuple(np.shape(self.batches.first_batch()["x"])[1:])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels of the first example (as a batch of one) or first batch, to check against the loss."""
+        if self.resumable:
+            return np.asarray(self.batches.first_example["y"])[None]
+        return np.asarray(self.batches.first_batch()["y"])
+
+    def fingerprint(self) -> str:
+        """Three examples' inputs and labels (first, middle, last): cheap, and enough to tell datasets apart."""
+        if not self.resumable:
+            return ""
+        size = len(self.batches.source)
+        picked = self.batches.read(np.unique([0, size // 2, size - 1]))
+        return data_fingerprint(picked["x"], picked["y"], np.asarray([size]))
+
+    def use_padding(self, pad_to: int, masked: bool) -> None:
+        """How a last batch the devices cannot split is filled up (see `driver._split_over`)."""
+        if self.resumable:
+            self.batches = dataclasses.replace(self.batches, multiple=pad_to, masked=masked)
+
+    def host_batches(self, epoch: int, start_step: int, skip: int = 0) -> Iterator[dict]:
+        del start_step  # a source's order follows the epoch
+        return self.batches.epoch(epoch, skip or None)

@@ -1,0 +1,156 @@
+"""How jaxdl calls a user's model: the train flag's name, read once from the model's own signature.
+
+Flax models say "training mode" in three ways: `train: bool` (flax's
+examples), `training: bool` (Keras's habit) and `deterministic: bool`
+(flax's Dropout, inverted), each with or without a default; many take none.
+Every place jaxdl runs a model (the train and eval steps, `create_train_state`,
+the label and shape checks before `fit` compiles, `predict`, `mc_predict`,
+`summary`) asks this module for the keyword to pass, so a model accepted by
+one is accepted by all. `train_flag="auto"` (the default everywhere) detects
+the flag from `__call__`'s parameters; a name or None says it explicitly.
+
+What this module leaves to others: the step itself (`jaxdl.train`), the
+random streams (`StepContract.rng_streams`), and the loss (`jaxdl.losses`);
+it also tells, from a model's traced operations, whether its outputs are
+already probabilities (a final sigmoid or softmax), which the named losses
+would read as logits.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+AUTO = "auto"
+TRAIN_FLAGS = ("train", "training", "deterministic")
+
+
+def _signature_target(model_or_apply) -> tuple[Callable, int, str]:
+    """`(callable, parameters to skip, name)`: what to read a train flag from.
+
+    A Linen module (or its bound `apply`) is read from its class's `__call__`
+    after `self` and the input; any other `apply_fn(variables, x, ...)` (a
+    function, a partial, an object with `__call__`) after its first two.
+    """
+    module = model_or_apply if isinstance(model_or_apply, nn.Module) else getattr(model_or_apply, "__self__", None)
+    if isinstance(module, nn.Module):
+        return type(module).__call__, 2, f"{type(module).__name__}.__call__"
+    name = getattr(model_or_apply, "__qualname__", type(model_or_apply).__name__)
+    return model_or_apply, 2, name
+
+
+@functools.lru_cache(maxsize=256)
+def _detected(function: Callable, skip: int, name: str) -> str | None:
+    try:
+        parameters = list(inspect.signature(function).parameters.values())[skip:]
+    except (TypeError, ValueError):  # a builtin or C function: nothing to read
+        parameters = []
+    found = [p.name for p in parameters if p.name in TRAIN_FLAGS]
+    shown = ", ".join(str(p) for p in parameters) or "no parameters after the input"
+    if len(found) > 1:
+        raise ValueError(f"{name} takes several train flags ({', '.join(found)}): jaxdl cannot tell which one "
+                         f"switches training on; pass train_flag={found[0]!r} (or another name) to say which")
+    if found:
+        return found[0]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        raise ValueError(f"{name} takes **kwargs ({shown}), so jaxdl cannot tell from its signature whether it "
+                         "takes a train flag; pass train_flag='train', 'training', 'deterministic' or None")
+    return None
+
+
+def detect_train_flag(model_or_apply) -> str | None:
+    """The train flag `model_or_apply` takes: "train", "training", "deterministic", or None for none.
+
+    Read from the signature of a Linen module's `__call__` (or of a plain
+    `apply_fn(variables, x, ...)`); several of the names, or only `**kwargs`,
+    is an error naming what was found and the argument to pass.
+    """
+    target = _signature_target(model_or_apply)
+    try:
+        return _detected(*target)
+    except TypeError:  # an unhashable callable object: read it uncached
+        return _detected.__wrapped__(*target)
+
+
+def resolve_train_flag(model_or_apply, train_flag: str | None = AUTO) -> str | None:
+    """`train_flag` checked, with "auto" replaced by what `detect_train_flag` finds."""
+    if train_flag == AUTO:
+        return detect_train_flag(model_or_apply)
+    if train_flag is not None and (not isinstance(train_flag, str) or not train_flag.isidentifier()):
+        raise ValueError(f"train_flag must be a keyword name such as 'train', 'auto' or None, got {train_flag!r}")
+    return train_flag
+
+
+def flag_kwargs(train_flag: str | None, train: bool) -> dict[str, bool]:
+    """The keyword that puts a model in training (`train=True`) or inference mode: `deterministic` is inverted."""
+    if train_flag is None:
+        return {}
+    return {train_flag: (not train) if train_flag == "deterministic" else train}
+
+
+def inference(apply_fn: Callable, train_flag: str | None = AUTO) -> Callable:
+    """`forward(variables, x)`: `apply_fn` in inference mode, as the eval step calls it."""
+    kwargs = flag_kwargs(resolve_train_flag(apply_fn, train_flag), False)
+    return functools.partial(apply_fn, **kwargs) if kwargs else apply_fn
+
+
+# --- outputs that are probabilities ------------------------------------------------------------
+
+# Operations that pass a value on unchanged in meaning (casts, reshapes): looked through.
+_PASS_THROUGH = {"convert_element_type", "reshape", "squeeze", "expand_dims", "copy", "copy_p"}
+
+
+def _producer(jaxpr, var):
+    for equation in reversed(jaxpr.eqns):
+        if any(out is var for out in equation.outvars):
+            return equation
+    return None
+
+
+def _inner_jaxpr(equation):
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        inner = equation.params.get(key)
+        if inner is not None:
+            return getattr(inner, "jaxpr", inner)
+    return None
+
+
+def _final_activation(jaxpr, var, depth: int = 0) -> str | None:
+    """"sigmoid" or "softmax" when `var` is the result of one (through casts, reshapes and nested calls)."""
+    equation = _producer(jaxpr, var)
+    if equation is None or depth > 20:
+        return None
+    name = equation.primitive.name
+    if name == "logistic":
+        return "sigmoid"
+    if name in _PASS_THROUGH:
+        return _final_activation(jaxpr, equation.invars[0], depth + 1)
+    if name == "div":
+        numerator = _producer(jaxpr, equation.invars[0])
+        return "softmax" if numerator is not None and numerator.primitive.name == "exp" else None
+    inner = _inner_jaxpr(equation)
+    if inner is not None:
+        index = next(i for i, out in enumerate(equation.outvars) if out is var)
+        return _final_activation(inner, inner.outvars[index], depth + 1)
+    return None
+
+
+def traced_outputs(apply_fn: Callable, variables: Any, input_shape: tuple,
+                   train_flag: str | None) -> tuple[str | None, tuple]:
+    """`(final activation, output shape)` of the model on one example of `input_shape`, in inference mode.
+
+    The activation is "sigmoid" or "softmax" when the outputs come out of
+    one (probabilities, not logits), else None. Read from the traced
+    operations: nothing is computed.
+    """
+    forward = inference(apply_fn, train_flag)
+    shapes = jax.eval_shape(lambda: variables)
+    closed = jax.make_jaxpr(forward)(shapes, jax.ShapeDtypeStruct((1, *input_shape), "float32"))
+    outputs = closed.jaxpr.outvars
+    shape = tuple(closed.out_avals[0].shape) if closed.out_avals else ()
+    if len(outputs) != 1:
+        return None, shape
+    return _final_activation(closed.jaxpr, outputs[0]), shape

@@ -1,0 +1,90 @@
+"""The epoch loop: runs the compiled, guarded steps over one epoch of any input adapter's batches.
+
+Two forms, one contract: `run(state, previous, epoch, resume, after_dispatch)
+-> (state, previous, sums, steps run, steps accepted)`.
+
+- `ScannedEpochs`: in-memory arrays live on the device and an epoch is one
+  compiled `lax.scan` (`train.compiled_epoch`), which removes the per-step
+  dispatch that dominates small models;
+- `StreamedEpochs`: host batches from an adapter, put on the device(s) two
+  ahead (`data.to_device`), `steps_per_dispatch` steps per compiled call
+  (`train.compiled_steps`): sources, and arrays where a compiled loop is slow
+  (`train.loops_are_slow`) or checkpointed within epochs.
+
+The divergence guard's decision comes back as the number of accepted steps.
+This module knows nothing of callbacks, logs or files: `after_dispatch` is
+how the run checkpoints inside an epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdl import data
+from jaxdl.run_checkpoint import Resume
+from jaxdl.train import zero_totals
+
+
+@dataclasses.dataclass
+class ScannedEpochs:
+    """The in-memory path: the arrays live on the device, an epoch is one compiled scan."""
+
+    x: jax.Array
+    y: jax.Array
+    weights: jax.Array
+    shuffle_rng: jax.Array
+    run_epoch: Callable
+    steps_per_epoch: int
+
+    def run(self, state, previous, epoch: int, resume: Resume | None = None, after_dispatch=None):
+        """`(state, previous, sums, steps run, steps accepted)` of one epoch (whole: no `resume` within it)."""
+        del epoch, resume, after_dispatch  # orders follow the step count, so training on from a state sees new ones
+        order_key = jax.random.fold_in(self.shuffle_rng, int(state.step))
+        state, previous, sums, accepted = self.run_epoch(state, previous, self.x, self.y, self.weights, order_key)
+        return state, previous, sums, self.steps_per_epoch, int(accepted)
+
+
+@dataclasses.dataclass
+class StreamedEpochs:
+    """Host batches prefetched to the device, `steps_per_dispatch` steps per compiled call.
+
+    `batches_of(epoch, start_step, skip)` gives an epoch's host batches after
+    its first `skip` (an adapter's `host_batches`).
+    """
+
+    batches_of: Callable
+    run_steps: Callable
+    metrics: tuple
+    steps_per_dispatch: int
+    put: Callable
+    put_state: Callable
+    batch_norm: bool = False
+
+    def run(self, state, previous, epoch: int, resume: Resume | None = None, after_dispatch=None):
+        """`(state, previous, sums, steps run, steps accepted)` of one epoch.
+
+        `resume` goes on from a checkpoint taken inside this epoch;
+        `after_dispatch(state, previous, totals, batches done, start step)` is
+        called after every compiled call (the checkpoints within an epoch).
+        """
+        start_step = int(state.step) if resume is None else resume.start_step
+        done = 0 if resume is None else resume.batches_done
+        totals = zero_totals(self.metrics) if resume is None else resume.totals
+        # Placed as the state is: an argument placed otherwise than the call before's output would recompile.
+        healthy, totals = self.put_state((jnp.bool_(True), totals))
+        steps = 0
+        host_batches = self.batches_of(epoch, start_step, done)
+        for group in data.to_device(data.stacked(host_batches, self.steps_per_dispatch), put=self.put):
+            if self.batch_norm and "mask" in group:
+                raise ValueError(f"a batch of {group['mask'].shape[-1]} examples (padded to split over the "
+                                 "devices) reached a model with BatchNorm statistics, which padding rows would "
+                                 "enter; make every batch a multiple of the mesh's device count")
+            state, previous, healthy, totals = self.run_steps(state, previous, healthy, totals, group)
+            steps += group["x"].shape[0]
+            if after_dispatch is not None:
+                after_dispatch(state, previous, totals, done + steps, start_step)
+        accepted = int(totals.pop("accepted_steps")) - (0 if resume is None else int(resume.totals_accepted))
+        return state, previous, totals, steps, accepted

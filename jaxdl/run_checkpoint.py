@@ -1,0 +1,419 @@
+"""The checkpoint of a `fit` run: everything it holds, and everything compared before it is continued.
+
+One description, `RunConfig`, says what must be equal for a checkpoint to
+continue a run (the model, optimizer, loss, batch size, data order, the
+data's identity, each callback's class and settings, ...); it is written into
+every checkpoint and checked against the new call before anything is loaded,
+so what is saved and what is compared cannot drift apart. `Position` says
+where in the run a checkpoint stands. `RunCheckpoints` writes and reads them
+with orbax's `CheckpointManager` (asynchronously: training goes on while the
+files are written), names a failed save, and cleans up after any exit.
+
+Checkpoint ids count batches seen (epoch * batches per epoch + batches done),
+so they only grow along a run; a run over data of another size is refused
+by the config, never mixed into the same directory.
+
+Paths are `etils.epath` paths (orbax's own), so `gs://` and other remote
+directories stay remote; only process 0 moves an unreadable checkpoint aside.
+
+What this module leaves to others: when to save (the run, `jaxdl.driver`),
+and how a train state is built (`jaxdl.train`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdl.data import positive_int
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a run's checkpoint failed; the checkpoints before it are intact.
+
+    `state` and `history` hold the run as it stood when the error surfaced,
+    so the trained state is not lost with the save.
+    """
+
+    def __init__(self, message: str, *, state=None, history=None):
+        super().__init__(message)
+        self.state, self.history = state, history
+
+
+def as_path(directory):
+    """`directory` as an `etils.epath.Path`: local paths made absolute, `gs://...` and the like left remote."""
+    from etils import epath
+
+    path = epath.Path(directory)
+    return path if "://" in os.fspath(directory) else epath.Path(os.path.abspath(os.fspath(directory)))
+
+
+# --- what is compared -------------------------------------------------------------------------
+
+
+def data_fingerprint(*arrays: np.ndarray, rows: int = 64) -> str:
+    """A cheap identity of a dataset: its shapes and dtypes, and the bytes of up to `rows` evenly spaced rows."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.asarray(array)
+        digest.update(f"{array.shape} {array.dtype}".encode())
+        if len(array):
+            picked = np.unique(np.linspace(0, len(array) - 1, min(rows, len(array))).astype(np.int64))
+            digest.update(np.ascontiguousarray(array[picked]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def callback_description(callback) -> dict:
+    """A callback's class and settings (`Callback.settings()`): saved, and compared on resume."""
+    settings = callback.settings() if hasattr(callback, "settings") else {}
+    return {"class": f"{type(callback).__module__}.{type(callback).__qualname__}",
+            "settings": json.loads(json.dumps(settings, default=str))}
+
+
+def run_config(model, state, *, loss, metrics, batch_size: int, seed: int, shuffle: bool, drop_remainder: bool,
+               every_steps: int | None, data_kind: str, examples: int, batches_per_epoch: int,
+               validation_split: float | None, fingerprint: str, callbacks: Sequence, train_flag) -> dict:
+    """What must be equal for a checkpoint to continue this run (JSON): a difference is named, not loaded."""
+    from jaxdl.models import model_config
+
+    try:
+        described = model_config(model) if model is not None else None
+    except (TypeError, ValueError):  # a module whose config is not plain data: its class names it
+        described = type(model).__name__
+    shapes = [list(np.shape(leaf)) for leaf in jax.tree.leaves(state.opt_state)]
+    return {"model": json.loads(json.dumps(described, default=str)),
+            "parameters": [list(np.shape(leaf)) for leaf in jax.tree.leaves(state.params)],
+            "optimizer": f"{jax.tree.structure(state.opt_state)} {shapes}",
+            "input_shape": list(state.input_shape), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
+            "drop_remainder": drop_remainder, "loss": loss if isinstance(loss, str) else getattr(
+                loss, "__qualname__", repr(loss)), "metrics": list(metrics), "checkpoint_every": every_steps,
+            "train_flag": train_flag, "data": data_kind, "examples": examples,
+            "batches_per_epoch": batches_per_epoch, "validation_split": validation_split,
+            "data_fingerprint": fingerprint, "callbacks": [callback_description(c) for c in callbacks]}
+
+
+def check_same_run(saved: dict | None, current: dict, directory) -> None:
+    """Refuses a checkpoint whose config differs from this call's, naming every difference."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{directory} holds checkpoints that jaxdl's fit did not write; pass another "
+                         "checkpoint_dir")
+    differences = [key for key in current if saved.get(key) != current[key]]
+    if differences:
+        named = "; ".join(f"{key}: {_difference(saved.get(key), current[key])}" for key in differences)
+        raise ValueError(f"the checkpoint in {directory} is of another run ({named}); pass another "
+                         "checkpoint_dir, or delete it to start afresh")
+
+
+def _difference(saved, now) -> str:
+    """`saved X, now Y`, each shown around where their JSON texts first differ."""
+    saved_text, now_text = json.dumps(saved, default=str), json.dumps(now, default=str)
+    first = next((i for i, (a, b) in enumerate(zip(saved_text, now_text)) if a != b),
+                 min(len(saved_text), len(now_text)))
+    start = max(first - 40, 0)
+
+    def around(text):
+        return ("..." if start else "") + text[start:first + 40] + ("..." if len(text) > first + 40 else "")
+
+    return f"saved {around(saved_text)}, now {around(now_text)}"
+
+
+# --- what is held -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Resume:
+    """Where a checkpoint taken inside an epoch stood: batches done, the epoch's first step, its running sums."""
+
+    batches_done: int
+    start_step: int
+    totals: dict
+    totals_accepted: int = 0
+
+
+def arrays_of(state) -> dict:
+    """What a checkpoint keeps of a train state: everything training changes (the key as its raw data)."""
+    arrays = {"params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats,
+              "step": state.step, "dropout_key": jax.random.key_data(state.dropout_rng)}
+    if state.dynamic_scale is not None:  # float16's loss scale and its count of finite steps
+        arrays["loss_scale"] = {"scale": state.dynamic_scale.scale, "fin_steps": state.dynamic_scale.fin_steps}
+    return arrays
+
+
+def with_arrays(state, arrays: dict):
+    """`state` with a checkpoint's arrays (its model, optimizer and frozen variables are the caller's)."""
+    key = jax.random.wrap_key_data(jnp.asarray(arrays["dropout_key"]), impl=jax.random.key_impl(state.dropout_rng))
+    as_device = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+    scale = state.dynamic_scale
+    if scale is not None:
+        scale = scale.replace(**as_device(arrays["loss_scale"]))
+    return state.replace(params=as_device(arrays["params"]), opt_state=as_device(arrays["opt_state"]),
+                         batch_stats=as_device(arrays["batch_stats"]), step=jnp.asarray(arrays["step"], jnp.int32),
+                         dropout_rng=key, dynamic_scale=scale)
+
+
+def _tree_like(state, totals: dict, meta: dict) -> dict:
+    """The structure of a checkpoint's arrays, for orbax to restore into."""
+    like = {"state": arrays_of(state), "previous": arrays_of(state), "totals": totals,
+            "callbacks": {key: arrays_of(state) for key in meta.get("kept_callbacks", [])}}
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), np.asarray(leaf).dtype), like)
+
+
+# --- writing and reading ----------------------------------------------------------------------
+
+
+def _is_first_process() -> bool:
+    """Process 0 alone changes the directory (moves, deletes) where every process reads it."""
+    return jax.process_index() == 0
+
+
+def _is_transient(error: BaseException) -> bool:
+    """An I/O failure that says nothing about the checkpoint's bytes (permissions, a network, a timeout)."""
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False  # a file of the checkpoint is missing: it is incomplete
+    return isinstance(error, (PermissionError, TimeoutError, ConnectionError, InterruptedError)) or (
+        isinstance(error, OSError) and not isinstance(error, (EOFError,)) and error.errno is not None)
+
+
+class TrainingCheckpoints:
+    """Saves and restores a training run in `directory` with orbax's `CheckpointManager`.
+
+    Each checkpoint is one step of the run: `tree` (the train state's arrays,
+    the fallback state, the epoch's running sums, callbacks' arrays) and
+    `meta` (JSON: where in the run it was taken, the history, callbacks'
+    counters, the run's config). Orbax writes into a temporary directory and
+    renames it when complete, so a crash during a save leaves the previous
+    checkpoint as the latest; `keep` checkpoints are kept. Saves are
+    asynchronous: training goes on while the files are written. A save that
+    fails is a `CheckpointSaveError` naming the directory and the cause, with
+    its temporary directory removed.
+    """
+
+    def __init__(self, directory, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        keep = positive_int("keep", keep)
+        self.directory = as_path(directory)
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=("tree", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True))  # saves a crash cut short
+        self.closed = False
+
+    def save(self, step: int, tree, meta: dict) -> None:
+        """Starts writing checkpoint `step`; the arrays are copied to the host first, so training may go on."""
+        ocp = self._ocp
+        meta = json.loads(json.dumps(meta))  # a copy: the save is written later, and the run goes on changing it
+        with self._naming_failures(f"starting checkpoint {step}"):
+            self.manager.save(step, args=ocp.args.Composite(tree=ocp.args.StandardSave(jax.device_get(tree)),
+                                                             meta=ocp.args.JsonSave(meta)), force=True)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def restore(self, like: Callable, check: Callable) -> tuple[dict, dict] | None:
+        """`(meta, tree)` of the newest readable checkpoint, or None when the directory has none.
+
+        `check(meta)` raises when the checkpoint belongs to another run (that
+        error propagates); `like(meta)` gives the tree's structure. A
+        checkpoint that cannot be read (truncated, corrupted, incomplete) is
+        moved aside with a warning naming it, and the one before it is tried;
+        when none can be read, the error says so and nothing is overwritten.
+        An I/O error that says nothing about the files (permissions, a
+        network) is raised as it is: the checkpoint may well be good.
+        """
+        ocp = self._ocp
+        steps = self.steps()
+        for step in steps:
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            except Exception as error:  # noqa: BLE001 - orbax, tensorstore and JSON each raise their own kinds
+                self._unreadable(step, error)
+                continue
+            check(meta)
+            try:
+                tree = self.manager.restore(step, args=ocp.args.Composite(
+                    tree=ocp.args.StandardRestore(like(meta)))).tree
+            except Exception as error:  # noqa: BLE001
+                self._unreadable(step, error)
+                continue
+            return meta, tree
+        if steps:
+            raise ValueError(f"none of the checkpoints in {self.directory} ({', '.join(map(str, steps))}) can be "
+                             "read; move the directory away to start the run afresh")
+        return None
+
+    def _unreadable(self, step: int, error: Exception) -> None:
+        """Moves a checkpoint that cannot be read aside (kept for inspection, out of the run's way)."""
+        if _is_transient(error):
+            raise error
+        bad = self.directory / str(step)
+        aside = self.directory / f"unreadable-{step}"
+        warnings.warn(f"checkpoint {bad} cannot be read ({type(error).__name__}: {str(error)[:200]}); moved to "
+                      f"{aside}, trying the one before it", RuntimeWarning, stacklevel=4)
+        if _is_first_process() and bad.exists() and not aside.exists():  # one process moves it, for all
+            bad.rename(aside)
+        self.manager.reload()
+
+    def close(self) -> None:
+        """Waits for the last save to be written (a failure named, as `save` names it), then closes."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            with self._naming_failures("finishing the last save"):
+                self.manager.wait_until_finished()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - closing after a failed save: the save's error is the one to see
+                pass
+
+    def close_quietly(self) -> BaseException | None:
+        """`close`, for a run that is ending with another error: returns the save's failure instead of raising."""
+        try:
+            self.close()
+        except Exception as error:  # noqa: BLE001
+            return error
+        return None
+
+    def _naming_failures(self, what: str):
+        return _SaveFailures(self, what)
+
+    def remove_temporary(self) -> None:
+        """Deletes what a failed save left half-written (orbax's `*.orbax-checkpoint-tmp*` directories)."""
+        if not _is_first_process() or not self.directory.exists():
+            return
+        for entry in self.directory.iterdir():
+            if "orbax-checkpoint-tmp" in entry.name:
+                entry.rmtree() if entry.is_dir() else entry.unlink()
+
+
+class _SaveFailures:
+    """Turns any failure of a save into a `CheckpointSaveError` naming the directory, cleaning up after it."""
+
+    def __init__(self, checkpoints: TrainingCheckpoints, what: str):
+        self.checkpoints, self.what = checkpoints, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or not isinstance(error, Exception) or isinstance(error, CheckpointSaveError):
+            return False
+        self.checkpoints.remove_temporary()
+        kept = self.checkpoints.steps()
+        raise CheckpointSaveError(
+            f"saving a checkpoint of the run in {self.checkpoints.directory} failed ({type(error).__name__}: "
+            f"{error}); the checkpoints saved before it ({', '.join(map(str, kept)) or 'none'}) are intact, and "
+            f"the half-written one was removed (the failure surfaced while {self.what})") from error
+
+
+@dataclasses.dataclass
+class RunCheckpoints:
+    """What `fit` saves of a run and takes back: its state, position, history and callbacks' state.
+
+    `config` (see `run_config`) is saved with every checkpoint and compared
+    before one is restored. Callbacks' saved states are matched by their
+    place in a list whose classes and settings the config has already
+    checked to be the same.
+    """
+
+    saver: TrainingCheckpoints
+    callbacks: Sequence
+    metrics: tuple
+    every_steps: int | None
+    steps_per_dispatch: int
+    batches_per_epoch: int
+    config: dict
+    restored: tuple | None = None
+
+    @property
+    def directory(self):
+        return self.saver.directory
+
+    def restore(self, run, previous, zero_totals: dict):
+        """Puts the newest readable checkpoint into `run`; returns `(previous, Resume or None)`."""
+        self.restored = self.saver.restore(lambda meta: _tree_like(run.state, zero_totals, meta),
+                                           lambda meta: check_same_run(meta.get("config"), self.config,
+                                                                       self.saver.directory))
+        if self.restored is None:
+            return previous, None
+        meta, tree = self.restored
+        run.state, previous = with_arrays(run.state, tree["state"]), with_arrays(run.state, tree["previous"])
+        run.history, run.resumed_epoch, run.stop_training = meta["history"], meta["epoch"], meta["stop_training"]
+        run.resumed_batches = meta["batches_done"]
+        if not meta["batches_done"]:
+            return previous, None
+        totals = jax.tree.map(jnp.asarray, tree["totals"])
+        return previous, Resume(meta["batches_done"], meta["start_step"], totals, int(totals["accepted_steps"]))
+
+    def restore_callbacks(self, run) -> None:
+        """Callbacks' counters, after their `on_train_begin` reset them."""
+        if self.restored is None:
+            return
+        meta, tree = self.restored
+        for index, (callback, values) in enumerate(zip(self.callbacks, meta["callbacks"])):
+            kept = tree["callbacks"].get(str(index))
+            callback.restore_checkpoint_state(values, None if kept is None else with_arrays(run.state, kept))
+
+    def save(self, run, previous, totals, epoch: int, batches_done: int, start_step: int, state=None) -> None:
+        state = run.state if state is None else state
+        meta = {"config": self.config, "epoch": epoch, "batches_done": batches_done, "start_step": start_step,
+                "history": run.history, "stop_training": run.stop_training and not batches_done, "callbacks": []}
+        kept = {}
+        for index, callback in enumerate(self.callbacks):
+            values, callback_state = callback.checkpoint_state()
+            meta["callbacks"].append(values)
+            if callback_state is not None:
+                kept[str(index)] = arrays_of(callback_state)
+        meta["kept_callbacks"] = sorted(kept)
+        tree = {"state": arrays_of(state), "previous": arrays_of(previous), "totals": totals, "callbacks": kept}
+        try:
+            self.saver.save(epoch * self.batches_per_epoch + batches_done, tree, meta)
+        except CheckpointSaveError as error:
+            error.state, error.history = state, run.history
+            raise
+
+    def within_epoch(self, run, epoch: int):
+        """The `after_dispatch` hook that saves every `every_steps` batches, or None for epoch checkpoints.
+
+        No save after a step the divergence guard refused (the run stops at
+        that epoch's end, unsaved), and none at the epoch's last batch, whose
+        place the end-of-epoch checkpoint takes.
+        """
+        if self.every_steps is None:
+            return None
+
+        def after_dispatch(state, previous, totals, batches_done, start_step):
+            crossed = batches_done // self.every_steps > (batches_done - self.steps_per_dispatch) // self.every_steps
+            if not crossed or batches_done >= self.batches_per_epoch:
+                return
+            if int(totals["accepted_steps"]) < batches_done:
+                return  # a refused step: saving would claim batches that were never applied
+            self.save(run, previous, totals, epoch, batches_done, start_step, state=state)
+
+        return after_dispatch
+
+    def describe(self, run) -> str:
+        """Where the newest checkpoint stands, for messages: `epoch E, batch B of DIR`."""
+        if self.restored is None:
+            return f"no checkpoint in {self.directory}"
+        meta = self.restored[0]
+        return f"epoch {meta['epoch'] + 1}, batch {meta['batches_done']} of {self.directory}"
+
+    def close(self, run=None) -> None:
+        try:
+            self.saver.close()
+        except CheckpointSaveError as error:
+            if run is not None:
+                error.state, error.history = run.state, run.history
+            raise
+

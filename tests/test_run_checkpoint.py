@@ -1,0 +1,180 @@
+"""A run checkpoint cannot silently go wrong: other data, other callbacks, errors mid-save, a diverged run.
+
+Each test here reproduces a defect of the earlier driver (issue 19, section 3)
+and fails on it: a dataset of another size resumed into a stale checkpoint,
+an error or Ctrl-C abandoning the save in flight, a full disk losing the
+trained state, a NaN-stopped run trained past on resume, callbacks matched
+by list position, remote paths made local, any restore error treated as
+corruption.
+"""
+import asyncio
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxdl import MLP, Callback, EarlyStopping, fit
+from jaxdl.run_checkpoint import CheckpointSaveError, TrainingCheckpoints, as_path
+from tests.toy_data import CE, blobs
+
+
+def checkpoint_ids(directory) -> list[int]:
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def leftovers(directory) -> list[str]:
+    return [name for name in os.listdir(directory) if "tmp" in name]
+
+
+def params_equal(a, b) -> bool:
+    return all(np.array_equal(p, q) for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+MODEL = MLP(features=(4,), num_outputs=3)
+
+
+def test_data_of_another_size_is_refused_and_ids_count_batches_seen(tmp_path):
+    x, y = blobs(n=320)
+    options = dict(loss=CE, epochs=2, batch_size=32, verbose=0, checkpoint_dir=tmp_path)
+    fit(MODEL, x, y, **options)
+    assert checkpoint_ids(tmp_path) == [10, 20]  # 10 batches an epoch: ids are batches seen
+    with pytest.raises(ValueError, match=r"of another run \(examples: saved 320, now 64; batches_per_epoch: "
+                                         r"saved 10, now 2; data_fingerprint: saved"):
+        fit(MODEL, x[:64], y[:64], **options)
+    with pytest.raises(ValueError, match=r"of another run \(data_fingerprint: saved"):  # same size, other rows
+        fit(MODEL, x[::-1].copy(), y[::-1].copy(), **options)
+    with pytest.raises(ValueError, match=r"examples: saved 320, now 256.*validation_split: saved null, now 0.2"):
+        fit(MODEL, x, y, **options, validation_split=0.2)
+    assert checkpoint_ids(tmp_path) == [10, 20]  # nothing was written by the refused runs
+
+
+class Raising(Callback):
+    def __init__(self, error: BaseException, at_epoch: int):
+        self.error, self.at_epoch = error, at_epoch
+
+    def on_epoch_end(self, run, epoch, logs):
+        if epoch == self.at_epoch:
+            raise self.error
+
+
+@pytest.fixture
+def slow_commits(monkeypatch):
+    """Orbax commits each save a quarter second after writing it: an error can strike while one is in flight."""
+    from orbax.checkpoint._src.path import atomicity
+
+    commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def slow_commit(self, *args, **kwargs):
+        await asyncio.sleep(0.25)
+        return await commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", slow_commit)
+
+
+@pytest.mark.parametrize("error", [ValueError("a callback's own error"), KeyboardInterrupt()],
+                         ids=["error", "ctrl-c"])
+def test_an_error_or_ctrl_c_lets_the_save_in_flight_complete(tmp_path, slow_commits, capsys, error):
+    x, y = blobs(n=20)
+    with pytest.raises(type(error)) as raised:
+        fit(MODEL, x, y, loss=CE, epochs=4, batch_size=8, verbose=0, checkpoint_dir=tmp_path,
+            callbacks=[Raising(error, at_epoch=1)])
+    assert raised.value is error  # the user's error, not orbax's "cannot schedule new futures after shutdown"
+    assert checkpoint_ids(tmp_path) == [3] and leftovers(tmp_path) == []  # epoch 0's save finished
+    if isinstance(error, KeyboardInterrupt):
+        assert f"interrupted: the run's checkpoints in {tmp_path} hold it" in capsys.readouterr().err
+    # and the run resumes from it, with the message saying where
+    state, history = fit(MODEL, x, y, loss=CE, epochs=4, batch_size=8, verbose=2, checkpoint_dir=tmp_path,
+                         callbacks=[Raising(error, at_epoch=-1)])  # the same callback list, never raising now
+    assert f"resumed from epoch 2, step 0 of {tmp_path}" in capsys.readouterr().out
+    assert len(history["loss"]) == 4
+
+
+def test_a_full_disk_is_named_keeps_the_previous_checkpoint_and_the_trained_state(tmp_path, monkeypatch):
+    from orbax.checkpoint._src.path import atomicity
+
+    commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def full_on_second(self, *args, **kwargs):  # the disk fills up while checkpoint 6 is written
+        if "/6" in str(self._final_path):
+            raise OSError(28, "No space left on device")
+        return await commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_on_second)
+    x, y = blobs(n=20)
+    with pytest.raises(CheckpointSaveError, match=rf"checkpoint of the run in {tmp_path} failed \(.*No space left "
+                                                  r"on device"
+                                                  r".*checkpoints saved before it \(3\) are intact") as raised:
+        fit(MODEL, x, y, loss=CE, epochs=3, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
+    assert raised.value.state is not None and int(raised.value.state.step) >= 6  # the trained state, not lost
+    assert len(raised.value.history["loss"]) >= 2
+    assert checkpoint_ids(tmp_path) == [3] and leftovers(tmp_path) == []  # no half-written checkpoint left
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", commit)
+    expected, expected_history = fit(MODEL, x, y, loss=CE, epochs=3, batch_size=8, verbose=0)
+    state, history = fit(MODEL, x, y, loss=CE, epochs=3, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
+    assert params_equal(state.params, expected.params) and history == expected_history  # resumed from 3
+
+
+def test_a_run_stopped_by_the_nan_guard_stops_again_where_it_stopped(tmp_path):
+    x, y = blobs(n=32)
+    options = dict(loss=CE, optimizer=optax.sgd(1e3), epochs=5, batch_size=8, verbose=0, checkpoint_dir=tmp_path,
+                   checkpoint_every=1, keep=100)
+    with pytest.warns(RuntimeWarning, match="became NaN or infinite at epoch (\\d), step (\\d)") as first:
+        state, history = fit(MLP(features=(8,), num_outputs=3), x * 1e3, y, **options)
+    saved = checkpoint_ids(tmp_path)
+    with pytest.warns(RuntimeWarning, match="became NaN or infinite") as again:
+        resumed, resumed_history = fit(MLP(features=(8,), num_outputs=3), x * 1e3, y, **options)
+    assert str(again[0].message) == str(first[0].message)  # the same epoch and step
+    assert params_equal(resumed.params, state.params) and resumed_history == history
+    assert checkpoint_ids(tmp_path) == saved  # nothing saved past the refused step, either time
+
+
+def test_callbacks_are_matched_by_class_and_settings(tmp_path):
+    x, y = blobs(n=20)
+    options = dict(loss=CE, epochs=2, batch_size=8, verbose=0, validation_data=(x, y), checkpoint_dir=tmp_path)
+    loss_stop, accuracy_stop = EarlyStopping("val_loss", patience=5), EarlyStopping("val_accuracy", patience=5)
+    fit(MODEL, x, y, **options, callbacks=[loss_stop, accuracy_stop])
+    with pytest.raises(ValueError, match=r"of another run \(callbacks: saved .*\"monitor\": \"val_loss\".*, now "
+                                         r".*\"monitor\": \"val_accuracy\""):
+        fit(MODEL, x, y, **{**options, "epochs": 3}, callbacks=[accuracy_stop, loss_stop])
+    with pytest.raises(ValueError, match=r"callbacks: saved .*\"restore_best_weights\": false.*now .*true"):
+        fit(MODEL, x, y, **{**options, "epochs": 3},
+            callbacks=[EarlyStopping("val_loss", patience=5, restore_best_weights=True), accuracy_stop])
+    with pytest.raises(ValueError, match=r"callbacks: saved .*EarlyStopping.*, now \[\]"):
+        fit(MODEL, x, y, **{**options, "epochs": 3})
+    fit(MODEL, x, y, **{**options, "epochs": 3}, callbacks=[EarlyStopping("val_loss", patience=5),
+                                                           EarlyStopping("val_accuracy", patience=5)])
+
+
+def test_remote_directories_stay_remote():
+    assert os.fspath(as_path("gs://bucket/run")) == "gs://bucket/run"  # Path("gs://b").absolute() made it local
+    assert os.fspath(as_path("relative/run")) == os.path.abspath("relative/run")
+
+
+def test_a_transient_read_error_is_raised_and_moves_nothing(tmp_path, monkeypatch):
+    x, y = blobs(n=20)
+    options = dict(loss=CE, epochs=1, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
+    fit(MODEL, x, y, **options)
+    import orbax.checkpoint as ocp
+
+    def unreachable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", unreachable)
+    with pytest.raises(PermissionError):
+        fit(MODEL, x, y, **options)
+    assert checkpoint_ids(tmp_path) == [3] and not [n for n in os.listdir(tmp_path) if n.startswith("unreadable")]
+
+
+def test_only_process_zero_moves_an_unreadable_checkpoint(tmp_path, monkeypatch):
+    from jaxdl import run_checkpoint
+
+    x, y = blobs(n=20)
+    options = dict(loss=CE, epochs=2, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
+    fit(MODEL, x, y, **options)
+    (tmp_path / "6" / "meta" / "metadata").write_text("{not json")
+    monkeypatch.setattr(run_checkpoint, "_is_first_process", lambda: False)
+    with pytest.warns(RuntimeWarning, match="checkpoint .*6 cannot be read"):
+        fit(MODEL, x, y, **{**options, "epochs": 1})  # reads past 6 to 3, the end of the run asked for
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("unreadable")]  # process 1 moved nothing
