@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from jaxdl import MLP, Callback, EarlyStopping, fit
-from jaxdl.run_checkpoint import CheckpointSaveError, TrainingCheckpoints, as_path
+from jaxdl.run_checkpoint import CheckpointSaveError, as_path
 from tests.toy_data import CE, blobs
 
 
