@@ -104,3 +104,24 @@ def test_a_flax_examples_model_trains_through_fit_with_no_extra_argument():
     # Seeds 0-3 measured (AMD EPYC): accuracy 0.78-0.88 after 20 epochs (blobs 2 apart overlap: ~0.92 at best),
     # loss from 1.26-2.48 down to 0.40-0.52. A band below both, for other CPUs.
     assert history["val_accuracy"][-1] >= 0.7 and history["loss"][-1] < 0.6 * history["loss"][0]
+
+
+def test_an_iterable_of_batches_with_its_own_keys_is_named_by_features():
+    x, y = blobs(n=32)
+
+    class Batches:  # re-iterable, not a sequence (a list of dicts reads as examples)
+        def __init__(self, keys):
+            self.keys = keys
+
+        def __iter__(self):
+            return ({self.keys[0]: x[i:i + 8], self.keys[1]: y[i:i + 8]} for i in range(0, 32, 8))
+
+    named, plain = Batches(("image", "label")), Batches(("x", "y"))
+    options = dict(loss=CE, epochs=2, verbose=0)
+    state, history = fit(MLP(features=(4,), num_outputs=3), named, features=("image", "label"), **options)
+    _, plain_history = fit(MLP(features=(4,), num_outputs=3), plain, **options)
+    assert history == plain_history  # the same batches, only named otherwise
+    from jaxdl import evaluate
+    assert evaluate(state, named, loss=CE, features=("image", "label")) == evaluate(state, plain, loss=CE)
+    with pytest.raises(ValueError, match=r"no entry 'image' \(features=\('image', 'label'\)\); it has \['x', 'y'\]"):
+        fit(MLP(features=(4,), num_outputs=3), plain, features=("image", "label"), **options)

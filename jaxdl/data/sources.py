@@ -313,7 +313,8 @@ class IterableBatches:
     unless `steps_per_epoch` is given; with it, and for one-shot iterators
     and generators, one iterator continues across epochs, as Keras reads a
     generator. A batch that `multiple` devices could not split is filled up
-    and masked (`arrays.split_evenly`).
+    and masked (`arrays.split_evenly`). `keys` names the batches' (input,
+    label) entries when they are not "x" and "y" (fit's `features`).
     """
 
     iterable: Iterable
@@ -321,6 +322,7 @@ class IterableBatches:
     input_shape: tuple | None = None
     needs_labels: bool = True
     multiple: int = 1
+    keys: tuple[str, str] = ("x", "y")
 
     def __post_init__(self):
         self._continuing: Iterator | None = None
@@ -343,8 +345,23 @@ class IterableBatches:
                 first = next(iter(self.iterable), None)
             if first is None:
                 raise ValueError(f"the iterable ({type(self.iterable).__name__}) yields no batches")
-            self._first = check_batch(first, index=0, input_shape=self.input_shape, needs_labels=self.needs_labels)
+            self._first = check_batch(self._renamed(first), index=0, input_shape=self.input_shape,
+                                      needs_labels=self.needs_labels)
         return self._first
+
+    def _renamed(self, batch):
+        """The batch with its (input, label) entries under the names the steps read, "x" and "y"."""
+        if self.keys == ("x", "y") or not isinstance(batch, dict):
+            return batch
+        missing = [key for key in self.keys[:1 + self.needs_labels] if key not in batch]
+        if missing:
+            raise ValueError(f"a batch of the iterable has no entry {missing[0]!r} (features={self.keys}); it has "
+                             f"{sorted(batch)}")
+        renamed = {key: value for key, value in batch.items() if key not in self.keys}
+        renamed["x"] = batch[self.keys[0]]
+        if self.keys[1] in batch:
+            renamed["y"] = batch[self.keys[1]]
+        return renamed
 
     def epoch(self, epoch: int, position=None) -> Iterator[dict]:
         del epoch
@@ -357,7 +374,8 @@ class IterableBatches:
         else:
             batches = iter(self.iterable)
         for index, batch in enumerate(batches):
-            batch = check_batch(batch, index=index, input_shape=self.input_shape, needs_labels=self.needs_labels)
+            batch = check_batch(self._renamed(batch), index=index, input_shape=self.input_shape,
+                                needs_labels=self.needs_labels)
             yield split_evenly(batch, self.multiple)
 
 
@@ -385,8 +403,14 @@ def as_batches(data, *, batch_size: int, features: Sequence | None = None, trans
             raise ValueError(f"steps_per_epoch={steps_per_epoch}, but the source holds {len(batches)} batches of "
                              f"{batch_size} per epoch; leave steps_per_epoch out for random-access sources")
         return batches
-    if features is not None or transform is not None or class_weight is not None:
-        raise ValueError(f"features, transform and class_weight apply to random-access sources; this "
-                         f"{type(data).__name__} is an iterable of batch dicts, which are used as they come")
+    if transform is not None or class_weight is not None:
+        raise ValueError(f"transform and class_weight apply to random-access sources; this "
+                         f"{type(data).__name__} is an iterable of batch dicts, which are used as they come "
+                         "(features=(input, label) names their entries)")
+    keys = ("x", "y")
+    if features is not None:
+        keys = tuple(features)
+        if len(keys) != 2:
+            raise ValueError(f"features must name (input, label), got {features!r}")
     # An iterable yields this process's part of each batch, which its own devices split.
-    return IterableBatches(data, steps_per_epoch, input_shape, needs_labels, multiple // process[1])
+    return IterableBatches(data, steps_per_epoch, input_shape, needs_labels, multiple // process[1], keys)
