@@ -371,8 +371,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       (default `("image", "label")`), or `transform(example) -> (x, y)`
       computes it. Shuffling is per epoch from `(seed, epoch)`; batches are
       read by grain's threads and put on the device ahead of their step;
-    - an iterable of batch dicts `{"x": ..., "y": ...}`: an epoch is
-      `steps_per_epoch` batches, or one pass when that is None.
+    - an iterable of batch dicts `{"x": ..., "y": ...}` (or other keys,
+      named by `features=(input, label)`): an epoch is `steps_per_epoch`
+      batches, or one pass when that is None.
     `steps_per_dispatch=K` runs K steps of a source per compiled call.
     The same model, seed and data in the same order train to the same
     parameters on both paths (up to float rounding: the array path pads
