@@ -39,7 +39,8 @@ def _show(value) -> str:
 def run_checks(names, out: str | None, seed: int | None) -> list[tuple]:
     """(experiment, metric, value, reference, holds) for every check, plus each experiment's seconds.
 
-    `holds` is True or False for a check that ran, None for a plain figure, and
+    `holds` is True or False for a check that ran, None for a plain figure (the
+    metrics named in an experiment's `SUITE_FIGURES`, and its seconds), and
     "skipped: why" for a check whose data is not here (an experiment's
     `suite_args()` says which arguments to run it with and what it skips).
     """
@@ -52,6 +53,9 @@ def run_checks(names, out: str | None, seed: int | None) -> list[tuple]:
         metrics = module.run(["--quiet"] + arguments + (["--out", out] if out else [])
                              + ([] if seed is None else ["--seed", str(seed)]))
         seconds = time.perf_counter() - started
+        # Plain figures an experiment asks to show (mnist: which data it trained on), before its checks.
+        results.extend((name, metric, metrics.get(metric, "-"), "", None)
+                       for metric in getattr(module, "SUITE_FIGURES", ()))
         for check in module.checks(metrics) if hasattr(module, "checks") else module.CHECKS:
             value = metrics.get(check.metric)
             results.append((name, check.metric, value, check.reference, value is not None and check.holds(value)))

@@ -69,17 +69,52 @@ def test_suite_prints_the_table_and_the_machine(tmp_path, capsys):
 
 
 def test_the_suite_runs_mnist_on_mock_data_and_lists_the_real_run_as_skipped(tmp_path, monkeypatch):
+    """Neither tfds's prepared mnist nor ../shared/data/mnist: the mock run, and a row saying why."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("JAXDL_SHARED_DATA", str(tmp_path / "no-shared-data"))
     from experiments import mnist
 
     arguments, skipped = mnist.suite_args()
     assert arguments == ["--mock"]
-    assert skipped == [("test accuracy on real MNIST", "MLP >= 0.98, CNN >= 0.992",
-                        f"skipped: tfds mnist is not prepared in {tmp_path / 'empty' / 'mnist' / '3.0.1'}, and no "
-                        "--data mnist.npz was given")]
+    assert skipped == [("test accuracy on real MNIST", mnist.REAL_DATA_TARGETS,
+                        f"skipped: tfds mnist is not prepared in {tmp_path / 'empty' / 'mnist' / '3.0.1'}, "
+                        f"{tmp_path / 'no-shared-data' / 'mnist'} does not exist, and no --data was given")]
     assert [check.metric for check in mnist.checks({"data": "mock"})] == ["mlp_params", "cnn_params"]
-    assert [check.metric for check in mnist.checks({"data": "tfds mnist"})][2:] == ["mlp_test_accuracy",
-                                                                                     "cnn_test_accuracy"]
+
+
+def test_the_suite_runs_the_short_recipe_on_tfds_mnist_first_then_on_the_shared_files(tmp_path, monkeypatch):
+    from experiments import mnist
+
+    short = ["--mlp-epochs", "5", "--cnn-epochs", "1"]
+    monkeypatch.setenv("JAXDL_SHARED_DATA", str(tmp_path))
+    (tmp_path / "mnist").mkdir()
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
+    assert mnist.suite_args() == (["--data", str(tmp_path / "mnist")] + short, [])
+    monkeypatch.setattr(mnist, "tfds_source", lambda name, split, data_dir: [{"image": None, "label": 0}])
+    assert mnist.suite_args() == (short, [])  # prepared tfds mnist (here a stand-in) comes first
+
+
+def test_mnist_checks_each_measured_recipe_against_its_band_and_reports_other_runs_unchecked():
+    from experiments import mnist
+
+    def metrics(epochs: dict, accuracy: float, train_samples: int = 60000) -> dict:
+        return {"data": "IDX files ../shared/data/mnist", "train_samples": train_samples,
+                **{f"{name}_epochs": epochs[name.split("_")[0]] for name in mnist.MODELS},
+                **{f"{name}_test_accuracy": accuracy for name in mnist.MODELS}}
+
+    for recipe in (mnist.FULL_EPOCHS, mnist.SHORT_EPOCHS):
+        bands = {name: mnist.BANDS[(name, recipe[name.split("_")[0]])] for name in mnist.MODELS}
+        checks = mnist.checks(metrics(recipe, 0.5))
+        assert [check.metric for check in checks] == ["mlp_params", "cnn_params", "mlp_test_accuracy",
+                                                      "mlp_dropout_test_accuracy", "cnn_test_accuracy"]
+        for check in checks[2:]:
+            low, high, _ = bands[check.metric.removesuffix("_test_accuracy")]
+            assert 0.9 < low < high < 1 and check.reference.startswith(f"{low:.4f}..{high:.4f} (")
+            assert (check.holds(low), check.holds(high), check.holds(low - 1e-4), check.holds(high + 1e-4)) == \
+                (True, True, False, False)
+    # no band was measured for 3 epochs, nor for a subset of the training images
+    assert len(mnist.checks(metrics({"mlp": 3, "cnn": 3}, 0.97))) == 2
+    assert len(mnist.checks(metrics(mnist.FULL_EPOCHS, 0.97, train_samples=64))) == 2
 
 
 def test_mnist_trains_from_a_keras_npz_file(tmp_path):
@@ -91,7 +126,7 @@ def test_mnist_trains_from_a_keras_npz_file(tmp_path):
     np.savez(tmp_path / "mnist.npz", x_train=pixels[:64], y_train=labels[:64], x_test=pixels[64:],
              y_test=labels[64:])
     metrics = mnist.run(["--quiet", "--out", str(tmp_path), "--data", str(tmp_path / "mnist.npz"),
-                         "--mlp-epochs", "2", "--cnn-epochs", "1", "--batch-size", "32"])
+                         "--mlp-epochs", "2", "--cnn-epochs", "1", "--batch-size", "32", "--models", "mlp", "cnn"])
     assert metrics["data"] == f"keras npz {tmp_path / 'mnist.npz'}"
     assert (metrics["train_samples"], metrics["test_samples"], metrics["mlp_epochs"]) == (64, 16, 2)
     np.savez(tmp_path / "other.npz", images=pixels)
