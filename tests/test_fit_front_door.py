@@ -29,14 +29,14 @@ def test_a_sigmoid_output_with_a_logits_loss_is_warned_and_softmax_is_a_known_ac
     head = ConvNet(layers=(("flatten",), ("dense", 4), ("dense", 1, "sigmoid")))
     with pytest.warns(UserWarning, match=r"outputs come out of a sigmoid \(probabilities\), but "
                                          r"loss='binary_crossentropy' takes logits.*remove the final activation"):
-        fit(head, x, labels.astype(np.float32), loss="binary_crossentropy", verbose=0)
+        fit(head, x, labels.astype(np.float32), loss="binary_crossentropy", epochs=0, verbose=0)  # checked first
     softmax = ConvNet(layers=(("flatten",), ("dense", 4), ("dense", 2, "softmax")))
     with pytest.warns(UserWarning, match=r"come out of a softmax .*loss='sparse_categorical_crossentropy'"):
-        fit(softmax, x, labels, loss=CE, verbose=0)  # was "cannot take examples of shape (3,)"
+        fit(softmax, x, labels, loss=CE, epochs=0, verbose=0)  # was "cannot take examples of shape (3,)"
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # logits: no warning
-        fit(sigmoid, x, labels.astype(np.float32), loss="binary_crossentropy", verbose=0)
+        fit(sigmoid, x, labels.astype(np.float32), loss="binary_crossentropy", epochs=0, verbose=0)
 
 
 def test_the_default_step_runs_inside_a_users_own_jit_and_a_donated_state_is_named_by_the_eval_step():
@@ -59,7 +59,7 @@ def test_the_default_step_runs_inside_a_users_own_jit_and_a_donated_state_is_nam
 def test_mc_predict_averages_probabilities_for_a_classifier_as_a_plain_loop_does():
     x, y = blobs(n=12)
     model = MLP(features=(16,), num_outputs=3, dropout_rate=0.5)
-    state, _ = fit(model, x, y, loss=CE, epochs=2, verbose=0)
+    state = create_train_state(model, optax.sgd(0.1), (3,), jax.random.key(0))
     mean, std = mc_predict(None, state, x, 8, jax.random.key(5), loss=CE)
     np.testing.assert_allclose(mean.sum(axis=1), 1.0, rtol=1e-5)  # probabilities, float32 softmax sums
     # The reference: 8 separate passes with the same keys, Flax's own Dropout told to drop, then numpy moments.
