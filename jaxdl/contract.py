@@ -100,7 +100,7 @@ def inference(apply_fn: Callable, train_flag: str | None = AUTO) -> Callable:
 # --- outputs that are probabilities ------------------------------------------------------------
 
 # Operations that pass a value on unchanged in meaning (casts, reshapes): looked through.
-_PASS_THROUGH = {"convert_element_type", "reshape", "squeeze", "expand_dims", "copy", "copy_p"}
+_PASS_THROUGH = {"convert_element_type", "reshape", "squeeze", "expand_dims", "copy"}
 
 
 def _producer(jaxpr, var):

@@ -178,7 +178,7 @@ def _is_transient(error: BaseException) -> bool:
     if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return False  # a file of the checkpoint is missing: it is incomplete
     return isinstance(error, (PermissionError, TimeoutError, ConnectionError, InterruptedError)) or (
-        isinstance(error, OSError) and not isinstance(error, (EOFError,)) and error.errno is not None)
+        isinstance(error, OSError) and error.errno is not None)
 
 
 class TrainingCheckpoints:
@@ -401,13 +401,6 @@ class RunCheckpoints:
             self.save(run, previous, totals, epoch, batches_done, start_step, state=state)
 
         return after_dispatch
-
-    def describe(self, run) -> str:
-        """Where the newest checkpoint stands, for messages: `epoch E, batch B of DIR`."""
-        if self.restored is None:
-            return f"no checkpoint in {self.directory}"
-        meta = self.restored[0]
-        return f"epoch {meta['epoch'] + 1}, batch {meta['batches_done']} of {self.directory}"
 
     def close(self, run=None) -> None:
         try:
