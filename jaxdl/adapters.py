@@ -121,6 +121,16 @@ class SourceInput:
     batches: data.SourceBatches | data.IterableBatches
     kind = "source"
 
+    validation_split = None  # a source has no split: its validation data is another source
+
+    @property
+    def shuffle(self) -> bool:
+        return getattr(self.batches, "shuffle", False)
+
+    @property
+    def drop_remainder(self) -> bool:
+        return getattr(self.batches, "drop_remainder", False)
+
     @property
     def resumable(self) -> bool:
         """Only a random-access source can be rewound to where a checkpoint stood."""

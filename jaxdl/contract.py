@@ -138,17 +138,49 @@ def _final_activation(jaxpr, var, depth: int = 0) -> str | None:
     return None
 
 
+class _Ignored:
+    """A value carried through a cache key without being part of it."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, _Ignored)
+
+
+@functools.lru_cache(maxsize=64)
+def _traced(apply_fn: Callable, input_shape: tuple, variables: _Ignored, train_flag: str | None):
+    forward = inference(apply_fn, train_flag)
+    shapes = jax.eval_shape(lambda: variables.value)
+    return jax.make_jaxpr(forward)(shapes, jax.ShapeDtypeStruct((1, *input_shape), "float32"))
+
+
+def inference_jaxpr(apply_fn: Callable, variables: Any, input_shape, train_flag: str | None = AUTO):
+    """The model's operations in inference mode on one float32 example of `input_shape` (nothing computed).
+
+    Traced once per model, input shape and flag: one model at one input
+    shape has one set of operations (and one structure of variables), so
+    `fit`'s checks (the loop kind, the outputs' activation and shape) share it.
+    """
+    train_flag = resolve_train_flag(apply_fn, train_flag)
+    arguments = (apply_fn, tuple(input_shape), _Ignored(variables), train_flag)
+    try:
+        return _traced(*arguments)
+    except TypeError:  # an unhashable model: trace it uncached
+        return _traced.__wrapped__(*arguments)
+
+
 def traced_outputs(apply_fn: Callable, variables: Any, input_shape: tuple,
                    train_flag: str | None) -> tuple[str | None, tuple]:
     """`(final activation, output shape)` of the model on one example of `input_shape`, in inference mode.
 
     The activation is "sigmoid" or "softmax" when the outputs come out of
-    one (probabilities, not logits), else None. Read from the traced
-    operations: nothing is computed.
+    one (probabilities, not logits), else None.
     """
-    forward = inference(apply_fn, train_flag)
-    shapes = jax.eval_shape(lambda: variables)
-    closed = jax.make_jaxpr(forward)(shapes, jax.ShapeDtypeStruct((1, *input_shape), "float32"))
+    closed = inference_jaxpr(apply_fn, variables, input_shape, train_flag)
     outputs = closed.jaxpr.outvars
     shape = tuple(closed.out_avals[0].shape) if closed.out_avals else ()
     if len(outputs) != 1:

@@ -491,10 +491,9 @@ def _run_checkpoints(directory, keep, run: FitRun, inputs, callbacks, contract: 
                          "batches cannot be rewound to where a checkpoint stood")
     config = run_config(
         run.model, run.state, loss=contract["loss"], metrics=contract["metrics"], batch_size=batch_size, seed=seed,
-        shuffle=getattr(inputs, "shuffle", None) if isinstance(inputs, ArrayInput) else inputs.batches.shuffle,
-        drop_remainder=inputs.drop_remainder if isinstance(inputs, ArrayInput) else inputs.batches.drop_remainder,
-        every_steps=every_steps, data_kind=inputs.kind, examples=inputs.num_examples,
-        batches_per_epoch=inputs.batches_per_epoch, validation_split=getattr(inputs, "validation_split", None),
+        shuffle=inputs.shuffle, drop_remainder=inputs.drop_remainder, every_steps=every_steps,
+        data_kind=inputs.kind, examples=inputs.num_examples, batches_per_epoch=inputs.batches_per_epoch,
+        validation_split=inputs.validation_split,
         fingerprint=inputs.fingerprint(), callbacks=callbacks, train_flag=contract["train_flag"])
     return RunCheckpoints(TrainingCheckpoints(directory, keep), callbacks, contract["metrics"], every_steps,
                           steps_per_dispatch, inputs.batches_per_epoch, config)

@@ -21,6 +21,7 @@ and how a train state is built (`jaxdl.train`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -211,7 +212,7 @@ class TrainingCheckpoints:
         """Starts writing checkpoint `step`; the arrays are copied to the host first, so training may go on."""
         ocp = self._ocp
         meta = json.loads(json.dumps(meta))  # a copy: the save is written later, and the run goes on changing it
-        with self._naming_failures(f"starting checkpoint {step}"):
+        with _naming_failures(self, f"starting checkpoint {step}"):
             self.manager.save(step, args=ocp.args.Composite(tree=ocp.args.StandardSave(jax.device_get(tree)),
                                                              meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -268,7 +269,7 @@ class TrainingCheckpoints:
             return
         self.closed = True
         try:
-            with self._naming_failures("finishing the last save"):
+            with _naming_failures(self, "finishing the last save"):
                 self.manager.wait_until_finished()
         finally:
             try:
@@ -284,9 +285,6 @@ class TrainingCheckpoints:
             return error
         return None
 
-    def _naming_failures(self, what: str):
-        return _SaveFailures(self, what)
-
     def remove_temporary(self) -> None:
         """Deletes what a failed save left half-written (orbax's `*.orbax-checkpoint-tmp*` directories)."""
         if not _is_first_process() or not self.directory.exists():
@@ -296,24 +294,20 @@ class TrainingCheckpoints:
                 entry.rmtree() if entry.is_dir() else entry.unlink()
 
 
-class _SaveFailures:
+@contextlib.contextmanager
+def _naming_failures(checkpoints: TrainingCheckpoints, what: str):
     """Turns any failure of a save into a `CheckpointSaveError` naming the directory, cleaning up after it."""
-
-    def __init__(self, checkpoints: TrainingCheckpoints, what: str):
-        self.checkpoints, self.what = checkpoints, what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None or not isinstance(error, Exception) or isinstance(error, CheckpointSaveError):
-            return False
-        self.checkpoints.remove_temporary()
-        kept = self.checkpoints.steps()
+    try:
+        yield
+    except CheckpointSaveError:
+        raise
+    except Exception as error:  # noqa: BLE001 - orbax, tensorstore and the file system each raise their own
+        checkpoints.remove_temporary()
+        kept = checkpoints.steps()
         raise CheckpointSaveError(
-            f"saving a checkpoint of the run in {self.checkpoints.directory} failed ({type(error).__name__}: "
+            f"saving a checkpoint of the run in {checkpoints.directory} failed ({type(error).__name__}: "
             f"{error}); the checkpoints saved before it ({', '.join(map(str, kept)) or 'none'}) are intact, and "
-            f"the half-written one was removed (the failure surfaced while {self.what})") from error
+            f"the half-written one was removed (the failure surfaced while {what})") from error
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ import optax
 from flax.training import train_state
 
 from jaxdl import data, losses, sharding
-from jaxdl.contract import AUTO, flag_kwargs, inference, resolve_train_flag
+from jaxdl.contract import AUTO, flag_kwargs, inference, inference_jaxpr, resolve_train_flag
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
 from jaxdl.precision import loss_scale, with_precision
 
@@ -527,27 +527,6 @@ def _has_convolution(jaxpr) -> bool:
     return False
 
 
-class _Ignored:
-    """A value carried through a cache key without being part of it."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __hash__(self):
-        return 0
-
-    def __eq__(self, other):
-        return isinstance(other, _Ignored)
-
-
-@functools.lru_cache(maxsize=64)
-def _convolves(apply_fn, input_shape: tuple, variables: _Ignored, train_flag: str | None) -> bool:
-    """Whether `apply_fn` convolves: one model (`apply_fn`) at one input shape has one set of operations."""
-    shapes = jax.eval_shape(lambda: variables.value)
-    forward = inference(apply_fn, train_flag)
-    return _has_convolution(jax.make_jaxpr(forward)(shapes, jnp.zeros((1, *input_shape))).jaxpr)
-
-
 def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: str | None = AUTO) -> bool:
     """Whether a compiled loop over steps would be slow for this model here: convolutions on XLA:CPU.
 
@@ -558,11 +537,7 @@ def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: 
     """
     if jax.default_backend() != "cpu":
         return False
-    train_flag = resolve_train_flag(apply_fn, train_flag)
-    try:
-        return _convolves(apply_fn, tuple(input_shape), _Ignored(variables), train_flag)
-    except TypeError:  # an unhashable model: trace it uncached
-        return _convolves.__wrapped__(apply_fn, tuple(input_shape), _Ignored(variables), train_flag)
+    return _has_convolution(inference_jaxpr(apply_fn, variables, input_shape, train_flag).jaxpr)
 
 
 def zero_totals(metrics: Sequence[str]) -> dict:
