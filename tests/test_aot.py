@@ -68,30 +68,55 @@ def test_a_crafted_entry_runs_code_when_trusted(tmp_path):
     assert (tmp_path / "marker").exists()
 
 
-def give_away(path):
-    if os.getuid() != 0:
-        pytest.skip("giving a file to another user needs root")
-    os.chown(path, os.getuid() + 1, -1, follow_symlinks=False)
+class OwnedByAnotherUser:
+    """A stat result as it would read had another user's uid been given the file (which needs root to do)."""
+
+    def __init__(self, info):
+        self._info = info
+
+    @property
+    def st_uid(self):
+        return os.getuid() + 1
+
+    def __getattr__(self, name):
+        return getattr(self._info, name)
 
 
-def link_elsewhere(path):
+def give_away(path, monkeypatch):
+    """`path` (this inode, not whatever later takes its name) reads as another user's through `os.stat`/`fstat`/`lstat`:
+    the owner check is exercised for any user, not only root."""
+    inode = path.lstat().st_dev, path.lstat().st_ino
+
+    def disowning(real):
+        def stat_as_given_away(*args, **kwargs):
+            info = real(*args, **kwargs)
+            return OwnedByAnotherUser(info) if (info.st_dev, info.st_ino) == inode else info
+        return stat_as_given_away
+
+    for name in ("stat", "fstat", "lstat"):
+        monkeypatch.setattr(os, name, disowning(getattr(os, name)))
+
+
+def link_elsewhere(path, monkeypatch):
     target = path.parent.parent / "elsewhere.executable"
     path.replace(target)
     path.symlink_to(target)
 
 
 @pytest.mark.parametrize("make_untrusted", [
-    lambda path: path.chmod(0o620),
-    lambda path: path.chmod(0o606),
+    lambda path, monkeypatch: path.chmod(0o620),
+    lambda path, monkeypatch: path.chmod(0o606),
     give_away,
     link_elsewhere,
 ], ids=["group-writable", "other-writable", "not-owned", "symbolic-link"])
-def test_an_untrusted_entry_is_never_loaded_but_rebuilt(tmp_path, make_untrusted):
+def test_an_untrusted_entry_is_never_loaded_but_rebuilt(tmp_path, monkeypatch, make_untrusted):
+    """"not-owned" fakes the owner through the stat results (no root needed); with `_written_by_this_user`'s uid
+    comparison removed it was seen failing (the crafted payload ran), as the other cases fail without their check."""
     directory = tmp_path / "programs"
     directory.mkdir(mode=0o700)
     x = np.ones((4, 3), np.float32)
     entry = plant_crafted_entry(directory, "k", tmp_path / "marker", x)
-    make_untrusted(entry)
+    make_untrusted(entry, monkeypatch)
     program = aot.cached_program(forward, (x,), directory, "k")
     tolerance.assert_close(program(x), np.tanh(x @ WEIGHTS), tolerance.ONE_OP)
     assert not (tmp_path / "marker").exists()
@@ -100,14 +125,21 @@ def test_an_untrusted_entry_is_never_loaded_but_rebuilt(tmp_path, make_untrusted
     aot.cached_program(must_not_trace, (x,), directory, "k")  # the rebuilt entry is trusted: loaded, not traced
 
 
-@pytest.mark.parametrize("mode", [0o770, 0o777, 0o1777], ids=["group-writable", "other-writable", "sticky"])
-def test_a_directory_others_can_write_in_is_not_used(tmp_path, mode):
+@pytest.mark.parametrize("mode", [0o770, 0o777, 0o1777, "not-owned"],
+                         ids=["group-writable", "other-writable", "sticky", "not-owned"])
+def test_a_directory_others_can_write_in_is_not_used(tmp_path, monkeypatch, mode):
+    """"not-owned" is a private directory whose stat reads as another user's (faked, so no root is needed); with the
+    uid comparison removed from `_open_private_directory` it was seen failing (the crafted payload ran)."""
     directory = tmp_path / "shared"
     directory.mkdir()
     x = np.ones((4, 3), np.float32)
     entry = plant_crafted_entry(directory, "k", tmp_path / "marker", x)
     planted = entry.read_bytes()
-    directory.chmod(mode)
+    if mode == "not-owned":
+        directory.chmod(0o700)
+        give_away(directory, monkeypatch)
+    else:
+        directory.chmod(mode)
     with pytest.warns(UserWarning, match="not used as a program cache"):
         program = aot.cached_program(forward, (x,), directory, "k")
     tolerance.assert_close(program(x), np.tanh(x @ WEIGHTS), tolerance.ONE_OP)
@@ -193,3 +225,4 @@ def test_the_processor_is_named_by_its_features_or_else_by_its_host(monkeypatch)
     assert aot._processor_description("") != unknown
     monkeypatch.setattr(aot.platform, "machine", lambda: "riscv64")
     assert aot._processor_description(X86_CPUINFO)[0] == "riscv64"
+
