@@ -9,6 +9,7 @@ import pytest
 from experiments.digits import CNN_LAYERS, load_split
 from jaxdl import MLP, ConvNet, create_train_state, evaluate, fit, make_train_step
 from jaxdl.precision import with_precision
+from tests import tolerance
 from tests.toy_data import CE, blobs
 
 
@@ -30,20 +31,71 @@ def test_half_precision_computes_in_half_and_keeps_float32_masters(precision):
     assert (state.dynamic_scale is not None) == (precision == "float16")
 
 
-def test_float16_skips_a_step_whose_gradients_overflow_and_lowers_the_scale():
+STEP = make_train_step(CE)  # one compiled step per state structure, shared by the tests below
+
+
+def sgd_state(precision):
+    """A 2-layer MLP with plain SGD (rate 1): an update is the gradient itself, so its scale shows."""
+    x, _ = blobs(16)
+    return create_train_state(MLP(features=(8,), num_outputs=3), optax.sgd(1.0), x.shape[1:], jax.random.key(0),
+                              precision=precision)
+
+
+def with_scale(state, scale, fin_steps):
+    return state.replace(dynamic_scale=state.dynamic_scale.replace(scale=jnp.asarray(scale, jnp.float32),
+                                                                   fin_steps=jnp.asarray(fin_steps, jnp.int32)))
+
+
+def test_a_float16_sgd_step_updates_as_the_float32_step_does():
+    """The loss is scaled by 2^15 before differentiating and the gradients divided back: with SGD (not
+    scale-invariant as Adam is) the float16 update is the float32 one within float16's rounding.
+
+    Seen failing on a variant that never divides the gradients by the scale (updates 32768x too large).
+    """
     x, y = blobs(16)
-    state = create_train_state(MLP(features=(8,), num_outputs=3), optax.sgd(0.1), x.shape[1:], jax.random.key(0),
-                               precision="float16")
-    step = make_train_step(CE)
-    # A loss scaled by 2^40 overflows float16 (largest 65504): the update is skipped, the scale halved.
-    huge = state.replace(dynamic_scale=state.dynamic_scale.replace(scale=jnp.asarray(2.0 ** 40, jnp.float32)))
+    step = STEP
+    start = jax.tree.map(np.asarray, sgd_state(None).params)
+    (half, half_sums), (full, full_sums) = [step(sgd_state(p), {"x": x, "y": y}) for p in ("float16", None)]
+    assert float(half.dynamic_scale.scale) == 2.0 ** 15  # the scale the update went through
+    update = lambda state: jax.tree.map(lambda new, old: np.asarray(new) - old, state.params, start)  # noqa: E731
+    magnitude = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(update(full)))
+    assert magnitude > 0.1  # a real step, not a vanishing one
+    tolerance.assert_close(update(half), update(full), tolerance.float16_update(magnitude))
+    # The logged loss is unscaled too (float16 outputs, summed in float32)
+    tolerance.assert_close(half_sums["loss"], full_sums["loss"], tolerance.float16_update(float(full_sums["loss"])))
+
+
+def test_the_float16_scale_doubles_after_its_period_of_finite_steps():
+    """Flax's DynamicScale counts finite steps; at `growth_interval` of them the next finite step doubles the scale
+    and restarts the count.
+
+    Seen failing on a variant whose step keeps the incoming loss scale (the scale never moves).
+    """
+    x, y = blobs(16)
+    step = STEP
+    state = sgd_state("float16")
+    period = int(state.dynamic_scale.growth_interval)
+    state, _ = step(with_scale(state, 2.0 ** 10, period - 1), {"x": x, "y": y})
+    assert (float(state.dynamic_scale.scale), int(state.dynamic_scale.fin_steps)) == (2.0 ** 10, period)
+    state, _ = step(state, {"x": x, "y": y})
+    assert (float(state.dynamic_scale.scale), int(state.dynamic_scale.fin_steps)) == (2.0 ** 11, 0)
+    assert int(state.step) == 2
+
+
+def test_float16_skips_a_step_whose_gradients_overflow_and_lowers_the_scale():
+    """Seen failing on a variant whose step keeps the incoming loss scale (not halved)."""
+    x, y = blobs(16)
+    step = STEP
+    # A loss scaled by 2^40 overflows float16 (largest 65504): the update is skipped, the scale halved and
+    # its count of finite steps restarted.
+    huge = with_scale(sgd_state("float16"), 2.0 ** 40, 7)
     before = jax.tree.map(np.asarray, huge.params)
     after, _ = step(huge, {"x": x, "y": y})
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after.params), before)
-    assert float(after.dynamic_scale.scale) == 2.0 ** 39 and int(after.step) == 1
+    assert float(after.dynamic_scale.scale) == 2.0 ** 39 and int(after.dynamic_scale.fin_steps) == 0
+    assert int(after.step) == 1
     # At the default scale (2^15) the gradients fit: the parameters move.
-    moved, _ = step(create_train_state(MLP(features=(8,), num_outputs=3), optax.sgd(0.1), x.shape[1:],
-                                       jax.random.key(0), precision="float16"), {"x": x, "y": y})
+    moved, _ = step(sgd_state("float16"), {"x": x, "y": y})
     assert not np.array_equal(np.asarray(moved.params["logits"]["kernel"]), before["logits"]["kernel"])
 
 
