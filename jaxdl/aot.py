@@ -169,6 +169,36 @@ def _open_private_directory(directory: str | os.PathLike) -> int:
     return directory_fd
 
 
+def open_compilation_cache(directory: str | os.PathLike) -> int:
+    """A descriptor of `directory` (made with mode 0o700 if missing) fit to hold JAX's own compilation cache.
+
+    JAX's persistent cache loads native code from files it opens by name, with
+    no check of its own, so the directory must pass `_open_private_directory`'s
+    check, and every entry already in it must be a regular file (not a
+    symbolic link) owned by this user that no one else who can reach it may
+    write: a group or other write bit counts where the directory lets that
+    class search it. Raises UntrustedCacheError naming what failed. The caller
+    keeps the descriptor open and gives JAX a path through it
+    (`/proc/self/fd/N`), so the directory's ancestors need no check.
+    """
+    directory_fd = _open_private_directory(directory)
+    try:
+        mode = os.fstat(directory_fd).st_mode
+        reachable = ((stat.S_IWGRP if mode & stat.S_IXGRP else 0) | (stat.S_IWOTH if mode & stat.S_IXOTH else 0))
+        with os.scandir(directory_fd) as listing:
+            for item in listing:
+                with contextlib.suppress(FileNotFoundError):  # evicted meanwhile by another of this user's processes
+                    info = os.stat(item.name, dir_fd=directory_fd, follow_symlinks=False)
+                    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & reachable:
+                        raise UntrustedCacheError(
+                            f"its entry {item.name!r} must be a regular file owned by uid {os.getuid()} that no one "
+                            f"else can write; it is owned by uid {info.st_uid} with mode {stat.filemode(info.st_mode)}")
+    except BaseException:
+        os.close(directory_fd)
+        raise
+    return directory_fd
+
+
 def _written_by_this_user(info: os.stat_result) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & _WRITABLE_BY_OTHERS
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,10 +18,29 @@ import jax
 
 
 def enable_compilation_cache() -> None:
-    """Keeps compiled XLA programs on disk, so the next process skips compilation."""
+    """Keeps compiled XLA programs on disk in $JAXDL_CACHE/xla, so the next process skips compilation.
+
+    JAX loads native code from that cache, so it is used only where
+    `jaxdl.aot` would keep its own programs: a directory this user owns that
+    no one else can write in, holding only this user's files
+    (`aot.open_compilation_cache`). Otherwise one line on stderr names the
+    directory and why, and the cache stays off. JAX is given the checked
+    directory through its descriptor where /proc/self/fd exists, so a path
+    swapped later leads nowhere else.
+    """
+    from jaxdl import aot
     from jaxdl.pretrained import cache_dir
 
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    directory = cache_dir() / "xla"
+    try:
+        directory_fd = aot.open_compilation_cache(directory)
+    except OSError as error:
+        print(f"jaxdl: {directory} is not used as a compilation cache: {error}", file=sys.stderr)
+        return
+    # Left open for the life of the process: JAX opens its entries through it.
+    through_descriptor = f"/proc/self/fd/{directory_fd}"
+    path = through_descriptor if os.path.isdir(through_descriptor) else str(directory)
+    jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl import aot, create_train_state, MLP, save_model
+from jaxdl import aot, cli, create_train_state, MLP, save_model
 from jaxdl.checkpoint import fingerprint
 from tests import tolerance
 
@@ -226,3 +226,78 @@ def test_the_processor_is_named_by_its_features_or_else_by_its_host(monkeypatch)
     monkeypatch.setattr(aot.platform, "machine", lambda: "riscv64")
     assert aot._processor_description(X86_CPUINFO)[0] == "riscv64"
 
+
+def enable_cli_cache(monkeypatch, cache):
+    """`jaxdl`'s `enable_compilation_cache` for $JAXDL_CACHE=`cache`: the JAX options it set (recorded, not applied,
+    so the session keeps its own cache) and the descriptor it left open for JAX, closed here."""
+    monkeypatch.setenv("JAXDL_CACHE", str(cache))
+    options = {}
+    monkeypatch.setattr(jax.config, "update", lambda name, value: options.__setitem__(name, value))
+    cli.enable_compilation_cache()
+    path = options.get("jax_compilation_cache_dir", "")
+    if path.startswith("/proc/self/fd/"):  # the checked directory, through its descriptor
+        options["jax_compilation_cache_dir"] = os.readlink(path)
+        os.close(int(path.rsplit("/", 1)[1]))
+    return options
+
+
+def make_cache(tmp_path, directory_mode, entry_mode):
+    """$JAXDL_CACHE with an `xla` directory of `directory_mode` holding one entry of `entry_mode`."""
+    directory = tmp_path / "cache" / "xla"
+    directory.mkdir(parents=True)
+    entry = directory / "jit_f-0123-cache"
+    entry.write_bytes(b"compiled")
+    entry.chmod(entry_mode)
+    directory.chmod(directory_mode)
+    return directory, entry
+
+
+@pytest.mark.parametrize("directory_mode, entry_mode", [(None, None), (0o755, 0o644), (0o700, 0o666)],
+                         ids=["created", "readable-by-all", "entries-out-of-reach"])
+def test_the_cli_uses_a_private_compilation_cache(tmp_path, monkeypatch, capsys, directory_mode, entry_mode):
+    """A new $JAXDL_CACHE/xla is made private; one that others can read but not write is used, as is one whose
+    group-writable entries (umask 002) no one else can reach."""
+    if directory_mode is None:
+        directory = tmp_path / "cache" / "xla"
+    else:
+        directory, _ = make_cache(tmp_path, directory_mode, entry_mode)
+    options = enable_cli_cache(monkeypatch, tmp_path / "cache")
+    assert os.path.samefile(options["jax_compilation_cache_dir"], directory)
+    assert options["jax_persistent_cache_min_compile_time_secs"] == 0.0
+    assert stat.S_IMODE(directory.stat().st_mode) == (directory_mode or 0o700)
+    assert capsys.readouterr().err == ""
+
+
+def entry_linked_elsewhere(directory, entry, monkeypatch):
+    entry.unlink()
+    (directory.parent / "elsewhere").write_bytes(b"compiled")
+    entry.symlink_to(directory.parent / "elsewhere")
+
+
+@pytest.mark.parametrize("directory_mode, entry_mode, change, reason", [
+    (0o770, 0o600, None, "writable by no one else; it is owned by uid {uid} with mode drwxrwx---"),
+    (0o777, 0o600, None, "with mode drwxrwxrwx"),
+    (0o1777, 0o600, None, "with mode drwxrwxrwt"),
+    (0o700, 0o600, lambda directory, entry, monkeypatch: give_away(directory, monkeypatch),
+     "it is owned by uid {other} with mode drwx------"),
+    (0o750, 0o660, None, "its entry 'jit_f-0123-cache' must be a regular file owned by uid {uid} that no one else "
+                         "can write; it is owned by uid {uid} with mode -rw-rw----"),
+    (0o705, 0o602, None, "with mode -rw-----w-"),
+    (0o700, 0o600, lambda directory, entry, monkeypatch: give_away(entry, monkeypatch),
+     "it is owned by uid {other} with mode -rw-------"),
+    (0o700, 0o600, entry_linked_elsewhere, "with mode l"),
+], ids=["group-writable", "other-writable", "sticky", "not-owned", "entry-group-writable", "entry-other-writable",
+        "entry-not-owned", "entry-symbolic-link"])
+def test_the_cli_leaves_a_compilation_cache_others_could_write_off(tmp_path, monkeypatch, capsys, directory_mode,
+                                                                     entry_mode, change, reason):
+    """JAX's cache loads native code, so `jaxdl` checks it as `jaxdl.aot` checks its own (owners faked through the
+    stat results, so any user runs every case): one line on stderr names the directory and why, and no JAX option is
+    set. Seen failing with the check taken out of `enable_compilation_cache` (the cache was enabled in every case),
+    and with the entry loop taken out of `aot.open_compilation_cache` (the entry cases)."""
+    directory, entry = make_cache(tmp_path, directory_mode, entry_mode)
+    if change:
+        change(directory, entry, monkeypatch)
+    assert enable_cli_cache(monkeypatch, tmp_path / "cache") == {}
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"jaxdl: {directory} is not used as a compilation cache: ")
+    assert reason.format(uid=os.getuid(), other=os.getuid() + 1) in line
