@@ -17,18 +17,29 @@ def legacy_name(name: str) -> str:
 
 
 def build(alpha: float, size: int, include_top: bool, pooling: str | None, seed: int):
-    """A Keras MobileNetV2 with random kernels and random BatchNorm parameters and statistics."""
+    """A Keras MobileNetV2 with random kernels, random BatchNorm parameters and statistics, and a random
+    classifier bias; with the top, its output is the logits (no softmax), so that parity is checked on values
+    of order 1 rather than on 1000 probabilities near 0.001.
+
+    The bias is drawn from N(0, 1), the logits' own scale: Keras initialises it to zeros, and a converter that
+    dropped it would then agree with Keras.
+    """
     import keras
 
     keras.utils.set_random_seed(seed)
     model = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=alpha, include_top=include_top,
-                                           pooling=pooling, weights=None)
+                                           pooling=pooling, weights=None,
+                                           classifier_activation=None if include_top else "softmax")
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             channels = layer.gamma.shape[0]
             layer.set_weights([rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.1, channels),
                                rng.normal(0, 0.1, channels), rng.uniform(0.5, 1.5, channels)])
+    if include_top:
+        head = model.get_layer("predictions")
+        kernel, bias = head.get_weights()
+        head.set_weights([kernel, rng.normal(0, 1, bias.shape).astype(bias.dtype)])
     return model
 
 

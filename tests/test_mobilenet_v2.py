@@ -19,22 +19,34 @@ from hypothesis import strategies as st
 
 
 
-def keras_tolerance(config: dict, expected: np.ndarray) -> "tolerance.Tolerance":
-    """Probabilities: the mission's 1e-5; features: relative to their size (they reach ~10 here)."""
-    if config["include_top"]:
-        return tolerance.CROSS_FRAMEWORK_PROBABILITIES
+def keras_tolerance(expected: np.ndarray) -> "tolerance.Tolerance":
+    """Logits (the reference models' top has no softmax) and features, relative to their size (they reach ~10)."""
     return tolerance.cross_framework_activations(np.abs(expected).max())
+
+
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    """The softmax in float64 numpy: the reference probabilities from Keras's logits."""
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_outputs_and_every_blocks_output_match_keras(converted_models, name):
-    """The outputs, and block by block as jax-resnet's parity tests do: a divergence is located, not just seen."""
+    """Logits, probabilities, and block by block as jax-resnet's parity tests do: a divergence is located.
+
+    The reference has a random N(0, 1) classifier bias and is compared on logits: seen failing with the
+    converter's Dense bias replaced by zeros (a0.35-96-top-legacy: probabilities off by 0.0155), which the
+    former reference, whose bias Keras had initialised to zeros, agreed with.
+    """
     config, model, variables, images, expected, keras_blocks, _ = converted_models(name)
     assert model.alpha == config["alpha"] and model.include_top == config["include_top"]
     ours, state = jax.jit(functools.partial(model.apply, capture_intermediates=True))(variables, images)
-    assert ours.shape == expected.shape
-    tolerance.assert_close(ours, expected, keras_tolerance(config, expected))
     intermediates = state["intermediates"]
+    if config["include_top"]:  # the model's softmax output, and the logits before it
+        tolerance.assert_close(ours, softmax64(expected), tolerance.CROSS_FRAMEWORK_PROBABILITIES, "probabilities")
+        ours = intermediates["predictions"]["__call__"][0]
+    assert ours.shape == expected.shape
+    tolerance.assert_close(ours, expected, keras_tolerance(expected))
     for block, reference in keras_blocks.items():
         value = intermediates[block]["__call__"][0] if block != "out_relu" else jax.nn.relu6(
             intermediates["Conv_1_bn"]["__call__"][0])
@@ -47,11 +59,14 @@ def test_outputs_and_every_blocks_output_match_keras(converted_models, name):
 @pytest.mark.parametrize("name, implementation", [(name, "matmul") for name in sorted(CONFIGS)] + [
     ("a0.35-96-top-legacy", "xla"), ("a1.4-160-max-legacy", "xla")])
 def test_folded_batchnorm_and_both_conv_implementations_match_keras(converted_models, name, implementation):
+    """Compared on logits: seen failing with the running mean left out of the folded bias (a1.4-160-max-legacy,
+    xla: features off by 0.667)."""
     config, model, variables, images, expected, _, _ = converted_models(name)
-    fast_model, fast_variables = folded(model.clone(conv_implementation=implementation), variables)
+    logits_model = model.clone(conv_implementation=implementation, classifier_activation=None)
+    fast_model, fast_variables = folded(logits_model, variables)
     assert "batch_stats" not in fast_variables
     ours = np.asarray(jax.jit(fast_model.apply)(fast_variables, images))
-    tolerance.assert_close(ours, expected, keras_tolerance(config, expected))
+    tolerance.assert_close(ours, expected, keras_tolerance(expected))
 
 
 def test_keras_shape_mismatch_names_the_layer(tmp_path, converted_models):
