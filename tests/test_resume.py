@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdl import MLP, CSVLogger, EarlyStopping, fit
+from jaxdl import MLP, CSVLogger, EarlyStopping, fit, load_model
+from jaxdl.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from toy_data import CE, blobs
 
 TESTS = Path(__file__).parent
@@ -59,6 +60,43 @@ def test_a_run_resumed_from_any_checkpoint_ends_bitwise_as_the_uninterrupted_run
         assert params_equal(state.params, expected.params), checkpoint_id
         assert history == expected_history, checkpoint_id
     assert (tmp_path / "run.csv").read_text() == (tmp_path / "uninterrupted.csv").read_text()
+
+
+def test_reduce_lr_on_plateau_and_model_checkpoint_resume_where_they_stood(tmp_path):
+    """A run that died after epoch 3 of 6, resumed: the rate is reduced at the same epochs, the saved best is
+    the same model, the parameters and history are bitwise the uninterrupted run's.
+
+    ReduceLROnPlateau (min_delta 1e9: only epoch 0 improves) is inside its cooldown at the crash, its best
+    kept; ModelCheckpoint maximises a falling loss, so its best stays epoch 0 and any save after the resume
+    is a forgotten best. Seen failing on a variant whose callbacks restore nothing of their checkpointed
+    state (other parameters: the rate was not reduced after epoch 3), and on one where ModelCheckpoint alone
+    forgets its best (epoch 3 saved over epoch 0).
+    """
+    import optax
+
+    x, y = blobs(n=24)
+
+    def train(directory):
+        callbacks = [ReduceLROnPlateau("loss", factor=0.5, patience=1, min_delta=1e9, cooldown=2),
+                     ModelCheckpoint(directory.with_suffix(".best"), monitor="loss", mode="max")]
+        return fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=6, batch_size=8, verbose=0,
+                   optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), callbacks=callbacks,
+                   checkpoint_dir=directory, keep=10)
+
+    expected, expected_history = train(tmp_path / "uninterrupted")
+    # Reduced after epochs 1 and 3 (cooldown 2), shown from the next epoch; and after epoch 5, in the state.
+    assert expected_history["learning_rate"] == [float(np.float32(r)) for r in (0.1, 0.1, 0.05, 0.05, 0.025, 0.025)]
+    assert all(np.diff(expected_history["loss"]) < 0)  # ModelCheckpoint's best stays epoch 0
+    shutil.copytree(tmp_path / "uninterrupted", tmp_path / "run")
+    shutil.copytree(tmp_path / "uninterrupted.best", tmp_path / "run.best")  # saved at epoch 0 only
+    crash_after(tmp_path / "run", 9)  # 3 batches an epoch: the end of epoch 3
+    state, history = train(tmp_path / "run")
+    assert params_equal(state.params, expected.params) and history == expected_history
+    assert params_equal(state.opt_state, expected.opt_state)  # the rate of the last reduction too
+    _, saved, metadata = load_model(tmp_path / "run.best")
+    _, expected_saved, expected_metadata = load_model(tmp_path / "uninterrupted.best")
+    assert metadata == expected_metadata == {"epoch": 0, "loss": history["loss"][0]}
+    assert params_equal(saved, expected_saved)
 
 
 def test_a_finished_run_called_again_returns_its_result_without_training(tmp_path):
@@ -121,6 +159,16 @@ class Slow:  # a source slow enough for the parent to catch the run inside an ep
         time.sleep(0.02)
         return {{"image": x[index], "label": y[index]}}
 
+if mode == "arrays":  # in-memory arrays, their host batches slowed as the source's examples are
+    from jaxdl.adapters import ArrayInput
+    batches_of = ArrayInput.host_batches
+
+    def slow_batches(self, *args):
+        for batch in batches_of(self, *args):
+            time.sleep(0.15)
+            yield batch
+
+    ArrayInput.host_batches = slow_batches
 if mode == "slow-save":  # a save that takes a second between writing and committing its files
     from orbax.checkpoint._src.path import atomicity
     commit = atomicity.AtomicRenameTemporaryPath.finalize
@@ -130,8 +178,8 @@ if mode == "slow-save":  # a save that takes a second between writing and commit
         return await commit(self, *args, **kwargs)
 
     atomicity.AtomicRenameTemporaryPath.finalize = slow_commit
-fit(MLP(features=(8,), num_outputs=3, dropout_rate=0.2), Slow(), loss=CE, epochs=3, batch_size=8, verbose=0,
-    seed=3, checkpoint_dir=directory, checkpoint_every=2)
+fit(MLP(features=(8,), num_outputs=3, dropout_rate=0.2), *((x, y) if mode == "arrays" else (Slow(),)), loss=CE,
+    epochs=3, batch_size=8, verbose=0, seed=3, checkpoint_dir=directory, checkpoint_every=2)
 """
 
 
@@ -159,22 +207,31 @@ def kill_when(runs: dict) -> None:
 
 
 def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
+    """Sources killed inside an epoch and inside a save, and in-memory arrays killed inside an epoch.
+
+    The arrays' run was seen failing on a variant whose resumed epoch draws its shuffle order from the step
+    it resumed at rather than the step the epoch started at (the source runs, ordered by epoch, passed on it).
+    """
     x, y = blobs(n=44)
     source = [{"image": row, "label": label} for row, label in zip(x, y)]
     options = dict(loss=CE, epochs=3, batch_size=8, verbose=0, seed=3, checkpoint_every=2)
     model = MLP(features=(8,), num_outputs=3, dropout_rate=0.2)
-    expected, expected_history = fit(model, source, **options, checkpoint_dir=tmp_path / "uninterrupted")
+    inputs = {"source": (source,), "arrays": (x, y)}
+    expected = {kind: fit(model, *data, **options, checkpoint_dir=tmp_path / f"uninterrupted-{kind}")
+                for kind, data in inputs.items()}
 
     inside_epoch = lambda d: any(i % 6 and i > 6 for i in checkpoint_ids(d))  # noqa: E731 (inside epoch 2)
     in_a_save = lambda d: checkpoint_ids(d) and any("tmp" in name for name in os.listdir(d))  # noqa: E731
     kill_when({tmp_path / "killed-in-epoch": ("slow-steps", inside_epoch),
-               tmp_path / "killed-in-save": ("slow-save", in_a_save)})
+               tmp_path / "killed-in-save": ("slow-save", in_a_save),
+               tmp_path / "arrays-killed-in-epoch": ("arrays", inside_epoch)})
     assert any("tmp" in name for name in os.listdir(tmp_path / "killed-in-save"))  # killed mid-save indeed
 
-    for run in ("killed-in-epoch", "killed-in-save"):
-        state, history = fit(model, source, **options, checkpoint_dir=tmp_path / run)
-        assert params_equal(state.params, expected.params), run
-        assert history == expected_history, run
+    for run, kind in (("killed-in-epoch", "source"), ("killed-in-save", "source"),
+                      ("arrays-killed-in-epoch", "arrays")):
+        state, history = fit(model, *inputs[kind], **options, checkpoint_dir=tmp_path / run)
+        assert params_equal(state.params, expected[kind][0].params), run
+        assert history == expected[kind][1], run
         assert json.dumps(history)  # the history is plain data
 
 
