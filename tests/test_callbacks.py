@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl import MLP, EarlyStopping, checkpoint, create_train_state, fit, load_model, predict
+from jaxdl import MLP, Callback, EarlyStopping, checkpoint, create_train_state, fit, load_model, predict
 from jaxdl.callbacks import (CSVLogger, FitRun, ModelCheckpoint, ReduceLROnPlateau, TensorBoard,
                              injected_learning_rates)
 from jaxdl.sharding import data_mesh
@@ -24,6 +24,113 @@ def sgd(learning_rate):
 def rate_of(state) -> float:
     (node,) = injected_learning_rates(state.opt_state)
     return float(node.hyperparams["learning_rate"])
+
+
+# --- EarlyStopping --------------------------------------------------------------------------------
+
+
+class KerasModel:
+    """What Keras's EarlyStopping and ModelCheckpoint touch of a model; its weights are the epoch they are from."""
+
+    def __init__(self):
+        self.epoch, self.stop_training, self.saved = None, False, []
+
+    def get_weights(self):
+        return [np.asarray(self.epoch)]
+
+    def set_weights(self, weights):
+        self.epoch = int(weights[0])
+
+    def save(self, filepath, overwrite=True):
+        self.saved.append((self.epoch, filepath))
+
+
+# Monitored values with ties, a gain smaller than 0.05, a long plateau, and the best before the last epoch.
+MONITORED = {"val_loss": [1.0, 0.8, 0.8, 0.9, 0.77, 0.7, 0.72, 0.74, 0.73, 0.71, 0.75, 0.76],
+             "val_accuracy": [0.5, 0.6, 0.6, 0.55, 0.63, 0.7, 0.7, 0.68, 0.69, 0.7, 0.66, 0.6]}
+
+
+def test_early_stopping_stops_and_restores_as_keras_does():
+    """Keras 3's EarlyStopping and ours, given the same monitored values: the same stop epoch, best epoch and
+    restored weights, for patience 0, 1, 3 and one longer than the run (all epochs run, the best not the last:
+    Keras restores the best weights then too), with and without min_delta, minimising and maximising.
+
+    Seen failing on three broken variants: patience=0 read as "never stop" (`if self.patience and ...`), a
+    patience counted one epoch late (`wait > patience`), and best weights restored only after an early stop.
+    """
+    import keras
+
+    cases = 0
+    for monitor, values in MONITORED.items():
+        for patience in (0, 1, 3, 20):
+            for min_delta in (0.0, 0.05):
+                theirs = keras.callbacks.EarlyStopping(monitor, patience=patience, min_delta=min_delta,
+                                                       mode="min" if monitor == "val_loss" else "max",
+                                                       restore_best_weights=True)
+                model = KerasModel()
+                theirs.set_model(model)
+                ours = EarlyStopping(monitor, patience=patience, min_delta=min_delta, restore_best_weights=True)
+                run = FitRun(state={"epoch": np.asarray(-1)}, history={})
+                theirs.on_train_begin()
+                ours.on_train_begin(run)
+                case = f"{monitor}, patience={patience}, min_delta={min_delta}"
+                for epoch, value in enumerate(values):  # as fit's loop: train, call back, stop if asked
+                    model.epoch, run.epoch, run.state = epoch, epoch, {"epoch": np.asarray(epoch)}
+                    theirs.on_epoch_end(epoch, {"loss": 0.5, monitor: value})
+                    ours.on_epoch_end(run, epoch, {"loss": 0.5, monitor: value})
+                    assert run.stop_training == model.stop_training, f"{case}, epoch {epoch}"
+                    if run.stop_training:
+                        break
+                theirs.on_train_end()
+                ours.on_train_end(run)
+                assert (ours.best_epoch, ours.stopped_epoch or 0) == (theirs.best_epoch, theirs.stopped_epoch), case
+                assert int(run.state["epoch"]) == model.epoch == theirs.best_epoch, case
+                if patience == 0:  # stops at the first epoch that does not improve on the best by min_delta
+                    assert ours.stopped_epoch is not None and ours.stopped_epoch <= 2, case
+                if patience == 20:  # ran all its epochs, the best before the last
+                    assert ours.stopped_epoch is None and ours.best_epoch < len(values) - 1, case
+                cases += 1
+    assert cases == 16
+
+
+def test_early_stopping_with_patience_0_and_best_weights_after_all_epochs_in_fit():
+    """In `fit`: patience=0 stops at the first epoch whose val_loss is no better than the best before it
+    (read off the history), and a run that ran all its epochs ends on the best epoch's parameters (recorded by a
+    callback of our own), not the last's.
+
+    Seen failing on two broken variants: patience=0 read as "never stop" (all 30 epochs ran), and best weights
+    restored only after an early stop (the last epoch's parameters returned).
+    """
+    x, y = blobs(40, seed=2)
+    x_val, y_val = blobs(20, seed=3)
+
+    class Recorder(Callback):
+        def on_train_begin(self, run):
+            self.params = []
+
+        def on_epoch_end(self, run, epoch, logs):
+            self.params.append(jax.tree.map(np.asarray, run.state.params))
+
+    def train(stop, epochs):
+        recorder = Recorder()
+        state, history = fit(MLP(features=(16,), num_outputs=3), x, y, loss=CE, epochs=epochs, batch_size=8,
+                             optimizer=optax.adam(0.1), validation_data=(x_val, y_val), callbacks=[recorder, stop],
+                             verbose=False)
+        return state, history, recorder.params
+
+    state, history, params = train(EarlyStopping("val_loss", patience=0), epochs=30)
+    losses = history["val_loss"]
+    first_worse = next(i for i in range(1, len(losses)) if losses[i] >= min(losses[:i]))
+    assert len(losses) == first_worse + 1 < 30
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params[-1])))
+
+    # The training loss maximised: its best (epoch 0, before training has lowered it) is not the last epoch,
+    # and patience 10 never runs out in 4 epochs.
+    state, history, params = train(EarlyStopping("loss", mode="max", patience=10, restore_best_weights=True), 4)
+    best = int(np.argmax(history["loss"]))
+    assert len(history["loss"]) == 4 and best < 3
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params[best])))
+    assert not np.array_equal(params[best]["logits"]["kernel"], params[-1]["logits"]["kernel"])
 
 
 # --- ModelCheckpoint ------------------------------------------------------------------------------
