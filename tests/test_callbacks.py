@@ -1,5 +1,7 @@
 """Keras-style callbacks beyond EarlyStopping: ModelCheckpoint, CSVLogger, TensorBoard, ReduceLROnPlateau."""
+import contextlib
 import csv
+import os
 import types
 from typing import Callable
 
@@ -169,6 +171,43 @@ def test_model_checkpoint_every_epoch_formats_the_directory(tmp_path):
     assert [load_model(tmp_path / name)[2] for name in names] == [{"epoch": 0}, {"epoch": 1}]  # no val_loss logged
 
 
+def test_model_checkpoint_saves_the_epochs_and_names_keras_saves(tmp_path, monkeypatch):
+    """Keras 3's ModelCheckpoint and ours, given the same logs: the same epochs saved under the same formatted
+    names (ours without Keras's `.keras`), for the best val_loss (ties, a NaN), the best val_accuracy, and
+    every epoch. Saving itself is recorded, not done, on both sides: which epoch and where is compared.
+
+    Seen failing on two broken variants: one that saves a tie with the best (Keras saves strict improvements),
+    and one that fills `{epoch}` 0-based (Keras's names count from 1).
+    """
+    import keras
+
+    ours_saved = []
+    monkeypatch.setattr(checkpoint, "save_model", lambda directory, model, variables, metadata, overwrite:
+                        ours_saved.append((metadata["epoch"], os.path.basename(directory))))
+    val_loss = MONITORED["val_loss"][:6] + [float("nan")] + MONITORED["val_loss"][6:]
+    logs = [{"loss": 1.0 / (epoch + 1), "val_loss": value, "val_accuracy": accuracy}
+            for epoch, (value, accuracy) in enumerate(zip(val_loss, MONITORED["val_accuracy"] + [0.75]))]
+    name = "{epoch:02d}-{val_loss:.3f}"
+    for monitor, mode, best_only in (("val_loss", "min", True), ("val_accuracy", "max", True),
+                                     ("val_loss", "min", False)):
+        theirs = keras.callbacks.ModelCheckpoint(str(tmp_path / f"{name}.keras"), monitor=monitor, mode=mode,
+                                                 save_best_only=best_only)
+        model = KerasModel()
+        theirs.set_model(model)
+        ours = ModelCheckpoint(tmp_path / name, monitor=monitor, save_best_only=best_only)  # mode "auto"
+        run, ours_saved[:] = FitRun(state=types.SimpleNamespace(variables={}), history={},
+                                    model=MLP(features=(2,), num_outputs=2)), []
+        theirs.on_train_begin()
+        ours.on_train_begin(run)
+        for epoch, epoch_logs in enumerate(logs):
+            model.epoch = epoch
+            theirs.on_epoch_end(epoch, dict(epoch_logs))
+            ours.on_epoch_end(run, epoch, dict(epoch_logs))
+        keras_saved = [(epoch, os.path.basename(path).removesuffix(".keras")) for epoch, path in model.saved]
+        assert ours_saved == keras_saved, (monitor, best_only)
+        assert len(keras_saved) == (13 if not best_only else 4 if monitor == "val_loss" else 5)
+
+
 def test_a_failed_save_keeps_the_previous_best(tmp_path, monkeypatch):
     saved = []
     real_save_variables = checkpoint.save_variables
@@ -299,6 +338,75 @@ def test_tensorboard_writes_the_history_as_keras_lays_it_out(tmp_path):
         steps, stored = run[f"epoch_{name}"]
         assert steps == [0, 1, 2]
         tolerance.assert_close(stored, values, tolerance.ONE_OP, key)  # stored as float32
+
+
+class TfSummaryOverTensorboardX:
+    """The part of `tf.summary` Keras's TensorBoard callback calls for epoch scalars, written with tensorboardX.
+
+    TensorFlow is not installed: Keras's callback decides the runs, tags, steps and values, this writes them
+    as our callback writes its own, so the two event directories differ only where the callbacks do.
+    """
+
+    def __init__(self):
+        self.default = []
+
+    def create_file_writer(self, logdir):
+        from tensorboardX import SummaryWriter
+
+        summary, writer = self, SummaryWriter(logdir)
+
+        class Writer:
+            @contextlib.contextmanager
+            def as_default(self, step=None):
+                summary.default.append(writer)
+                yield
+                summary.default.pop()
+
+            def flush(self):
+                writer.flush()
+
+            def close(self):
+                writer.close()
+
+        return Writer()
+
+    def record_if(self, condition):
+        return contextlib.nullcontext()
+
+    def scalar(self, name, data, step):
+        self.default[-1].add_scalar(name, float(data), global_step=int(step))
+
+
+def test_tensorboard_writes_what_keras_writes_for_the_same_logs(tmp_path):
+    """Keras 3's TensorBoard callback and ours, given the same epochs' logs: the same run directories, tags, steps
+    and float32 values.
+
+    Seen failing on two broken variants: validation scalars tagged with their `val_` names, and steps counted
+    from 1.
+    """
+    import keras
+
+    epochs_logs = [{"loss": 1.25, "accuracy": 0.5, "val_loss": 1.5, "val_accuracy": 1 / 3, "learning_rate": 0.1},
+                   {"loss": 0.75, "accuracy": 0.625, "val_loss": 0.875, "val_accuracy": 2 / 3, "learning_rate": 0.05},
+                   {"loss": 0.5, "accuracy": 0.75, "val_loss": 0.625, "val_accuracy": 0.7, "learning_rate": 0.05}]
+    theirs = keras.callbacks.TensorBoard(str(tmp_path / "keras"), write_graph=False)
+    theirs._summary_module = TfSummaryOverTensorboardX()
+    theirs.set_model(types.SimpleNamespace(optimizer=None))  # the learning rate comes from the logs, as fit's
+    ours = TensorBoard(tmp_path / "ours")
+    theirs.on_train_begin()
+    ours.on_train_begin(None)
+    for epoch, logs in enumerate(epochs_logs):
+        theirs.on_epoch_end(epoch, dict(logs))
+        ours.on_epoch_end(None, epoch, dict(logs))
+    theirs.on_train_end()
+    ours.on_train_end(None)
+    runs = sorted(path.name for path in (tmp_path / "keras").iterdir())
+    assert runs == sorted(path.name for path in (tmp_path / "ours").iterdir()) == ["train", "validation"]
+    for run in runs:
+        written = scalars(tmp_path / "ours" / run)
+        assert written == scalars(tmp_path / "keras" / run), run
+        assert len(written) == (3 if run == "train" else 2) and all(steps == [0, 1, 2] for steps, _ in
+                                                                    written.values())
 
 
 # --- ReduceLROnPlateau ----------------------------------------------------------------------------
