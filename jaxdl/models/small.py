@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdl.layers import max_pool
+
 ACTIVATIONS = {
     "relu": nn.relu,
     "relu6": nn.relu6,
@@ -121,7 +123,7 @@ class ConvNet(nn.Module):
                             kernel_init=kernel_init, name=f"conv_{i}")(x)
                 x = activation(act[0] if act else "relu")(x)
             elif kind == "maxpool":
-                x = nn.max_pool(x, (args[0], args[0]), strides=(args[0], args[0]))
+                x = max_pool(x, (args[0], args[0]))  # a reshape and a max on CPU (see jaxdl.layers)
             elif kind == "dropout":
                 x = nn.Dropout(args[0], deterministic=not train)(x)
             elif kind == "batchnorm":

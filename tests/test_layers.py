@@ -1,0 +1,62 @@
+"""jaxdl.layers.max_pool: the reshape form XLA:CPU runs fast gives nn.max_pool's outputs and gradients."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxdl.layers import max_pool, pool_implementation
+from jaxdl.models import ConvNet
+from jaxdl.train import create_train_state, make_train_step
+from tests import tolerance
+
+
+@pytest.mark.parametrize("shape, window", [((2, 26, 26, 3), (2, 2)), ((2, 11, 7, 4), (2, 2)),
+                                           ((3, 9, 10, 2), (3, 3)), ((2, 13, 5), (4,))])
+def test_reshape_form_gives_nn_max_pools_outputs_and_input_gradient(shape, window):
+    """Outputs and input gradients bitwise (max selects; with no ties the gradient is that selection), odd
+    sizes dropping their last partial window as VALID does. Seen failing with the trailing rows kept instead
+    of dropped (a reshape error for 11x7) and with the max over the wrong axes (outputs differ)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    reference = lambda x: nn.max_pool(x, window, strides=window)  # noqa: E731
+    ours = lambda x: max_pool(x, window, implementation="reshape")  # noqa: E731
+    np.testing.assert_array_equal(ours(x), reference(x))
+    upstream = jnp.asarray(np.random.default_rng(1).normal(size=reference(x).shape).astype(np.float32))
+    gradient = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * upstream))(x)  # noqa: E731
+    np.testing.assert_array_equal(gradient(ours), gradient(reference))
+
+
+def test_auto_picks_the_reshape_on_cpu_only_for_non_overlapping_windows_and_names_what_cannot_reshape():
+    assert jax.default_backend() == "cpu"
+    assert pool_implementation("auto", (2, 2), (2, 2), "VALID") == "reshape"
+    assert pool_implementation("auto", (3, 3), (2, 2), "VALID") == "reduce_window"
+    assert pool_implementation("auto", (2, 2), (2, 2), "SAME") == "reduce_window"
+    with pytest.raises(ValueError, match=r"strides equal to the window.*window \(3, 3\), strides \(2, 2\)"):
+        max_pool(jnp.zeros((1, 8, 8, 1)), (3, 3), (2, 2), implementation="reshape")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        max_pool(jnp.zeros((1, 8, 8, 1)), (2, 2), implementation="fast")
+
+
+def test_keras_convnet_step_has_no_select_and_scatter_and_trains_as_with_nn_max_pool(monkeypatch):
+    """keras.io's MNIST convnet on digit-like images with a blank background (tied maxima over equal patches):
+    one Adam step from the same parameters gives the same parameters with either pooling, and the compiled
+    step on CPU holds no `select_and_scatter` (the slow gradient). Seen failing with ConvNet calling
+    nn.max_pool again (the primitive is back in the step)."""
+    model = ConvNet(layers=(("conv", 32, 3), ("maxpool", 2), ("conv", 64, 3), ("maxpool", 2), ("flatten",),
+                            ("dense", 10)), padding="VALID", input_scale=1 / 255)
+    rng = np.random.default_rng(0)
+    x = np.zeros((16, 28, 28, 1), np.uint8)
+    x[:, 8:20, 10:18] = rng.integers(0, 255, (16, 12, 8, 1))  # a blank border: equal patches, tied maxima
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(rng.integers(0, 10, 16).astype(np.int32))}
+    state = create_train_state(model, optax.adam(1e-3), (28, 28, 1), jax.random.key(0))
+    step = make_train_step("sparse_categorical_crossentropy", jit=False)
+    assert "select_and_scatter" not in str(jax.make_jaxpr(step)(state, batch))
+    fast, _ = jax.jit(step)(state, batch)
+
+    import jaxdl.models.small as small
+    monkeypatch.setattr(small, "max_pool", lambda x, window: nn.max_pool(x, window, strides=window))
+    step = make_train_step("sparse_categorical_crossentropy", jit=False)  # a new function: JAX caches traces
+    assert "select_and_scatter" in str(jax.make_jaxpr(step)(state, batch))
+    reference, _ = jax.jit(step)(state, batch)
+    tolerance.assert_close(fast.params, reference.params, tolerance.FEW_OPS)
