@@ -150,3 +150,27 @@ def pytest_testnodedown(node, error):
 
     for kind, (seen, allowed) in json.loads(getattr(node, "workeroutput", {}).get("tolerance_margins", "{}")).items():
         tolerance.record(kind, seen, allowed)
+
+
+@pytest.hookimpl(specname="pytest_terminal_summary")
+def pytest_terminal_summary_of_doc_blocks(terminalreporter):
+    """How many python blocks of README.md and docs/*.md tests/test_docs.py ran and skipped, and why.
+
+    Counted from the reports (tagged `doc_block` by each block's test), which
+    pytest-xdist's workers send to the controller, so the count is whole.
+    """
+    import collections
+
+    outcomes, reasons = collections.Counter(), collections.Counter()
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "call" or "doc_block" not in dict(getattr(report, "user_properties", ())):
+                continue
+            outcomes[report.outcome] += 1
+            if report.skipped:
+                reasons[str(report.longrepr[-1]).removeprefix("Skipped: ")] += 1
+    if outcomes:
+        why = "; ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items()))
+        terminalreporter.section("python blocks of README.md and docs/*.md (tests/test_docs.py)")
+        terminalreporter.write_line(f"{outcomes['passed'] + outcomes['failed']} run ({outcomes['failed']} failed), "
+                                    f"{outcomes['skipped']} skipped" + (f" ({why})" if why else ""))
