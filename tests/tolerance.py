@@ -10,8 +10,13 @@ largest difference measured on our machines (the session summary prints each
 comparison kind's largest difference against its tolerance: `margins`).
 
 Trained metrics are not compared here: a seeded run ends elsewhere on another
-processor, so they are asserted as bands that hold for five seeds (see
-`tests/test_seed_bands.py`).
+processor, so they are asserted as bands that hold for five seeds, in
+`tests/test_seed_bands.py`: each band is what seeds 0-4 gave, widened by
+about one test example, with the seeds' values written beside it. Those tests
+train five times, so they are marked `slow`: `make test` leaves them out
+(pytest's addopts `-m 'not slow'`) and `make bands` runs them. The fast tests
+train one seed and assert against the same band, their margin stated beside
+the assertion (e.g. the bfloat16 digits CNN in `tests/test_precision.py`).
 """
 from __future__ import annotations
 
