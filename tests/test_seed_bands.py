@@ -69,7 +69,8 @@ PENGUINS_BAND = (66, 69)
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_penguins_test_accuracy_band(tmp_path, seed):
-    """Seen failing with `experiments.penguins.standardize` returning the raw features (seed 0: 23/69),, then passing on the real code."""
+    """Seen failing with `experiments.penguins.standardize` returning the raw features (seed 0: 23/69), then
+    passing on the real code."""
     right = examples_right(penguins_test_accuracy(seed, tmp_path), 69)
     assert PENGUINS_BAND[0] <= right <= PENGUINS_BAND[1], f"seed {seed}: {right}/69 outside {PENGUINS_BAND}"
 
