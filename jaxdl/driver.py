@@ -298,7 +298,7 @@ def _non_negative_epochs(epochs, initial_epoch) -> None:
 
 def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remainder, validation_split,
                     validation_data, class_weight, sample_weight, features, transform, steps_per_epoch, parts,
-                    shuffle_rng):
+                    shuffle_rng, cache):
     """`(adapter, validation_data)`: the training input checked and read, with a validation split taken off."""
     if validation_split is not None and validation_data is not None:
         raise ValueError("pass validation_split or validation_data, not both")
@@ -312,7 +312,7 @@ def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remain
         batches = _read_source(x, "fit", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=input_shape, needs_labels=True, seed=seed, shuffle=shuffle,
                                drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
-                               class_weight=class_weight, **_split_over(parts, masked=False))
+                               class_weight=class_weight, cache=cache, **_split_over(parts, masked=False))
         return SourceInput(batches), validation_data
     _check_array_arguments(x, features, transform)
     if steps_per_epoch is not None:
@@ -354,7 +354,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         steps_per_epoch: int | None = None, steps_per_dispatch: int = 1,
         checkpoint_dir=None, checkpoint_every: int | str = "epoch", keep: int = 3,
         mesh=None, precision: str | None = None, train_flag: str | None = AUTO,
-        rng_streams: Sequence[str] = ("dropout", "augment"),
+        rng_streams: Sequence[str] = ("dropout", "augment"), cache: bool | int | str = "auto",
         verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
     """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
 
@@ -375,6 +375,11 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       named by `features=(input, label)`): an epoch is `steps_per_epoch`
       batches, or one pass when that is None.
     `steps_per_dispatch=K` runs K steps of a source per compiled call.
+    `cache` keeps a random-access source's examples (and validation_data's)
+    in memory after the first epoch reads them, as tf.data's `.cache()`:
+    "auto" when they need at most a quarter of the memory available, True,
+    False, or a bound in bytes (an error names the sizes when they do not
+    fit); later epochs then decode nothing (see `data.SourceBatches`).
     The same model, seed and data in the same order train to the same
     parameters on both paths (up to float rounding: the array path pads
     its last batch and masks the padding out).
@@ -451,7 +456,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         x, y, input_shape=None if state is None else state.input_shape, batch_size=batch_size, seed=seed,
         shuffle=shuffle, drop_remainder=drop_remainder, validation_split=validation_split,
         validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight, features=features,
-        transform=transform, steps_per_epoch=steps_per_epoch, parts=parts, shuffle_rng=shuffle_rng)
+        transform=transform, steps_per_epoch=steps_per_epoch, parts=parts, shuffle_rng=shuffle_rng, cache=cache)
     if state is None:
         state = create_train_state(model, optimizer or DEFAULT_OPTIMIZER, inputs.input_shape, init_rng,
                                    precision=precision, train_flag=train_flag)
@@ -466,7 +471,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     validate, labels = None, {"y" if isinstance(inputs, ArrayInput) else "the labels of the source": inputs.labels}
     if validation_data is not None:
         validate, labels["labels of validation_data"] = _validator(
-            state, validation_data, loss, metrics, batch_size, features, transform, mesh, train_flag)
+            state, validation_data, loss, metrics, batch_size, features, transform, mesh, train_flag, cache)
     _check_outputs_fit_the_loss(state, loss, train_flag, labels)
 
     stream = isinstance(inputs, SourceInput) or every_steps is not None or loops_are_slow(
@@ -596,12 +601,12 @@ def _epochs(run: FitRun, loop, checkpoints, callbacks, validate, resume, previou
 
 
 def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_size: int, features, transform,
-               mesh, train_flag):
+               mesh, train_flag, cache):
     """`(validate(state) -> sums, labels to check)` for validation arrays `(x_val, y_val)` or a source."""
     if data.is_source(validation_data):
         batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
                                features=features, transform=transform, input_shape=state.input_shape,
-                               needs_labels=True, **_split_over(batch_size))
+                               needs_labels=True, cache=cache, **_split_over(batch_size))
         if isinstance(batches, data.IterableBatches) and batches.one_shot:
             raise ValueError(f"validation_data is a one-shot {type(validation_data).__name__}: it would run out "
                              "after the first epoch's validation; pass a random-access source or an iterable "

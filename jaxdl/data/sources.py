@@ -32,6 +32,10 @@ from jaxdl.data.arrays import (check_batch_size, class_indices, num_batches, pos
 # speed (more threads contend for the GIL and the cores the step computes on).
 READ_THREADS = 2
 PREFETCH_BATCHES = 8
+# cache="auto" keeps a source's examples in memory when all of them, as the step takes them, need at most
+# this share of the memory available: room is left for the model, its compiled steps and the rest of the
+# machine's work. A quarter is tf.data's ballpark for what `.cache()` is used on, not a measured optimum.
+AUTO_CACHE_SHARE = 0.25
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -175,6 +179,77 @@ class Features:
         return batch
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the machine can give now without swapping (Linux's MemAvailable), None where unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB"
+
+
+def use_cache(cache, num_examples: int, example_bytes: int, available: int | None) -> bool:
+    """Whether a source of `num_examples` mapped examples of `example_bytes` each is kept in memory.
+
+    `cache`: False (read every epoch), "auto" (when all of them need at most
+    `AUTO_CACHE_SHARE` of the memory available), True (always; an error if
+    they need more than is available) or a bound in bytes (an error if they
+    need more than the bound, or than is available).
+    """
+    if cache is False or cache is None:
+        return False
+    needed = num_examples * example_bytes
+    if cache == "auto":
+        return available is not None and needed <= AUTO_CACHE_SHARE * available
+    if cache is not True and (isinstance(cache, bool) or not isinstance(cache, (int, np.integer)) or cache <= 0):
+        raise ValueError(f"cache must be 'auto', True, False or a positive number of bytes, got {cache!r}")
+    described = (f"the source's {num_examples} examples take {_gib(needed)} in memory as the step takes them "
+                 f"({example_bytes} bytes each)")
+    if cache is not True and needed > cache:
+        raise ValueError(f"cache={cache} bytes ({_gib(cache)}), but {described}; raise the bound, or pass "
+                         "cache=False to read and decode the source every epoch")
+    if available is not None and needed > available:
+        raise ValueError(f"cache={cache!r}, but {described}, more than the {_gib(available)} of memory available "
+                         "now; pass cache=False to read and decode the source every epoch")
+    return True
+
+
+class ExampleCache:
+    """A source's mapped examples kept in memory after their first read, as tf.data's `.cache()` keeps them.
+
+    One array per feature, filled row by row as the first epoch reads its
+    batches; later epochs take their rows from memory instead of reading
+    and decoding the source again. The order of the rows read is the
+    source's, so shuffling and resuming are unchanged. Grain's read threads
+    fill disjoint rows (an epoch reads each example once).
+    """
+
+    def __init__(self, num_examples: int, first: dict):
+        self.arrays = {key: np.empty((num_examples, *np.shape(value)), np.asarray(value).dtype)
+                       for key, value in first.items()}
+        self.filled = np.zeros(num_examples, bool)
+
+    def read(self, rows: np.ndarray, read_rows: Callable[[np.ndarray], dict]) -> dict:
+        missing = rows[~self.filled[rows]]
+        if missing.size:
+            batch = read_rows(missing)
+            for key, array in self.arrays.items():
+                value = batch[key]
+                if value.dtype != array.dtype or value.shape[1:] != array.shape[1:]:
+                    raise ValueError(f"the source's examples differ: {key!r} was {array.dtype} {array.shape[1:]} "
+                                     f"in the first example and is {value.dtype} {value.shape[1:]} in example "
+                                     f"{int(missing[0])}")
+                array[missing] = value
+            self.filled[missing] = True
+        return {key: array[rows] for key, array in self.arrays.items()}
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The shuffle seed of one epoch: a pure function of (seed, epoch), different for every epoch."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
@@ -197,6 +272,12 @@ class SourceBatches:
 
     The source holds examples: a grain dataset already `.batch()`ed (its items
     batches) is refused, since batching here would stack batches of batches.
+
+    `cache` (see `use_cache`) keeps the examples in memory once read and
+    mapped (`ExampleCache`), so that a fast model's later epochs do not
+    decode the source again; it caches `transform`'s output, as tf.data's
+    `map(transform).cache()` does, so a transform must be a function of
+    the example alone (augment in the model, with its `augment` RNG stream).
     """
 
     source: Any
@@ -208,6 +289,7 @@ class SourceBatches:
     multiple: int = 1
     process: tuple[int, int] = (0, 1)
     masked: bool = False
+    cache: bool | int | str = False
 
     def __post_init__(self):
         self.batch_size = check_batch_size(self.batch_size)
@@ -232,13 +314,22 @@ class SourceBatches:
             raise ValueError(f"drop_remainder with batch_size={self.batch_size} drops all {len(self.source)} "
                              "examples of the source")
         self.first_example = self.features(self.source[0])  # a bad source fails here, with the feature's name
+        example_bytes = sum(np.asarray(value).nbytes for value in self.first_example.values())
+        self.example_cache = (ExampleCache(len(self.source), self.first_example)
+                              if use_cache(self.cache, len(self.source), example_bytes, available_memory()) else None)
 
     def __len__(self) -> int:
         """Batches per epoch."""
         return num_batches(len(self.source), self.batch_size, self.drop_remainder)
 
     def read(self, indices: np.ndarray) -> dict:
-        """The batch of the examples at `indices`, mapped to `{"x", "y"}` and stacked.
+        """The batch of the examples at `indices`, mapped to `{"x", "y"}` and stacked (from memory once cached)."""
+        if self.example_cache is not None:
+            return self.example_cache.read(np.asarray(indices), self._read_source)
+        return self._read_source(indices)
+
+    def _read_source(self, indices: np.ndarray) -> dict:
+        """The examples at `indices` read from the source and mapped.
 
         One `__getitems__` call where the source has one: tfds's ArrayRecord
         source then reads a batch's records together in C++, about twice the
@@ -383,11 +474,12 @@ def as_batches(data, *, batch_size: int, features: Sequence | None = None, trans
                input_shape: tuple | None = None, seed: int = 0, shuffle: bool = True, drop_remainder: bool = False,
                steps_per_epoch: int | None = None, class_weight: dict | None = None,
                needs_labels: bool = True, multiple: int = 1, process: tuple[int, int] = (0, 1),
-               masked: bool = False) -> SourceBatches | IterableBatches:
+               masked: bool = False, cache: bool | int | str = False) -> SourceBatches | IterableBatches:
     """The batches `fit`, `evaluate` and `predict` read from a source, checked on its first example.
 
     `multiple` and `process` split a random-access source's batches for
-    data-parallel training (see `SourceBatches`).
+    data-parallel training, and `cache` keeps its examples in memory (see
+    `SourceBatches`).
     """
     if steps_per_epoch is not None:
         steps_per_epoch = positive_int("steps_per_epoch", steps_per_epoch)
@@ -398,11 +490,14 @@ def as_batches(data, *, batch_size: int, features: Sequence | None = None, trans
         if not needs_labels:
             names = (names[0], None)
         batches = SourceBatches(data, batch_size, Features(names, transform, input_shape, class_weight), seed,
-                                shuffle, drop_remainder, multiple, process, masked)
+                                shuffle, drop_remainder, multiple, process, masked, cache)
         if steps_per_epoch is not None and steps_per_epoch != len(batches):
             raise ValueError(f"steps_per_epoch={steps_per_epoch}, but the source holds {len(batches)} batches of "
                              f"{batch_size} per epoch; leave steps_per_epoch out for random-access sources")
         return batches
+    if cache not in (False, None, "auto"):
+        raise ValueError(f"cache={cache!r} keeps a random-access source's examples in memory; this "
+                         f"{type(data).__name__} is an iterable of batch dicts, read as it comes")
     if transform is not None or class_weight is not None:
         raise ValueError(f"transform and class_weight apply to random-access sources; this "
                          f"{type(data).__name__} is an iterable of batch dicts, which are used as they come "
