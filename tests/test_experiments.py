@@ -48,8 +48,8 @@ BANDS = {
                # seed 0: 0.9992 and 0.993 (a separable toy problem); the tutorial's own run ends at 1.0
                "accuracy": lambda v: v >= 0.95, "val_accuracy": lambda v: v >= 0.95},
     "penguins": {"params": lambda v: v == 83,  # 4 inputs -> 10 -> 3: 50 + 33
-                 # seeds 0-4 on 69 test penguins: see tests/test_seed_bands.py; one penguin is 0.0145
-                 "test_accuracy": lambda v: v >= 0.95},
+                 # seeds 0-4 (tests/test_seed_bands.py): 67, 68, 68, 67, 69 of 69 test penguins; band 66..69
+                 "test_accuracy": lambda v: v >= 66 / 69},
     "digits": {  # scikit-learn's 8x8 digits, 360 test images; seed 0: 0.9611 and 0.9778
                "mlp_test_accuracy": lambda v: v >= 0.90, "cnn_test_accuracy": lambda v: v >= 0.94},
     "mnist": {"mlp_params": lambda v: v == 101_770,  # the TensorFlow beginner MLP (784*128+128 + 128*10+10)
@@ -57,8 +57,11 @@ BANDS = {
     "classify": {  # torchvision's ImageNet weights on scikit-image's photos; coffee: 0.9921 here
                  "chelsea_top3": lambda v: any(label.split(",")[0] in CAT_LABELS for label in v),
                  "coffee_top1": lambda v: v == "espresso", "coffee_probability": lambda v: v > 0.9},
-    "transfer": {  # the tutorial: training accuracy 1.0, validation well below it (it overfits 40 photos)
-                 "train_accuracy": lambda v: v >= 0.9, "val_accuracy": lambda v: v <= 0.8,
+    "transfer": {  # the tutorial: training accuracy 1.0, validation well below it (it overfits 40 photos).
+                 # Seeds 0-4 (tests/test_seed_bands.py): training 30, 29, 30, 30, 30 of 30 (band 28..30), all 40
+                 # photos 40, 39, 39, 40, 38 (band 37..40), validation 6, 5, 6, 7, 5 of 10 (band 4..8).
+                 "train_accuracy": lambda v: v >= 28 / 30, "train_accuracy_all": lambda v: v >= 37 / 40,
+                 "val_accuracy": lambda v: v <= 0.8,
                  "imagenet_cat_count": lambda v: v >= 20},
 }
 
