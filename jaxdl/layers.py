@@ -1,5 +1,14 @@
 """Layers in the form each backend runs fastest, for users' own Linen models as for jaxdl's.
 
+`Conv` is `flax.linen.Conv` (stride 1, no dilation or groups) with the same
+forward pass and input gradient, whose kernel gradient on XLA:CPU, for an
+input of at most 3 channels (an image: the first layer), is a sum of one
+matrix product per kernel offset. In keras.io's MNIST convnet (batch 128,
+2 cores) that took the whole train step from 45.6-48.2 to 36.9-40.4 ms,
+alternating runs. For the second convolution (32 channels) the products
+were faster alone (7.5 against 14.4 ms) but slower inside the step (56.5
+against 48.2 ms), so wider inputs keep XLA's own gradient.
+
 `max_pool` is `flax.linen.max_pool` with the same results, chosen by backend: on XLA:CPU, non-overlapping
 windows (stride = window, no padding: the common 2x2 / stride 2 case) are pooled as a reshape and a `max`
 over the window axes. `nn.max_pool` lowers to `reduce_window`, whose gradient XLA:CPU runs as
@@ -11,12 +20,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 POOL_IMPLEMENTATIONS = ("auto", "reshape", "reduce_window")
+CONV_IMPLEMENTATIONS = ("auto", "shifted_products", "xla")
 
 
 def pool_implementation(implementation: str, window: Sequence[int], strides: Sequence[int], padding) -> str:
@@ -91,3 +102,90 @@ def _window_max_backward(window, residuals, upstream):
 
 
 _window_max.defvjp(_window_max_forward, _window_max_backward)
+
+
+# "auto" takes the products for inputs of at most this many channels (see the module's docstring).
+PRODUCTS_MAX_CHANNELS = 3
+
+
+def conv_implementation(implementation: str, in_channels: int) -> str:
+    """'shifted_products' or 'xla': what `implementation` resolves to ("auto": the products on CPU, for
+    inputs of at most `PRODUCTS_MAX_CHANNELS` channels)."""
+    if implementation not in CONV_IMPLEMENTATIONS:
+        raise ValueError(f"Conv implementation must be one of {CONV_IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "auto":
+        cpu = jax.default_backend() == "cpu"
+        return "shifted_products" if cpu and in_channels <= PRODUCTS_MAX_CHANNELS else "xla"
+    return implementation
+
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSIONS)
+
+
+@jax.custom_vjp
+def valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 2-D VALID convolution of NHWC `x` with an HWIO `kernel` (stride 1), its kernel gradient as products."""
+    return _xla_conv(x, kernel)
+
+
+def _valid_conv_forward(x, kernel):
+    return _xla_conv(x, kernel), (x, kernel)
+
+
+def _valid_conv_backward(residuals, upstream):
+    x, kernel = residuals
+    height, width = upstream.shape[1:3]
+    rows = upstream.reshape(-1, upstream.shape[-1])
+    # One (in, out) product per kernel offset over every output position: what the kernel gradient sums.
+    offsets = [x[:, dy:dy + height, dx:dx + width, :].reshape(-1, x.shape[-1]).T @ rows
+               for dy in range(kernel.shape[0]) for dx in range(kernel.shape[1])]
+    kernel_gradient = jnp.stack(offsets).reshape(kernel.shape).astype(kernel.dtype)
+    (input_gradient,) = jax.vjp(lambda x: _xla_conv(x, kernel), x)[1](upstream)
+    return input_gradient, kernel_gradient
+
+
+valid_conv.defvjp(_valid_conv_forward, _valid_conv_backward)
+
+
+class Conv(nn.Module):
+    """`nn.Conv` for 2-D NHWC inputs, stride 1: "SAME" or "VALID" padding, a bias, Keras-like initialisers.
+
+    The parameters are named and shaped as `nn.Conv`'s (`kernel` HWIO,
+    `bias`), so variables move between the two. `implementation`: "auto"
+    (the kernel gradient as products on CPU for inputs of few channels, see
+    the module's docstring; `nn.Conv`'s lowering otherwise),
+    "shifted_products" or "xla".
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    padding: str = "SAME"
+    use_bias: bool = True
+    dtype: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    implementation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"Conv takes NHWC inputs (4 axes), got shape {x.shape}")
+        if self.padding not in ("SAME", "VALID"):
+            raise ValueError(f"Conv padding must be 'SAME' or 'VALID', got {self.padding!r}")
+        kernel_size = tuple(self.kernel_size)
+        kernel = self.param("kernel", self.kernel_init, (*kernel_size, x.shape[-1], self.features))
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if self.padding == "SAME":  # as lax's SAME for stride 1: the extra row or column goes after
+            x = jnp.pad(x, ((0, 0), *(((size - 1) // 2, size // 2) for size in kernel_size), (0, 0)))
+        if conv_implementation(self.implementation, x.shape[-1]) == "shifted_products":
+            y = valid_conv(x, kernel)
+        else:
+            y = _xla_conv(x, kernel)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,)).astype(dtype)
+        return y

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl.layers import max_pool, pool_implementation
+from jaxdl.layers import Conv, max_pool, pool_implementation
+from tests import tolerance
 from jaxdl.models import ConvNet
 from jaxdl.train import create_train_state, make_train_step
 
@@ -83,3 +84,64 @@ def test_keras_convnet_step_has_no_select_and_scatter_and_trains_as_with_nn_max_
     assert "select_and_scatter" in str(jax.make_jaxpr(step)(state, batch))
     reference, _ = jax.jit(step)(state, batch)
     jax.tree.map(np.testing.assert_array_equal, fast.params, reference.params)  # the same selections: bitwise
+
+
+@pytest.mark.parametrize("padding, kernel_size, channels", [("VALID", (3, 3), 1), ("SAME", (3, 3), 3),
+                                                            ("SAME", (2, 4), 2)])
+def test_conv_has_nn_convs_parameters_outputs_and_gradients_against_float64(padding, kernel_size, channels):
+    """jaxdl.layers.Conv with its kernel gradient as products, nn.Conv, and a float64 numpy reference.
+
+    Same parameter tree (variables move between the two), the same outputs (the same lax convolution, SAME
+    padded beforehand), and kernel, bias and input gradients against float64 sums over every output position.
+    Seen failing with the products' kernel offsets taken in (dx, dy) order (kernel gradient off by 50.1), and
+    with SAME's extra row put before instead of after (the 2x4 kernel's outputs off by 4.81).
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 9, 8, channels)).astype(np.float32)
+    ours = Conv(5, kernel_size, padding=padding, implementation="shifted_products")
+    reference = nn.Conv(5, kernel_size, padding=padding)
+    variables = reference.init(jax.random.key(0), x)
+    assert jax.tree.map(np.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(np.shape, variables)
+    outputs = ours.apply(variables, x)
+    upstream = rng.normal(size=outputs.shape).astype(np.float32)
+    gradients = jax.grad(lambda v, x: jnp.sum(ours.apply(v, x) * upstream), argnums=(0, 1))(variables, x)
+    expected = jax.grad(lambda v, x: jnp.sum(reference.apply(v, x) * upstream), argnums=(0, 1))(variables, x)
+    terms = upstream.shape[0] * upstream.shape[1] * upstream.shape[2]  # what each kernel-gradient entry sums
+    sums = tolerance.reordered_sums(terms, float(np.abs(x).max() * np.abs(upstream).max()))
+    tolerance.assert_close(outputs, reference.apply(variables, x), tolerance.FEW_OPS)
+    tolerance.assert_close(gradients, expected, sums)
+
+    # float64: the kernel gradient sums, for each offset, input times upstream over every output position
+    kh, kw = kernel_size
+    padded = np.asarray(x, np.float64)
+    if padding == "SAME":
+        padded = np.pad(padded, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+    height, width = upstream.shape[1:3]
+    kernel_gradient = np.stack([np.stack([np.einsum("nhwc,nhwf->cf", padded[:, dy:dy + height, dx:dx + width],
+                                                    upstream.astype(np.float64)) for dx in range(kw)])
+                                for dy in range(kh)])
+    tolerance.assert_close(gradients[0]["params"]["kernel"], kernel_gradient, sums)
+    tolerance.assert_close(gradients[0]["params"]["bias"], upstream.astype(np.float64).sum(axis=(0, 1, 2)), sums)
+
+
+def test_auto_takes_the_products_on_cpu_for_image_inputs_only_and_names_bad_arguments():
+    """Seen failing with "auto" resolving to XLA's convolution for every input."""
+    from jaxdl.layers import conv_implementation
+
+    assert conv_implementation("auto", 1) == conv_implementation("auto", 3) == "shifted_products"
+    assert conv_implementation("auto", 4) == "xla" and conv_implementation("xla", 1) == "xla"
+
+    def products(channels):
+        model = Conv(4, (3, 3))
+        x = jnp.ones((2, 6, 6, channels))
+        variables = model.init(jax.random.key(0), x)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(model.apply(v, x))))(variables))
+        return jaxpr.count("dot_general[")
+
+    assert products(1) == 9 and products(8) == 0  # one per kernel offset, or XLA's convolution
+    with pytest.raises(ValueError, match="Conv implementation must be one of"):
+        Conv(4, (3, 3), implementation="fast").init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))
+    with pytest.raises(ValueError, match=r"Conv takes NHWC inputs \(4 axes\), got shape \(5, 5, 1\)"):
+        Conv(4, (3, 3)).init(jax.random.key(0), jnp.ones((5, 5, 1)))
+    with pytest.raises(ValueError, match="Conv padding must be 'SAME' or 'VALID', got 'CIRCULAR'"):
+        Conv(4, (3, 3), padding="CIRCULAR").init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))

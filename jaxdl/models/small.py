@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdl.layers import max_pool
+from jaxdl.layers import Conv, max_pool
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -119,8 +119,8 @@ class ConvNet(nn.Module):
         for i, (kind, *args) in enumerate(self.layers):
             if kind == "conv":
                 features, size, *act = args
-                x = nn.Conv(features, (size, size), padding=self.padding, dtype=self.dtype,
-                            kernel_init=kernel_init, name=f"conv_{i}")(x)
+                x = Conv(features, (size, size), padding=self.padding, dtype=self.dtype,  # see jaxdl.layers
+                         kernel_init=kernel_init, name=f"conv_{i}")(x)
                 x = activation(act[0] if act else "relu")(x)
             elif kind == "maxpool":
                 x = max_pool(x, (args[0], args[0]))  # a reshape and a max on CPU (see jaxdl.layers)
