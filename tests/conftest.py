@@ -20,6 +20,10 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 _OWN_XLA_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="jaxdl-test-xla-")
 if _OWN_XLA_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
+    # Every program, however quick to compile (JAX's default skips those under a second): the suite's are
+    # small, and the other worker and the CLI's subprocesses compile many of the same ones.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
