@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks import report
 
-BENCHMARKS = ("train_small", "mobilenet_inference", "finetune", "input_pipeline", "data_parallel")
+BENCHMARKS = ("train_small", "convnet_training", "mobilenet_inference", "finetune", "input_pipeline", "data_parallel")
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
