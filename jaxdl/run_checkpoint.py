@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 import warnings
 from typing import Callable, Sequence
 
@@ -286,12 +287,28 @@ class TrainingCheckpoints:
         return None
 
     def remove_temporary(self) -> None:
-        """Deletes what a failed save left half-written (orbax's `*.orbax-checkpoint-tmp*` directories)."""
+        """Deletes what a failed save left half-written (orbax's `*.orbax-checkpoint-tmp*` directories).
+
+        Orbax's background threads may still be writing into them when the
+        failure surfaces: they are waited for first (their failure is the
+        one being reported), and a removal that races a last write is tried
+        again (seen under load: ENOTEMPTY from the tree removal).
+        """
         if not _is_first_process() or not self.directory.exists():
             return
+        with contextlib.suppress(Exception):
+            self.manager.wait_until_finished()
         for entry in self.directory.iterdir():
-            if "orbax-checkpoint-tmp" in entry.name:
-                entry.rmtree() if entry.is_dir() else entry.unlink()
+            if "orbax-checkpoint-tmp" not in entry.name:
+                continue
+            for attempt in range(3):
+                try:
+                    entry.rmtree() if entry.is_dir() else entry.unlink()
+                    break
+                except OSError:
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.2)
 
 
 @contextlib.contextmanager
