@@ -25,9 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-# The five-seed bands of trained metrics (tests/test_seed_bands.py, marked slow: `make test` leaves them out).
+# The five-seed bands of trained metrics (tests/test_seed_bands.py) and the bfloat16 digits run they band
+# (tests/test_precision.py), marked slow: `make test` leaves them out.
 bands: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m slow tests/test_seed_bands.py
+	$(PY) -m pytest -q -n 2 -m slow tests/test_seed_bands.py tests/test_precision.py
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

@@ -99,6 +99,7 @@ def test_float16_skips_a_step_whose_gradients_overflow_and_lowers_the_scale():
     assert not np.array_equal(np.asarray(moved.params["logits"]["kernel"]), before["logits"]["kernel"])
 
 
+@pytest.mark.slow  # 13 s, the suite's third-longest test; `make bands` runs it with its five-seed bands
 def test_bfloat16_digits_cnn_is_within_a_point_of_float32():
     """The issue's bar: the digits CNN trained in bfloat16 reaches float32's test accuracy to 1 point.
 
