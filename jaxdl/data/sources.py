@@ -33,8 +33,8 @@ from jaxdl.data.arrays import (check_batch_size, class_indices, num_batches, pos
 READ_THREADS = 2
 PREFETCH_BATCHES = 8
 # cache="auto" keeps a source's examples in memory when all of them, as the step takes them, need at most
-# this share of the memory available: room is left for the model, its compiled steps and the rest of the
-# machine's work. A quarter is tf.data's ballpark for what `.cache()` is used on, not a measured optimum.
+# this share of the memory available: three quarters stay for the model, its compiled steps and the rest of
+# the machine's work. A chosen margin, not a measured optimum.
 AUTO_CACHE_SHARE = 0.25
 
 
