@@ -173,3 +173,14 @@ class SourceInput:
     def host_batches(self, epoch: int, start_step: int, skip: int = 0) -> Iterator[dict]:
         del start_step  # a source's order follows the epoch
         return self.batches.epoch(epoch, skip or None)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example numbers in the order the epoch reads them (a random-access source's)."""
+        return self.batches.order(epoch)
+
+    def in_memory(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """`(x, y, weights)` of every example, read now, where the source is cached (`SourceBatches.in_memory`)."""
+        arrays = self.batches.in_memory() if self.resumable else None
+        if arrays is None:
+            return None
+        return arrays["x"], arrays["y"], arrays.get("weight", np.ones(len(arrays["x"]), np.float32))

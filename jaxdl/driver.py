@@ -339,6 +339,11 @@ def _epoch_loop(inputs, state: TrainState, contract: dict, *, mesh, steps_per_di
         return ScannedEpochs(*sharding.put_replicated((inputs.x, inputs.y, inputs.weights), mesh), inputs.shuffle_rng,
                              compiled_epoch(loss, metrics, inputs.batch_size, inputs.shuffle, inputs.drop_remainder,
                                             mesh, flag, streams), inputs.batches_per_epoch)
+    in_memory = None if stream or not isinstance(inputs, SourceInput) else inputs.in_memory()
+    if in_memory is not None:  # a cached source, read whole: scanned epochs, as arrays, in the source's orders
+        return ScannedEpochs(*sharding.put_replicated(in_memory, mesh), None,
+                             compiled_epoch(loss, metrics, inputs.batches.batch_size, "given", inputs.drop_remainder,
+                                            mesh, flag, streams), inputs.batches_per_epoch, orders=inputs.order)
     placer = _batch_placer(mesh, getattr(inputs, "batches", None), stacked=True)
     return StreamedEpochs(inputs.host_batches, compiled_steps(loss, metrics, mesh, flag, streams), metrics,
                           steps_per_dispatch, placer, functools.partial(sharding.put_replicated, mesh=mesh),
@@ -474,8 +479,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
             state, validation_data, loss, metrics, batch_size, features, transform, mesh, train_flag, cache)
     _check_outputs_fit_the_loss(state, loss, train_flag, labels)
 
-    stream = isinstance(inputs, SourceInput) or every_steps is not None or loops_are_slow(
-        state.apply_fn, state.variables, state.input_shape, train_flag)
+    stream = every_steps is not None or loops_are_slow(state.apply_fn, state.variables, state.input_shape, train_flag)
     loop = _epoch_loop(inputs, state, contract, mesh=mesh, steps_per_dispatch=steps_per_dispatch, stream=stream)
     trained_model = getattr(state.apply_fn, "__self__", None) or model
     run = FitRun(state=state, history={}, model=trained_model, verbose=verbosity)
@@ -585,9 +589,11 @@ def _epochs(run: FitRun, loop, checkpoints, callbacks, validate, resume, previou
         progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
         if verbosity == 2:
             print(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
+        trained = run.state
         for callback in callbacks:
             callback.on_epoch_end(run, epoch, logs)
-        run.state = sharding.put_replicated(run.state, mesh)  # what a callback replaced (a learning rate), placed
+        if run.state is not trained:  # a callback replaced it (a learning rate): placed as the steps expect
+            run.state = sharding.put_replicated(run.state, mesh)
         if checkpoints is not None:
             checkpoints.save(run, previous, zero_totals(metrics), epoch + 1, 0, int(run.state.step))
         if steps_per_epoch is not None and steps < steps_per_epoch:

@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdl import data
 from jaxdl.run_checkpoint import Resume
@@ -30,20 +31,26 @@ from jaxdl.train import zero_totals
 
 @dataclasses.dataclass
 class ScannedEpochs:
-    """The in-memory path: the arrays live on the device, an epoch is one compiled scan."""
+    """The in-memory path: the arrays live on the device, an epoch is one compiled scan.
+
+    Arrays' orders are drawn in the program from `shuffle_rng` and the step
+    count; a cached source's come from `orders(epoch)` (its own orders), and
+    `run_epoch` then takes the order in place of the key.
+    """
 
     x: jax.Array
     y: jax.Array
     weights: jax.Array
-    shuffle_rng: jax.Array
+    shuffle_rng: jax.Array | None
     run_epoch: Callable
     steps_per_epoch: int
+    orders: Callable[[int], np.ndarray] | None = None
 
     def run(self, state, previous, epoch: int, resume: Resume | None = None, after_dispatch=None):
         """`(state, previous, sums, steps run, steps accepted)` of one epoch (whole: no `resume` within it)."""
-        del epoch, resume, after_dispatch  # orders follow the step count, so training on from a state sees new ones
-        order_key = jax.random.fold_in(self.shuffle_rng, int(state.step))
-        state, previous, sums, accepted = self.run_epoch(state, previous, self.x, self.y, self.weights, order_key)
+        del resume, after_dispatch
+        order = self.shuffle_rng if self.orders is None else np.asarray(self.orders(epoch), np.int32)
+        state, previous, sums, accepted = self.run_epoch(state, previous, self.x, self.y, self.weights, order)
         return state, previous, sums, self.steps_per_epoch, int(accepted)
 
 

@@ -446,44 +446,110 @@ def _guarded_scan_body(contract: StepContract) -> Callable:
     return guarded_body
 
 
-@_cached_by_arguments
-def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool, drop_remainder: bool, mesh=None,
-                   train_flag: str | None = "train", rng_streams: tuple = ("dropout", "augment")):
-    """`epoch(state, previous, x, y, weight, key) -> (state, previous, sums, healthy_steps)`: one compiled pass.
+def _unselected_scan_body(contract: StepContract) -> Callable:
+    """`_guarded_scan_body` without its selections: the carry moves on whether or not a step was accepted.
 
-    `weight` scales each example's loss (Keras's sample and class weights).
-
-    Steps are guarded as `_guarded_scan_body` says; `healthy_steps` tells `fit`
-    where training broke down, and the returned state is the last one whose
-    loss, gradients and parameters were all finite.
-    The last partial batch is padded and masked out of the loss, except for
-    models with BatchNorm statistics, where padding rows would enter the
-    statistics: there it runs as its own smaller batch, as Keras's last batch does.
+    While every step is accepted it computes what the guarded body does. It
+    is the cheaper one for small models, where choosing between the new,
+    current and previous states costs a small kernel per leaf per step (the
+    "learning to round" MLP's epoch: about a third of its time). After a
+    refused step its carry means nothing: `GuardedEpoch` then runs the epoch
+    again with the guarded body.
     """
-    guarded_body = _guarded_scan_body(StepContract(loss, metrics, train_flag=train_flag, rng_streams=rng_streams,
-                                                   mesh=mesh))
+    guarded_step = _guarded_train_step(contract)
 
-    def epoch(state, previous, x, y, weight, key):
+    def body(carry, batch):
+        state, _, healthy = carry
+        new_state, sums, update_finite = guarded_step(state, batch)
+        accept = healthy & jnp.isfinite(sums["loss"]) & update_finite
+        return (new_state, state, accept), jax.tree.map(lambda s: jnp.where(accept, s, 0.0), sums)
+
+    return body
+
+
+def _epoch_of(body: Callable, batch_size: int, shuffle: bool | str, drop_remainder: bool) -> Callable:
+    """`epoch(state, previous, x, y, weight, order) -> (state, previous, sums, healthy_steps, healthy)`.
+
+    `shuffle`: False reads the examples in order; True draws the order as
+    `fold_in(order, state.step)`'s permutation (`order` is then the shuffle
+    key), so training on from a state sees new orders; "given" takes `order`
+    as the example numbers in the order to read them.
+    """
+
+    def epoch(state, previous, x, y, weight, order):
         num_examples = x.shape[0]
-        order = jax.random.permutation(key, num_examples) if shuffle else jnp.arange(num_examples)
+        if shuffle != "given":
+            order = (jax.random.permutation(jax.random.fold_in(order, state.step), num_examples) if shuffle
+                     else jnp.arange(num_examples))
         carry = (state, previous, jnp.bool_(True))
         examples = lambda rows: {"x": x[rows], "y": y[rows], "weight": weight[rows]}  # noqa: E731
         if state.batch_stats:  # no padding: full batches in the scan, then the remainder alone
             full = num_examples // batch_size * batch_size
             rows = order[:full].reshape(-1, batch_size)
-            carry, sums = jax.lax.scan(lambda c, r: guarded_body(c, examples(r)), carry, rows)
+            carry, sums = jax.lax.scan(lambda c, r: body(c, examples(r)), carry, rows)
             if full < num_examples and not drop_remainder:
-                carry, last = guarded_body(carry, examples(order[full:]))
+                carry, last = body(carry, examples(order[full:]))
                 sums = jax.tree.map(lambda s, l: jnp.concatenate([s, l[None]]), sums, last)
         else:
             index, mask = _scan_batches(num_examples, batch_size, drop_remainder, order)
             carry, sums = jax.lax.scan(
-                lambda c, rows_and_mask: guarded_body(c, {**examples(rows_and_mask[0]), "mask": rows_and_mask[1]}),
+                lambda c, rows_and_mask: body(c, {**examples(rows_and_mask[0]), "mask": rows_and_mask[1]}),
                 carry, (index, mask))
         healthy_steps = jnp.sum(sums["count"] > 0)
-        return carry[0], carry[1], jax.tree.map(lambda s: s.sum(axis=0), sums), healthy_steps
+        return carry[0], carry[1], jax.tree.map(lambda s: s.sum(axis=0), sums), healthy_steps, carry[2]
 
-    return jax.jit(epoch, donate_argnums=(0, 1))
+    return epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardedEpoch:
+    """`epoch(state, previous, x, y, weight, order) -> (state, previous, sums, healthy_steps)`.
+
+    One compiled pass over in-memory arrays, each step guarded as
+    `_guarded_scan_body` says: `healthy_steps` tells `fit` where training
+    broke down, and the returned state is the last one whose loss, gradients
+    and parameters were all finite.
+
+    It first runs `unselected` (see `_unselected_scan_body`), which leaves its
+    inputs alive (no donation: up to four copies of the state exist at once,
+    against two). Only when a step was refused does it run `guarded` from
+    those inputs, compiled on that first use; a run that never diverges never
+    compiles it.
+    """
+
+    unselected: Callable
+    guarded: Callable
+
+    def __call__(self, state, previous, x, y, weight, order):
+        *result, healthy_steps, healthy = self.unselected(state, previous, x, y, weight, order)
+        healthy_steps, healthy = jax.device_get((healthy_steps, healthy))
+        if not healthy:
+            *result, healthy_steps, _ = self.guarded(state, previous, x, y, weight, order)
+        return (*result, healthy_steps)
+
+    def clear_cache(self) -> None:
+        self.unselected.clear_cache()
+        self.guarded.clear_cache()
+
+    def _cache_size(self) -> int:
+        """Programs compiled for the every-step-accepted form: one per input shape and placement."""
+        return self.unselected._cache_size()
+
+
+@_cached_by_arguments
+def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool | str, drop_remainder: bool, mesh=None,
+                   train_flag: str | None = "train", rng_streams: tuple = ("dropout", "augment")) -> GuardedEpoch:
+    """One compiled pass over in-memory arrays (`GuardedEpoch`), in the order `shuffle` says (`_epoch_of`).
+
+    `weight` scales each example's loss (Keras's sample and class weights).
+    The last partial batch is padded and masked out of the loss, except for
+    models with BatchNorm statistics, where padding rows would enter the
+    statistics: there it runs as its own smaller batch, as Keras's last batch does.
+    """
+    contract = StepContract(loss, metrics, train_flag=train_flag, rng_streams=rng_streams, mesh=mesh)
+    return GuardedEpoch(
+        jax.jit(_epoch_of(_unselected_scan_body(contract), batch_size, shuffle, drop_remainder)),
+        jax.jit(_epoch_of(_guarded_scan_body(contract), batch_size, shuffle, drop_remainder), donate_argnums=(0, 1)))
 
 
 @_cached_by_arguments

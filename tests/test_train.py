@@ -6,6 +6,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 
@@ -149,6 +150,33 @@ def test_divergence_stops_training_and_returns_the_last_finite_state():
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params_of(state)))
     assert np.isfinite(evaluate(state, x, y, loss="mse", metrics=())["loss"])  # the state itself, not only its params
     assert np.isfinite(predict(state, x)).all()
+
+
+class Climber(nn.Module):
+    """w * x with w starting at 0: on x = 1 the loss `-w` makes SGD(1) add exactly 1 to w each step."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros)(x)
+
+
+@pytest.mark.parametrize("ceiling, returned", [(2.5, 2.0), (3.5, 3.0)])
+def test_a_state_whose_own_loss_is_not_finite_is_rolled_back_to_the_one_before_it(ceiling, returned):
+    """The loss is finite at w = 0, 1, 2, ... below `ceiling` and NaN above it (log of a negative number).
+
+    Four steps an epoch: a ceiling of 2.5 breaks at step 4 of epoch 1, 3.5 at the first step of epoch 2,
+    where the state before it is the one before the last step of epoch 1, carried across. Seen failing
+    with the epoch's fast form never moving `previous` on: 3.5 then returned w = 0.
+    """
+    def climbing_loss(outputs, batch):
+        return -outputs[:, 0] + 0.0 * jnp.log(ceiling - outputs[:, 0])
+
+    x, y = np.ones((16, 1), np.float32), np.zeros(16, np.float32)
+    with pytest.warns(RuntimeWarning, match="became NaN or infinite"):
+        state, _ = fit(Climber(), x, y, loss=climbing_loss, metrics=(), epochs=3, batch_size=4, shuffle=False,
+                       optimizer=optax.sgd(1.0), verbose=False)
+    assert float(params_of(state)["Dense_0"]["kernel"][0, 0]) == returned  # w's steps are exact in float32
+    assert int(state.step) == returned
 
 
 def test_an_update_that_overflows_the_parameters_is_refused_though_its_loss_was_finite():
