@@ -137,7 +137,12 @@ def test_save_then_load_in_a_new_process_keeps_predictions_and_class_names(tmp_p
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
 
 
-def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_path, jaxdl_cache):
+def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_path, jaxdl_cache, monkeypatch,
+                                                                        capsys):
+    """`python -m jaxdl.cli finetune` in its own process; then, in this one (`cli.main`, the same command's code
+    without a second start-up of JAX), the same command refused and `classify` on the model it saved."""
+    from jaxdl import cli
+
     data = tmp_path / "cats"
     for sex, name in (("f", "female"), ("m", "male")):
         (data / name).mkdir(parents=True)
@@ -145,9 +150,9 @@ def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_pat
             shutil.copy(CATS / f"{sex}{i:02d}.jpg", data / name)
     (data / "male" / "broken.jpg").write_text("not a photo")
     env = {**os.environ, "JAXDL_CACHE": str(jaxdl_cache)}
-    command = [sys.executable, "-m", "jaxdl.cli", "finetune", str(data), "--out", str(tmp_path / "model"),
-               "--epochs", "2", "--val-split", "0.25", "--batch-size", "4"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    arguments = ["finetune", str(data), "--out", str(tmp_path / "model"), "--epochs", "2", "--val-split", "0.25",
+                 "--batch-size", "4"]
+    done = subprocess.run([sys.executable, "-m", "jaxdl.cli", *arguments], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "broken.jpg: not an image" in done.stderr
     lines = done.stdout.splitlines()
@@ -155,12 +160,12 @@ def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_pat
     assert lines[-2:] == [f"history: {tmp_path / 'model' / 'history.json'}", f"saved to {tmp_path / 'model'}"]
     history = json.loads((tmp_path / "model" / "history.json").read_text())
     assert list(history) == ["loss", "accuracy", "val_loss", "val_accuracy"] and len(history["loss"]) == 2
-    again = subprocess.run(command, capture_output=True, text=True, env=env)
-    assert again.returncode == 1 and "already exists" in again.stderr
-    classified = subprocess.run([sys.executable, "-m", "jaxdl.cli", "classify", "--json", "--weights",
-                                 str(tmp_path / "model"), str(CATS / "f10.jpg")], capture_output=True, text=True,
-                                env=env, check=True)
-    top = json.loads(classified.stdout)["top"]
+    # `main` would point JAX's compilation cache at $JAXDL_CACHE for the rest of the session: keep the suite's.
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
+    capsys.readouterr()
+    assert cli.main(arguments) == 1 and "already exists" in capsys.readouterr().err
+    assert cli.main(["classify", "--json", "--weights", str(tmp_path / "model"), str(CATS / "f10.jpg")]) == 0
+    top = json.loads(capsys.readouterr().out)["top"]
     assert {entry["label"] for entry in top} == {"female", "male"}
 
 
