@@ -9,7 +9,8 @@ four devices (JAX reads the flag once, at start-up):
 Every run trains from seed 0 on the same global batches, unshuffled so that arrays and a source
 holding the same examples give the same batches. OUT.npz holds each run's parameters,
 BatchNorm statistics and losses (keyed `run/...`), OUT.json what the tests check of shardings
-and error messages. With `--processes P`, this process starts P - 1 others (with
+and error messages (and, from one process, what `fit`'s compiled steps see of their batch:
+`tests/fit_shard_shapes.py`). With `--processes P`, this process starts P - 1 others (with
 $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, as a cluster would) and they
 form one run through `jaxdl.distributed.initialize`; process 0 writes OUT.
 """
@@ -137,6 +138,11 @@ def all_runs(multi_process: bool) -> tuple[dict, dict]:
         "batch_norm_iterable": error_of(lambda: fit(models()["bn_cnn"], iter([{"x": x[:6], "y": y[:6]}]), loss=CE,
                                                     mesh=everywhere, verbose=0)),
     }
+    # What `fit`'s compiled steps see of their batch (tests/fit_shard_shapes.py), in this process rather than
+    # a process of its own.
+    from tests.fit_shard_shapes import seen_shapes
+
+    facts["fit_shard_shapes"] = seen_shapes()
     return arrays, facts
 
 

@@ -5,6 +5,7 @@ four devices (JAX reads the flag once, at start-up):
 
     python -m tests.fit_shard_shapes
 
+tests/data_parallel_runs.py calls `seen_shapes` in its 4-device process (one start-up of JAX fewer).
 The model reports, from inside the compiled programs `fit` builds (through
 `jax.debug.inspect_array_sharding`, called as XLA partitions the program), the
 global shape of the input it is given, the shape of each device's part of it
@@ -33,7 +34,12 @@ class ShardProbe(nn.Module):
         return nn.Dense(3)(nn.relu(nn.Dense(4)(x)))
 
 
-def main() -> None:
+def seen_shapes() -> dict:
+    """`{path: [[mode, global, per_device, devices], ...]}` for arrays and for a source, from `fit`'s programs.
+
+    Its programs must be compiled here, not read from JAX's compilation cache: the probe reports as XLA
+    partitions a program. Each process calls it once (tests/data_parallel_runs.py, or `main` below).
+    """
     from jaxdl import fit
 
     rng = np.random.default_rng(0)
@@ -42,12 +48,17 @@ def main() -> None:
     options = dict(loss="sparse_categorical_crossentropy", epochs=1, batch_size=16, verbose=0)
     seen = {}
     # In-memory arrays: whole on every device, each batch gathered inside one compiled scan per epoch.
+    SEEN[:] = []
     fit(ShardProbe(), x, y, validation_data=(x[:16], y[:16]), **options)
     seen["arrays"], SEEN[:] = list(SEEN), []
     # A source: host batches put on the devices, then the compiled steps.
     fit(ShardProbe(), [{"image": row, "label": label} for row, label in zip(x[:32], y[:32])], **options)
-    seen["source"] = list(SEEN)
-    print(json.dumps({"devices": jax.device_count(), **seen}))
+    seen["source"], SEEN[:] = list(SEEN), []
+    return seen
+
+
+def main() -> None:
+    print(json.dumps({"devices": jax.device_count(), **seen_shapes()}))
 
 
 if __name__ == "__main__":

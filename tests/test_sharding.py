@@ -2,8 +2,8 @@
 
 The CPU becomes four devices only in a fresh process (XLA reads
 --xla_force_host_platform_device_count at start-up), so the runs happen in
-subprocesses (`tests/data_parallel_runs.py`), once per module, and the tests
-read what they wrote.
+subprocesses (`tests/data_parallel_runs.py`, which also runs `tests/fit_shard_shapes.py`), once per
+module, and the tests read what they wrote.
 """
 import json
 import os
@@ -76,19 +76,17 @@ def test_batches_are_split_over_the_data_axis(four_devices):
     assert facts["batch"] == {"spec": "P('data',)", "expected": "P('data',)", "rows_per_device": [4, 4, 4, 4]}
 
 
-def test_fits_compiled_steps_see_a_quarter_of_each_batch_per_device():
+def test_fits_compiled_steps_see_a_quarter_of_each_batch_per_device(four_devices):
     """What the model is given inside the programs `fit` compiles, on 4 devices, for arrays (the scanned epoch and
     its validation) and for a source (the streamed steps): each device holds 4 rows of a batch of 16.
 
     `put_global_batch` splitting (above) says nothing of what `fit` computes: seen failing on a variant that
-    replicates the batch (every device computing all 16 rows), which trains to the same numbers.
+    replicates the batch (every device computing all 16 rows), which trains to the same numbers. Recorded in
+    the 4-device process by `tests/fit_shard_shapes.py`.
     """
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    done = subprocess.run([sys.executable, "-m", "tests.fit_shard_shapes"], cwd=REPOSITORY, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "XLA_FLAGS": flags.strip()})
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.splitlines()[-1])
-    assert seen["devices"] == 4
+    facts = four_devices[1]
+    assert facts["devices"] == 4
+    seen = facts["fit_shard_shapes"]
     batches = {path: [entry for entry in seen[path] if entry[1][0] == 16] for path in ("arrays", "source")}
     assert batches == {"arrays": [["train", [16, 3], [4, 3], 4], ["inference", [16, 3], [4, 3], 4]],
                        "source": [["train", [16, 3], [4, 3], 4]]}
