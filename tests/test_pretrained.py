@@ -150,6 +150,28 @@ def run_cli(*args, cache):
                           env={**os.environ, "JAXDL_CACHE": str(cache)})
 
 
+@pytest.fixture
+def main_here(monkeypatch, capsys, jaxdl_cache):
+    """`main_here(*args) -> (exit code, stdout, stderr)`: the command's own `main`, in this process.
+
+    For the runs after a first start-up of the command in a process of its own (`run_cli`): the same code,
+    without starting JAX again. `main` would point JAX's compilation cache at $JAXDL_CACHE for the rest of
+    the session: the suite's is kept.
+    """
+    from jaxdl import cli
+
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
+    monkeypatch.setenv("JAXDL_CACHE", str(jaxdl_cache))
+
+    def main(*args):
+        capsys.readouterr()
+        code = cli.main([str(arg) for arg in args])
+        printed = capsys.readouterr()
+        return code, printed.out, printed.err
+
+    return main
+
+
 def test_classify_json_reports_every_image_and_names_the_bad_ones(photo_files, jaxdl_cache, imagenet_classifier):
     done = run_cli("classify", "--json", "--top", "3", photo_files / "chelsea.png", photo_files / "notes.png",
                    photo_files / "coffee_gray.jpg", photo_files / "coffee_cut.jpg", photo_files / "missing.jpg",
@@ -166,28 +188,24 @@ def test_classify_json_reports_every_image_and_names_the_bad_ones(photo_files, j
     assert any("missing.jpg: no such file" in e for e in errors)
 
 
-def test_classify_text_output_and_bad_weights(photo_files, jaxdl_cache, imagenet_classifier):
-    done = run_cli("classify", "--top", "2", photo_files / "coffee.jpg", cache=jaxdl_cache)
-    assert done.returncode == 0
-    assert done.stdout.splitlines()[1].startswith("  1. espresso (967): ")
-    missing = run_cli("classify", "--weights", photo_files / "nowhere", photo_files / "coffee.jpg", cache=jaxdl_cache)
-    assert missing.returncode == 2 and "--weights" in missing.stderr and "nowhere" in missing.stderr
+def test_classify_text_output_and_bad_weights(photo_files, imagenet_classifier, main_here):
+    code, out, _ = main_here("classify", "--top", "2", photo_files / "coffee.jpg")
+    assert code == 0
+    assert out.splitlines()[1].startswith("  1. espresso (967): ")
+    code, _, err = main_here("classify", "--weights", photo_files / "nowhere", photo_files / "coffee.jpg")
+    assert code == 2 and "--weights" in err and "nowhere" in err
 
 
-def test_convert_command_writes_a_model_classify_can_use(tmp_path, jaxdl_cache, photo_files):
+def test_convert_command_writes_a_model_classify_can_use(tmp_path, jaxdl_cache, photo_files, main_here):
     from jaxdl import pretrained
 
     source = pretrained.torchvision_weights_path()
     done = run_cli("convert", "torchvision", source, tmp_path / "converted", cache=jaxdl_cache)
     assert done.returncode == 0, done.stderr
-    again = run_cli("convert", "torchvision", source, tmp_path / "converted", cache=jaxdl_cache)
-    assert again.returncode == 1 and "already exists" in again.stderr
-    result = run_cli("classify", "--json", "--weights", tmp_path / "converted", photo_files / "coffee.jpg",
-                     cache=jaxdl_cache)
-    assert json.loads(result.stdout)["top"][0]["label"] == "espresso"
-
-
-
+    code, _, err = main_here("convert", "torchvision", source, tmp_path / "converted")
+    assert code == 1 and "already exists" in err
+    code, out, _ = main_here("classify", "--json", "--weights", tmp_path / "converted", photo_files / "coffee.jpg")
+    assert json.loads(out)["top"][0]["label"] == "espresso"
 
 
 @pytest.mark.parametrize("arguments, message", [
