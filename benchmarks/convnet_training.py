@@ -172,8 +172,9 @@ def measure(quick: bool) -> dict:
         name = f"{peer} {version}" + (" on JAX" if peer == "Keras" else f" eager, {TORCH_THREADS} threads")
         figures[f"{name}: steady epoch"] = report.figure(len(x) / peer_each, "img/s")
         figures[f"{name}: first epoch, compile included"] = report.figure(peer_first, "s")
-        ratios.append(report.ratio(f"{ours}: steady epoch", f"{name}: steady epoch"))
-        ratios.append(report.ratio(f"{ours}: first epoch, compile included", f"{name}: first epoch, compile included"))
+        ratios.append(report.ratio(f"{ours}: steady epoch", f"{name}: steady epoch", readme=True))
+        ratios.append(report.ratio(f"{ours}: first epoch, compile included", f"{name}: first epoch, compile included",
+                                   readme=True))
     for part, value in breakdown(x, y, 5 if quick else 20).items():
         figures[f"jaxdl step breakdown, {part}"] = report.figure(value, "ms/batch")
     return report.result(

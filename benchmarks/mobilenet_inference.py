@@ -189,7 +189,8 @@ def measure(quick: bool) -> dict:
                 engine(f"ONNX Runtime {onnxruntime.__version__}", lambda: onnx_engine(folder), repeats=(15, 5))
             except ImportError:
                 notes.append("ONNX Runtime: skipped (not installed; `pip install -e '.[bench]'` adds it)")
-    ratios = [report.ratio(f"{ours}, batch {batch}", f"{peer}, batch {batch}")
+    ratios = [report.ratio(f"{ours}, batch {batch}", f"{peer}, batch {batch}",
+                           readme=peer.startswith(("ONNX Runtime", "PyTorch")) and "eager" not in peer)
               for peer in engines if peer != ours for batch in BATCHES]
     if not quick:
         figures.update(classify_processes())

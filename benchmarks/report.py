@@ -26,9 +26,9 @@ def figure(value: float, unit: str) -> dict:
     return {"value": float(value), "unit": unit}
 
 
-def ratio(ours: str, peer: str) -> dict:
-    """`ours / peer`, two figure labels of the same benchmark."""
-    return {"ours": ours, "peer": peer}
+def ratio(ours: str, peer: str, readme: bool = False) -> dict:
+    """`ours / peer`, two figure labels of the same benchmark; `readme`: quoted in README.md too."""
+    return {"ours": ours, "peer": peer, "readme": readme}
 
 
 def result(title: str, about: str, figures: dict | None = None, ratios: list | None = None,
@@ -76,7 +76,8 @@ def summarize(runs: list[dict]) -> dict:
                 continue
             seen.add(key)
             values = per_repeat_ratios(measured, *key)
-            summary["ratios"].append({"ours": key[0], "peer": key[1], **(spread(values) if values else {"n": 0})})
+            summary["ratios"].append({"ours": key[0], "peer": key[1], "readme": pair.get("readme", False),
+                                      **(spread(values) if values else {"n": 0})})
     return summary
 
 
@@ -118,6 +119,33 @@ def section_markdown(name: str | None, summary: dict) -> str:
             lines.append("")
     lines += [f"- {note}" for note in summary["notes"]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+README_BEGIN = "<!-- benchmark ratios: written by `python -m benchmarks`, not by hand -->"
+README_END = "<!-- end of benchmark ratios -->"
+
+
+def readme_ratios(summaries: list[dict], generated: str) -> str:
+    """The ratios marked `readme`, as README.md quotes them: copied from the run, never typed in."""
+    lines = [f"Measured by `python -m benchmarks` ({generated}); [BENCHMARKS.md](BENCHMARKS.md) has every figure, "
+             "the machine and its load.", "", "| benchmark | ours / peer | median (min-max) |", "|---|---|---|"]
+    for summary in summaries:
+        if summary["skipped"]:
+            lines.append(f"| {summary['title']} | skipped | {summary['skipped'].splitlines()[0][:120]} |")
+        for pair in summary["ratios"]:
+            if pair["readme"]:
+                text = with_spread(pair, "x") if pair["n"] else "not measured (see BENCHMARKS.md)"
+                lines.append(f"| {summary['title']} | {pair['ours']} / {pair['peer']} | {text} |")
+    return "\n".join(lines)
+
+
+def with_readme_ratios(readme: str, block: str) -> str:
+    """README.md's text with `block` between its benchmark markers (an error naming them if either is missing)."""
+    if README_BEGIN not in readme or README_END not in readme:
+        raise ValueError(f"README.md lacks the lines {README_BEGIN!r} and {README_END!r} that the benchmark "
+                         "ratios go between")
+    before, rest = readme.split(README_BEGIN, 1)
+    return before + README_BEGIN + "\n" + block + "\n" + README_END + rest.split(README_END, 1)[1]
 
 
 def run_cli(measure, description: str, argv=None, print_table=None) -> None:

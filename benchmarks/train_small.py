@@ -112,7 +112,7 @@ def measure(quick: bool) -> dict:
     ours, floor = "jaxdl `fit`", "hand-written Flax+Optax `lax.scan`"
     figures = {ours: report.figure(time_jaxdl(x, y, epochs) * 1e3, "ms/epoch"),
                floor: report.figure(time_hand_written(x, y, epochs) * 1e3, "ms/epoch")}
-    ratios, notes = [report.ratio(ours, floor)], []
+    ratios, notes = [report.ratio(ours, floor, readme=True)], []
     try:
         seconds, version = time_keras(x, y, epochs)
         keras_name = f"Keras {version} `fit` (JAX backend)"

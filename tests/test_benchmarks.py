@@ -52,6 +52,24 @@ def test_a_missing_peer_and_a_skipped_benchmark_are_reported():
     assert "**Skipped**: no photos here" in report.section_markdown("example", skipped)
 
 
+def test_readme_quotes_the_marked_ratios_of_the_run_between_its_markers():
+    marked = report.result("Speed", "about", {"a": report.figure(2.0, "s"), "b": report.figure(1.0, "s"),
+                                             "c": report.figure(4.0, "s")},
+                           [report.ratio("a", "b", readme=True), report.ratio("a", "c")])
+    summaries = [report.summarize([marked, marked]), report.summarize([report.result("Photos", "", skipped="none")])]
+    block = report.readme_ratios(summaries, "2026-11-27 15:00 UTC")
+    assert "| Speed | a / b | 2.00x (2.00-2.00) |" in block and "a / c" not in block
+    assert "| Photos | skipped | none |" in block and "2026-11-27 15:00 UTC" in block
+    readme = f"# x\n\nbefore\n{report.README_BEGIN}\nold figures\n{report.README_END}\nafter\n"
+    rewritten = report.with_readme_ratios(readme, block)
+    assert rewritten == f"# x\n\nbefore\n{report.README_BEGIN}\n{block}\n{report.README_END}\nafter\n"
+    assert report.with_readme_ratios(rewritten, block) == rewritten
+    with pytest.raises(ValueError, match="README.md lacks the lines"):
+        report.with_readme_ratios("# no markers\n", block)
+    readme_text = (REPOSITORY / "README.md").read_text()
+    assert readme_text.count(report.README_BEGIN) == 1 and readme_text.count(report.README_END) == 1
+
+
 def sections(text: str) -> dict[str, str]:
     """`## heading` -> its body."""
     parts = re.split(r"^## (.+)$", text, flags=re.M)
