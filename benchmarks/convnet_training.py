@@ -13,7 +13,8 @@ A breakdown of jaxdl's step follows: the same batch through the jitted
 forward pass alone, the forward and backward pass (`value_and_grad`), and
 the whole train step, and each convolution's forward, input-gradient and
 filter-gradient alone at its real shapes, so the table shows where the time
-goes. `--quick`: 1,280 images, 2 epochs.
+goes; then PyTorch's step taken apart the same way (its second convolution's
+two gradients together, as autograd computes them). `--quick`: 1,280 images, 2 epochs.
 Run: `python -m benchmarks.convnet_training [--quick] [--json PATH]`.
 """
 from __future__ import annotations
@@ -155,6 +156,54 @@ def breakdown(x, y, repeats: int) -> dict:
     return parts
 
 
+def torch_breakdown(x, y, repeats: int) -> dict:
+    """The same parts of PyTorch's step (2 threads, NCHW), so the two breakdowns can be read side by side."""
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(1600, 10))
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    images_nchw = torch.from_numpy(np.ascontiguousarray(x[:BATCH].transpose(0, 3, 1, 2))).float() / 255
+    labels = torch.from_numpy(y[:BATCH].astype(np.int64))
+
+    def timed(function) -> float:
+        function()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - started)
+        return float(np.median(times) * 1e3)
+
+    def forward():
+        with torch.no_grad():
+            torch.nn.functional.cross_entropy(net(images_nchw), labels)
+
+    def forward_backward():
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(images_nchw), labels).backward()
+
+    def step():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(images_nchw), labels).backward()
+        optimizer.step()
+
+    parts = {"forward": timed(forward), "forward + backward": timed(forward_backward),
+             "train step (with Adam)": timed(step)}
+    inputs = torch.ones((BATCH, 32, 13, 13), requires_grad=True)
+    kernel = (torch.ones((64, 32, 3, 3)) * 0.01).requires_grad_()
+    upstream = torch.ones((BATCH, 64, 11, 11))
+    with torch.no_grad():
+        parts["conv 2 (13x13x32 -> 64): forward"] = timed(lambda: torch.nn.functional.conv2d(inputs, kernel))
+    output = torch.nn.functional.conv2d(inputs, kernel)
+    parts["conv 2 (13x13x32 -> 64): input and filter gradients"] = timed(
+        lambda: torch.autograd.grad(output, (inputs, kernel), upstream, retain_graph=True))
+    return parts
+
+
 def measure(quick: bool) -> dict:
     examples, epochs = (QUICK_EXAMPLES, QUICK_EPOCHS) if quick else (EXAMPLES, EPOCHS)
     x, y, source = images(examples)
@@ -177,6 +226,11 @@ def measure(quick: bool) -> dict:
                                    readme=True))
     for part, value in breakdown(x, y, 5 if quick else 20).items():
         figures[f"jaxdl step breakdown, {part}"] = report.figure(value, "ms/batch")
+    try:
+        for part, value in torch_breakdown(x, y, 5 if quick else 20).items():
+            figures[f"PyTorch step breakdown, {part}"] = report.figure(value, "ms/batch")
+    except ImportError as error:
+        notes.append(f"PyTorch step breakdown: skipped ({error})")
     return report.result(
         "MNIST convnet training",
         f"keras.io's MNIST convnet (34,826 parameters), Adam, batch {BATCH}, {len(x):,} images, {epochs} epochs in "
