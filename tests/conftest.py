@@ -39,6 +39,11 @@ def pytest_unconfigure(config):
 
 
 def pytest_configure(config):
+    # pytest-xdist's loadfile scheduler re-sorts the files by their number of tests unless told not to
+    # (`--no-loadscope-reorder`): keep the order below (HEAVY_FIRST), which is by seconds, not by count. Seen
+    # without it: test_default_compiler_flags.py (one test, 16 s) handed out last and test_finetune.py late.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     config.addinivalue_line("markers", "slow: thorough runs left out of `make test` (pytest -m slow runs them)")
     config.addinivalue_line("markers", "requires_cats: needs the tutorial's cat photos (../shared/data/cats); "
                                        "skipped where they are absent, failed instead in CI (CI=true)")
@@ -46,11 +51,30 @@ def pytest_configure(config):
                                        "skipped where they are absent, failed instead in CI (CI=true)")
 
 
-# The heaviest files first (seconds of CPU in one run on 2 cores, --durations=0: 64, 53, 51, 31, 25, 25, 24,
-# 25): `make test`'s --dist loadfile hands each worker whole files in collection order, and a long file
-# started last keeps the other worker idle at the end (the run took 291 s for 263 s of work per worker).
-HEAVY_FIRST = ("test_finetune.py", "test_experiments.py", "test_mobilenet_v2.py", "test_resume.py",
-               "test_sharding.py", "test_default_compiler_flags.py", "test_train.py", "test_pretrained.py")
+# The heaviest files first, each file's seconds (calls and setups, --durations=0, one `make test` on this
+# 2-core machine while it was also loaded by other work): `make test`'s --dist loadfile hands each worker
+# whole files in queue order, and a long file started last keeps the other worker idle at the end. Longest
+# first, the light files after them fill in whichever worker frees first (longest-processing-time order).
+HEAVY_FIRST = ("test_finetune.py",  # 88
+               "test_mobilenet_v2.py",  # 81
+               "test_experiments.py",  # 78
+               "test_pretrained.py",  # 55
+               "test_resume.py",  # 51
+               "test_sharding.py",  # 41
+               "test_train.py",  # 38
+               "test_data_sources.py",  # 37
+               "test_model_conventions.py",  # 36
+               "test_docs.py",  # 33
+               "test_contract.py",  # 31
+               "test_convert.py",  # 31
+               "test_layers.py",  # 29
+               "test_default_compiler_flags.py",  # 16
+               "test_requires_cats.py",  # 14
+               "test_callbacks.py",  # 14
+               "test_benchmarks.py",  # 13
+               "test_run_checkpoint.py",  # 11
+               "test_wheel.py",  # 11
+               "test_fit_front_door.py")  # 10; the rest under 9 s each
 
 
 def pytest_collection_modifyitems(session, config, items):
