@@ -452,7 +452,8 @@ def _unselected_scan_body(contract: StepContract) -> Callable:
     While every step is accepted it computes what the guarded body does. It
     is the cheaper one for small models, where choosing between the new,
     current and previous states costs a small kernel per leaf per step (the
-    "learning to round" MLP's epoch: about a third of its time). After a
+    "learning to round" MLP's epoch: 7.2-8.2 ms with the choices, 5.6 ms
+    without, three alternating runs on 2 cores). After a
     refused step its carry means nothing: `GuardedEpoch` then runs the epoch
     again with the guarded body.
     """
