@@ -20,6 +20,9 @@ import jax
 def enable_compilation_cache() -> None:
     """Keeps compiled XLA programs on disk in $JAXDL_CACHE/xla, so the next process skips compilation.
 
+    Where JAX_COMPILATION_CACHE_DIR names a directory, the user chose JAX's
+    cache: that one is used instead (with the same checks), so `jaxdl`
+    shares the programs of their other JAX processes.
     JAX loads native code from that cache, so it is used only where
     `jaxdl.aot` would keep its own programs: a directory this user owns that
     no one else can write in, holding only this user's files
@@ -31,7 +34,8 @@ def enable_compilation_cache() -> None:
     from jaxdl import aot
     from jaxdl.pretrained import cache_dir
 
-    directory = cache_dir() / "xla"
+    chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    directory = Path(chosen) if chosen else cache_dir() / "xla"
     try:
         directory_fd = aot.open_compilation_cache(directory)
     except OSError as error:

@@ -231,6 +231,7 @@ def enable_cli_cache(monkeypatch, cache):
     """`jaxdl`'s `enable_compilation_cache` for $JAXDL_CACHE=`cache`: the JAX options it set (recorded, not applied,
     so the session keeps its own cache) and the descriptor it left open for JAX, closed here."""
     monkeypatch.setenv("JAXDL_CACHE", str(cache))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the test session's own cache
     options = {}
     monkeypatch.setattr(jax.config, "update", lambda name, value: options.__setitem__(name, value))
     cli.enable_compilation_cache()
@@ -266,6 +267,24 @@ def test_the_cli_uses_a_private_compilation_cache(tmp_path, monkeypatch, capsys,
     assert options["jax_persistent_cache_min_compile_time_secs"] == 0.0
     assert stat.S_IMODE(directory.stat().st_mode) == (directory_mode or 0o700)
     assert capsys.readouterr().err == ""
+
+
+def test_the_cli_uses_the_compilation_cache_jax_was_given_and_checks_it(tmp_path, monkeypatch, capsys):
+    """JAX_COMPILATION_CACHE_DIR is the user's choice of JAX's cache: the CLI shares it, checked as its own."""
+    chosen, _ = make_cache(tmp_path / "chosen", 0o700, 0o600)
+    monkeypatch.setenv("JAXDL_CACHE", str(tmp_path / "cache"))
+    options = {}
+    monkeypatch.setattr(jax.config, "update", lambda name, value: options.__setitem__(name, value))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(chosen))
+    cli.enable_compilation_cache()
+    path = options["jax_compilation_cache_dir"]
+    assert os.path.samefile(path, chosen) and not (tmp_path / "cache" / "xla").exists()
+    if path.startswith("/proc/self/fd/"):
+        os.close(int(path.rsplit("/", 1)[1]))
+    chosen.chmod(0o770)
+    options.clear()
+    cli.enable_compilation_cache()
+    assert options == {} and f"jaxdl: {chosen} is not used as a compilation cache" in capsys.readouterr().err
 
 
 def entry_linked_elsewhere(directory, entry, monkeypatch):
