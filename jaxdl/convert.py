@@ -15,6 +15,8 @@ torchvision state dicts are read by `jaxdl.torchfile`, without PyTorch.
 """
 from __future__ import annotations
 
+import functools
+
 import io
 import os
 import re
@@ -61,18 +63,20 @@ def _torch_to_flax(kind: str, arrays: list[np.ndarray]) -> dict:
 
 # --- matching source layers to the network -----------------------------------------------------
 
+@functools.lru_cache(maxsize=32)
 def _expected_shapes(model: MobileNetV2) -> dict:
+    """The variables' shapes of `model` (a frozen, hashable module): traced once per configuration."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     return jax.tree.map(lambda leaf: tuple(leaf.shape), shapes)
 
 
 def _fit_layers(layers: list[SourceLayer], model: MobileNetV2, to_flax: Callable, path) -> tuple[dict, str | None]:
     """Variables for `model` from `layers`, or the first mismatch as a message."""
-    expected = _expected_shapes(model)
     plan = layer_plan(model.include_top)
-    if len(layers) != len(plan):
+    if len(layers) != len(plan):  # before tracing the model for its shapes: a wrong file is told at once
         return {}, (f"the file has {len(layers)} layers with weights, MobileNetV2(alpha={model.alpha}, "
                     f"include_top={model.include_top}) has {len(plan)}")
+    expected = _expected_shapes(model)
     variables: dict = {"params": {}, "batch_stats": {}}
     for index, ((source_name, arrays), (name, kind)) in enumerate(zip(layers, plan)):
         try:
