@@ -86,7 +86,8 @@ def time_keras(x, y, epochs: int) -> tuple[float, float, str]:
     return *first_and_steady(timer.times), keras.__version__
 
 
-def time_torch(x, y, epochs: int) -> tuple[float, float, str]:
+def torch_convnet():
+    """The convnet in PyTorch (seeded, `TORCH_THREADS` threads) and its Adam(1e-3)."""
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
@@ -94,7 +95,13 @@ def time_torch(x, y, epochs: int) -> tuple[float, float, str]:
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
                               torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
                               torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(1600, 10))
-    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    return net, torch.optim.Adam(net.parameters(), 1e-3)
+
+
+def time_torch(x, y, epochs: int) -> tuple[float, float, str]:
+    import torch
+
+    net, optimizer = torch_convnet()
     images_nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     labels = torch.from_numpy(y.astype(np.int64))
     generator = torch.Generator().manual_seed(0)
@@ -160,12 +167,7 @@ def torch_breakdown(x, y, repeats: int) -> dict:
     """The same parts of PyTorch's step (2 threads, NCHW), so the two breakdowns can be read side by side."""
     import torch
 
-    torch.set_num_threads(TORCH_THREADS)
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                              torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                              torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(1600, 10))
-    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    net, optimizer = torch_convnet()
     images_nchw = torch.from_numpy(np.ascontiguousarray(x[:BATCH].transpose(0, 3, 1, 2))).float() / 255
     labels = torch.from_numpy(y[:BATCH].astype(np.int64))
 
