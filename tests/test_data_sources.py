@@ -111,9 +111,12 @@ def test_a_transform_reads_examples_of_any_layout():
      r"the examples have no feature 'image' \(features=\('image', 'label'\)\); they have \['label', 'pixels'\]"),
     (lambda x, y: examples(x[:, :2], y), r"feature 'image' has shape \(2,\) per example, but the model takes \(3,\)"),
     (lambda x, y: examples(x, y.astype(str)), r"feature 'label' holds <U\d+ values; labels must be numbers"),
+    # Seen read as an example without a label (fit then failed with KeyError: 'y') until Features checked it;
+    # found by tests/test_fuzz_loaders.py's thorough run.
+    (lambda x, y: [{"image": row, "label": None} for row in x], r"feature 'label' is None in an example"),
     (lambda x, y: iter([{"inputs": x, "y": y}]), r"batch 0 of the iterable is \['inputs', 'y'\]"),
     (lambda x, y: iter([{"x": x, "y": y[:5]}]), r"batch 0 of the iterable has entries of different lengths"),
-], ids=["feature name", "feature shape", "label type", "batch keys", "batch lengths"])
+], ids=["feature name", "feature shape", "label type", "label None", "batch keys", "batch lengths"])
 def test_a_source_with_wrong_features_is_an_error_naming_the_feature(source, match):
     x, y = blobs(n=20)
     state, _ = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, verbose=0)

@@ -152,6 +152,8 @@ class Features:
                                  "other sequence is read as examples; pass batch dicts as an iterator or generator)")
             input_name, label_name = (f"feature {name!r}" for name in self.names)
             x, y = example[self.names[0]], None if self.names[1] is None else example[self.names[1]]
+            if self.names[1] is not None and y is None:  # else the example would pass as one without a label
+                raise ValueError(f"{label_name} is None in an example; labels must be numbers")
         x = np.asarray(x)
         if self.input_shape is not None and x.shape != tuple(self.input_shape):
             batch_of = x.shape[0] if x.ndim == len(self.input_shape) + 1 and x.shape[1:] == tuple(self.input_shape) \
