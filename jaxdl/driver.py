@@ -381,10 +381,13 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       batches, or one pass when that is None.
     `steps_per_dispatch=K` runs K steps of a source per compiled call.
     `cache` keeps a random-access source's examples (and validation_data's)
-    in memory after the first epoch reads them, as tf.data's `.cache()`:
-    "auto" when they need at most a quarter of the memory available, True,
-    False, or a bound in bytes (an error names the sizes when they do not
-    fit); later epochs then decode nothing (see `data.SourceBatches`).
+    in memory once read, as tf.data's `.cache()`: "auto" when they need at
+    most a quarter of the memory available, True, False, or a bound in bytes
+    (an error names the sizes when they do not fit); nothing is decoded
+    twice (see `data.SourceBatches`). Where arrays would train in scanned
+    epochs (dense models; any model off CPU) and one process reads the
+    data, a cached source is read whole before the first step and trains
+    as arrays do, in its own orders.
     The same model, seed and data in the same order train to the same
     parameters on both paths (up to float rounding: the array path pads
     its last batch and masks the padding out).

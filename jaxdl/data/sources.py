@@ -226,8 +226,8 @@ class ExampleCache:
     """A source's mapped examples kept in memory after their first read, as tf.data's `.cache()` keeps them.
 
     One array per feature, filled row by row as the first epoch reads its
-    batches; later epochs take their rows from memory instead of reading
-    and decoding the source again. The order of the rows read is the
+    batches (or all at once, `SourceBatches.in_memory`); later reads take
+    their rows from memory instead of reading and decoding the source again. The order of the rows read is the
     source's, so shuffling and resuming are unchanged. Grain's read threads
     fill disjoint rows (an epoch reads each example once).
     """
@@ -389,10 +389,13 @@ class SourceBatches:
             return None
         import grain
 
+        def fill(rows) -> int:  # what grain's read threads run; the rows go into the cache, not down the pipeline
+            self.example_cache.fill(np.asarray(rows), self._read_source)
+            return len(rows)
+
         options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
-        chunks = grain.MapDataset.range(len(self.source)).batch(max(self.batch_size, 256)).map(
-            lambda rows: self.example_cache.fill(np.asarray(rows), self._read_source) or 0)
-        for _ in chunks.to_iter_dataset(options):
+        batches = grain.MapDataset.range(len(self.source)).batch(self.batch_size).map(fill)
+        for _ in batches.to_iter_dataset(options):
             pass
         return self.example_cache.arrays
 
