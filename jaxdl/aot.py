@@ -58,6 +58,8 @@ import jax
 import jaxlib
 from jax.experimental import serialize_executable
 
+from jaxdl import compiler
+
 # A MobileNetV2 program with its weights as constants measured 14.4 MB (batch 1) and 14.8 MB (batch 32)
 # with jax 0.10.2 on CPU: about 35 such programs.
 DEFAULT_MAX_BYTES = 512 << 20
@@ -110,13 +112,14 @@ def program_key(*parts) -> str:
 
     That is the JAX and jaxlib versions, the backend with its device kind and
     count, the JAX options in `_CONFIG_OPTIONS`, the XLA environment variables
-    in `_ENVIRONMENT_VARIABLES`, and the processor (`_processor_description`).
+    in `_ENVIRONMENT_VARIABLES`, jaxdl's compiler options (`jaxdl.compiler`), and the processor
+    (`_processor_description`).
     Machine code compiled for one CPU can die with SIGILL on another.
     """
     environment = [jax.__version__, jaxlib.__version__, jax.default_backend(), *_devices(),
                    {name: str(getattr(jax.config, name)) for name in _CONFIG_OPTIONS},
                    {name: os.environ.get(name) for name in _ENVIRONMENT_VARIABLES},
-                   _processor()]
+                   compiler.compiler_options(), _processor()]
     text = json.dumps([environment, *map(str, parts)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -135,13 +138,13 @@ def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLi
         directory_fd = _open_private_directory(directory)
     except OSError as error:
         warnings.warn(f"{directory} is not used as a program cache: {error}", stacklevel=2)
-        return jax.jit(fn).lower(*example_args).compile()
+        return compiler.jit(fn).lower(*example_args).compile()
     try:
         name = key + _SUFFIX
         program = _load(directory_fd, name, in_tree)
         if program is not None:
             return program
-        compiled = jax.jit(fn).lower(*example_args).compile()
+        compiled = compiler.jit(fn).lower(*example_args).compile()
         try:
             contents = _entry(*serialize_executable.serialize(compiled))
         except (ValueError, NotImplementedError) as error:  # not serializable, or user-defined output nodes

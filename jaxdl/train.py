@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jaxdl import data, losses, sharding
+from jaxdl import compiler, data, losses, sharding
 from jaxdl.contract import AUTO, flag_kwargs, inference, inference_jaxpr, resolve_train_flag
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
 from jaxdl.precision import loss_scale, with_precision
@@ -126,7 +126,7 @@ def _compiled_init(model, train_flag: str | None) -> Callable:
 
 @functools.lru_cache(maxsize=32)
 def _cached_init(model, train_flag: str | None) -> Callable:
-    return jax.jit(functools.partial(model.init, **flag_kwargs(train_flag, False)))
+    return compiler.jit(functools.partial(model.init, **flag_kwargs(train_flag, False)))
 
 
 def new_train_state(apply_fn, params, optimizer: optax.GradientTransformation, *, batch_stats, dropout_rng,
@@ -359,7 +359,7 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
 
     if not jit:
         return train_step
-    return _refusing_consumed_states(jax.jit(train_step, donate_argnums=(0,)), "train step", mesh)
+    return _refusing_consumed_states(compiler.jit(train_step, donate_argnums=(0,)), "train step", mesh)
 
 
 def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True, input_key: str = "x",
@@ -376,7 +376,7 @@ def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = 
 
     if not jit:
         return eval_step
-    jitted = jax.jit(eval_step)
+    jitted = compiler.jit(eval_step)
 
     @functools.wraps(eval_step)
     def call(state, batch):
@@ -570,9 +570,9 @@ def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool | str, d
     """
     contract = StepContract(loss, metrics, train_flag=train_flag, rng_streams=rng_streams, mesh=mesh)
     return GuardedEpoch(
-        jax.jit(_epoch_of(_unselected_scan_body(contract), batch_size, shuffle, drop_remainder,
+        compiler.jit(_epoch_of(_unselected_scan_body(contract), batch_size, shuffle, drop_remainder,
                           previous_each_step=False)),
-        jax.jit(_epoch_of(_guarded_scan_body(contract), batch_size, shuffle, drop_remainder), donate_argnums=(0, 1)))
+        compiler.jit(_epoch_of(_guarded_scan_body(contract), batch_size, shuffle, drop_remainder), donate_argnums=(0, 1)))
 
 
 @_cached_by_arguments
@@ -600,7 +600,7 @@ def compiled_steps(loss, metrics: tuple, mesh=None, train_flag: str | None = "tr
             totals = jax.tree.map(jnp.add, totals, sums)
         return (*carry, totals)
 
-    return jax.jit(steps, donate_argnums=(0, 1, 3))
+    return compiler.jit(steps, donate_argnums=(0, 1, 3))
 
 
 def _has_convolution(jaxpr) -> bool:
@@ -638,7 +638,7 @@ def zero_totals(metrics: Sequence[str]) -> dict:
 @_cached_by_arguments
 def compiled_eval_step(loss, metrics: tuple, mesh=None, train_flag: str | None = "train"):
     """`make_eval_step(loss, metrics)`, compiled once per loss, metrics, mesh and train flag."""
-    return jax.jit(make_eval_step(loss, metrics, jit=False, mesh=mesh, train_flag=train_flag))
+    return compiler.jit(make_eval_step(loss, metrics, jit=False, mesh=mesh, train_flag=train_flag))
 
 
 @_cached_by_arguments
@@ -656,10 +656,10 @@ def compiled_evaluate(loss, metrics: tuple, batch_size: int, mesh=None, train_fl
         _, sums = jax.lax.scan(body, None, (index, mask))
         return jax.tree.map(lambda s: s.sum(axis=0), sums)
 
-    return jax.jit(evaluate_all)
+    return compiler.jit(evaluate_all)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "chunked", "mesh", "train_flag"))
+@functools.partial(compiler.jit, static_argnames=("apply_fn", "batch_size", "chunked", "mesh", "train_flag"))
 def _predict_all(apply_fn, variables, x, batch_size, chunked, mesh=None, train_flag="train"):
     """The model's outputs on every row of `x`, in batches of `batch_size`, in inference mode."""
     index, _ = _scan_batches(x.shape[0], batch_size, False)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl import compiler
 from jaxdl.contract import AUTO, flag_kwargs, resolve_train_flag
 
 
@@ -92,7 +93,7 @@ def _moments(model, variables, x, rng, n_samples: int, train_flag: str | None, o
 
 
 # Compiled once per model (hashable: jaxdl's models are), input shape and sample count.
-_mc_moments = jax.jit(_moments, static_argnames=("model", "n_samples", "train_flag", "output"))
+_mc_moments = compiler.jit(_moments, static_argnames=("model", "n_samples", "train_flag", "output"))
 
 
 def _sampler(model):
@@ -101,7 +102,7 @@ def _sampler(model):
         hash(model)
         return _mc_moments
     except TypeError:
-        return jax.jit(functools.partial(_moments, model), static_argnames=("n_samples", "train_flag", "output"))
+        return compiler.jit(functools.partial(_moments, model), static_argnames=("n_samples", "train_flag", "output"))
 
 
 _CLASSIFIER_OUTPUTS = {"sparse_categorical_crossentropy": "softmax", "categorical_crossentropy": "softmax",

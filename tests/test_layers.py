@@ -132,12 +132,21 @@ def test_conv_has_nn_convs_parameters_outputs_and_gradients_against_float64(padd
     tolerance.assert_close(gradients[0]["params"]["bias"], upstream.astype(np.float64).sum(axis=(0, 1, 2)), sums)
 
 
-def test_auto_takes_the_products_on_cpu_for_image_inputs_only_and_names_bad_arguments(backend):
-    """Seen failing with "auto" resolving to XLA's convolution for every input on CPU."""
+@pytest.mark.parametrize("options", ["jaxdl's", "XLA's defaults"])
+def test_auto_takes_the_products_on_cpu_under_ynnpack_convolutions_for_image_inputs_only_and_names_bad_arguments(
+        backend, options, monkeypatch):
+    """The products only where they are the faster form (see jaxdl.layers' docstring): on CPU, for inputs of
+    few channels, compiled without jaxdl's options (a user's own `jax.jit`, or an XLA_FLAGS choosing YNNPACK's
+    convolutions). Seen failing with "auto" resolving to XLA's convolution for every input on CPU, and with
+    the products kept under jaxdl's options."""
+    from jaxdl import compiler
     from jaxdl.layers import conv_implementation
 
-    on_cpu = "shifted_products" if backend == "cpu" else "xla"
-    assert conv_implementation("auto", 1) == conv_implementation("auto", 3) == on_cpu
+    if options == "XLA's defaults":
+        monkeypatch.setattr(compiler, "compiler_options", lambda: None)
+    takes_products = backend == "cpu" and compiler.compiler_options() is None
+    assert conv_implementation("auto", 1) == conv_implementation("auto", 3) == (
+        "shifted_products" if takes_products else "xla")
     assert conv_implementation("auto", 4) == "xla" and conv_implementation("xla", 1) == "xla"
 
     def products(channels):
@@ -147,7 +156,7 @@ def test_auto_takes_the_products_on_cpu_for_image_inputs_only_and_names_bad_argu
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(model.apply(v, x))))(variables))
         return jaxpr.count("dot_general[")
 
-    assert products(1) == (9 if backend == "cpu" else 0) and products(8) == 0  # one per offset, or XLA's conv
+    assert products(1) == (9 if takes_products else 0) and products(8) == 0  # one per offset, or XLA's conv
     with pytest.raises(ValueError, match="Conv implementation must be one of"):
         Conv(4, (3, 3), implementation="fast").init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))
     with pytest.raises(ValueError, match=r"Conv takes NHWC inputs \(4 axes\), got shape \(5, 5, 1\)"):

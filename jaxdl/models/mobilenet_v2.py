@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl import compiler
+
 ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIN_INPUT_SIZE = 32
 
@@ -278,7 +280,7 @@ def apply_in_chunks(apply, variables, images: jnp.ndarray, chunk: int | None = N
     return outputs.reshape(padded, *outputs.shape[2:])[:n]
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(compiler.jit, static_argnums=0)
 def predict_in_chunks(apply, variables, images: jnp.ndarray) -> jnp.ndarray:
     """`apply_in_chunks` compiled: inference on a whole array of images."""
     return apply_in_chunks(apply, variables, images)
