@@ -9,12 +9,13 @@ generated images where absent, said in the notes). Each framework trains
 epochs 2-3) and the seconds to the end of the first epoch, compile
 included. PyTorch runs eagerly with 2 threads, as a student's laptop runs it.
 
-A breakdown of jaxdl's step follows: the same batch through the jitted
-forward pass alone, the forward and backward pass (`value_and_grad`), and
-the whole train step, and each convolution's forward, input-gradient and
-filter-gradient alone at its real shapes, so the table shows where the time
-goes; then PyTorch's step taken apart the same way (its second convolution's
-two gradients together, as autograd computes them). `--quick`: 1,280 images, 2 epochs.
+A breakdown of jaxdl's step follows, each part compiled as jaxdl compiles
+its programs (`jaxdl.compiler.jit`): the same batch through the forward pass
+alone, the forward and backward pass (`value_and_grad`), and the whole
+train step, and each convolution's forward, input-gradient and filter-gradient
+alone at its real shapes, so the table shows where the time goes; then
+PyTorch's step taken apart the same way (its second convolution's two
+gradients together, as autograd computes them). `--quick`: 1,280 images, 2 epochs.
 Run: `python -m benchmarks.convnet_training [--quick] [--json PATH]`.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.input_pipeline import mnist_like  # noqa: E402
 from benchmarks.train_small import EpochTimer, steady  # noqa: E402
 from experiments.mnist import CNN_MODEL, shared_mnist  # noqa: E402
-from jaxdl import fit  # noqa: E402
+from jaxdl import compiler, fit  # noqa: E402
 
 BATCH, EPOCHS, EXAMPLES = 128, 3, 12_800
 QUICK_EPOCHS, QUICK_EXAMPLES = 2, 1_280
@@ -141,9 +142,10 @@ def breakdown(x, y, repeats: int) -> dict:
         logits = CNN_MODEL.apply({"params": params}, batch["x"], train=True, rngs=rngs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
-    step = jax.jit(make_train_step("sparse_categorical_crossentropy", jit=False))  # no donation: called again
-    parts = {"forward": milliseconds(jax.jit(loss), state.params, repeats=repeats),
-             "forward + backward": milliseconds(jax.jit(jax.value_and_grad(loss)), state.params, repeats=repeats),
+    step = compiler.jit(make_train_step("sparse_categorical_crossentropy", jit=False))  # no donation: called again
+    parts = {"forward": milliseconds(compiler.jit(loss), state.params, repeats=repeats),
+             "forward + backward": milliseconds(compiler.jit(jax.value_and_grad(loss)), state.params,
+                                                repeats=repeats),
              "train step (with Adam, metrics, guard)": milliseconds(step, state, batch, repeats=repeats)}
     dimensions = ("NHWC", "HWIO", "NHWC")
     for name, (height, channels, features) in {"conv 1 (28x28x1 -> 32)": (28, 1, 32),
@@ -155,11 +157,13 @@ def breakdown(x, y, repeats: int) -> dict:
             return jax.lax.conv_general_dilated(inputs, kernel, (1, 1), "VALID", dimension_numbers=dimensions)
 
         upstream = jnp.ones(conv(inputs, kernel).shape, jnp.float32)
-        parts[f"{name}: forward"] = milliseconds(jax.jit(conv), inputs, kernel, repeats=repeats)
+        parts[f"{name}: forward"] = milliseconds(compiler.jit(conv), inputs, kernel, repeats=repeats)
         parts[f"{name}: input gradient"] = milliseconds(
-            jax.jit(lambda i, k: jax.vjp(lambda i: conv(i, k), i)[1](upstream)), inputs, kernel, repeats=repeats)
+            compiler.jit(lambda i, k: jax.vjp(lambda i: conv(i, k), i)[1](upstream)), inputs, kernel,
+            repeats=repeats)
         parts[f"{name}: filter gradient"] = milliseconds(
-            jax.jit(lambda i, k: jax.vjp(lambda k: conv(i, k), k)[1](upstream)), inputs, kernel, repeats=repeats)
+            compiler.jit(lambda i, k: jax.vjp(lambda k: conv(i, k), k)[1](upstream)), inputs, kernel,
+            repeats=repeats)
     return parts
 
 

@@ -91,6 +91,7 @@ def test_jaxdl_compiles_through_compiler_jit_only():
         if path.name == "compiler.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr in ("jit", "pmap") and getattr(node.value, "id", "") == "jax":
+            attribute = isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "jax"
+            if attribute and node.attr in ("jit", "pmap"):
                 plain.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert plain == []
