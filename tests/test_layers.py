@@ -91,7 +91,10 @@ def test_keras_convnet_step_has_no_select_and_scatter_and_trains_as_with_nn_max_
     step = make_train_step("sparse_categorical_crossentropy", jit=False)  # a new function: JAX caches traces
     assert "select_and_scatter" in str(jax.make_jaxpr(step)(state, batch))
     reference, _ = jax.jit(step)(state, batch)
-    jax.tree.map(np.testing.assert_array_equal, fast.params, reference.params)  # the same selections: bitwise
+    if jax.devices()[0].platform == "cpu":  # the same selections, the same XLA:CPU kernels: bitwise
+        jax.tree.map(np.testing.assert_array_equal, fast.params, reference.params)
+    else:  # two programs, each with its own autotuned convolution algorithms: 2.3e-7 relative seen on an H200
+        tolerance.assert_close(fast.params, reference.params, tolerance.FEW_OPS)
 
 
 @pytest.mark.parametrize("padding, kernel_size, channels", [("VALID", (3, 3), 1), ("SAME", (3, 3), 3),
