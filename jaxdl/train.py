@@ -571,8 +571,9 @@ def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool | str, d
     contract = StepContract(loss, metrics, train_flag=train_flag, rng_streams=rng_streams, mesh=mesh)
     return GuardedEpoch(
         compiler.jit(_epoch_of(_unselected_scan_body(contract), batch_size, shuffle, drop_remainder,
-                          previous_each_step=False)),
-        compiler.jit(_epoch_of(_guarded_scan_body(contract), batch_size, shuffle, drop_remainder), donate_argnums=(0, 1)))
+                               previous_each_step=False)),
+        compiler.jit(_epoch_of(_guarded_scan_body(contract), batch_size, shuffle, drop_remainder),
+                     donate_argnums=(0, 1)))
 
 
 @_cached_by_arguments

@@ -102,7 +102,8 @@ def _sampler(model):
         hash(model)
         return _mc_moments
     except TypeError:
-        return compiler.jit(functools.partial(_moments, model), static_argnames=("n_samples", "train_flag", "output"))
+        return compiler.jit(functools.partial(_moments, model),
+                            static_argnames=("n_samples", "train_flag", "output"))
 
 
 _CLASSIFIER_OUTPUTS = {"sparse_categorical_crossentropy": "softmax", "categorical_crossentropy": "softmax",
