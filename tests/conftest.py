@@ -112,6 +112,28 @@ def jaxdl_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def main_here(monkeypatch, capsys, jaxdl_cache):
+    """`main_here(*args) -> (exit code, stdout, stderr)`: the command's own `main`, in this process.
+
+    For the runs after a first start-up of the command in a process of its own: the same code,
+    without starting JAX again. `main` would point JAX's compilation cache at $JAXDL_CACHE for the rest of
+    the session: the suite's is kept.
+    """
+    from jaxdl import cli
+
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
+    monkeypatch.setenv("JAXDL_CACHE", str(jaxdl_cache))
+
+    def main(*args):
+        capsys.readouterr()
+        code = cli.main([str(arg) for arg in args])
+        printed = capsys.readouterr()
+        return code, printed.out, printed.err
+
+    return main
+
+
 @pytest.fixture(scope="session")
 def converted_models(tmp_path_factory):
     """`converted(name)`: each Keras model built once per test process, with its outputs (and each block's,

@@ -137,12 +137,9 @@ def test_save_then_load_in_a_new_process_keeps_predictions_and_class_names(tmp_p
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
 
 
-def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_path, jaxdl_cache, monkeypatch,
-                                                                        capsys):
-    """`python -m jaxdl.cli finetune` in its own process; then, in this one (`cli.main`, the same command's code
-    without a second start-up of JAX), the same command refused and `classify` on the model it saved."""
-    from jaxdl import cli
-
+def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_path, jaxdl_cache, main_here):
+    """`python -m jaxdl.cli finetune` in its own process; then, in this one (`main_here`: the same command's
+    code without a second start-up of JAX), the same command refused and `classify` on the model it saved."""
     data = tmp_path / "cats"
     for sex, name in (("f", "female"), ("m", "male")):
         (data / name).mkdir(parents=True)
@@ -160,12 +157,11 @@ def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_pat
     assert lines[-2:] == [f"history: {tmp_path / 'model' / 'history.json'}", f"saved to {tmp_path / 'model'}"]
     history = json.loads((tmp_path / "model" / "history.json").read_text())
     assert list(history) == ["loss", "accuracy", "val_loss", "val_accuracy"] and len(history["loss"]) == 2
-    # `main` would point JAX's compilation cache at $JAXDL_CACHE for the rest of the session: keep the suite's.
-    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
-    capsys.readouterr()
-    assert cli.main(arguments) == 1 and "already exists" in capsys.readouterr().err
-    assert cli.main(["classify", "--json", "--weights", str(tmp_path / "model"), str(CATS / "f10.jpg")]) == 0
-    top = json.loads(capsys.readouterr().out)["top"]
+    code, _, err = main_here(*arguments)
+    assert code == 1 and "already exists" in err
+    code, out, _ = main_here("classify", "--json", "--weights", tmp_path / "model", CATS / "f10.jpg")
+    assert code == 0
+    top = json.loads(out)["top"]
     assert {entry["label"] for entry in top} == {"female", "male"}
 
 

@@ -150,28 +150,6 @@ def run_cli(*args, cache):
                           env={**os.environ, "JAXDL_CACHE": str(cache)})
 
 
-@pytest.fixture
-def main_here(monkeypatch, capsys, jaxdl_cache):
-    """`main_here(*args) -> (exit code, stdout, stderr)`: the command's own `main`, in this process.
-
-    For the runs after a first start-up of the command in a process of its own (`run_cli`): the same code,
-    without starting JAX again. `main` would point JAX's compilation cache at $JAXDL_CACHE for the rest of
-    the session: the suite's is kept.
-    """
-    from jaxdl import cli
-
-    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
-    monkeypatch.setenv("JAXDL_CACHE", str(jaxdl_cache))
-
-    def main(*args):
-        capsys.readouterr()
-        code = cli.main([str(arg) for arg in args])
-        printed = capsys.readouterr()
-        return code, printed.out, printed.err
-
-    return main
-
-
 def test_classify_json_reports_every_image_and_names_the_bad_ones(photo_files, jaxdl_cache, imagenet_classifier):
     done = run_cli("classify", "--json", "--top", "3", photo_files / "chelsea.png", photo_files / "notes.png",
                    photo_files / "coffee_gray.jpg", photo_files / "coffee_cut.jpg", photo_files / "missing.jpg",
