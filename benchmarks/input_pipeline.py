@@ -93,14 +93,16 @@ def measure(quick: bool, examples: int | None = None) -> dict:
                "MLP: `fit` from the tfds source, cached (cache='auto')": report.figure(mlp_cached_epoch, "s/epoch")}
     ratios = [report.ratio("tfds ArrayRecord source (grain) alone", consumed),
               report.ratio("in-memory host batches alone", consumed),
-              report.ratio("`fit` from in-memory arrays", "`fit` from the tfds source, 1 step per dispatch", readme=True),
+              report.ratio("`fit` from in-memory arrays", "`fit` from the tfds source, 1 step per dispatch",
+                           readme=True),
               report.ratio("`fit` from in-memory arrays", "`fit` from the tfds source, 4 steps per dispatch"),
               report.ratio("MLP: `fit` from in-memory arrays",
                            "MLP: `fit` from the tfds source, decoded every epoch (cache=False)"),
-              report.ratio("MLP: `fit` from in-memory arrays", "MLP: `fit` from the tfds source, cached (cache='auto')",
-                           readme=True)]
+              report.ratio("MLP: `fit` from in-memory arrays",
+                           "MLP: `fit` from the tfds source, cached (cache='auto')", readme=True)]
     return report.result(
-        "Input pipeline", f"The MNIST CNN (and the MLP, whose fast step shows the decoding) on CPU, batch {BATCH}, {len(images):,} MNIST-shaped examples written as a "
+        "Input pipeline", f"The MNIST CNN (and the MLP, whose fast step shows the decoding) on CPU, batch {BATCH}, "
+        f"{len(images):,} MNIST-shaped examples written as a "
         f"tfds ArrayRecord directory of PNGs (in {written:.1f} s), grain read threads {data.sources.READ_THREADS}; "
         f"`fit` runs {epochs} epochs, median of epochs 2-{epochs}. Goals: the source delivers >= 5x what the step "
         "consumes; `fit` from the source reaches >= 0.8x the in-memory throughput (the arrays' s/epoch over the "

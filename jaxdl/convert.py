@@ -16,7 +16,6 @@ torchvision state dicts are read by `jaxdl.torchfile`, without PyTorch.
 from __future__ import annotations
 
 import functools
-
 import io
 import os
 import re

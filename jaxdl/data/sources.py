@@ -227,9 +227,10 @@ class ExampleCache:
 
     One array per feature, filled row by row as the first epoch reads its
     batches (or all at once, `SourceBatches.in_memory`); later reads take
-    their rows from memory instead of reading and decoding the source again. The order of the rows read is the
-    source's, so shuffling and resuming are unchanged. Grain's read threads
-    fill disjoint rows (an epoch reads each example once).
+    their rows from memory instead of reading and decoding the source again.
+    The order of the rows read is the source's, so shuffling and resuming are
+    unchanged. Grain's read threads fill disjoint rows (an epoch reads each
+    example once).
     """
 
     def __init__(self, num_examples: int, first: dict):
