@@ -82,13 +82,15 @@ class ImageClassifier:
         return self
 
     def inference_form(self) -> tuple[object, dict]:
-        """`(model, variables)` to run: with `fast`, BatchNorm folded into the convs (computed once)."""
+        """`(model, variables)` to run, the variables on the device: with `fast`, BatchNorm folded into the convs
+        (computed once)."""
         if self._inference is None:
             self.materialize()
             model, variables = self.model, self.variables
             if self.fast:
                 model, variables = fast_inference(model, variables)
-            self._inference = (model, variables)
+            # On the device once, so that no forward pass copies the weights from the host again.
+            self._inference = (model, jax.device_put(variables))
         return self._inference
 
     def save(self, directory, *, overwrite: bool = False, **extra_metadata) -> Path:

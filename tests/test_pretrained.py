@@ -121,6 +121,16 @@ def _apply_and_variables(classifier):
     return model.apply, variables
 
 
+def test_inference_weights_stay_on_the_device_between_calls(imagenet_classifier):
+    """A forward pass copies only its images: the folded weights (14 MB) were sent host to device on
+    every call while `inference_form` kept them as NumPy arrays (batch 1 ran at 0.87x the speed)."""
+    model, variables = imagenet_classifier.inference_form()
+    images_on_device = jax.device_put(np.zeros((1, 224, 224, 3), np.float32))
+    predict_in_chunks(model.apply, variables, images_on_device).block_until_ready()  # compiled outside the guard
+    with jax.transfer_guard_host_to_device("disallow"):
+        predict_in_chunks(model.apply, variables, images_on_device).block_until_ready()
+
+
 def test_image_loading_converts_modes_and_honours_exif(tmp_path):
     rotated = Image.new("RGB", (300, 200), (200, 10, 10))
     exif = rotated.getexif()
