@@ -601,7 +601,9 @@ def compiled_steps(loss, metrics: tuple, mesh=None, train_flag: str | None = "tr
             totals = jax.tree.map(jnp.add, totals, sums)
         return (*carry, totals)
 
-    return compiler.jit(steps, donate_argnums=(0, 1, 3))
+    # The states are donated, the totals (a few scalars) are not: donating them made each dispatch wait for the
+    # step before it on a 4-device mesh (the MNIST CNN's step: 15.0 against 13.9 ms, 6 alternating runs).
+    return compiler.jit(steps, donate_argnums=(0, 1))
 
 
 def _has_convolution(jaxpr) -> bool:

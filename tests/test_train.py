@@ -13,12 +13,24 @@ import pytest
 from jaxdl import (MLP, ConvNet, EarlyStopping, create_train_state, data, evaluate, fit, load_model,
                    make_eval_step, make_train_step, predict, save_model, summarize)
 from jaxdl.sharding import data_mesh
-from jaxdl.train import compiled_epoch, seed_rngs
+from jaxdl.train import compiled_epoch, compiled_steps, seed_rngs, zero_totals
 from tests import tolerance
 from tests.toy_data import CE, blobs
 
 def params_of(state):
     return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def test_fits_streamed_steps_donate_the_states_and_not_the_running_totals():
+    """The totals are a few scalars, and donating them made each dispatch wait for the step before it on a
+    4-device mesh: the MNIST CNN's `fit` took 15.0 against 13.9 ms a step (medians of 6 alternating runs)."""
+    x, y = blobs(8)
+    state = create_train_state(MLP(features=(4,), num_outputs=3), optax.sgd(0.1), (3,), jax.random.key(0))
+    previous, totals = jax.tree.map(jnp.copy, state), zero_totals(("accuracy",))
+    batches = {"x": jnp.asarray(x)[None], "y": jnp.asarray(y)[None]}
+    compiled_steps(CE, ("accuracy",))(state, previous, jnp.bool_(True), totals, batches)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves((state.params, previous.params)))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(totals))
 
 
 def test_train_step_gradient_matches_finite_differences():
