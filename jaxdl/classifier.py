@@ -14,12 +14,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxdl import aot, images, imagenet, pretrained
+from jaxdl import aot, images, imagenet, pretrained, sharding
 from jaxdl.checkpoint import VARIABLES_DIR, fingerprint, load_variables, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
 from jaxdl.models.heads import fast_inference
 from jaxdl.models import model_config
-from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, predict_in_chunks
+from jaxdl.models.mobilenet_v2 import (MobileNetV2, apply_in_chunks, body_and_top, inference_mesh,
+                                       predict_in_chunks)
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity: its variables are arrays
@@ -89,8 +90,9 @@ class ImageClassifier:
             model, variables = self.model, self.variables
             if self.fast:
                 model, variables = fast_inference(model, variables)
-            # On the device once, so that no forward pass copies the weights from the host again.
-            self._inference = (model, jax.device_put(variables))
+            # On the device(s) once, so that no forward pass copies the weights from the host again.
+            mesh = inference_mesh()
+            self._inference = (model, jax.device_put(variables, mesh and sharding.replicated(mesh)))
         return self._inference
 
     def save(self, directory, *, overwrite: bool = False, **extra_metadata) -> Path:
@@ -101,7 +103,8 @@ class ImageClassifier:
 
     def _probabilities(self, images):
         model, variables = self.inference_form()
-        outputs = apply_in_chunks(model.apply, variables, images)
+        apply, top = body_and_top(model)
+        outputs = apply_in_chunks(apply, variables, images, top=top, mesh=inference_mesh())
         return outputs if self.outputs == "probabilities" else jax.nn.softmax(outputs, axis=-1)
 
     def _program_key(self, batch_shape) -> str:
@@ -119,7 +122,9 @@ class ImageClassifier:
         size = min(batch_size, len(batch))
         if self.program_cache is None:
             model, variables = self.inference_form()
-            outputs = np.concatenate([predict_in_chunks(model.apply, variables, batch[start:start + size])
+            apply, top = body_and_top(model)
+            outputs = np.concatenate([predict_in_chunks(apply, variables, batch[start:start + size], top=top,
+                                                        mesh=inference_mesh())
                                       for start in range(0, len(batch), size)])
             return outputs if self.outputs == "probabilities" else np.asarray(jax.nn.softmax(outputs, axis=-1))
         # The variables become constants of the compiled program: a cached one needs no checkpoint read.

@@ -143,7 +143,31 @@ def all_runs(multi_process: bool) -> tuple[dict, dict]:
     from tests.fit_shard_shapes import seen_shapes
 
     facts["fit_shard_shapes"] = seen_shapes()
+    chunked_inference(arrays, facts, everywhere)
     return arrays, facts
+
+
+def chunked_inference(arrays: dict, facts: dict, mesh) -> None:
+    """`apply_in_chunks` with a mesh (as `jaxdl classify` runs on a CPU device per core), against one piece:
+    a small conv net for the network, a softmax of its outputs for the top."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdl.models import ConvNet
+    from jaxdl.models.mobilenet_v2 import apply_in_chunks
+
+    model = ConvNet(layers=(("conv", 4, 3), ("batchnorm",), ("maxpool", 2), ("flatten",), ("dense", 10)))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(7, 8, 8, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), images)
+    top = lambda v, outputs: jax.nn.softmax(outputs)  # noqa: E731 -- a function of the outputs, run once per share
+    arrays["chunked/one_piece"] = np.asarray(jax.jit(model.apply)(variables, images))
+    arrays["chunked/top_one_piece"] = np.asarray(jax.jit(lambda v, x: top(v, model.apply(v, x)))(variables, images))
+    for n in (7, 3, 1):  # 7 images padded to 8 for 4 devices; 3 on 3 of them; 1 on one
+        spread = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, mesh=mesh))(variables, images[:n])
+        arrays[f"chunked/mesh/{n}"] = np.asarray(spread)
+        facts[f"chunked/mesh/{n}"] = len(spread.sharding.device_set)
+    arrays["chunked/top_mesh"] = np.asarray(jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, top=top, mesh=mesh))(
+        variables, images))
 
 
 def free_port() -> int:

@@ -112,6 +112,22 @@ def test_bad_inputs_are_named():
         MobileNetV2(include_top=False, pooling="mean").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
+def test_body_then_top_is_the_whole_network():
+    """`part="body"` then `part="top"` (how `jaxdl classify` runs the top once per batch) is `part="all"`,
+    on the folded form classify runs (one case: each compiles the network three times)."""
+    model = MobileNetV2(alpha=0.35, convention="torchvision", fold_bn=True)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
+    whole = jax.jit(model.apply)(variables, images)
+    body = jax.jit(lambda v, x: model.apply(v, x, part="body"))(variables, images)
+    assert body.shape == (2, 1, 1, 112)  # block 16's output: 32 pixels over 5 stride-2 layers, 320 * 0.35 channels
+    split = jax.jit(lambda v, x: model.apply(v, x, part="top"))(variables, body)
+    # the same ops in two programs instead of one: XLA may fuse them differently
+    tolerance.assert_close(split, whole, tolerance.FEW_OPS)
+    with pytest.raises(ValueError, match="part must be 'all', 'body' or 'top', got 'head'"):
+        model.apply(variables, images, part="head")
+
+
 def test_chunked_inference_equals_one_piece():
     """Chunking is model-agnostic (each image's output depends on that image alone in inference):
     a small conv net checks its padding and reassembly in seconds, where MobileNetV2 took half a minute."""

@@ -184,6 +184,27 @@ def test_classify_text_output_and_bad_weights(photo_files, imagenet_classifier, 
     assert code == 2 and "--weights" in err and "nowhere" in err
 
 
+def test_classify_gives_jax_a_cpu_device_per_core_unless_told_otherwise(monkeypatch):
+    """`jaxdl classify` splits batches over a CPU device per core; a device count the user set, and a
+    JAX already running (which cannot take the setting), are left as they are."""
+    from jaxdl import cli
+
+    code = ("from jaxdl import cli; cli.one_cpu_device_per_core(); import jax, os; "
+            "print(jax.device_count(), len(os.sched_getaffinity(0)))")
+    environment = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    counts = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**environment, **extra}).stdout.split()
+              for extra in ({}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})]
+    devices, cores = map(int, counts[0])
+    assert devices == cores
+    assert counts[1][0] == "3"
+    # In this process JAX has started: nothing changes, and nothing fails.
+    before = jax.device_count()
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    cli.one_cpu_device_per_core()
+    assert jax.device_count() == before
+
+
 def test_convert_command_writes_a_model_classify_can_use(tmp_path, jaxdl_cache, photo_files, main_here):
     from jaxdl import pretrained
 

@@ -108,6 +108,19 @@ def test_evaluate_and_predict_give_one_devices_numbers(four_devices):
     tolerance.assert_close(arrays["predict/many"], arrays["predict/one"], tolerance.DATA_PARALLEL)
 
 
+def test_chunked_inference_spread_over_the_devices_equals_one_piece(four_devices):
+    """As `jaxdl classify` runs with a CPU device per core: each device takes a share of the batch."""
+    arrays, facts = four_devices
+    whole = arrays["chunked/one_piece"]
+    for n, devices in ((7, 4), (3, 3), (1, 1)):  # 7 images padded to 8; fewer images than devices: one each
+        assert arrays[f"chunked/mesh/{n}"].shape == (n, 10)
+        # the same few ops on other batch sizes: XLA may pick other kernels
+        tolerance.assert_close(arrays[f"chunked/mesh/{n}"], whole[:n], tolerance.FEW_OPS, f"{n} images")
+        assert facts[f"chunked/mesh/{n}"] == devices, n
+    # the top runs once on each device's share
+    tolerance.assert_close(arrays["chunked/top_mesh"], arrays["chunked/top_one_piece"], tolerance.FEW_OPS)
+
+
 def test_what_the_devices_cannot_split_is_an_error_naming_the_numbers(four_devices):
     errors = four_devices[1]["errors"]
     assert errors["indivisible"].startswith("batch_size=6 cannot be split over the mesh's 4 devices")

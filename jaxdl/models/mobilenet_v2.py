@@ -32,8 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
-from jaxdl import compiler
+from jaxdl import compiler, sharding
 
 ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIN_INPUT_SIZE = 32
@@ -194,21 +195,33 @@ class MobileNetV2(nn.Module):
         return correct_pad(x.shape[1:3])
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, part: str = "all"):
+        """The network on images `x`; `part` runs one side of the split before `Conv_1`.
+
+        "body" maps images to block 16's output, and "top" maps that to what the
+        whole network returns (the last conv, then the pooling or the head), so
+        that the weight-heavy top can run on a whole batch while the body runs
+        in chunks (`apply_in_chunks`). "all" is both.
+        """
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {self.convention!r}")
         if self.pooling not in (None, "avg", "max"):
             raise ValueError(f"pooling must be None, 'avg' or 'max', got {self.pooling!r}")
+        if part not in ("all", "body", "top"):
+            raise ValueError(f"part must be 'all', 'body' or 'top', got {part!r}")
+        if train and self.fold_bn:
+            raise ValueError("a MobileNetV2 with fold_bn=True is for inference only; train the unfolded model")
+        unit = lambda x, *names, **kw: self._conv_unit(x, *names, train=train, **kw)  # noqa: E731
+        if part != "top":
+            x = self._body(x.astype(self.dtype), unit)
+        return x if part == "body" else self._top(x, unit, train)
+
+    def _body(self, x, unit):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"MobileNetV2 takes NHWC images with 3 channels, got shape {x.shape}")
         if min(x.shape[1:3]) < MIN_INPUT_SIZE:
             raise ValueError(f"MobileNetV2 needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, "
                              f"got {x.shape[1]}x{x.shape[2]}")
-        if train and self.fold_bn:
-            raise ValueError("a MobileNetV2 with fold_bn=True is for inference only; train the unfolded model")
-        x = x.astype(self.dtype)
-        unit = lambda x, *names, **kw: self._conv_unit(x, *names, train=train, **kw)  # noqa: E731
-
         first_padding = ((1, 1), (1, 1)) if self.convention == "torchvision" else "SAME"
         x = unit(x, "Conv1", "bn_Conv1", features=make_divisible(32 * self.alpha), kernel=3, stride=2,
                  padding=first_padding)
@@ -223,6 +236,9 @@ class MobileNetV2(nn.Module):
             x = unit(x, f"{prefix}project", f"{prefix}project_BN", features=out_channels, relu=False)
             if stride == 1 and in_channels == out_channels:
                 x = x + inputs
+        return x
+
+    def _top(self, x, unit, train):
         last_channels = make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
         x = unit(x, "Conv_1", "Conv_1_bn", features=last_channels)
 
@@ -244,13 +260,20 @@ class MobileNetV2(nn.Module):
         return x
 
 
-# How XLA:CPU runs MobileNetV2 inference fastest, measured on 2 cores at batch 32: as
-# forward passes of CPU_CHUNK images (a pair's expanded activations stay in cache), CPU_STREAMS
-# of them independent in each step so that XLA runs them on both cores at once. One 32-image
-# piece: 129 images/s; pairs one after another: 199-211; two pairs at a time: 232-240.
+# How XLA:CPU runs MobileNetV2 inference fastest, measured on 2 cores at batch 32.
+# On one CPU device (JAX's default): forward passes of CPU_CHUNK images (a pair's expanded
+# activations stay in cache), CPU_STREAMS of them independent in each step so that XLA runs
+# them on both cores at once. One 32-image piece: 129 images/s; pairs one after another:
+# 199-211; two pairs at a time: 232-240.
+# With a CPU device per core (as `jaxdl classify` sets up, see `jaxdl.cli`), each device takes
+# its share of the batch in one-image passes, CPU_DEVICE_STREAMS at a time, and runs the top
+# (`part="top"`) once on its share: an AMD EPYC's two cores then stay busier than one device's
+# scheduler keeps them (docs/numerics.md has the figures).
 # GPUs and TPUs take whole batches.
 CPU_CHUNK = 2
 CPU_STREAMS = 2
+CPU_DEVICE_CHUNK = 1
+CPU_DEVICE_STREAMS = 2
 
 
 def inference_chunk() -> tuple[int, int] | None:
@@ -258,32 +281,62 @@ def inference_chunk() -> tuple[int, int] | None:
     return (CPU_CHUNK, CPU_STREAMS) if jax.default_backend() == "cpu" else None
 
 
+def inference_mesh() -> Mesh | None:
+    """A mesh over this process's CPU devices where there are several and JAX runs on CPU; else None."""
+    if jax.default_backend() != "cpu" or jax.device_count() < 2:
+        return None
+    return sharding.data_mesh(jax.devices())
+
+
 def apply_in_chunks(apply, variables, images: jnp.ndarray, chunk: int | None = None,
-                    streams: int | None = None) -> jnp.ndarray:
+                    streams: int | None = None, *, top=None, mesh: Mesh | None = None) -> jnp.ndarray:
     """`apply(variables, images)`, computed `chunk` images per pass and `streams` passes per step.
 
+    With `top`, `top(variables, apply(variables, images))`, the top taking the
+    whole batch at once. With a `mesh` of several devices, each takes an equal
+    share of the batch (padded) and runs it as above, one-image passes by default.
     The result is the same as one `apply` on the whole batch (which `chunk=len(images)` gives).
     """
     n = images.shape[0]
+    if mesh is not None and mesh.size > 1 and n > 1:
+        if mesh.size > n:  # fewer images than devices: one each, no padding
+            mesh = sharding.data_mesh(mesh.devices.flat[:n])
+        parts = sharding.data_parallelism(mesh)
+        images = jnp.pad(images, ((0, -n % parts),) + ((0, 0),) * (images.ndim - 1))
+        share = functools.partial(apply_in_chunks, apply, chunk=chunk or CPU_DEVICE_CHUNK,
+                                  streams=streams or CPU_DEVICE_STREAMS, top=top)
+        spec = PartitionSpec(sharding.DATA_AXIS)
+        return jax.shard_map(share, mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=spec)(variables, images)[:n]
     default_chunk, default_streams = inference_chunk() or (n, 1)
     chunk, streams = chunk or default_chunk, streams or default_streams
     if n <= chunk:
-        return apply(variables, images)
-    group = chunk * streams
-    padded = -(-n // group) * group
-    images = jnp.pad(images, ((0, padded - n),) + ((0, 0),) * (images.ndim - 1))
+        outputs = apply(variables, images)
+    else:
+        group = chunk * streams
+        padded = -(-n // group) * group
+        images = jnp.pad(images, ((0, padded - n),) + ((0, 0),) * (images.ndim - 1))
 
-    def step(part):  # `streams` passes with no data between them: XLA may run them concurrently
-        return jnp.concatenate([apply(variables, part[i * chunk:(i + 1) * chunk]) for i in range(streams)])
+        def step(part):  # `streams` passes with no data between them: XLA may run them concurrently
+            return jnp.concatenate([apply(variables, part[i * chunk:(i + 1) * chunk]) for i in range(streams)])
 
-    outputs = jax.lax.map(step, images.reshape(padded // group, group, *images.shape[1:]))
-    return outputs.reshape(padded, *outputs.shape[2:])[:n]
+        outputs = jax.lax.map(step, images.reshape(padded // group, group, *images.shape[1:]))
+        outputs = outputs.reshape(padded, *outputs.shape[2:])[:n]
+    return outputs if top is None else top(variables, outputs)
 
 
-@functools.partial(compiler.jit, static_argnums=0)
-def predict_in_chunks(apply, variables, images: jnp.ndarray) -> jnp.ndarray:
+@functools.cache
+def body_and_top(model) -> tuple:
+    """`apply_in_chunks`'s `apply` and `top` for `model`: a MobileNetV2 split before `Conv_1` (`part`),
+    any other model whole (no top). Cached, so that each model's pair stays one jit cache key."""
+    if isinstance(model, MobileNetV2):
+        return functools.partial(model.apply, part="body"), functools.partial(model.apply, part="top")
+    return model.apply, None
+
+
+@functools.partial(compiler.jit, static_argnums=0, static_argnames=("top", "mesh"))
+def predict_in_chunks(apply, variables, images: jnp.ndarray, top=None, mesh: Mesh | None = None) -> jnp.ndarray:
     """`apply_in_chunks` compiled: inference on a whole array of images."""
-    return apply_in_chunks(apply, variables, images)
+    return apply_in_chunks(apply, variables, images, top=top, mesh=mesh)
 
 
 def layer_plan(include_top: bool = True) -> list[tuple[str, str]]:
