@@ -1,9 +1,9 @@
 """MobileNetV2 1.0 at 224: images per second of jaxdl and its peers in one process, and `jaxdl classify` start-up.
 
 Engines (same weights: torchvision's ImageNet MobileNetV2, converted):
-- jaxdl as `jaxdl classify` runs it (BatchNorm folded, convs in XLA:CPU-friendly form, the
-  batch in concurrent chunks as `inference_chunk()` says), the same in one piece, and the naive port
-  (lax convolutions, grouped depthwise) for comparison;
+- jaxdl as `jaxdl classify` runs it (a CPU device per core, BatchNorm folded, convs in XLA:CPU-friendly
+  form, the batch split over the devices and in concurrent chunks, the top once per share), the same
+  in one piece on one device, and the naive port (lax convolutions, grouped depthwise) for comparison;
 - Keras 3 on the JAX backend, `predict`;
 - PyTorch eager, and in inference mode with channels-last tensors, when torch is installed
   (torchvision's MobileNetV2 forward written with torch.nn.functional);
@@ -26,12 +26,17 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+from jaxdl import cli, sharding  # noqa: E402
+
+cli.one_cpu_device_per_core()  # as `jaxdl classify` starts: before JAX does
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 from jaxdl.classifier import ImageClassifier  # noqa: E402
-from jaxdl.models.mobilenet_v2 import apply_in_chunks, inference_chunk, layer_plan  # noqa: E402
+from jaxdl.models.mobilenet_v2 import (CPU_DEVICE_CHUNK, CPU_DEVICE_STREAMS, apply_in_chunks, body_and_top,  # noqa: E402
+                                       inference_chunk, inference_mesh, layer_plan)
 
 BATCHES = (1, 32)
 
@@ -49,16 +54,21 @@ def images_per_second(run, batch: int, repeats: int) -> float:
 # Each engine is built once and returns `run(x)`: a no-argument callable that classifies `x` once.
 
 def jaxdl_engine(classifier, implementation=None, whole_batch=False):
-    """The forward pass as `jaxdl classify` runs it (in chunks, as `inference_chunk()` says on CPU),
-    or with `whole_batch` in one piece."""
+    """The forward pass as `jaxdl classify` runs it (split over the CPU devices where each gets an image,
+    in chunks, the top once per share), or with `whole_batch` in one piece on one device."""
     model, variables = classifier.inference_form()
     if implementation:
         model = model.clone(conv_implementation=implementation)
-    apply = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, len(x) if whole_batch else None))
+    if whole_batch:
+        apply = jax.jit(model.apply)
+        return lambda x: (lambda x: lambda: apply(variables, x).block_until_ready())(jax.device_put(x))
+    body, top = body_and_top(model)
 
     def run(x):
-        x = jax.device_put(x)
-        return lambda: apply(variables, x).block_until_ready()
+        placed, mesh = classifier.placement(len(x))
+        apply = jax.jit(lambda v, x: apply_in_chunks(body, v, x, top=top, mesh=mesh))
+        x = jax.device_put(x, mesh and sharding.batch_sharding(mesh))
+        return lambda: apply(placed, x).block_until_ready()
 
     return run
 
@@ -165,7 +175,11 @@ def measure(quick: bool) -> dict:
     chunk, streams = inference_chunk()
     ours = "jaxdl (as `jaxdl classify` runs it)"
     engine(ours, lambda: jaxdl_engine(fast))
-    notes.append(f"{ours}: BatchNorm folded, matmul/shifted convs, {streams} streams of {chunk} images")
+    mesh = inference_mesh()
+    split = (f"split over {mesh.size} CPU devices (one per core, as `jaxdl classify` sets up) where each gets "
+             f"an image, each running {CPU_DEVICE_STREAMS} streams of {CPU_DEVICE_CHUNK} image and the top once "
+             f"per share; otherwise " if mesh else "")
+    notes.append(f"{ours}: BatchNorm folded, matmul/shifted convs, {split}{streams} streams of {chunk} images")
     engine("jaxdl, the same in one piece", lambda: jaxdl_engine(fast, whole_batch=True))
     if not quick:
         unfolded = ImageClassifier.load("imagenet", fast=False)

@@ -41,6 +41,7 @@ class ImageClassifier:
     source: str | None = None  # the saved model the variables come from
     fast: bool = True
     _inference: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _replicated: dict | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
     _programs: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -90,10 +91,20 @@ class ImageClassifier:
             model, variables = self.model, self.variables
             if self.fast:
                 model, variables = fast_inference(model, variables)
-            # On the device(s) once, so that no forward pass copies the weights from the host again.
-            mesh = inference_mesh()
-            self._inference = (model, jax.device_put(variables, mesh and sharding.replicated(mesh)))
+            # On the device once, so that no forward pass copies the weights from the host again.
+            self._inference = (model, jax.device_put(variables))
         return self._inference
+
+    def placement(self, batch_size: int) -> tuple[dict, object]:
+        """`(variables, mesh)` for a batch: split over this process's CPU devices where each gets an image
+        (`inference_mesh`), the variables then replicated over them (once); else on one device, no mesh."""
+        _, variables = self.inference_form()
+        mesh = inference_mesh()
+        if mesh is None or batch_size < mesh.size:
+            return variables, None
+        if self._replicated is None:
+            self._replicated = jax.device_put(variables, sharding.replicated(mesh))
+        return self._replicated, mesh
 
     def save(self, directory, *, overwrite: bool = False, **extra_metadata) -> Path:
         self.materialize()
@@ -102,9 +113,9 @@ class ImageClassifier:
         return save_model(directory, self.model, self.variables, metadata=metadata, overwrite=overwrite)
 
     def _probabilities(self, images):
-        model, variables = self.inference_form()
-        apply, top = body_and_top(model)
-        outputs = apply_in_chunks(apply, variables, images, top=top, mesh=inference_mesh())
+        apply, top = body_and_top(self.inference_form()[0])
+        variables, mesh = self.placement(len(images))
+        outputs = apply_in_chunks(apply, variables, images, top=top, mesh=mesh)
         return outputs if self.outputs == "probabilities" else jax.nn.softmax(outputs, axis=-1)
 
     def _program_key(self, batch_shape) -> str:
@@ -121,11 +132,13 @@ class ImageClassifier:
         """Class probabilities for preprocessed images (N, H, W, 3)."""
         size = min(batch_size, len(batch))
         if self.program_cache is None:
-            model, variables = self.inference_form()
-            apply, top = body_and_top(model)
-            outputs = np.concatenate([predict_in_chunks(apply, variables, batch[start:start + size], top=top,
-                                                        mesh=inference_mesh())
-                                      for start in range(0, len(batch), size)])
+            apply, top = body_and_top(self.inference_form()[0])
+            chunks = []
+            for start in range(0, len(batch), size):
+                chunk = batch[start:start + size]
+                variables, mesh = self.placement(len(chunk))
+                chunks.append(predict_in_chunks(apply, variables, chunk, top=top, mesh=mesh))
+            outputs = np.concatenate(chunks)
             return outputs if self.outputs == "probabilities" else np.asarray(jax.nn.softmax(outputs, axis=-1))
         # The variables become constants of the compiled program: a cached one needs no checkpoint read.
         shape = (size, *batch.shape[1:])

@@ -112,13 +112,17 @@ def test_chunked_inference_spread_over_the_devices_equals_one_piece(four_devices
     """As `jaxdl classify` runs with a CPU device per core: each device takes a share of the batch."""
     arrays, facts = four_devices
     whole = arrays["chunked/one_piece"]
-    for n, devices in ((7, 4), (3, 3), (1, 1)):  # 7 images padded to 8; fewer images than devices: one each
+    for n in (7, 2):  # padded to 8 and to 4, then cut back
         assert arrays[f"chunked/mesh/{n}"].shape == (n, 10)
         # the same few ops on other batch sizes: XLA may pick other kernels
         tolerance.assert_close(arrays[f"chunked/mesh/{n}"], whole[:n], tolerance.FEW_OPS, f"{n} images")
-        assert facts[f"chunked/mesh/{n}"] == devices, n
+        assert facts[f"chunked/mesh/{n}"] == 4, n
     # the top runs once on each device's share
     tolerance.assert_close(arrays["chunked/top_mesh"], arrays["chunked/top_one_piece"], tolerance.FEW_OPS)
+    # The classifier: batches of fewer images than devices run on one device, with its weights there alone.
+    assert [facts[f"placement/{n}"] for n in (1, 3, 4)] == [[1, False], [1, False], [4, True]]
+    for n in (1, 3, 4):
+        tolerance.assert_close(arrays[f"placement/{n}"], arrays["chunked/top_one_piece"][:n], tolerance.FEW_OPS)
 
 
 def test_what_the_devices_cannot_split_is_an_error_naming_the_numbers(four_devices):

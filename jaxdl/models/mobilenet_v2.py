@@ -293,14 +293,15 @@ def apply_in_chunks(apply, variables, images: jnp.ndarray, chunk: int | None = N
     """`apply(variables, images)`, computed `chunk` images per pass and `streams` passes per step.
 
     With `top`, `top(variables, apply(variables, images))`, the top taking the
-    whole batch at once. With a `mesh` of several devices, each takes an equal
-    share of the batch (padded) and runs it as above, one-image passes by default.
+    whole batch at once: it must treat each image on its own, as inference does.
+    With a `mesh` of several devices, each takes an equal share of the batch
+    (padded) and runs it as above, one-image passes by default; the variables
+    should be replicated over the mesh, and a batch smaller than the mesh is
+    better run without one (the padding is computed too).
     The result is the same as one `apply` on the whole batch (which `chunk=len(images)` gives).
     """
     n = images.shape[0]
-    if mesh is not None and mesh.size > 1 and n > 1:
-        if mesh.size > n:  # fewer images than devices: one each, no padding
-            mesh = sharding.data_mesh(mesh.devices.flat[:n])
+    if mesh is not None and mesh.size > 1:
         parts = sharding.data_parallelism(mesh)
         images = jnp.pad(images, ((0, -n % parts),) + ((0, 0),) * (images.ndim - 1))
         share = functools.partial(apply_in_chunks, apply, chunk=chunk or CPU_DEVICE_CHUNK,
