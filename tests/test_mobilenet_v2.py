@@ -112,20 +112,30 @@ def test_bad_inputs_are_named():
         MobileNetV2(include_top=False, pooling="mean").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
-def test_body_then_top_is_the_whole_network():
-    """`part="body"` then `part="top"` (how `jaxdl classify` runs the top once per batch) is `part="all"`,
-    on the folded form classify runs (one case: each compiles the network three times)."""
-    model = MobileNetV2(alpha=0.35, convention="torchvision", fold_bn=True)
-    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+@pytest.mark.parametrize("options", [{"convention": "torchvision", "fold_bn": True}, {"convention": "keras"}])
+def test_body_in_row_strips_then_top_is_the_whole_network(options):
+    """How `jaxdl classify` runs the network: `part="body"` with blocks in row strips, then `part="top"`.
+    The folded form classify runs, and Keras's, whose stride-2 blocks pad only below and right."""
+    model = MobileNetV2(alpha=0.35, **options)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
     variables = jax.jit(model.init)(jax.random.key(0), images)
     whole = jax.jit(model.apply)(variables, images)
-    body = jax.jit(lambda v, x: model.apply(v, x, part="body"))(variables, images)
-    assert body.shape == (2, 1, 1, 112)  # block 16's output: 32 pixels over 5 stride-2 layers, 320 * 0.35 channels
+    # block 1: 16 output rows in strips of 5, 5, 5, 1; block 2 (stride 1, a residual): 16 in 6, 6, 4
+    body = jax.jit(lambda v, x: model.apply(v, x, part="body", row_strips=((1, 5), (2, 6))))(variables, images)
+    assert body.shape == (2, 2, 2, 112)  # block 16's output: 64 pixels over 5 stride-2 layers, 320 * 0.35 channels
     split = jax.jit(lambda v, x: model.apply(v, x, part="top"))(variables, body)
-    # the same ops in two programs instead of one: XLA may fuse them differently
-    tolerance.assert_close(split, whole, tolerance.FEW_OPS)
+    # the same ops in two programs instead of one, some on fewer rows: XLA may fuse and tile them differently
+    tolerance.assert_close(split, whole, tolerance.FEW_OPS, str(options))
     with pytest.raises(ValueError, match="part must be 'all', 'body' or 'top', got 'head'"):
         model.apply(variables, images, part="head")
+
+
+def test_row_strips_are_for_inference():
+    model = MobileNetV2(alpha=0.35)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="row_strips is for inference"):
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 32, 32, 3)), train=True, row_strips=((1, 4),),
+                                             mutable=["batch_stats"]), variables)
 
 
 def test_chunked_inference_equals_one_piece():
