@@ -302,7 +302,8 @@ class MobileNetV2(nn.Module):
 # GPUs and TPUs take whole batches.
 # On CPU, block 1 (the widest expanded activations: 112x112x96 at 224) runs in strips of 14 of its
 # 56 output rows (`row_strips`), each strip from its expansion to its projection: one core, one
-# image at a time, 1.045-1.072x the images per second of the whole block at once.
+# image at a time, 1.036-1.072x the images per second of the whole block at once (four paired runs).
+# Strips in blocks 0, 2 or 3 as well, or of 8 or 28 rows, were slower.
 CPU_CHUNK = 2
 CPU_STREAMS = 2
 CPU_DEVICE_CHUNK = 1
