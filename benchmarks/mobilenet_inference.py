@@ -59,14 +59,14 @@ def jaxdl_engine(classifier, implementation=None, whole_batch=False):
     model, variables = classifier.inference_form()
     if implementation:
         model = model.clone(conv_implementation=implementation)
-    if whole_batch:
-        apply = jax.jit(model.apply)
-        return lambda x: (lambda x: lambda: apply(variables, x).block_until_ready())(jax.device_put(x))
     body, top = body_and_top(model)
 
     def run(x):
-        placed, mesh = classifier.placement(len(x))
-        apply = jax.jit(lambda v, x: apply_in_chunks(body, v, x, top=top, mesh=mesh))
+        if whole_batch:
+            placed, mesh, apply = variables, None, jax.jit(model.apply)
+        else:
+            placed, mesh = classifier.placement(len(x))
+            apply = jax.jit(lambda v, x: apply_in_chunks(body, v, x, top=top, mesh=mesh))
         x = jax.device_put(x, mesh and sharding.batch_sharding(mesh))
         return lambda: apply(placed, x).block_until_ready()
 

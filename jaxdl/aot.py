@@ -69,7 +69,7 @@ _CONFIG_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_defaul
 # Environment variables XLA and libtpu read their compile options from.
 _ENVIRONMENT_VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 _SUFFIX = ".executable"
-_FORMAT = "jaxdl-program/1"
+_FORMAT = "jaxdl-program/2"  # 2: the header names the devices
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
@@ -146,7 +146,8 @@ def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLi
             return program
         compiled = compiler.jit(fn).lower(*example_args).compile()
         try:
-            contents = _entry(*serialize_executable.serialize(compiled))
+            devices = [device.id for device in compiled.runtime_executable().local_devices()]
+            contents = _entry(*serialize_executable.serialize(compiled), devices)
         except (ValueError, NotImplementedError) as error:  # not serializable, or user-defined output nodes
             warnings.warn(f"a program is not cached in {directory}: {error}", stacklevel=2)
             return compiled
@@ -206,9 +207,10 @@ def _written_by_this_user(info: os.stat_result) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & _WRITABLE_BY_OTHERS
 
 
-def _entry(payload: bytes, in_tree, out_tree) -> bytes:
-    """A cache file: a JSON line naming the format and the trees, then JAX's payload."""
-    header = {"format": _FORMAT, "in_tree": str(in_tree),
+def _entry(payload: bytes, in_tree, out_tree, devices: list[int]) -> bytes:
+    """A cache file: a JSON line naming the format, the trees and the devices (ids, in the program's
+    order), then JAX's payload."""
+    header = {"format": _FORMAT, "in_tree": str(in_tree), "devices": devices,
               "out_tree": base64.b64encode(out_tree.serialize_using_proto()).decode()}
     return json.dumps(header).encode() + b"\n" + payload
 
@@ -229,7 +231,11 @@ def _load(directory_fd: int, name: str, in_tree) -> Callable | None:
                 return None
             out_tree = jax.tree_util.PyTreeDef.deserialize_using_proto(
                 jax.tree_util.default_registry, base64.b64decode(header["out_tree"]))
-            program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            # Loaded onto the devices it was compiled for: by default JAX loads it onto every device of the
+            # process, and a one-device program then fails on its first call where there are several.
+            by_id = {device.id: device for device in jax.devices()}
+            program = serialize_executable.deserialize_and_load(
+                payload, in_tree, out_tree, execution_devices=[by_id[i] for i in header["devices"]])
         except Exception:  # noqa: BLE001 - any unreadable entry is rebuilt by the caller
             return None
         os.utime(fd)  # marks the use: eviction deletes the least recently used entries first

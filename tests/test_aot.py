@@ -41,6 +41,21 @@ def test_cached_program_is_reused_and_a_damaged_entry_rebuilt(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["k.executable"]  # no temporary file left
 
 
+def test_cached_programs_run_on_their_own_devices_in_a_process_with_several(tmp_path):
+    """With a CPU device per core (as `jaxdl classify` runs), a program read back from the cache runs on the
+    devices it was compiled for: one, or both."""
+    import json
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    done = subprocess.run([sys.executable, "-m", "tests.aot_two_devices", str(tmp_path)], capture_output=True,
+                          text=True, env=environment, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"one device": {"same": True, "devices": 1},
+                                                                "both devices": {"same": True, "devices": 2}}
+
+
 class PlantMarker:
     """Unpickling this creates a directory: it stands for any code a crafted cache entry could run."""
 
@@ -53,7 +68,8 @@ class PlantMarker:
 
 def plant_crafted_entry(directory, key, marker, x):
     """An entry in this cache's own format whose JAX payload runs `PlantMarker` when JAX unpickles it."""
-    contents = aot._entry(pickle.dumps(PlantMarker(marker)), jax.tree.structure(((x,), {})), jax.tree.structure(0))
+    contents = aot._entry(pickle.dumps(PlantMarker(marker)), jax.tree.structure(((x,), {})), jax.tree.structure(0),
+                          [jax.devices()[0].id])
     path = directory / f"{key}.executable"
     path.write_bytes(contents)
     path.chmod(0o600)

@@ -20,7 +20,9 @@ Two speed options change how, not what, the network computes:
   fast at them; "auto" picks per backend (see `Conv`).
 - `fold_bn`: each BatchNorm folded into the conv before it (see
   `fold_batch_norm`), giving conv -> bias -> ReLU6; inference only.
-And `apply_in_chunks` runs a batch the way XLA:CPU runs it fastest.
+And `apply_in_chunks` runs a batch the way XLA:CPU runs it fastest (in chunks,
+over a CPU device per core where there are several, the network's top once per
+batch), with the blocks `CPU_ROW_STRIPS` names computed a few rows at a time.
 """
 from __future__ import annotations
 
