@@ -180,6 +180,7 @@ class MobileNetV2(nn.Module):
             return CONVENTIONS[self.convention].default_classifier_activation
         return self.classifier_activation
 
+    @nn.nowrap  # a helper of __call__: not a method Flax records (its arguments include functions)
     def _conv_unit(self, conv_name, bn_name, features, *, kernel=1, stride=1, padding=((0, 0), (0, 0)),
                    depthwise=False, relu=True, train=False):
         """conv -> BatchNorm -> optional ReLU6, the unit every layer of the network is made of, as a
@@ -230,6 +231,7 @@ class MobileNetV2(nn.Module):
             x = self._body(x.astype(self.dtype), unit, dict(row_strips))
         return x if part == "body" else self._top(x, unit, train)
 
+    @nn.nowrap  # a helper of __call__: not a method Flax records (its arguments include functions)
     def _body(self, x, unit, row_strips: dict):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"MobileNetV2 takes NHWC images with 3 channels, got shape {x.shape}")
@@ -242,6 +244,7 @@ class MobileNetV2(nn.Module):
             x = self._block(x, block_id, unit, row_strips.get(block_id))
         return x
 
+    @nn.nowrap  # a helper of __call__: not a method Flax records (its arguments include functions)
     def _block(self, x, block_id, unit, strip_rows: int | None):
         """Inverted residual block `block_id`: expand (1x1), depthwise 3x3, project (1x1), with a residual
         where the shape allows; in strips of `strip_rows` output rows where given."""
@@ -270,6 +273,7 @@ class MobileNetV2(nn.Module):
         return jnp.concatenate([rows(first, min(step, out_height - first)) for first in range(0, out_height, step)],
                                axis=1)
 
+    @nn.nowrap  # a helper of __call__: not a method Flax records (its arguments include functions)
     def _top(self, x, unit, train):
         last_channels = make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
         x = unit("Conv_1", "Conv_1_bn", last_channels)(x)
