@@ -153,28 +153,23 @@ def chunked_inference(arrays: dict, facts: dict, mesh) -> None:
     import jax
     import jax.numpy as jnp
 
+    from jaxdl.classifier import ImageClassifier
     from jaxdl.models import ConvNet
     from jaxdl.models.mobilenet_v2 import apply_in_chunks
 
     model = ConvNet(layers=(("conv", 4, 3), ("batchnorm",), ("maxpool", 2), ("flatten",), ("dense", 10)))
     images = jnp.asarray(np.random.default_rng(0).normal(size=(7, 8, 8, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), images)
-    top = lambda v, outputs: jax.nn.softmax(outputs)  # noqa: E731 -- a function of the outputs, run once per share
     arrays["chunked/one_piece"] = np.asarray(jax.jit(model.apply)(variables, images))
-    arrays["chunked/top_one_piece"] = np.asarray(jax.jit(lambda v, x: top(v, model.apply(v, x)))(variables, images))
-    for n in (7, 2):  # padded to 8 and to 4, to split over the 4 devices
-        spread = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, mesh=mesh))(variables, images[:n])
-        arrays[f"chunked/mesh/{n}"] = np.asarray(spread)
-        facts[f"chunked/mesh/{n}"] = len(spread.sharding.device_set)
-    arrays["chunked/top_mesh"] = np.asarray(jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, top=top, mesh=mesh))(
-        variables, images))
+    top = lambda v, outputs: jax.nn.softmax(outputs)  # noqa: E731 -- a function of the outputs, run once per share
+    spread = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, top=top, mesh=mesh))(variables, images)
+    arrays["chunked/mesh"] = np.asarray(spread)  # 7 images, padded to 8 to split over the 4 devices
+    facts["chunked/mesh"] = len(spread.sharding.device_set)
 
     # A classifier splits a batch over the devices only where each gets an image: a smaller batch on
     # weights replicated over all of them would be computed on each.
-    from jaxdl.classifier import ImageClassifier
-
     classifier = ImageClassifier(model, variables, {}, tuple(map(str, range(10))))
-    for n in (1, 3, 4):
+    for n in (3, 4):
         placed, split = classifier.placement(n)
         facts[f"placement/{n}"] = [len(jax.tree.leaves(placed)[0].sharding.device_set), split is not None]
         arrays[f"placement/{n}"] = classifier.probabilities(np.asarray(images[:n]))

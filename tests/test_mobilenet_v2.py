@@ -62,15 +62,16 @@ def test_folded_batchnorm_and_both_conv_implementations_match_keras(converted_mo
     """Compared on logits: seen failing with the running mean left out of the folded bias (a1.4-160-max-legacy,
     xla: features off by 0.667).
 
-    With matmul convs, as `jaxdl classify` runs the network on CPU: `part="body"` with blocks in row strips
-    (block 1 in strips of 5 rows, and block 2, stride 1 with a residual, in strips of 7: uneven at every
-    size here, and Keras pads stride-2 blocks only below and right on even sizes), then `part="top"`.
+    With matmul convs on an odd and an even size, as `jaxdl classify` runs the network on CPU:
+    `part="body"` with blocks in row strips (block 1 in strips of 5 rows, and block 2, stride 1 with a
+    residual, in strips of 7: uneven at both sizes, and Keras pads stride-2 blocks only below and right
+    on even sizes), then `part="top"`.
     """
     config, model, variables, images, expected, _, _ = converted_models(name)
     logits_model = model.clone(conv_implementation=implementation, classifier_activation=None)
     fast_model, fast_variables = folded(logits_model, variables)
     assert "batch_stats" not in fast_variables
-    if implementation == "xla":
+    if implementation == "xla" or name not in ("a0.5-97-features-model.h5", "a1.0-160-top-keras"):
         ours = np.asarray(jax.jit(fast_model.apply)(fast_variables, images))
     else:
         body = jax.jit(lambda v, x: fast_model.apply(v, x, part="body", row_strips=((1, 5), (2, 7))))
