@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 from jaxdl.classifier import ImageClassifier  # noqa: E402
-from jaxdl.models.mobilenet_v2 import (CPU_DEVICE_CHUNK, CPU_DEVICE_STREAMS, apply_in_chunks, body_and_top,  # noqa: E402
+from jaxdl.models.mobilenet_v2 import (CPU_DEVICE_CHUNK, CPU_DEVICE_STREAMS, apply_in_chunks,  # noqa: E402
                                        inference_chunk, inference_mesh, layer_plan)
 
 BATCHES = (1, 32)
@@ -54,19 +54,21 @@ def images_per_second(run, batch: int, repeats: int) -> float:
 # Each engine is built once and returns `run(x)`: a no-argument callable that classifies `x` once.
 
 def jaxdl_engine(classifier, implementation=None, whole_batch=False):
-    """The forward pass as `jaxdl classify` runs it (split over the CPU devices where each gets an image,
-    in chunks, the top once per share), or with `whole_batch` in one piece on one device."""
+    """The forward pass as `jaxdl classify` runs it (`ImageClassifier.forward_plan`), or with `whole_batch`
+    in one piece on one device, its convs as `implementation` says."""
+    if implementation and not whole_batch:
+        raise ValueError("implementation is for the one-piece engine: classify's own forward pass is measured as is")
     model, variables = classifier.inference_form()
     if implementation:
         model = model.clone(conv_implementation=implementation)
-    body, top = body_and_top(model)
 
     def run(x):
         if whole_batch:
             placed, mesh, apply = variables, None, jax.jit(model.apply)
         else:
-            placed, mesh = classifier.placement(len(x))
-            apply = jax.jit(lambda v, x: apply_in_chunks(body, v, x, top=top, mesh=mesh))
+            forward, placed, options = classifier.forward_plan(len(x))
+            mesh = options["mesh"]
+            apply = jax.jit(lambda v, x: apply_in_chunks(forward, v, x, **options))
         x = jax.device_put(x, mesh and sharding.batch_sharding(mesh))
         return lambda: apply(placed, x).block_until_ready()
 

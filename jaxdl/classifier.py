@@ -106,6 +106,14 @@ class ImageClassifier:
             self._replicated = jax.device_put(variables, sharding.replicated(mesh))
         return self._replicated, mesh
 
+    def forward_plan(self, batch_size: int) -> tuple:
+        """`(apply, variables, options)`: `apply_in_chunks(apply, variables, images, **options)` gives the model's
+        outputs for a batch of `batch_size` as `jaxdl classify` computes them (a MobileNetV2's top once per
+        share, the batch over the CPU devices where `placement` says)."""
+        apply, top = body_and_top(self.inference_form()[0])
+        variables, mesh = self.placement(batch_size)
+        return apply, variables, {"top": top, "mesh": mesh}
+
     def save(self, directory, *, overwrite: bool = False, **extra_metadata) -> Path:
         self.materialize()
         metadata = {"preprocessing": self.preprocessing, "classes": list(self.class_names),
@@ -113,9 +121,8 @@ class ImageClassifier:
         return save_model(directory, self.model, self.variables, metadata=metadata, overwrite=overwrite)
 
     def _probabilities(self, images):
-        apply, top = body_and_top(self.inference_form()[0])
-        variables, mesh = self.placement(len(images))
-        outputs = apply_in_chunks(apply, variables, images, top=top, mesh=mesh)
+        apply, variables, options = self.forward_plan(len(images))
+        outputs = apply_in_chunks(apply, variables, images, **options)
         return outputs if self.outputs == "probabilities" else jax.nn.softmax(outputs, axis=-1)
 
     def _program_key(self, batch_shape) -> str:
@@ -132,12 +139,11 @@ class ImageClassifier:
         """Class probabilities for preprocessed images (N, H, W, 3)."""
         size = min(batch_size, len(batch))
         if self.program_cache is None:
-            apply, top = body_and_top(self.inference_form()[0])
             chunks = []
             for start in range(0, len(batch), size):
                 chunk = batch[start:start + size]
-                variables, mesh = self.placement(len(chunk))
-                chunks.append(predict_in_chunks(apply, variables, chunk, top=top, mesh=mesh))
+                apply, variables, options = self.forward_plan(len(chunk))
+                chunks.append(predict_in_chunks(apply, variables, chunk, **options))
             outputs = np.concatenate(chunks)
             return outputs if self.outputs == "probabilities" else np.asarray(jax.nn.softmax(outputs, axis=-1))
         # The variables become constants of the compiled program: a cached one needs no checkpoint read.

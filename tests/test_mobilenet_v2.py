@@ -141,12 +141,26 @@ def test_blocks_in_row_strips_give_the_whole_blocks_output():
     tolerance.assert_close(strips, whole, tolerance.FEW_OPS)
 
 
-def test_row_strips_are_for_inference():
+def test_row_strips_are_for_inference_and_name_real_blocks():
     model = MobileNetV2(alpha=0.35)
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    images = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
     with pytest.raises(ValueError, match="row_strips is for inference"):
-        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 32, 32, 3)), train=True, row_strips=((1, 4),),
-                                             mutable=["batch_stats"]), variables)
+        jax.eval_shape(lambda v: model.apply(v, images, train=True, row_strips=((1, 4),), mutable=["batch_stats"]),
+                       variables)
+    for bad in (((17, 4),), ((1, 0),), ((1,),), ((1, 2.5),)):
+        with pytest.raises(ValueError, match=r"row_strips takes pairs \(block, rows\) with a block in 0..16 and at "
+                                             r"least 1 row, got "):
+            jax.eval_shape(lambda v: model.apply(v, images, row_strips=bad), variables)
+
+
+def test_a_mesh_for_chunked_inference_needs_a_data_axis():
+    from jax.sharding import Mesh
+
+    from jaxdl.models.mobilenet_v2 import apply_in_chunks
+
+    with pytest.raises(ValueError, match="the mesh has axes \\('model',\\) but no 'data' axis"):
+        apply_in_chunks(lambda v, x: x, {}, jnp.zeros((2, 3)), mesh=Mesh(np.asarray(jax.devices()), ("model",)))
 
 
 def test_chunked_inference_equals_one_piece():

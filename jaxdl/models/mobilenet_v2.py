@@ -226,6 +226,11 @@ class MobileNetV2(nn.Module):
             raise ValueError("a MobileNetV2 with fold_bn=True is for inference only; train the unfolded model")
         if train and row_strips:
             raise ValueError("row_strips is for inference: BatchNorm's batch statistics need whole images")
+        for pair in row_strips:
+            if (len(pair) != 2 or not all(isinstance(v, int) for v in pair) or not 0 <= pair[0] < len(BLOCKS)
+                    or pair[1] < 1):
+                raise ValueError(f"row_strips takes pairs (block, rows) with a block in 0..{len(BLOCKS) - 1} and at "
+                                 f"least 1 row, got {pair!r} in {row_strips!r}")
         unit = functools.partial(self._conv_unit, train=train)
         if part != "top":
             x = self._body(x.astype(self.dtype), unit, dict(row_strips))
@@ -342,6 +347,7 @@ def apply_in_chunks(apply, variables, images: jnp.ndarray, chunk: int | None = N
     The result is the same as one `apply` on the whole batch (which `chunk=len(images)` gives).
     """
     n = images.shape[0]
+    mesh = None if mesh is None else sharding.resolve_mesh(mesh)  # it splits the batch over its `data` axis
     if mesh is not None and mesh.size > 1:
         parts = sharding.data_parallelism(mesh)
         images = jnp.pad(images, ((0, -n % parts),) + ((0, 0),) * (images.ndim - 1))
