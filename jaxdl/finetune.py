@@ -24,8 +24,8 @@ import optax
 
 from jaxdl import images as image_io
 from jaxdl.models.heads import ClassifierHead, FineTuneModel, feature_backbone
-from jaxdl.models.mobilenet_v2 import (BLOCKS, MobileNetV2, apply_in_chunks, block_prefix, folded, layer_plan,
-                                       predict_in_chunks)
+from jaxdl.models.mobilenet_v2 import (BLOCKS, MobileNetV2, apply_in_chunks, block_prefix, body_and_top, folded,
+                                       layer_plan, predict_in_chunks)
 from jaxdl.callbacks import Callback
 from jaxdl.driver import fit
 from jaxdl.train import create_train_state, new_train_state, seed_rngs
@@ -147,13 +147,15 @@ FEATURE_BATCH = 32
 
 
 def _features(backbone: MobileNetV2, variables: dict, images: np.ndarray) -> np.ndarray:
-    """The backbone's features of `images`, in batches of one shape (the last padded): one compiled program
-    serves every number of images, where one program per number would be compiled again for each split."""
+    """The backbone's features of `images`, computed as `jaxdl classify` computes outputs, in batches of one
+    shape (the last padded): one compiled program serves every number of images and every run on an equal
+    backbone (`body_and_top` is keyed by the model's value; `backbone.apply` would be a new key per copy)."""
+    apply, top = body_and_top(backbone)
     batches = []
     for start in range(0, len(images), FEATURE_BATCH):
         batch = images[start:start + FEATURE_BATCH]
         padded = np.pad(batch, ((0, FEATURE_BATCH - len(batch)),) + ((0, 0),) * (batch.ndim - 1))
-        batches.append(np.asarray(predict_in_chunks(backbone.apply, variables, padded))[:len(batch)])
+        batches.append(np.asarray(predict_in_chunks(apply, variables, padded, top=top))[:len(batch)])
     return np.concatenate(batches)
 
 

@@ -90,6 +90,17 @@ def test_only_the_head_is_differentiated_and_optimised(head_runs):
     assert moments == 2 * head_size + 1  # Adam's mu and nu, and its step count
 
 
+def test_every_run_on_cached_features_shares_one_feature_program(cats, pretrained_model, head_runs):
+    """The backbone's features come from one compiled program for every run and split of the same backbone
+    (each run makes its own folded copy of it, equal but not the same object)."""
+    from jaxdl.models.mobilenet_v2 import predict_in_chunks
+
+    compiled = predict_in_chunks._cache_size()  # head_runs' cached run has compiled it
+    images, labels = cats
+    run(cats, pretrained_model, epochs=1, validation_data=(images[::3], labels[::3]))
+    assert predict_in_chunks._cache_size() == compiled
+
+
 def test_partial_unfreezing_changes_exactly_the_chosen_stages(cats, pretrained_model):
     _, variables, _ = pretrained_model
     result = run(cats, pretrained_model, unfreeze=2, epochs=1)
