@@ -10,7 +10,7 @@ import pytest
 
 from jaxdl.convert import ConversionError, from_keras
 from jaxdl.models import MobileNetV2, count_params
-from jaxdl.models.mobilenet_v2 import correct_pad, folded, layer_plan, make_divisible
+from jaxdl.models.mobilenet_v2 import Conv, correct_pad, folded, layer_plan, make_divisible
 from tests.keras_reference import CONFIGS
 from tests import tolerance
 from tests.test_fuzz_loaders import THOROUGH, assert_names_the_file, damage, fuzz, mutated, write
@@ -123,6 +123,28 @@ def test_bad_inputs_are_named():
         MobileNetV2(include_top=False, pooling="mean").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ValueError, match="part must be 'all', 'body' or 'top', got 'head'"):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), part="head")
+
+
+@pytest.mark.parametrize("features, kernel, stride, depthwise, channels", [
+    (6, 3, 1, True, 6),  # blocks 0, 2, ...: the rows-of-width-times-channels form
+    (6, 3, 2, True, 6),  # blocks 1, 3, ...: strided windows
+    (8, 3, 2, False, 3),  # the stem: a multiply-add per tap and channel
+    (8, 3, 2, False, 5),  # more channels than that: patches and one product
+    (8, 1, 2, False, 6),  # a strided 1x1: one product
+])
+def test_each_cpu_form_of_a_conv_gives_laxs_convolution(features, kernel, stride, depthwise, channels):
+    """`Conv`'s CPU forms against `lax.conv_general_dilated`, on an odd, non-square image, with padding."""
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 13, 10, channels)), jnp.float32)
+    padding = ((1, 1), (0, 1)) if kernel == 3 else ((0, 0), (0, 0))
+    forms = {implementation: Conv(features, kernel, stride, padding, depthwise=depthwise, use_bias=True,
+                                  implementation=implementation) for implementation in ("matmul", "xla")}
+    variables = jax.tree.map(lambda leaf: np.random.default_rng(1).normal(size=leaf.shape).astype(np.float32),
+                             forms["xla"].init(jax.random.key(0), images))
+    outputs = {name: jax.jit(form.apply)(variables, images) for name, form in forms.items()}
+    size = (13, 9) if stride == 1 else (7, 5)  # 13x10 padded to 15x11 (or not, 1x1), 3x3 windows
+    assert outputs["matmul"].shape == outputs["xla"].shape == (2, *size, channels if depthwise else features)
+    # the same products, summed in another order: a few roundings apart (sums of 9 to 54 products)
+    tolerance.assert_close(outputs["matmul"], outputs["xla"], tolerance.FEW_OPS)
 
 
 def test_blocks_in_row_strips_give_the_whole_blocks_output():
