@@ -418,7 +418,11 @@ def body_and_top(model) -> tuple:
 
 @functools.partial(compiler.jit, static_argnums=0, static_argnames=("top", "mesh"))
 def predict_in_chunks(apply, variables, images: jnp.ndarray, top=None, mesh: Mesh | None = None) -> jnp.ndarray:
-    """`apply_in_chunks` compiled: inference on a whole array of images."""
+    """`apply_in_chunks` compiled: inference on a whole array of images.
+
+    `apply` and `top` key the compiled program: take them from `body_and_top(model)`, which equal models
+    share. A bound `model.apply` is a new key for every model object, equal or not (bound methods compare
+    their object by identity), so each copy of a model would be traced and compiled again."""
     return apply_in_chunks(apply, variables, images, top=top, mesh=mesh)
 
 
