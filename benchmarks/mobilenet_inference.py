@@ -17,6 +17,7 @@ Run: `python -m benchmarks.mobilenet_inference [--quick] [--json PATH]`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import subprocess
@@ -35,8 +36,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 from jaxdl.classifier import ImageClassifier  # noqa: E402
-from jaxdl.models.mobilenet_v2 import (CPU_DEVICE_CHUNK, CPU_DEVICE_STREAMS, apply_in_chunks,  # noqa: E402
-                                       inference_chunk, inference_mesh, layer_plan)
+from jaxdl.models.mobilenet_v2 import (CPU_DEVICE_CHUNK, CPU_DEVICE_STREAMS, inference_chunk,  # noqa: E402
+                                       inference_mesh, layer_plan, predict_in_chunks)
 
 BATCHES = (1, 32)
 
@@ -54,8 +55,9 @@ def images_per_second(run, batch: int, repeats: int) -> float:
 # Each engine is built once and returns `run(x)`: a no-argument callable that classifies `x` once.
 
 def jaxdl_engine(classifier, implementation=None, whole_batch=False):
-    """The forward pass as `jaxdl classify` runs it (`ImageClassifier.forward_plan`), or with `whole_batch`
-    in one piece on one device, its convs as `implementation` says."""
+    """The forward pass as `jaxdl classify` runs it (`ImageClassifier.forward_plan`, compiled by
+    `predict_in_chunks`), or with `whole_batch` in one piece on one device (a plain `jax.jit`, as a user
+    would write it), its convs as `implementation` says."""
     if implementation and not whole_batch:
         raise ValueError("implementation is for the one-piece engine: classify's own forward pass is measured as is")
     model, variables = classifier.inference_form()
@@ -68,7 +70,7 @@ def jaxdl_engine(classifier, implementation=None, whole_batch=False):
         else:
             forward, placed, options = classifier.forward_plan(len(x))
             mesh = options["mesh"]
-            apply = jax.jit(lambda v, x: apply_in_chunks(forward, v, x, **options))
+            apply = functools.partial(predict_in_chunks, forward, **options)
         x = jax.device_put(x, mesh and sharding.batch_sharding(mesh))
         return lambda: apply(placed, x).block_until_ready()
 
@@ -179,8 +181,8 @@ def measure(quick: bool) -> dict:
     engine(ours, lambda: jaxdl_engine(fast))
     mesh = inference_mesh()
     split = (f"split over {mesh.size} CPU devices (one per core, as `jaxdl classify` sets up) where each gets "
-             f"an image, each running {CPU_DEVICE_STREAMS} streams of {CPU_DEVICE_CHUNK} image and the top once "
-             f"per share; otherwise " if mesh else "")
+             f"an image, each running {CPU_DEVICE_STREAMS} stream(s) of {CPU_DEVICE_CHUNK} image(s) and the top "
+             f"once per share; otherwise " if mesh else "")
     notes.append(f"{ours}: BatchNorm folded, matmul/shifted convs, {split}{streams} streams of {chunk} images")
     engine("jaxdl, the same in one piece", lambda: jaxdl_engine(fast, whole_batch=True))
     if not quick:

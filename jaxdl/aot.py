@@ -56,6 +56,7 @@ from typing import Callable
 
 import jax
 import jaxlib
+import numpy as np
 from jax.experimental import serialize_executable
 
 from jaxdl import compiler
@@ -69,7 +70,7 @@ _CONFIG_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_defaul
 # Environment variables XLA and libtpu read their compile options from.
 _ENVIRONMENT_VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 _SUFFIX = ".executable"
-_FORMAT = "jaxdl-program/2"  # 2: the header names the devices
+_FORMAT = "jaxdl-program/3"  # 2: the header names the devices; 3: entries are run once read back
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
@@ -107,26 +108,28 @@ def _devices() -> tuple[str, int]:
     return jax.devices()[0].device_kind, jax.device_count()
 
 
-def program_key(*parts) -> str:
+def program_key(*parts, cpu_options: dict | None = None) -> str:
     """A file-name-safe digest of `parts` and of everything else a compiled program depends on.
 
     That is the JAX and jaxlib versions, the backend with its device kind and
     count, the JAX options in `_CONFIG_OPTIONS`, the XLA environment variables
-    in `_ENVIRONMENT_VARIABLES`, jaxdl's compiler options (`jaxdl.compiler`), and the processor
+    in `_ENVIRONMENT_VARIABLES`, the compiler options jaxdl passes for `cpu_options`
+    (`jaxdl.compiler`; give `cached_program` the same), and the processor
     (`_processor_description`).
     Machine code compiled for one CPU can die with SIGILL on another.
     """
     environment = [jax.__version__, jaxlib.__version__, jax.default_backend(), *_devices(),
                    {name: str(getattr(jax.config, name)) for name in _CONFIG_OPTIONS},
                    {name: os.environ.get(name) for name in _ENVIRONMENT_VARIABLES},
-                   compiler.compiler_options(), _processor()]
+                   compiler.compiler_options(cpu_options), _processor()]
     text = json.dumps([environment, *map(str, parts)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLike, key: str, *,
-                   max_bytes: int = DEFAULT_MAX_BYTES) -> Callable:
-    """`fn` compiled for `example_args`' shapes: read from `directory/key` when there, written there when not.
+                   max_bytes: int = DEFAULT_MAX_BYTES, cpu_options: dict | None = None) -> Callable:
+    """`fn` compiled for `example_args`' shapes (`compiler.jit(fn, cpu_options=cpu_options)`): read from
+    `directory/key` when there, written there when not.
 
     An entry that is unreadable (a partial write, another JAX) or not trusted
     (see the module docstring) is compiled again and replaced. After a write,
@@ -138,13 +141,13 @@ def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLi
         directory_fd = _open_private_directory(directory)
     except OSError as error:
         warnings.warn(f"{directory} is not used as a program cache: {error}", stacklevel=2)
-        return compiler.jit(fn).lower(*example_args).compile()
+        return compiler.jit(fn, cpu_options=cpu_options).lower(*example_args).compile()
     try:
         name = key + _SUFFIX
         program = _load(directory_fd, name, in_tree)
         if program is not None:
             return program
-        compiled = compiler.jit(fn).lower(*example_args).compile()
+        compiled = compiler.jit(fn, cpu_options=cpu_options).lower(*example_args).compile()
         try:
             devices = [device.id for device in compiled.runtime_executable().local_devices()]
             contents = _entry(*serialize_executable.serialize(compiled), devices)
@@ -156,6 +159,13 @@ def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLi
             _evict(directory_fd, name, max_bytes)
         except OSError as error:  # a full disk, say: the program still runs
             warnings.warn(f"a program is not cached in {directory}: {error}", stacklevel=2)
+            return compiled
+        failure = _failure_when_read_back(directory_fd, name, in_tree, example_args)
+        if failure is not None:
+            os.unlink(name, dir_fd=directory_fd)
+            warnings.warn(f"a program is not cached in {directory}: read back, it failed to run ({failure}). "
+                          f"JAX's persistent compilation cache held it, and such an executable serializes "
+                          f"incompletely (jax 0.10.2)", stacklevel=2)
         return compiled
     finally:
         os.close(directory_fd)
@@ -240,6 +250,25 @@ def _load(directory_fd: int, name: str, in_tree) -> Callable | None:
             return None
         os.utime(fd)  # marks the use: eviction deletes the least recently used entries first
     return program
+
+
+def _failure_when_read_back(directory_fd: int, name: str, in_tree, example_args: tuple) -> str | None:
+    """Why entry `name`, just written, fails to run on zeros of `example_args`' shapes; None if it runs.
+
+    With jax 0.10.2 an executable that JAX read from its persistent compilation cache (which
+    `jaxdl classify` keeps too, and which another process may have filled) serializes without
+    its kernels' code: read back, it fails on every call ("Function dot_general.1_kernel not
+    found"). Nothing public says where a compiled program came from, so the entry is tried.
+    """
+    program = _load(directory_fd, name, in_tree)
+    if program is None:
+        return "unreadable"
+    zeros = jax.tree.map(lambda leaf: np.zeros(np.shape(leaf), leaf.dtype), example_args)
+    try:
+        jax.block_until_ready(program(*zeros))
+    except jax.errors.JaxRuntimeError as error:
+        return str(error)
+    return None
 
 
 def _write(directory_fd: int, name: str, contents: bytes) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxdl import aot, images, imagenet, pretrained, sharding
+from jaxdl import aot, compiler, images, imagenet, pretrained, sharding
 from jaxdl.checkpoint import VARIABLES_DIR, fingerprint, load_variables, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
 from jaxdl.models.heads import fast_inference
@@ -133,7 +133,8 @@ class ImageClassifier:
             for leaf in jax.tree.leaves(self.variables):
                 digest.update(np.ascontiguousarray(leaf).tobytes())
             weights = digest.hexdigest()
-        return aot.program_key(model_config(self.model), weights, self.fast, self.outputs, batch_shape)
+        return aot.program_key(model_config(self.model), weights, self.fast, self.outputs, batch_shape,
+                               cpu_options=compiler.INFERENCE_CPU_OPTIONS)
 
     def probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Class probabilities for preprocessed images (N, H, W, 3)."""
@@ -150,7 +151,8 @@ class ImageClassifier:
         shape = (size, *batch.shape[1:])
         if shape not in self._programs:
             self._programs[shape] = aot.cached_program(self._probabilities, (batch[:size],), self.program_cache,
-                                                       self._program_key(shape))
+                                                       self._program_key(shape),
+                                                       cpu_options=compiler.INFERENCE_CPU_OPTIONS)
         forward = self._programs[shape]
         chunks = []
         for start in range(0, len(batch), size):

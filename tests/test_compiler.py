@@ -74,7 +74,7 @@ def test_jit_reads_the_options_at_its_first_call_and_is_used_as_jax_jit_is(monke
     assert float(jax.jit(lambda x: nested(x) + 1)(jnp.float32(2))) == 7.0
     assert float(nested(jnp.float32(2))) == 6.0
     read = []
-    monkeypatch.setattr(compiler, "compiler_options", lambda: read.append(1))  # None: XLA's defaults
+    monkeypatch.setattr(compiler, "compiler_options", lambda cpu_options=None: read.append(1))  # XLA's defaults
 
     program = compiler.jit(lambda x, times: x * 2 * times, static_argnames=("times",))
     assert read == []
@@ -95,3 +95,27 @@ def test_jaxdl_compiles_through_compiler_jit_only():
             if attribute and node.attr in ("jit", "pmap"):
                 plain.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert plain == []
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are XLA:CPU's; elsewhere none are passed")
+def test_inference_programs_compile_their_dots_as_xlas_own(tmp_path):
+    """MobileNetV2's forward pass as `predict_in_chunks` compiles it (classify's and finetune's), and a program
+    `jaxdl classify` caches, keep YNNPACK out of their dots (`INFERENCE_CPU_OPTIONS`: 1.016-1.024x the images
+    per second at batch 32); the default options keep YNNPACK's. The cache key names the options. Seen failing
+    with `predict_in_chunks` on the default options (10 of its dots in YNNPACK fusions)."""
+    from jaxdl import aot
+    from jaxdl.models.mobilenet_v2 import MobileNetV2, body_and_top, predict_in_chunks
+
+    model = MobileNetV2(alpha=0.35, num_classes=10, fold_bn=True, convention="torchvision")
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    apply, top = body_and_top(model)
+    inference = predict_in_chunks.lower(apply, variables, x, top=top).compile().as_text()
+    default = compiler.jit(lambda v, x: top(v, apply(v, x))).lower(variables, x).compile().as_text()
+    assert sum("dot" in ops for ops in library_fusions(default)) >= 10
+    assert not any("dot" in ops for ops in library_fusions(inference)) and " dot(" in inference
+
+    cached = aot.cached_program(lambda x: top(variables, apply(variables, x)), (x,), tmp_path, "k",
+                                cpu_options=compiler.INFERENCE_CPU_OPTIONS).as_text()
+    assert not any("dot" in ops for ops in library_fusions(cached)) and " dot(" in cached
+    assert aot.program_key("m", cpu_options=compiler.INFERENCE_CPU_OPTIONS) != aot.program_key("m")

@@ -340,9 +340,12 @@ class MobileNetV2(nn.Module):
 # them on both cores at once. One 32-image piece: 129 images/s; pairs one after another:
 # 199-211; two pairs at a time: 232-240.
 # With a CPU device per core (as `jaxdl classify` sets up, see `jaxdl.cli`), each device takes
-# its share of the batch in one-image passes, CPU_DEVICE_STREAMS at a time, and runs the top
-# (`part="top"`) once on its share: an AMD EPYC's two cores then stay busier than one device's
-# scheduler keeps them (docs/numerics.md has the figures).
+# its share of the batch in passes of CPU_DEVICE_CHUNK images, CPU_DEVICE_STREAMS at a time, and
+# runs the top (`part="top"`) once on its share: an AMD EPYC's two cores then stay busier than one
+# device's scheduler keeps them (docs/numerics.md has the figures). With XLA's own dots
+# (`compiler.INFERENCE_CPU_OPTIONS`), two-image passes one at a time gave 1.023x and 1.033x the
+# images per second of one-image passes two at a time (alternating calls, batch 32; with
+# YNNPACK's dots they had been 0.997x).
 # GPUs and TPUs take whole batches.
 # On CPU, block 1 (the widest expanded activations: 112x112x96 at 224) runs in strips of 14 of its
 # 56 output rows (`row_strips`), each strip from its expansion to its projection: one core, one
@@ -350,8 +353,8 @@ class MobileNetV2(nn.Module):
 # Strips in blocks 0, 2 or 3 as well, or of 8 or 28 rows, were slower.
 CPU_CHUNK = 2
 CPU_STREAMS = 2
-CPU_DEVICE_CHUNK = 1
-CPU_DEVICE_STREAMS = 2
+CPU_DEVICE_CHUNK = 2
+CPU_DEVICE_STREAMS = 1
 CPU_ROW_STRIPS = ((1, 14),)
 
 
@@ -374,7 +377,7 @@ def apply_in_chunks(apply, variables, images: jnp.ndarray, chunk: int | None = N
     With `top`, `top(variables, apply(variables, images))`, the top taking the
     whole batch at once: it must treat each image on its own, as inference does.
     With a `mesh` of several devices, each takes an equal share of the batch
-    (padded) and runs it as above, one-image passes by default; the variables
+    (padded) and runs it as above, `CPU_DEVICE_CHUNK`-image passes by default; the variables
     should be replicated over the mesh, and a batch smaller than the mesh is
     better run without one (the padding is computed too).
     The result is the same as one `apply` on the whole batch (which `chunk=len(images)` gives).
@@ -416,7 +419,8 @@ def body_and_top(model) -> tuple:
     return model.apply, None
 
 
-@functools.partial(compiler.jit, static_argnums=0, static_argnames=("top", "mesh"))
+@functools.partial(compiler.jit, static_argnums=0, static_argnames=("top", "mesh"),
+                   cpu_options=compiler.INFERENCE_CPU_OPTIONS)
 def predict_in_chunks(apply, variables, images: jnp.ndarray, top=None, mesh: Mesh | None = None) -> jnp.ndarray:
     """`apply_in_chunks` compiled: inference on a whole array of images.
 
