@@ -99,23 +99,26 @@ def test_jaxdl_compiles_through_compiler_jit_only():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are XLA:CPU's; elsewhere none are passed")
 def test_inference_programs_compile_their_dots_as_xlas_own(tmp_path):
-    """MobileNetV2's forward pass as `predict_in_chunks` compiles it (classify's and finetune's), and a program
-    `jaxdl classify` caches, keep YNNPACK out of their dots (`INFERENCE_CPU_OPTIONS`: 1.016-1.024x the images
-    per second at batch 32); the default options keep YNNPACK's. The cache key names the options. Seen failing
-    with `predict_in_chunks` on the default options (10 of its dots in YNNPACK fusions)."""
-    from jaxdl import aot
-    from jaxdl.models.mobilenet_v2 import MobileNetV2, body_and_top, predict_in_chunks
+    """`predict_in_chunks` (MobileNetV2's forward pass in classify and finetune) and a program `jaxdl classify`
+    caches keep YNNPACK out of their dots (`INFERENCE_CPU_OPTIONS`: 1.016-1.024x the images per second at batch
+    32); the default options keep YNNPACK's. The cache key names the options. A small dense model stands in
+    for MobileNetV2 (the options are the program's, whatever the model). Seen failing with `predict_in_chunks`
+    on the default options (its dot in a YNNPACK fusion)."""
+    from flax import linen as nn
 
-    model = MobileNetV2(alpha=0.35, num_classes=10, fold_bn=True, convention="torchvision")
-    x = jnp.zeros((2, 32, 32, 3))
+    from jaxdl import aot
+    from jaxdl.models.mobilenet_v2 import body_and_top, predict_in_chunks
+
+    model = nn.Dense(64)
+    x = jnp.ones((8, 32))
     variables = model.init(jax.random.key(0), x)
     apply, top = body_and_top(model)
     inference = predict_in_chunks.lower(apply, variables, x, top=top).compile().as_text()
-    default = compiler.jit(lambda v, x: top(v, apply(v, x))).lower(variables, x).compile().as_text()
-    assert sum("dot" in ops for ops in library_fusions(default)) >= 10
+    default = compiler.jit(apply).lower(variables, x).compile().as_text()
+    assert any("dot" in ops for ops in library_fusions(default))
     assert not any("dot" in ops for ops in library_fusions(inference)) and " dot(" in inference
 
-    cached = aot.cached_program(lambda x: top(variables, apply(variables, x)), (x,), tmp_path, "k",
+    cached = aot.cached_program(lambda x: apply(variables, x), (x,), tmp_path, "k",
                                 cpu_options=compiler.INFERENCE_CPU_OPTIONS).as_text()
     assert not any("dot" in ops for ops in library_fusions(cached)) and " dot(" in cached
     assert aot.program_key("m", cpu_options=compiler.INFERENCE_CPU_OPTIONS) != aot.program_key("m")
