@@ -18,15 +18,21 @@ accept it (a newer jax may rename an experimental option): one small compile
 finds that out, once per process.
 
 Inference programs (`jaxdl.models.mobilenet_v2.predict_in_chunks`, the
-programs `jaxdl classify` caches) take `INFERENCE_CPU_OPTIONS` instead:
-YNNPACK for reductions only, so that their dots are XLA's own. MobileNetV2's
-CPU forward pass is nothing but dots and elementwise loops, and its dots are
-small (one or two images at a time). Measured on the same machine, torchvision's
-weights folded: batch 32 as `jaxdl classify` runs it, two CPU devices,
-alternating calls in two processes, 1.024x, 1.022x, 1.018x and 1.016x the
-images per second with YNNPACK's dots; one core, one image at a time, 7.89
-against 8.21 ms an image. Outputs differ in the last bits only (largest logit
-difference 1.1e-05: a dot's sums in another order).
+programs `jaxdl classify` caches) take `INFERENCE_CPU_OPTIONS` instead.
+MobileNetV2's CPU forward pass is nothing but dots and elementwise loops, its
+dots small (one or two images at a time). Measured on the same machine,
+torchvision's weights folded, batch 32 as `jaxdl classify` runs it (two CPU
+devices), alternating calls:
+- YNNPACK for reductions only, so that the dots are XLA's own: 1.024x,
+  1.022x, 1.018x and 1.016x the images per second with YNNPACK's dots (two
+  processes); one core, one image at a time, 7.89 against 8.21 ms an image.
+  Outputs differ in the last bits only (largest logit difference 1.1e-05: a
+  dot's sums in another order).
+- 512-bit vectors in XLA's own loops (`xla_cpu_prefer_vector_width`; LLVM's
+  default on this CPU is 256): 1.023x and 1.024x in one process, 1.009x and
+  1.017x in another; bitwise the same outputs. Measured on an AMD EPYC (Zen 4)
+  only; a CPU without AVX-512 has no such vectors and compiles as before.
+An option that XLA_FLAGS names is left to XLA_FLAGS.
 """
 from __future__ import annotations
 
@@ -38,16 +44,18 @@ import jax
 
 YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 CPU_OPTIONS = {YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-INFERENCE_CPU_OPTIONS = {YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_REDUCE"}
+INFERENCE_CPU_OPTIONS = {YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_REDUCE", "xla_cpu_prefer_vector_width": 512}
 
 
 def compiler_options(cpu_options: dict | None = None) -> dict | None:
     """The options jaxdl compiles with on this backend: `cpu_options` (`CPU_OPTIONS` when None) on XLA:CPU,
-    see the module's docstring; None for XLA's defaults."""
+    less any that XLA_FLAGS names (see the module's docstring); None for XLA's defaults."""
     cpu_options = CPU_OPTIONS if cpu_options is None else cpu_options
-    if jax.default_backend() != "cpu" or YNN_FUSION_TYPE in os.environ.get("XLA_FLAGS", ""):
+    if jax.default_backend() != "cpu":
         return None
-    return dict(cpu_options) if _accepted(tuple(cpu_options.items())) else None
+    flags = os.environ.get("XLA_FLAGS", "")
+    options = {name: value for name, value in cpu_options.items() if name not in flags}
+    return options if options and _accepted(tuple(options.items())) else None
 
 
 @functools.cache
