@@ -263,11 +263,12 @@ def _failure_when_read_back(directory_fd: int, name: str, in_tree, example_args:
     program = _load(directory_fd, name, in_tree)
     if program is None:
         return "unreadable"
-    zeros = jax.tree.map(lambda leaf: np.zeros(np.shape(leaf), leaf.dtype), example_args)
+    zeros = jax.tree.map(lambda leaf: np.zeros(np.shape(leaf), leaf.dtype if hasattr(leaf, "dtype") else
+                                               np.result_type(leaf)), example_args)
     try:
         jax.block_until_ready(program(*zeros))
-    except jax.errors.JaxRuntimeError as error:
-        return str(error)
+    except Exception as error:  # noqa: BLE001 - whatever the failure, this entry is not kept
+        return f"{type(error).__name__}: {error}"
     return None
 
 

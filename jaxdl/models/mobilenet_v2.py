@@ -345,7 +345,7 @@ class MobileNetV2(nn.Module):
 # device's scheduler keeps them (docs/numerics.md has the figures). With XLA's own dots
 # (`compiler.INFERENCE_CPU_OPTIONS`), two-image passes one at a time gave 1.023x and 1.033x the
 # images per second of one-image passes two at a time (alternating calls, batch 32; with
-# YNNPACK's dots they had been 0.997x).
+# YNNPACK's dots, 1.003x: no gain, so one-image passes had been kept).
 # GPUs and TPUs take whole batches.
 # On CPU, block 1 (the widest expanded activations: 112x112x96 at 224) runs in strips of 14 of its
 # 56 output rows (`row_strips`), each strip from its expansion to its projection: one core, one
