@@ -53,7 +53,8 @@ def test_the_convnets_step_keeps_its_convolutions_out_of_ynnpack_and_a_dense_ste
 
 def test_xla_flags_naming_the_option_win_and_an_option_this_xla_refuses_is_dropped(monkeypatch):
     """An option XLA_FLAGS names is left out, the others kept. Seen failing with the XLA_FLAGS check left out
-    (the user's choice overridden) and with the probe always answering yes (every jaxdl program then fails to compile on a jax that renamed the option)."""
+    (the user's choice overridden) and with the probe always answering yes (every jaxdl program then fails
+    to compile on a jax that renamed the option)."""
     if jax.default_backend() == "cpu":
         assert compiler.compiler_options() == compiler.CPU_OPTIONS
         monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
