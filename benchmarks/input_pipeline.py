@@ -111,7 +111,7 @@ def measure(quick: bool, examples: int | None = None) -> dict:
         f"{len(images):,} MNIST-shaped examples written as a "
         f"tfds ArrayRecord directory of PNGs (in {written:.1f} s), grain read threads {data.sources.READ_THREADS}; "
         f"`fit` runs {epochs} epochs, median of epochs 2-{epochs} (the MLP from arrays and from the cache "
-        f"{epochs if quick else MLP_EPOCHS}: its epochs are short). Goals: the source delivers >= 5x what the step "
+        f"{mlp_epochs}: its epochs are short). Goals: the source delivers >= 5x what the step "
         "consumes; `fit` from the source reaches >= 0.8x the in-memory throughput (the arrays' s/epoch over the "
         "source's).", figures, ratios)
 

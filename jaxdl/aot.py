@@ -164,8 +164,8 @@ def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLi
         if failure is not None:
             os.unlink(name, dir_fd=directory_fd)
             warnings.warn(f"a program is not cached in {directory}: read back, it failed to run ({failure}). "
-                          f"JAX's persistent compilation cache held it, and such an executable serializes "
-                          f"incompletely (jax 0.10.2)", stacklevel=2)
+                          f"With jax 0.10.2 that happens to a program JAX read from its persistent compilation "
+                          f"cache, which serializes incompletely", stacklevel=2)
         return compiled
     finally:
         os.close(directory_fd)
