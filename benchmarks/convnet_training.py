@@ -7,10 +7,11 @@ dropout 0.5, a 10-way dense layer), Adam(1e-3), batch 128, on the first
 generated images where absent, said in the notes). Each framework trains
 5 epochs; the figures are images/s of the steady epochs (the median of
 epochs 2-5) and the seconds to the end of the first epoch, compile
-included. Five epochs, not three: with three, the steady figure was the
-mean of two epochs, and this VM has slow phases of seconds (the same
-compiled step measured 19.7 ms in one process and 31.6 ms in the next),
-so one slow epoch moved a ratio that sits near 1.0 by several percent. PyTorch runs eagerly with 2 threads, as a student's laptop runs it.
+included. PyTorch runs eagerly with 2 threads, as a student's laptop runs
+it. Five epochs, not three: with three, the steady figure was the mean of
+two epochs, and this VM has slow phases of seconds (the same compiled
+step measured 19.7 ms in one process and 31.6 ms in the next), so one
+slow epoch moved a ratio that sits near 1.0 by several percent.
 
 A breakdown of jaxdl's step follows, each part compiled as jaxdl compiles
 its programs (`jaxdl.compiler.jit`): the same batch through the forward pass
