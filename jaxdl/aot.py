@@ -72,6 +72,11 @@ _ENVIRONMENT_VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 _SUFFIX = ".executable"
 _FORMAT = "jaxdl-program/3"  # 2: the header names the devices; 3: entries are run once read back
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+# A debug option that only bounds how many buffer assignments XLA's diagnostics print. Given a value of its
+# own, a program's key in JAX's persistent compilation cache changes and its code does not, so XLA compiles it
+# afresh: the one public way found (jax 0.10.2) past that cache, whose reads cannot be turned off in a
+# process once it has used it. See `_failure_when_read_back`.
+_PAST_JAX_CACHE_OPTION = "xla_debug_buffer_assignment_show_max"
 
 
 class UntrustedCacheError(OSError):
@@ -132,7 +137,9 @@ def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLi
     `directory/key` when there, written there when not.
 
     An entry that is unreadable (a partial write, another JAX) or not trusted
-    (see the module docstring) is compiled again and replaced. After a write,
+    (see the module docstring) is compiled again and replaced. An entry is run
+    once when written; one that fails there is compiled again past JAX's
+    persistent cache (`_failure_when_read_back`), and not kept if it fails again. After a write,
     the least recently used entries are deleted until this user's entries
     total at most `max_bytes`. The entry just written is always kept.
     """
@@ -149,26 +156,47 @@ def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLi
             return program
         compiled = compiler.jit(fn, cpu_options=cpu_options).lower(*example_args).compile()
         try:
-            devices = [device.id for device in compiled.runtime_executable().local_devices()]
-            contents = _entry(*serialize_executable.serialize(compiled), devices)
-        except (ValueError, NotImplementedError) as error:  # not serializable, or user-defined output nodes
+            failure = _write_and_try(directory_fd, name, compiled, in_tree, example_args, max_bytes)
+            if failure is not None:  # most likely read from JAX's cache (see `_failure_when_read_back`)
+                compiled = _compiled_past_jax_cache(fn, example_args, cpu_options)
+                failure = _write_and_try(directory_fd, name, compiled, in_tree, example_args, max_bytes)
+        except (ValueError, NotImplementedError, OSError, jax.errors.JaxRuntimeError) as error:
+            # not serializable, user-defined output nodes, a full disk, an option XLA refuses: the program still runs
             warnings.warn(f"a program is not cached in {directory}: {error}", stacklevel=2)
             return compiled
-        try:
-            _write(directory_fd, name, contents)
-            _evict(directory_fd, name, max_bytes)
-        except OSError as error:  # a full disk, say: the program still runs
-            warnings.warn(f"a program is not cached in {directory}: {error}", stacklevel=2)
-            return compiled
-        failure = _failure_when_read_back(directory_fd, name, in_tree, example_args)
         if failure is not None:
-            os.unlink(name, dir_fd=directory_fd)
-            warnings.warn(f"a program is not cached in {directory}: read back, it failed to run ({failure}). "
-                          f"With jax 0.10.2 that happens to a program JAX read from its persistent compilation "
-                          f"cache, which serializes incompletely", stacklevel=2)
+            warnings.warn(f"a program is not cached in {directory}: read back, it failed to run ({failure}), "
+                          f"compiled past JAX's persistent compilation cache too", stacklevel=2)
         return compiled
     finally:
         os.close(directory_fd)
+
+
+def _compiled_past_jax_cache(fn: Callable, example_args: tuple, cpu_options: dict | None):
+    """`fn` compiled as `compiler.jit` compiles it, by XLA rather than read from JAX's persistent cache.
+
+    The program's key there takes a value of `_PAST_JAX_CACHE_OPTION` drawn for
+    this call, so JAX keeps one more entry, never read again, each time this runs.
+    """
+    options = {**(compiler.compiler_options(cpu_options) or {}),
+               _PAST_JAX_CACHE_OPTION: 1 + secrets.randbelow(1 << 30)}
+    return jax.jit(fn, compiler_options=options).lower(*example_args).compile()
+
+
+def _write_and_try(directory_fd: int, name: str, compiled, in_tree, example_args: tuple,
+                   max_bytes: int) -> str | None:
+    """Writes `compiled` as entry `name` and evicts to `max_bytes`; then why it fails read back, or None.
+
+    An entry that fails is deleted. Raises what serializing or writing raises.
+    """
+    devices = [device.id for device in compiled.runtime_executable().local_devices()]
+    contents = _entry(*serialize_executable.serialize(compiled), devices)
+    _write(directory_fd, name, contents)
+    _evict(directory_fd, name, max_bytes)
+    failure = _failure_when_read_back(directory_fd, name, in_tree, example_args)
+    if failure is not None:
+        os.unlink(name, dir_fd=directory_fd)
+    return failure
 
 
 def _open_private_directory(directory: str | os.PathLike) -> int:
@@ -258,7 +286,8 @@ def _failure_when_read_back(directory_fd: int, name: str, in_tree, example_args:
     With jax 0.10.2 an executable that JAX read from its persistent compilation cache (which
     `jaxdl classify` keeps too, and which another process may have filled) serializes without
     its kernels' code: read back, it fails on every call ("Function dot_general.1_kernel not
-    found"). Nothing public says where a compiled program came from, so the entry is tried.
+    found"). Nothing public says where a compiled program came from, so the entry is tried;
+    `cached_program` then compiles one that failed again, past JAX's cache.
     """
     program = _load(directory_fd, name, in_tree)
     if program is None:

@@ -56,13 +56,15 @@ def test_cached_program_is_reused_and_a_damaged_entry_rebuilt(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["k.executable"]  # no temporary file left
 
 
-def test_a_program_jax_read_from_its_compilation_cache_is_not_cached_in_a_form_that_fails(tmp_path):
+def test_a_program_jax_read_from_its_compilation_cache_is_cached_in_a_form_that_runs(tmp_path):
     """`jaxdl classify` keeps JAX's persistent compilation cache as well. A program XLA had compiled before (its
     entry here evicted or damaged, or compiled by another process) comes back from that cache, and with jax
     0.10.2 such an executable serializes without its kernels' code: the entry written from it failed on every
-    later call ("Function dot_general.1_kernel not found"). Entries are now run once when written, and one
-    that fails is not kept. Seen failing before the fix (the suite's two workers share one compilation cache,
-    so the first test above failed whenever the other worker had compiled its program first)."""
+    later call ("Function dot_general.1_kernel not found"). Seen failing (the suite's two workers share one
+    compilation cache, so the first test above failed whenever the other worker had compiled its program
+    first). Entries are now run once when written; one that fails is compiled again past JAX's cache, and
+    that one is kept. Both steps failed here before their fixes: first the failing entry was kept, then it
+    was deleted with a warning, in every process that met the program in JAX's cache."""
     from jax._src import compilation_cache
 
     assert compilation_cache.is_persistent_cache_enabled()  # conftest gives the session one
@@ -75,12 +77,21 @@ def test_a_program_jax_read_from_its_compilation_cache_is_not_cached_in_a_form_t
     expected = np.sin(x @ weights)
     tolerance.assert_close(aot.compiler.jit(program)(x), expected, tolerance.ONE_OP)  # now in JAX's cache
     jax.clear_caches()  # as in a new process: the next compile of it reads JAX's cache
-    with warnings.catch_warnings(record=True):  # "not cached" where this jax still serializes it incompletely
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         written = aot.cached_program(program, (x,), tmp_path, "k")
         tolerance.assert_close(written(x), expected, tolerance.ONE_OP)
         read = aot.cached_program(program, (x,), tmp_path, "k")
         tolerance.assert_close(read(x), expected, tolerance.ONE_OP)
+    # Kept, so the next process reads it (before, each process compiled, wrote, tried and deleted it again).
+    assert [str(warning.message) for warning in caught if "not cached" in str(warning.message)] == []
+    descriptor = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        kept = aot._load(descriptor, "k" + aot._SUFFIX, jax.tree.structure(((x,), {})))
+    finally:
+        os.close(descriptor)
+    assert kept is not None
+    tolerance.assert_close(kept(x), expected, tolerance.ONE_OP)
 
 
 def test_cached_programs_run_on_their_own_devices_in_a_process_with_several(tmp_path):
@@ -378,3 +389,23 @@ def test_the_cli_leaves_a_compilation_cache_others_could_write_off(tmp_path, mon
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"jaxdl: {directory} is not used as a compilation cache: ")
     assert reason.format(uid=os.getuid(), other=os.getuid() + 1) in line
+
+
+def test_an_entry_that_fails_again_when_compiled_past_jaxs_cache_is_not_kept(tmp_path, monkeypatch):
+    """Where even the program compiled past JAX's cache fails read back, the entry is deleted and a warning says
+    so; the program compiled in memory is returned and runs."""
+    weights = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    def program(x):
+        return jnp.cos(x @ weights)
+
+    past_cache = []
+    compile_past = aot._compiled_past_jax_cache
+    monkeypatch.setattr(aot, "_failure_when_read_back", lambda *args: "made to fail")
+    monkeypatch.setattr(aot, "_compiled_past_jax_cache", lambda *args: past_cache.append(1) or compile_past(*args))
+    x = np.ones((4, 2), np.float32)
+    with pytest.warns(UserWarning, match="made to fail.*compiled past JAX's persistent compilation cache too"):
+        compiled = aot.cached_program(program, (x,), tmp_path, "k")
+    assert past_cache == [1]
+    assert not (tmp_path / ("k" + aot._SUFFIX)).exists()
+    tolerance.assert_close(compiled(x), np.cos(x @ weights), tolerance.ONE_OP)
