@@ -139,9 +139,10 @@ def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLi
     An entry that is unreadable (a partial write, another JAX) or not trusted
     (see the module docstring) is compiled again and replaced. An entry is run
     once when written; one that fails there is compiled again past JAX's
-    persistent cache (`_failure_when_read_back`), and not kept if it fails again. After a write,
-    the least recently used entries are deleted until this user's entries
-    total at most `max_bytes`. The entry just written is always kept.
+    persistent cache (`_failure_when_read_back`), and not kept if it fails
+    again. After a write, the least recently used entries are deleted until
+    this user's entries total at most `max_bytes`. The entry just written is
+    always kept.
     """
     in_tree = jax.tree.structure((example_args, {}))
     try:
