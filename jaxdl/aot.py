@@ -177,11 +177,13 @@ def _compiled_past_jax_cache(fn: Callable, example_args: tuple, cpu_options: dic
     """`fn` compiled as `compiler.jit` compiles it, by XLA rather than read from JAX's persistent cache.
 
     The program's key there takes a value of `_PAST_JAX_CACHE_OPTION` drawn for
-    this call, so JAX keeps one more entry, never read again, each time this runs.
+    this call, so each time this runs JAX keeps an entry or two never read again
+    (this program, and the small one `compiler` checks the options with).
+    On CPU only: elsewhere jaxdl passes no options, and the failure has not been seen.
     """
-    options = {**(compiler.compiler_options(cpu_options) or {}),
+    options = {**(compiler.CPU_OPTIONS if cpu_options is None else cpu_options),
                _PAST_JAX_CACHE_OPTION: 1 + secrets.randbelow(1 << 30)}
-    return jax.jit(fn, compiler_options=options).lower(*example_args).compile()
+    return compiler.jit(fn, cpu_options=options).lower(*example_args).compile()
 
 
 def _write_and_try(directory_fd: int, name: str, compiled, in_tree, example_args: tuple,
