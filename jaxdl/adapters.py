@@ -158,12 +158,19 @@ class SourceInput:
         return np.asarray(self.batches.first_batch()["y"])
 
     def fingerprint(self) -> str:
-        """Three examples' inputs and labels (first, middle, last): cheap, and enough to tell datasets apart."""
+        """Three examples' inputs and labels (first, middle, last): cheap, and enough to tell datasets apart.
+
+        The class weights, which scale each example's loss, count too.
+        """
         if not self.resumable:
             return ""
         size = len(self.batches.source)
         picked = self.batches.read(np.unique([0, size // 2, size - 1]))
-        return data_fingerprint(picked["x"], picked["y"], np.asarray([size]))
+        arrays = [picked["x"], picked["y"], np.asarray([size])]
+        class_weight = self.batches.features.class_weight
+        if class_weight is not None:  # left out without them: the fingerprints of earlier runs stay the same
+            arrays.append(np.asarray(sorted((float(c), float(w)) for c, w in class_weight.items()), np.float64))
+        return data_fingerprint(*arrays)
 
     def use_padding(self, pad_to: int, masked: bool) -> None:
         """How a last batch the devices cannot split is filled up (see `driver._split_over`)."""

@@ -49,21 +49,28 @@ def recorded_fit(x, y, **options):
     return seen, state, history
 
 
-# --- 1. the scanned epoch's shuffle ----------------------------------------------------------
+# --- 1. each epoch's shuffle -----------------------------------------------------------------
 
 
-def test_each_epoch_of_in_memory_arrays_is_read_in_a_new_order():
+@pytest.mark.parametrize("path", ["arrays, scanned", "arrays, streamed", "a source"])
+def test_each_epoch_is_read_in_a_new_order(tmp_path, path):
     # One feature per example, its own number: the inputs the model sees in a step name the examples.
     x = np.arange(12, dtype=np.float32)[:, None]
     y = np.arange(12, dtype=np.int32) % 3
-    seen, _, _ = recorded_fit(x, y, epochs=3, batch_size=4, seed=0)
+    options = dict(epochs=3, batch_size=4, seed=0)
+    if path == "arrays, streamed":  # checkpoints every few steps stream host batches instead of the scan
+        options.update(checkpoint_dir=tmp_path / "run", checkpoint_every=3)
+    if path == "a source":  # read batch by batch (uncached), in orders drawn from (seed, epoch)
+        x, y = [{"image": row, "label": label} for row, label in zip(x, y)], None
+        options["cache"] = False
+    seen, _, _ = recorded_fit(x, y, **options)
     assert len(seen) == 9  # 3 epochs of 3 batches, every step recorded once
     orders = [np.concatenate([inputs[:, 0] for inputs, _, _ in seen[e * 3:(e + 1) * 3]]).astype(int)
               for e in range(3)]
     for order in orders:  # each epoch is one pass over every example
         assert sorted(order.tolist()) == list(range(12)), orders
     assert not np.array_equal(orders[0], np.arange(12)), orders  # shuffled at all
-    # The epochs' orders differ from each other: the epoch's key is folded with the step it starts at.
+    # The epochs' orders differ from each other: the shuffle key is folded with the epoch (or its first step).
     assert len({tuple(order) for order in orders}) == 3, orders
 
 
@@ -123,20 +130,32 @@ def test_validation_split_keeps_each_weight_with_its_example(weighting):
 # --- 5. the data fingerprint of a resumed run ------------------------------------------------
 
 
-@pytest.mark.parametrize("change", ["one label", "sample weights"])
+@pytest.mark.parametrize("change", ["one label", "sample weights", "a source's labels", "a source's class weights"])
 def test_a_resume_over_changed_labels_or_weights_is_refused(tmp_path, change):
     x, y = blobs(n=24, features=3, classes=3, seed=3)
-    weight = np.ones(24, np.float32)
+    weight, class_weight = np.ones(24, np.float32), {0: 1.0, 1: 1.0, 2: 1.0}
     options = dict(loss=CE, batch_size=8, verbose=0, seed=0, checkpoint_dir=tmp_path / "run")
-    fit(MLP(features=(4,), num_outputs=3), x, y, epochs=1, sample_weight=weight, **options)
+
+    def train(epochs):
+        if change.startswith("a source"):
+            source = [{"image": row, "label": label} for row, label in zip(x, y)]
+            return fit(MLP(features=(4,), num_outputs=3), source, epochs=epochs, class_weight=class_weight,
+                       **options)
+        return fit(MLP(features=(4,), num_outputs=3), x, y, epochs=epochs, sample_weight=weight, **options)
+
+    train(1)
     if change == "one label":
         y = y.copy()
         y[5] = (y[5] + 1) % 3
-    else:
+    elif change == "sample weights":
         weight = weight.copy()
         weight[5] = 2.0
+    elif change == "a source's labels":
+        y = (y + 1) % 3  # every example relabelled
+    else:
+        class_weight = {0: 5.0, 1: 1.0, 2: 1.0}
     with pytest.raises(ValueError, match="is of another run .*data_fingerprint"):
-        fit(MLP(features=(4,), num_outputs=3), x, y, epochs=2, sample_weight=weight, **options)
+        train(2)
 
 
 # --- 6. EarlyStopping across a resume ------------------------------------------------------
