@@ -99,15 +99,30 @@ def run_config(model, state, *, loss, metrics, batch_size: int, seed: int, shuff
                 loss, "__qualname__", repr(loss)), "metrics": list(metrics), "checkpoint_every": every_steps,
             "train_flag": train_flag, "data": data_kind, "examples": examples,
             "batches_per_epoch": batches_per_epoch, "validation_split": validation_split,
-            "data_fingerprint": fingerprint, "callbacks": [callback_description(c) for c in callbacks]}
+            "data_fingerprint": fingerprint, "callbacks": [callback_description(c) for c in callbacks],
+            "prng_impl": str(jax.random.key_impl(state.dropout_rng))}
 
 
 def check_same_run(saved: dict | None, current: dict, directory) -> None:
-    """Refuses a checkpoint whose config differs from this call's, naming every difference."""
+    """Refuses a checkpoint whose config differs from this call's, naming every difference.
+
+    Keys of another PRNG implementation (`jax_default_prng_impl`) are
+    refused first, by name: their data has another shape, and the run's
+    random numbers (dropout, shuffling) would not be those of the saved run.
+    A checkpoint written before jaxdl recorded the implementation is not
+    compared on it.
+    """
     if not isinstance(saved, dict):
         raise ValueError(f"{directory} holds checkpoints that jaxdl's fit did not write; pass another "
                          "checkpoint_dir")
-    differences = [key for key in current if saved.get(key) != current[key]]
+    saved_impl, impl = saved.get("prng_impl"), current.get("prng_impl")
+    if saved_impl is not None and saved_impl != impl:
+        raise ValueError(f"the checkpoint in {directory} was saved with {saved_impl} keys and this call's keys are "
+                         f"{impl} (jax_default_prng_impl): to resume it, call "
+                         f"jax.config.update('jax_default_prng_impl', '{saved_impl}') (or set "
+                         f"JAX_DEFAULT_PRNG_IMPL={saved_impl}) before fit; or pass another checkpoint_dir")
+    differences = [key for key in current if saved.get(key) != current[key]
+                   and (key != "prng_impl" or saved_impl is not None)]
     if differences:
         named = "; ".join(f"{key}: {_difference(saved.get(key), current[key])}" for key in differences)
         raise ValueError(f"the checkpoint in {directory} is of another run ({named}); pass another "
