@@ -1,4 +1,6 @@
 """Saving models: jaxdl's classes and the user's own, and a clear refusal for what cannot be saved."""
+import os
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -62,3 +64,54 @@ def test_a_whole_train_state_is_refused_with_what_to_save_instead(tmp_path):
         save_variables(tmp_path / "keys", {"params": state.params, "rng": jax.random.key(0)})
     save_variables(tmp_path / "variables", state.variables)
     assert (tmp_path / "variables").is_dir()
+
+
+def test_a_target_that_appears_during_the_write_is_kept_not_replaced(tmp_path):
+    """Another process's save finishing first (its directory created inside `write`): its files are kept.
+
+    Before the fix, overwrite=False replaced it: two first runs of a conversion at once lost one's files.
+    """
+    from jaxdl.checkpoint import write_atomically
+
+    target = tmp_path / "model"
+
+    def write(staging):
+        (staging / "mine.txt").write_text("mine")
+        target.mkdir()  # the other process renames its complete directory into place meanwhile
+        (target / "theirs.txt").write_text("theirs")
+
+    with pytest.raises(FileExistsError, match=f"{target} appeared while it was being written"):
+        write_atomically(target, write)
+    assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging directory left behind
+
+
+def test_overwriting_leaves_the_target_in_place_at_every_step(tmp_path, monkeypatch):
+    """overwrite=True swaps the new directory in: readers never find the path missing between two renames.
+
+    Every file-system call the module makes is followed by a look at the target; before the fix the
+    first of its two renames moved the old directory away, leaving no target until the second.
+    """
+    import shutil
+
+    from jaxdl import checkpoint
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    seen = []
+
+    def looking(function):
+        def call(*args, **kwargs):
+            result = function(*args, **kwargs)
+            seen.append((function.__name__, (target / "old.txt").exists() or (target / "new.txt").exists()))
+            return result
+        return call
+
+    for name in ("replace", "rename"):
+        monkeypatch.setattr(checkpoint.os, name, looking(getattr(os, name)))
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", looking(shutil.rmtree))
+    checkpoint.write_atomically(target, lambda staging: (staging / "new.txt").write_text("new"), overwrite=True)
+    assert seen and all(present for _, present in seen), seen
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the old directory deleted, no staging left
