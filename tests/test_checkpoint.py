@@ -115,3 +115,25 @@ def test_overwriting_leaves_the_target_in_place_at_every_step(tmp_path, monkeypa
     assert seen and all(present for _, present in seen), seen
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the old directory deleted, no staging left
+
+
+def test_two_first_uses_of_a_cached_conversion_keep_the_one_saved_first(tmp_path, monkeypatch):
+    """The other process's conversion, saved while this one wrote its own, is the one kept and returned."""
+    from jaxdl import MLP, checkpoint, pretrained
+    from jaxdl.checkpoint import read_model
+
+    monkeypatch.setenv("JAXDL_CACHE", str(tmp_path))
+    model = MLP(features=(2,), num_outputs=2)
+    variables = model.init(jax.random.key(0), np.zeros((1, 3), np.float32))
+    save_variables_now, the_other_saved = checkpoint.save_variables, []
+
+    def and_the_other_saves_first(directory, saved):
+        save_variables_now(directory, saved)
+        if not the_other_saved:  # this process's variables are written: the other one's save completes now
+            the_other_saved.append(True)
+            save_model(tmp_path / "conversion", model, variables, metadata={"by": "the other"})
+
+    monkeypatch.setattr(checkpoint, "save_variables", and_the_other_saves_first)
+    path = pretrained._cached("conversion", lambda: (model, variables), {"by": "this process"})
+    assert path == tmp_path / "conversion" and read_model(path)[1] == {"by": "the other"}
+    assert [p.name for p in tmp_path.iterdir()] == ["conversion"]  # no staging directory left behind
