@@ -210,11 +210,12 @@ def test_damaged_array_bytes_are_moved_aside_and_a_directory_left_with_none_is_r
     for checkpoint_id in (3, 6):
         damage_arrays(tmp_path / str(checkpoint_id), how)
     with pytest.warns(RuntimeWarning) as warned:
-        with pytest.raises(ValueError, match=rf"none of the checkpoints in {tmp_path} \(6, 3\) can be read "
-                                             r"\(moved aside as unreadable-3, unreadable-6"):
+        with pytest.raises(ValueError, match=rf"none of the checkpoints in {tmp_path} \(6, 3\) can be read") \
+                as none_readable:
             fit(MODEL, x, y, **options)
     code = "OUT_OF_RANGE" if how == "truncated" else "DATA_LOSS"  # shorter than its index says; bytes that fail
-    for warning, checkpoint_id in zip(warned, (6, 3)):              # to decode or whose checksum fails
+    assert len(warned) == 2                                          # to decode or whose checksum fails
+    for warning, checkpoint_id in zip(warned, (6, 3)):
         assert str(warning.message).startswith(f"checkpoint {tmp_path / str(checkpoint_id)} cannot be read "
                                                f"(ValueError: {code}: ")
     assert sorted(os.listdir(tmp_path)) == ["unreadable-3", "unreadable-6"]
@@ -222,6 +223,7 @@ def test_damaged_array_bytes_are_moved_aside_and_a_directory_left_with_none_is_r
                                          r"\(unreadable-3, unreadable-6\)"):
         fit(MODEL, x, y, **options)
     assert sorted(os.listdir(tmp_path)) == ["unreadable-3", "unreadable-6"]  # nothing trained, nothing written
+    assert "(moved aside as unreadable-3, unreadable-6, as the warnings say)" in str(none_readable.value)
     for name in ("unreadable-3", "unreadable-6"):  # asked: the moved-aside checkpoints taken away
         os.rename(tmp_path / name, tmp_path.parent / f"{tmp_path.name}-{name}")
     _, history = fit(MODEL, x, y, **options)
