@@ -111,6 +111,14 @@ def check_same_run(saved: dict | None, current: dict, directory) -> None:
     random numbers (dropout, shuffling) would not be those of the saved run.
     A checkpoint written before jaxdl recorded the implementation is not
     compared on it.
+
+    Args:
+        saved: the config saved in the checkpoint (None when it has none).
+        current: this call's (`run_config`).
+        directory: the checkpoint directory, for the messages.
+
+    Raises:
+        ValueError: naming the PRNG implementations, or every difference.
     """
     if not isinstance(saved, dict):
         raise ValueError(f"{directory} holds checkpoints that jaxdl's fit did not write; pass another "
@@ -193,7 +201,8 @@ def _is_first_process() -> bool:
 
 # tensorstore's status codes (its errors are `ValueError("CODE: ...")`) that say the bytes read are bad:
 # a checksum or a decoding failed, a file is shorter than its index says, a file the index names is missing.
-# Every other code (PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE, DEADLINE_EXCEEDED, ...) is about access.
+# Every other code is raised as it is: access (PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE, DEADLINE_EXCEEDED)
+# or a meaning not known to be the bytes'.
 _BAD_BYTES_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
 
 
@@ -208,6 +217,12 @@ def bytes_are_bad(error: BaseException) -> bool:
     (`PermissionError`, tensorstore's `PERMISSION_DENIED`, `UNAUTHENTICATED`,
     `UNAVAILABLE`, `DEADLINE_EXCEEDED`) and errors of unknown meaning, says
     nothing shown about the bytes: the checkpoint may well be good.
+
+    Args:
+        error: what orbax raised reading one checkpoint.
+
+    Returns:
+        True when the checkpoint's bytes are shown to be bad.
     """
     if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError, IsADirectoryError,
                           NotADirectoryError)):
@@ -265,6 +280,13 @@ class TrainingCheckpoints:
         with a warning naming it, and the one before it is tried. Any other
         error (permissions, credentials, a network) is raised as it is, with
         a note naming the checkpoint, which is left in place.
+
+        Args:
+            like: `like(meta)` gives the structure of the checkpoint's arrays.
+            check: `check(meta)` raises when the checkpoint is of another run.
+
+        Returns:
+            `(meta, tree)`, or None when the directory holds no checkpoint.
 
         Raises:
             ValueError: when no checkpoint can be read, naming them; and when
