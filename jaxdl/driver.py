@@ -414,8 +414,13 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     `checkpoint_every` steps, keeping the last `keep`; calling the same `fit`
     again with the same directory resumes from the newest readable checkpoint,
     inside an epoch if it was taken there, and ends with bitwise the
-    parameters and history of a run never interrupted. A checkpoint of
-    another run (model, optimizer, batch size, data order, loss) is refused
+    parameters and history of a run never interrupted. Only a checkpoint
+    whose own bytes are bad is moved aside (as `unreadable-N`, with a
+    warning); an access error (permission, credentials, a network) is raised
+    as it is, and a directory left with only moved-aside checkpoints is an
+    error, not a fresh start (take them out of it to start afresh). A
+    checkpoint of another run (model, optimizer, batch size, data order,
+    loss, PRNG implementation) is refused
     with the difference named: the config compared holds the data's identity
     (number of examples and batches, validation split, a fingerprint of the
     examples) and each callback's class and settings. A resumed run says
