@@ -304,7 +304,7 @@ def enable_cli_cache(monkeypatch, cache):
     options = {}
     monkeypatch.setattr(jax.config, "update", lambda name, value: options.__setitem__(name, value))
     cli.enable_compilation_cache()
-    path = options.get("jax_compilation_cache_dir", "")
+    path = options.get("jax_compilation_cache_dir") or ""
     if path.startswith("/proc/self/fd/"):  # the checked directory, through its descriptor
         options["jax_compilation_cache_dir"] = os.readlink(path)
         os.close(int(path.rsplit("/", 1)[1]))
@@ -350,10 +350,16 @@ def test_the_cli_uses_the_compilation_cache_jax_was_given_and_checks_it(tmp_path
     assert os.path.samefile(path, chosen) and not (tmp_path / "cache" / "xla").exists()
     if path.startswith("/proc/self/fd/"):
         os.close(int(path.rsplit("/", 1)[1]))
+    assert "jax_persistent_cache_min_compile_time_secs" not in options  # the user's JAX options, not jaxdl's
     chosen.chmod(0o770)
     options.clear()
     cli.enable_compilation_cache()
-    assert options == {} and f"jaxdl: {chosen} is not used as a compilation cache" in capsys.readouterr().err
+    assert options == REFUSED and f"jaxdl: {chosen} is not used as a compilation cache" in capsys.readouterr().err
+
+
+# The JAX options a refusal sets: JAX's persistent cache off for the process, whatever JAX_COMPILATION_CACHE_DIR says
+# (`tests/test_compilation_cache.py` runs it in a process of its own).
+REFUSED = {"jax_compilation_cache_dir": None, "jax_enable_compilation_cache": False}
 
 
 def entry_linked_elsewhere(directory, entry, monkeypatch):
@@ -379,13 +385,13 @@ def entry_linked_elsewhere(directory, entry, monkeypatch):
 def test_the_cli_leaves_a_compilation_cache_others_could_write_off(tmp_path, monkeypatch, capsys, directory_mode,
                                                                      entry_mode, change, reason):
     """JAX's cache loads native code, so `jaxdl` checks it as `jaxdl.aot` checks its own (owners faked through the
-    stat results, so any user runs every case): one line on stderr names the directory and why, and no JAX option is
-    set. Seen failing with the check taken out of `enable_compilation_cache` (the cache was enabled in every case),
+    stat results, so any user runs every case): one line on stderr names the directory and why, and JAX's cache is
+    turned off. Seen failing with the check taken out of `enable_compilation_cache` (the cache was enabled in every case),
     and with the entry loop taken out of `aot.open_compilation_cache` (the entry cases)."""
     directory, entry = make_cache(tmp_path, directory_mode, entry_mode)
     if change:
         change(directory, entry, monkeypatch)
-    assert enable_cli_cache(monkeypatch, tmp_path / "cache") == {}
+    assert enable_cli_cache(monkeypatch, tmp_path / "cache") == REFUSED
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"jaxdl: {directory} is not used as a compilation cache: ")
     assert reason.format(uid=os.getuid(), other=os.getuid() + 1) in line
