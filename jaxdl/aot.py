@@ -32,11 +32,12 @@ written it:
   check and the read) must show a regular file owned by this user and not
   writable by group or others. Otherwise it is compiled again and replaced.
 
-Entries are written with mode 0o600 to a temporary file, then renamed into
-place, so a reader never sees a partial entry. The only pickle in a file is
+Entries are written with mode 0o600 to a temporary file, loaded back from
+there and run once, and only then renamed into place, so a reader never sees
+a partial entry nor one that has not run. The only pickle in a file is
 the payload JAX requires. The trees are stored without pickle, in a JSON
-first line: the argument tree as text (compared with the caller's), and the
-output tree as PyTreeDef's protocol buffer. An output with user-defined
+first line: the argument tree and the arguments' signature as text (compared
+with the caller's), and the output tree as PyTreeDef's protocol buffer. An output with user-defined
 pytree nodes cannot be stored that way, so it is not cached. Entries not used
 for a while are evicted once the directory holds more than `max_bytes`.
 """

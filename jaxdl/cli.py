@@ -19,8 +19,7 @@ from pathlib import Path
 import jax
 
 
-# The most $JAXDL_CACHE/xla may hold: JAX deletes its least recently used entries beyond it. `jaxdl classify`'s
-# MobileNetV2 program and its helpers take about 13 MB there (docs/reliability.md).
+# The most $JAXDL_CACHE/xla may hold: JAX deletes its least recently used entries beyond it (docs/reliability.md).
 COMPILATION_CACHE_MAX_BYTES = 1 << 30
 
 

@@ -404,8 +404,8 @@ def test_the_cli_leaves_a_compilation_cache_others_could_write_off(tmp_path, mon
                                                                      entry_mode, change, reason):
     """JAX's cache loads native code, so `jaxdl` checks it as `jaxdl.aot` checks its own (owners faked through the
     stat results, so any user runs every case): one line on stderr names the directory and why, and JAX's cache is
-    turned off. Seen failing with the check taken out of `enable_compilation_cache` (the cache was enabled in every case),
-    and with the entry loop taken out of `aot.open_compilation_cache` (the entry cases)."""
+    turned off. Seen failing with the check taken out of `enable_compilation_cache` (the cache was enabled in every
+    case), and with the entry loop taken out of `aot.open_compilation_cache` (the entry cases)."""
     directory, entry = make_cache(tmp_path, directory_mode, entry_mode)
     if change:
         change(directory, entry, monkeypatch)
