@@ -373,8 +373,12 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     - a random-access source (`jaxdl.data.tfds_source(...)`, a grain
       `MapDataset`, or anything with `__len__` and `__getitem__` returning a
       dict of features): `features=(input, label)` names what to read
-      (default `("image", "label")`), or `transform(example) -> (x, y)`
-      computes it. Shuffling is per epoch from `(seed, epoch)`; batches are
+      (default `("image", "label")`), or `transform` computes it: a function
+      `example -> (x, y)`, run on every read since it may draw random
+      numbers; a `grain.transforms.RandomMap`, whose `random_map(example,
+      rng)` gets a generator of (seed, epoch, example number); or a
+      `grain.transforms.Map`, declared deterministic (its output may be
+      cached). Shuffling is per epoch from `(seed, epoch)`; batches are
       read by grain's threads and put on the device ahead of their step;
     - an iterable of batch dicts `{"x": ..., "y": ...}` (or other keys,
       named by `features=(input, label)`): an epoch is `steps_per_epoch`
@@ -384,10 +388,13 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     in memory once read, as tf.data's `.cache()`: "auto" when they need at
     most a quarter of the memory available, True, False, or a bound in bytes
     (an error names the sizes when they do not fit); nothing is decoded
-    twice (see `data.SourceBatches`). Where arrays would train in scanned
+    twice (see `data.SourceBatches`). It keeps what is deterministic: the
+    mapped examples without a transform or with a `grain.transforms.Map`,
+    else the decoded examples, the transform running again every epoch
+    (random augmentation is never frozen). Where arrays would train in scanned
     epochs (dense models; any model off CPU) and one process reads the
-    data, a cached source is read whole before the first step and trains
-    as arrays do, in its own orders.
+    data, a source cached after mapping is read whole before the first step
+    and trains as arrays do, in its own orders.
     The same model, seed and data in the same order train to the same
     parameters on both paths (up to float rounding: the array path pads
     its last batch and masks the padding out).
