@@ -424,7 +424,8 @@ class SourceBatches:
         # The deterministic part is what is kept: the mapped examples, or the decoded ones beneath a transform
         # that may draw random numbers.
         kept = ExampleCache if self.features.deterministic else DecodedCache
-        size = example_bytes(self.first_example if kept is ExampleCache else decoded)
+        self.mapped_bytes = example_bytes(self.first_example)  # one example as the step takes it
+        size = self.mapped_bytes if kept is ExampleCache else example_bytes(decoded)
         self.example_cache = None
         if use_cache(self.cache, len(self.source), size, available_memory()):
             self.example_cache = (ExampleCache(len(self.source), self.first_example) if kept is ExampleCache
