@@ -146,7 +146,7 @@ class Features:
     input_shape: tuple | None = None
     class_weight: dict | None = None
 
-    @property
+    @functools.cached_property
     def transform_kind(self) -> str | None:
         """None (no transform), "deterministic" (a grain `Map`), "random" (a grain `RandomMap`) or "function".
 
@@ -164,7 +164,7 @@ class Features:
             return "random"
         if not callable(self.transform):
             raise ValueError(f"transform must be a function example -> (x, y), a grain.transforms.Map or a "
-                             f"grain.transforms.RandomMap; got a {type(self.transform).__name__}")
+                             f"grain.transforms.RandomMap; got {self.transform!r}")
         return "function"
 
     @property
