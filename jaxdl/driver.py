@@ -188,7 +188,8 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     if len(x) > size and (x.nbytes > whole_limit or (
             not chunked and loops_are_slow(apply_fn, variables, x.shape[1:], train_flag))):
         # Batch by batch, each of one compiled shape (the last filled up and its extra outputs dropped).
-        batches = data.ordered_batches({"x": x}, np.arange(len(x)), size, multiple=size)
+        batches = ({"x": batch["x"]} for batch in data.ordered_batches({"x": x}, np.arange(len(x)), size,
+                                                                       multiple=size))
         outputs = [outputs_of(batch["x"], size) for batch in data.to_device(batches, put=put)]
         return np.concatenate(outputs)[:len(x)]
     return outputs_of(put(x), size)

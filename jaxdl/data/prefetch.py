@@ -39,6 +39,8 @@ def device_data_limit(devices, limit: int | str = "auto") -> int:
     unknown): the data are in host memory already and each device copies
     them once. On a GPU or TPU, `AUTO_DEVICE_SHARE` of the smallest device's
     memory (`memory_stats()["bytes_limit"]`), or `AUTO_UNKNOWN_DEVICE_BYTES`.
+    With several processes, the least of theirs (gathered from all), so that
+    all of them place the data alike.
 
     Args:
         devices: the devices the data would be replicated on (a mesh's).
@@ -55,7 +57,16 @@ def device_data_limit(devices, limit: int | str = "auto") -> int:
             raise ValueError(f"device_data_bytes must be 'auto' or a non-negative number of bytes per device, "
                              f"got {limit!r}")
         return int(limit)
-    devices = list(devices)
+    bound = _local_auto_limit(list(devices))
+    if jax.process_count() > 1:  # every process must choose the same form (the same compiled programs): the least
+        from jax.experimental import multihost_utils
+
+        bound = int(np.min(multihost_utils.process_allgather(np.int64(bound))))
+    return bound
+
+
+def _local_auto_limit(devices: list) -> int:
+    """The "auto" bound of `device_data_limit` for this process's part of `devices`."""
     local = [device for device in devices if device.process_index == jax.process_index()] or devices
     if all(device.platform == "cpu" for device in local):
         available = available_memory()
