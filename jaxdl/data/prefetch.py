@@ -78,7 +78,16 @@ def _local_auto_limit(devices: list) -> int:
 
 
 def fits_on_device(nbytes: int, devices, limit: int | str = "auto") -> bool:
-    """Whether data of `nbytes` (per device, replicated) may be placed whole on `devices` (`device_data_limit`)."""
+    """Whether data of `nbytes` (per device, replicated) may be placed whole on `devices`.
+
+    Args:
+        nbytes: the bytes each device would hold.
+        devices: the devices the data would be replicated on.
+        limit: "auto" or a number of bytes per device (see `device_data_limit`).
+
+    Returns:
+        True when `nbytes` is within the bound.
+    """
     return nbytes <= device_data_limit(devices, limit)
 
 

@@ -328,7 +328,14 @@ class DecodedCache:
 
 
 def example_bytes(example) -> int:
-    """The bytes one example takes in memory: its arrays' and byte strings' sizes (an estimate for others)."""
+    """The bytes one example takes in memory: its arrays' and byte strings' sizes (an estimate for others).
+
+    Args:
+        example: an example as a source returns it, or as mapped: a dict, tuple or list of arrays and values.
+
+    Returns:
+        The bytes, summed over its values.
+    """
     if isinstance(example, dict):
         return sum(example_bytes(value) for value in example.values())
     if isinstance(example, (tuple, list)):
@@ -348,6 +355,14 @@ def transform_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     number, as grain's own `random_map` sets it: a pure function of the
     three, so a resumed or repeated run draws the same numbers and each
     epoch new ones.
+
+    Args:
+        seed: the run's seed (fit's `seed`).
+        epoch: the epoch the example is read in.
+        index: the example's number in the source.
+
+    Returns:
+        A fresh `numpy.random.Generator`.
     """
     key = np.random.SeedSequence([seed, epoch, TRANSFORM_STREAM]).generate_state(2, np.uint64)
     return np.random.Generator(np.random.Philox(key=key, counter=np.array([0, 0, 0, index], np.uint64)))
