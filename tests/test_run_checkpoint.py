@@ -214,8 +214,9 @@ def test_damaged_array_bytes_are_moved_aside_and_a_directory_left_with_none_is_r
                 as none_readable:
             fit(MODEL, x, y, **options)
     code = "OUT_OF_RANGE" if how == "truncated" else "DATA_LOSS"  # shorter than its index says; bytes that fail
-    assert len(warned) == 2                                          # to decode or whose checksum fails
-    for warning, checkpoint_id in zip(warned, (6, 3)):
+    moved = [warning for warning in warned if warning.category is RuntimeWarning]  # to decode or whose
+    assert len(moved) == 2                                                           # checksum fails
+    for warning, checkpoint_id in zip(moved, (6, 3)):
         assert str(warning.message).startswith(f"checkpoint {tmp_path / str(checkpoint_id)} cannot be read "
                                                f"(ValueError: {code}: ")
     assert sorted(os.listdir(tmp_path)) == ["unreadable-3", "unreadable-6"]
