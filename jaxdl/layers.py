@@ -158,7 +158,7 @@ def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _shifted_products(x: jax.Array, kernel: jax.Array, height: int, width: int) -> jax.Array:
-    """`_xla_conv(x, kernel)` as one (in, out) matrix product per kernel offset, summed: output (N, height, width, out)."""
+    """`_xla_conv(x, kernel)` as one (in, out) product per kernel offset, summed: (N, height, width, out)."""
     rows = x.shape[0] * height * width
     total = 0
     for dy in range(kernel.shape[0]):
