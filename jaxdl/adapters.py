@@ -57,7 +57,7 @@ def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> 
 
 @dataclasses.dataclass
 class ArrayInput:
-    """In-memory arrays: whole on the device for the scanned epoch, or read as host batches.
+    """In-memory arrays: whole on the device for the scanned epoch (within a byte bound), or read as host batches.
 
     The shuffle order of an epoch is a permutation drawn from `shuffle_rng`
     folded with the step the epoch starts at, on the device (the scanned
@@ -93,6 +93,11 @@ class ArrayInput:
     def labels(self) -> np.ndarray:
         """The labels to check against the loss."""
         return self.y
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the examples, labels and weights: what a device holds of them placed whole."""
+        return self.x.nbytes + self.y.nbytes + self.weights.nbytes
 
     def fingerprint(self) -> str:
         return data_fingerprint(self.x, self.y, self.weights)
@@ -158,12 +163,19 @@ class SourceInput:
         return np.asarray(self.batches.first_batch()["y"])
 
     def fingerprint(self) -> str:
-        """Three examples' inputs and labels (first, middle, last): cheap, and enough to tell datasets apart."""
+        """Three examples' inputs and labels (first, middle, last): cheap, and enough to tell datasets apart.
+
+        The class weights, which scale each example's loss, count too.
+        """
         if not self.resumable:
             return ""
         size = len(self.batches.source)
         picked = self.batches.read(np.unique([0, size // 2, size - 1]))
-        return data_fingerprint(picked["x"], picked["y"], np.asarray([size]))
+        arrays = [picked["x"], picked["y"], np.asarray([size])]
+        class_weight = self.batches.features.class_weight
+        if class_weight is not None:  # left out without them: the fingerprints of earlier runs stay the same
+            arrays.append(np.asarray(sorted((float(c), float(w)) for c, w in class_weight.items()), np.float64))
+        return data_fingerprint(*arrays)
 
     def use_padding(self, pad_to: int, masked: bool) -> None:
         """How a last batch the devices cannot split is filled up (see `driver._split_over`)."""
@@ -177,6 +189,14 @@ class SourceInput:
     def order(self, epoch: int) -> np.ndarray:
         """The example numbers in the order the epoch reads them (a random-access source's)."""
         return self.batches.order(epoch)
+
+    @property
+    def nbytes(self) -> int | None:
+        """The bytes of every example as the step takes them (with a weight each), None for an iterable."""
+        if not self.resumable:
+            return None
+        weight = 0 if "weight" in self.batches.first_example else np.dtype(np.float32).itemsize
+        return len(self.batches.source) * (self.batches.mapped_bytes + weight)
 
     def in_memory(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """`(x, y, weights)` of every example, read now, where the source is cached (`SourceBatches.in_memory`)."""

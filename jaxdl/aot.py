@@ -1,10 +1,11 @@
-"""Compiled programs kept on disk, so that a new process skips tracing as well as compiling.
+"""Compiled programs kept on disk, so that a new process skips XLA's compile.
 
-JAX's persistent compilation cache skips XLA's compile, but every process
-still traces and lowers the Python model to compute the cache key: for
-MobileNetV2 that is most of a warm start. Here the compiled executable
-itself is serialized (`jax.experimental.serialize_executable`) under a key
-naming everything it depends on (`program_key`).
+The compiled executable itself is serialized
+(`jax.experimental.serialize_executable`) under a key naming everything it
+depends on: the lowered program's text, its arguments, and the environment
+it was compiled in (`program_key`, `cached_program`). Computing that key
+traces and lowers the Python function, so the key cannot miss a change of
+the code; the tracing itself is not skipped.
 
 Only entries this user wrote are loaded, because no file format can make a
 foreign entry safe. Verified in jax/jaxlib 0.10.2's
@@ -31,11 +32,12 @@ written it:
   check and the read) must show a regular file owned by this user and not
   writable by group or others. Otherwise it is compiled again and replaced.
 
-Entries are written with mode 0o600 to a temporary file, then renamed into
-place, so a reader never sees a partial entry. The only pickle in a file is
+Entries are written with mode 0o600 to a temporary file, loaded back from
+there and run once, and only then renamed into place, so a reader never sees
+a partial entry nor one that has not run. The only pickle in a file is
 the payload JAX requires. The trees are stored without pickle, in a JSON
-first line: the argument tree as text (compared with the caller's), and the
-output tree as PyTreeDef's protocol buffer. An output with user-defined
+first line: the argument tree and the arguments' signature as text (compared
+with the caller's), and the output tree as PyTreeDef's protocol buffer. An output with user-defined
 pytree nodes cannot be stored that way, so it is not cached. Entries not used
 for a while are evicted once the directory holds more than `max_bytes`.
 """
@@ -70,7 +72,7 @@ _CONFIG_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_defaul
 # Environment variables XLA and libtpu read their compile options from.
 _ENVIRONMENT_VARIABLES = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 _SUFFIX = ".executable"
-_FORMAT = "jaxdl-program/3"  # 2: the header names the devices; 3: entries are run once read back
+_FORMAT = "jaxdl-program/4"  # 2: the header names the devices; 3: entries are run once read back; 4: and the arguments
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 # A debug option that only bounds how many buffer assignments XLA's diagnostics print. Given a value of its
 # own, a program's key in JAX's persistent compilation cache changes and its code does not, so XLA compiles it
@@ -122,6 +124,7 @@ def program_key(*parts, cpu_options: dict | None = None) -> str:
     (`jaxdl.compiler`; give `cached_program` the same), and the processor
     (`_processor_description`).
     Machine code compiled for one CPU can die with SIGILL on another.
+    `cached_program` adds the lowered program itself and its arguments' signature.
     """
     environment = [jax.__version__, jaxlib.__version__, jax.default_backend(), *_devices(),
                    {name: str(getattr(jax.config, name)) for name in _CONFIG_OPTIONS},
@@ -131,36 +134,70 @@ def program_key(*parts, cpu_options: dict | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLike, key: str, *,
-                   max_bytes: int = DEFAULT_MAX_BYTES, cpu_options: dict | None = None) -> Callable:
-    """`fn` compiled for `example_args`' shapes (`compiler.jit(fn, cpu_options=cpu_options)`): read from
-    `directory/key` when there, written there when not.
+def _signature(lowered, example_args: tuple) -> str:
+    """The arguments a program takes: each one's dtype, shape and donation (`Lowered.args_info`), and where it is
+    placed (its sharding, which names its devices; "uncommitted" for a host array)."""
+    placements = [str(leaf.sharding) if isinstance(leaf, jax.Array) and leaf.committed else "uncommitted"
+                  for leaf in jax.tree.leaves(example_args)]
+    arguments = [f"{info.dtype}{list(info.shape)} donated={info.donated}"
+                 for info in jax.tree.leaves(lowered.args_info[0])]
+    return json.dumps([[argument, placement] for argument, placement in zip(arguments, placements, strict=True)])
 
+
+def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLike, key: str = "", *,
+                   max_bytes: int = DEFAULT_MAX_BYTES, cpu_options: dict | None = None) -> Callable:
+    """`fn` compiled for `example_args`' shapes and dtypes (`compiler.jit(fn, cpu_options=cpu_options)`): read
+    from `directory` when there, written there when not.
+
+    `fn` is traced and lowered in every call: an entry's name is a digest of
+    the lowered program's text (StableHLO, its constants included: weights
+    that `fn` closes over are part of it), of its arguments' dtypes, shapes,
+    donation and placement, of `program_key`'s environment, and of `key`
+    (anything else the program depends on that its text does not show; none
+    is needed for a pure `fn`). So any change of the computation, of jaxdl's
+    code or the model's, names another entry; the cache saves XLA's compile.
     An entry that is unreadable (a partial write, another JAX) or not trusted
     (see the module docstring) is compiled again and replaced. An entry is run
-    once when written; one that fails there is compiled again past JAX's
+    once under a temporary name, and takes its name only if it runs, so no
+    reader meets an untried entry; one that fails is compiled again past JAX's
     persistent cache (`_failure_when_read_back`), and not kept if it fails
     again. After a write, the least recently used entries are deleted until
     this user's entries total at most `max_bytes`. The entry just written is
     always kept.
+
+    Args:
+      fn: a pure function of `example_args`.
+      example_args: arrays (or pytrees of them) of the shapes, dtypes and placement the program is called with.
+      directory: the cache's directory, made with mode 0o700 if missing; one that others can write in is not
+        used (a warning, and the program is compiled in memory).
+      key: extra text for the entry's name.
+      max_bytes: the most this user's entries in `directory` may total.
+      cpu_options: the XLA:CPU options to compile with (`jaxdl.compiler`).
+
+    Returns:
+      The compiled program (a `jax.stages.Compiled`, or a loaded one that is called the same way).
     """
+    lowered = compiler.jit(fn, cpu_options=cpu_options).lower(*example_args)
     in_tree = jax.tree.structure((example_args, {}))
     try:
         directory_fd = _open_private_directory(directory)
     except OSError as error:
         warnings.warn(f"{directory} is not used as a program cache: {error}", stacklevel=2)
-        return compiler.jit(fn, cpu_options=cpu_options).lower(*example_args).compile()
+        return lowered.compile()
     try:
-        name = key + _SUFFIX
-        program = _load(directory_fd, name, in_tree)
+        signature = _signature(lowered, example_args)
+        text = lowered.as_text()
+        name = program_key(key, signature, hashlib.sha256(text.encode()).hexdigest(),
+                           cpu_options=cpu_options) + _SUFFIX
+        program = _load(directory_fd, name, in_tree, signature)
         if program is not None:
             return program
-        compiled = compiler.jit(fn, cpu_options=cpu_options).lower(*example_args).compile()
+        compiled = lowered.compile()
         try:
-            failure = _write_and_try(directory_fd, name, compiled, in_tree, example_args, max_bytes)
+            failure = _write_and_try(directory_fd, name, compiled, in_tree, signature, example_args, max_bytes)
             if failure is not None:  # most likely read from JAX's cache (see `_failure_when_read_back`)
                 compiled = _compiled_past_jax_cache(fn, example_args, cpu_options)
-                failure = _write_and_try(directory_fd, name, compiled, in_tree, example_args, max_bytes)
+                failure = _write_and_try(directory_fd, name, compiled, in_tree, signature, example_args, max_bytes)
         except (ValueError, NotImplementedError, OSError, jax.errors.JaxRuntimeError) as error:
             # not serializable, user-defined output nodes, a full disk, an option XLA refuses: the program still runs
             warnings.warn(f"a program is not cached in {directory}: {error}", stacklevel=2)
@@ -177,28 +214,41 @@ def _compiled_past_jax_cache(fn: Callable, example_args: tuple, cpu_options: dic
     """`fn` compiled as `compiler.jit` compiles it, by XLA rather than read from JAX's persistent cache.
 
     The program's key there takes a value of `_PAST_JAX_CACHE_OPTION` drawn for
-    this call, so each time this runs JAX keeps an entry or two never read again
-    (this program, and the small one `compiler` checks the options with).
+    this call, so an entry JAX wrote of it would never be read again (nor of
+    the small program `compiler` checks the options with): JAX writes none,
+    its minimum compile time for a write being infinite meanwhile.
     On CPU only: elsewhere jaxdl passes no options, and the failure has not been seen.
     """
     options = {**(compiler.CPU_OPTIONS if cpu_options is None else cpu_options),
                _PAST_JAX_CACHE_OPTION: 1 + secrets.randbelow(1 << 30)}
-    return compiler.jit(fn, cpu_options=options).lower(*example_args).compile()
+    minimum = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+    try:
+        return compiler.jit(fn, cpu_options=options).lower(*example_args).compile()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
 
 
-def _write_and_try(directory_fd: int, name: str, compiled, in_tree, example_args: tuple,
+def _write_and_try(directory_fd: int, name: str, compiled, in_tree, signature: str, example_args: tuple,
                    max_bytes: int) -> str | None:
-    """Writes `compiled` as entry `name` and evicts to `max_bytes`; then why it fails read back, or None.
+    """Writes `compiled` as entry `name` if it runs read back, and evicts to `max_bytes`; why it fails, or None.
 
-    An entry that fails is deleted. Raises what serializing or writing raises.
+    The entry is written under a temporary name and tried there: it takes its
+    name only once it ran, and one that fails is deleted. Raises what
+    serializing or writing raises.
     """
     devices = [device.id for device in compiled.runtime_executable().local_devices()]
-    contents = _entry(*serialize_executable.serialize(compiled), devices)
-    _write(directory_fd, name, contents)
-    _evict(directory_fd, name, max_bytes)
-    failure = _failure_when_read_back(directory_fd, name, in_tree, example_args)
-    if failure is not None:
-        os.unlink(name, dir_fd=directory_fd)
+    contents = _entry(*serialize_executable.serialize(compiled), devices, signature)
+    partial = _write_temporary(directory_fd, name, contents)
+    try:
+        failure = _failure_when_read_back(directory_fd, partial, in_tree, signature, example_args)
+        if failure is None:
+            os.replace(partial, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # renamed: nothing left under the temporary name
+            os.unlink(partial, dir_fd=directory_fd)
+    if failure is None:
+        _evict(directory_fd, name, max_bytes)
     return failure
 
 
@@ -248,16 +298,17 @@ def _written_by_this_user(info: os.stat_result) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & _WRITABLE_BY_OTHERS
 
 
-def _entry(payload: bytes, in_tree, out_tree, devices: list[int]) -> bytes:
-    """A cache file: a JSON line naming the format, the trees and the devices (ids, in the program's
-    order), then JAX's payload."""
-    header = {"format": _FORMAT, "in_tree": str(in_tree), "devices": devices,
+def _entry(payload: bytes, in_tree, out_tree, devices: list[int], signature: str) -> bytes:
+    """A cache file: a JSON line naming the format, the trees, the devices (ids, in the program's order) and the
+    arguments' signature (`_signature`), then JAX's payload."""
+    header = {"format": _FORMAT, "in_tree": str(in_tree), "devices": devices, "arguments": signature,
               "out_tree": base64.b64encode(out_tree.serialize_using_proto()).decode()}
     return json.dumps(header).encode() + b"\n" + payload
 
 
-def _load(directory_fd: int, name: str, in_tree) -> Callable | None:
-    """The program in entry `name`, or None if it is missing, not trusted, or unreadable."""
+def _load(directory_fd: int, name: str, in_tree, signature: str) -> Callable | None:
+    """The program in entry `name`, or None if it is missing, not trusted, unreadable, or for other arguments
+    than `in_tree` and `signature` say."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory_fd)
     except OSError:  # missing, or a symbolic link
@@ -268,7 +319,8 @@ def _load(directory_fd: int, name: str, in_tree) -> Callable | None:
         first_line, _, payload = file.read().partition(b"\n")
         try:
             header = json.loads(first_line)
-            if header["format"] != _FORMAT or header["in_tree"] != str(in_tree):
+            if (header["format"] != _FORMAT or header["in_tree"] != str(in_tree)
+                    or header["arguments"] != signature):
                 return None
             out_tree = jax.tree_util.PyTreeDef.deserialize_using_proto(
                 jax.tree_util.default_registry, base64.b64decode(header["out_tree"]))
@@ -283,7 +335,8 @@ def _load(directory_fd: int, name: str, in_tree) -> Callable | None:
     return program
 
 
-def _failure_when_read_back(directory_fd: int, name: str, in_tree, example_args: tuple) -> str | None:
+def _failure_when_read_back(directory_fd: int, name: str, in_tree, signature: str,
+                            example_args: tuple) -> str | None:
     """Why entry `name`, just written, fails to run on zeros of `example_args`' shapes; None if it runs.
 
     With jax 0.10.2 an executable that JAX read from its persistent compilation cache (which
@@ -292,7 +345,7 @@ def _failure_when_read_back(directory_fd: int, name: str, in_tree, example_args:
     found"). Nothing public says where a compiled program came from, so the entry is tried;
     `cached_program` then compiles one that failed again, past JAX's cache.
     """
-    program = _load(directory_fd, name, in_tree)
+    program = _load(directory_fd, name, in_tree, signature)
     if program is None:
         return "unreadable"
     zeros = jax.tree.map(lambda leaf: np.zeros(np.shape(leaf), leaf.dtype if hasattr(leaf, "dtype") else
@@ -304,18 +357,19 @@ def _failure_when_read_back(directory_fd: int, name: str, in_tree, example_args:
     return None
 
 
-def _write(directory_fd: int, name: str, contents: bytes) -> None:
-    """Writes entry `name` with mode 0o600, atomically: through a temporary file renamed into place."""
+def _write_temporary(directory_fd: int, name: str, contents: bytes) -> str:
+    """Writes `contents` with mode 0o600 to a new temporary file for entry `name`, and returns its name (a leading
+    dot: eviction and readers pass it by)."""
     partial = f".{name}.{secrets.token_hex(8)}"
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory_fd)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(contents)
-        os.replace(partial, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(partial, dir_fd=directory_fd)
         raise
+    return partial
 
 
 def _evict(directory_fd: int, keep: str, max_bytes: int) -> None:

@@ -9,9 +9,11 @@ it into place, so an interrupted or failed save never damages what was there.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,7 +61,33 @@ def load_variables(directory: str | os.PathLike):
 
 
 def write_atomically(directory: str | os.PathLike, write, *, overwrite: bool = False) -> Path:
-    """Calls `write(tmp_dir)` and moves the result to `directory` only if it succeeded."""
+    """Calls `write(tmp_dir)` and moves the result to `directory` only if it succeeded.
+
+    The result is written into a temporary sibling and renamed into place in
+    one step, so a reader finds the whole directory or none. A `directory`
+    that another process saved while `write` ran is kept, never replaced
+    without `overwrite` (the rename refuses an existing target: Linux's
+    `renameat2(RENAME_NOREPLACE)`; elsewhere `os.rename`, which refuses a
+    non-empty directory). With `overwrite`, the new directory and the old
+    one are exchanged in one step (`renameat2(RENAME_EXCHANGE)`), so the path
+    never goes missing; where the OS or file system has no exchange, the old
+    one is moved away first and there is a moment with no `directory`.
+
+    Args:
+        directory: where the result goes; its parent is created if needed.
+        write: called with the temporary directory to fill.
+        overwrite: replace an existing `directory` (else it is refused).
+
+    Returns:
+        The absolute path of `directory`.
+
+    Raises:
+        FileExistsError: `directory` exists and `overwrite` is False: before
+            `write` is called, or when its result would be moved into place
+            (another process saved it meanwhile; its directory is kept, and a
+            caller for whom the other's result is as good, as a conversion
+            cached on first use, may take it).
+    """
     target = Path(directory).absolute()
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -67,21 +95,83 @@ def write_atomically(directory: str | os.PathLike, write, *, overwrite: bool = F
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write(staging)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "previous")
-            try:
-                os.replace(staging, target)
-            except OSError:
-                os.replace(old / "previous", target)  # put the previous one back: nothing saved is lost
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, target)
+        _move_into_place(staging, target, overwrite)
     finally:
         if staging.exists():
-            shutil.rmtree(staging)
+            _remove(staging)
     return target
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2(2)'s flags (linux/fs.h)
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> bool:
+    """Linux's `renameat2(source, target, flags)`: False where the OS or file system lacks it (EINVAL, ENOSYS)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # imported when used: a saved model's reader never renames
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library older than glibc 2.28
+        return False
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd = -100  # AT_FDCWD: the paths are absolute anyway
+    if call(at_cwd, os.fsencode(source), at_cwd, os.fsencode(target), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(source), None, str(target))  # EEXIST: FileExistsError, ...
+
+
+def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
+    """Renames `staging` to `target`, replacing a target only with `overwrite` (see `write_atomically`)."""
+    for _ in range(5):  # a target that comes and goes meanwhile (other processes saving too) is met again
+        try:
+            _rename_no_replace(staging, target)
+            return
+        except FileExistsError:
+            if not overwrite:
+                raise FileExistsError(f"{target} appeared while it was being written (another process saved it "
+                                      "meanwhile); it was kept and this one discarded: pass overwrite=True "
+                                      "(--overwrite) to replace it") from None
+        try:
+            exchanged = _renameat2(staging, target, _RENAME_EXCHANGE)
+        except FileNotFoundError:  # the target went away meanwhile: rename into its place again
+            continue
+        if exchanged:
+            _remove(staging)  # the previous directory, now at the staging path
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))  # no exchange here
+        os.replace(target, old / "previous")
+        try:
+            os.replace(staging, target)
+        except OSError:
+            os.replace(old / "previous", target)  # put the previous one back: nothing saved is lost
+            raise
+        shutil.rmtree(old)
+        return
+    raise FileExistsError(f"{target} kept changing while it was being replaced (other processes saving it)")
+
+
+def _rename_no_replace(staging: Path, target: Path) -> None:
+    """Renames `staging` to `target`; FileExistsError where `target` exists (an empty one may be replaced
+    where renameat2 is missing: POSIX's rename refuses only non-empty directories)."""
+    if _renameat2(staging, target, _RENAME_NOREPLACE):
+        return
+    if target.exists():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    try:
+        os.rename(staging, target)
+    except OSError as error:
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from error
+        raise
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def save_model(directory: str | os.PathLike, model, variables, *, metadata: dict | None = None,

@@ -7,7 +7,6 @@ directory works in any process without extra arguments.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 
@@ -15,10 +14,9 @@ import jax
 import numpy as np
 
 from jaxdl import aot, compiler, images, imagenet, pretrained, sharding
-from jaxdl.checkpoint import VARIABLES_DIR, fingerprint, load_variables, read_model, save_model
+from jaxdl.checkpoint import VARIABLES_DIR, load_variables, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
 from jaxdl.models.heads import fast_inference
-from jaxdl.models import model_config
 from jaxdl.models.mobilenet_v2 import (MobileNetV2, apply_in_chunks, body_and_top, inference_mesh,
                                        predict_in_chunks)
 
@@ -27,9 +25,11 @@ from jaxdl.models.mobilenet_v2 import (MobileNetV2, apply_in_chunks, body_and_to
 class ImageClassifier:
     """Classifies photo files: a model with its variables, preprocessing and class names.
 
-    Loaded from a directory with a `program_cache`, the variables are read
-    only if the compiled program is not cached yet: a cached program carries
-    them as constants, and the warm start skips reading the checkpoint too.
+    With a `program_cache`, the compiled forward pass is kept on disk for the
+    next process (`jaxdl.aot.cached_program`): its key is the lowered program,
+    the variables included as constants, so the variables are read and the
+    model traced in every process, and XLA's compile is what a cached program
+    saves.
     """
 
     model: object
@@ -142,17 +142,6 @@ class ImageClassifier:
         outputs = apply_in_chunks(apply, variables, images, **options)
         return outputs if self.outputs == "probabilities" else jax.nn.softmax(outputs, axis=-1)
 
-    def _program_key(self, batch_shape) -> str:
-        if self.source is not None:
-            weights = fingerprint(self.source)
-        else:
-            digest = hashlib.sha256()
-            for leaf in jax.tree.leaves(self.variables):
-                digest.update(np.ascontiguousarray(leaf).tobytes())
-            weights = digest.hexdigest()
-        return aot.program_key(model_config(self.model), weights, self.fast, self.outputs, batch_shape,
-                               cpu_options=compiler.INFERENCE_CPU_OPTIONS)
-
     def probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Class probabilities for preprocessed images (N, H, W, 3)."""
         size = min(batch_size, len(batch))
@@ -164,13 +153,14 @@ class ImageClassifier:
                 chunks.append(predict_in_chunks(apply, variables, chunk, **options))
             outputs = np.concatenate(chunks)
             return outputs if self.outputs == "probabilities" else np.asarray(jax.nn.softmax(outputs, axis=-1))
-        # The variables become constants of the compiled program: a cached one needs no checkpoint read.
-        shape = (size, *batch.shape[1:])
-        if shape not in self._programs:
-            self._programs[shape] = aot.cached_program(self._probabilities, (batch[:size],), self.program_cache,
-                                                       self._program_key(shape),
-                                                       cpu_options=compiler.INFERENCE_CPU_OPTIONS)
-        forward = self._programs[shape]
+        # One program per batch shape and dtype: the variables are its constants, part of its cache key.
+        signature = ((size, *batch.shape[1:]), batch.dtype)
+        if signature not in self._programs:
+            # Outside the trace: the variables placed on their devices once, as arrays rather than values traced.
+            self.forward_plan(size)
+            self._programs[signature] = aot.cached_program(self._probabilities, (batch[:size],), self.program_cache,
+                                                           cpu_options=compiler.INFERENCE_CPU_OPTIONS)
+        forward = self._programs[signature]
         chunks = []
         for start in range(0, len(batch), size):
             chunk = batch[start:start + size]

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -17,36 +19,72 @@ from pathlib import Path
 import jax
 
 
+# The most $JAXDL_CACHE/xla may hold: JAX deletes its least recently used entries beyond it (docs/reliability.md).
+COMPILATION_CACHE_MAX_BYTES = 1 << 30
+
+
 def enable_compilation_cache() -> None:
     """Keeps compiled XLA programs on disk in $JAXDL_CACHE/xla, so the next process skips compilation.
 
-    Where JAX_COMPILATION_CACHE_DIR names a directory, the user chose JAX's
-    cache: that one is used instead (with the same checks), so `jaxdl`
-    shares the programs of their other JAX processes.
+    There every program is kept, however quick its compile, and the least
+    recently used are deleted beyond `COMPILATION_CACHE_MAX_BYTES` (entries
+    written without a size bound, which JAX's eviction cannot account for,
+    are deleted first). Where JAX_COMPILATION_CACHE_DIR names a directory, the
+    user chose JAX's cache: that one is used instead, as their JAX options say
+    (`jax_persistent_cache_min_compile_time_secs`,
+    `jax_compilation_cache_max_size`), so `jaxdl` shares the programs of
+    their other JAX processes.
     JAX loads native code from that cache, so it is used only where
     `jaxdl.aot` would keep its own programs: a directory this user owns that
     no one else can write in, holding only this user's files
     (`aot.open_compilation_cache`). Otherwise one line on stderr names the
-    directory and why, and the cache stays off. JAX is given the checked
-    directory through its descriptor where /proc/self/fd exists, so a path
-    swapped later leads nowhere else.
+    directory and why, and JAX's persistent cache is turned off for the whole
+    process: neither read nor written, whatever JAX_COMPILATION_CACHE_DIR says.
+    JAX is given the checked directory through its descriptor where
+    /proc/self/fd exists, so a path swapped later leads nowhere else.
     """
+    from jax.experimental.compilation_cache import compilation_cache
+
     from jaxdl import aot
     from jaxdl.pretrained import cache_dir
 
     chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     directory = Path(chosen) if chosen else cache_dir() / "xla"
     try:
+        if not chosen and importlib.util.find_spec("filelock") is None:
+            raise OSError("JAX bounds its size through the filelock package, which is not installed")
         directory_fd = aot.open_compilation_cache(directory)
     except OSError as error:
         print(f"jaxdl: {directory} is not used as a compilation cache: {error}", file=sys.stderr)
+        # JAX read JAX_COMPILATION_CACHE_DIR itself when it started: turned off here, for the whole process.
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()  # where JAX had already set its cache up in this process
         return
     # Left open for the life of the process: JAX opens its entries through it.
     through_descriptor = f"/proc/self/fd/{directory_fd}"
     path = through_descriptor if os.path.isdir(through_descriptor) else str(directory)
+    if not chosen:
+        _drop_entries_without_access_times(path)
+        if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no limit
+            jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _drop_entries_without_access_times(directory: str) -> None:
+    """Deletes JAX's cache entries in `directory` (NAME-cache) that lack the access time JAX records beside them
+    (NAME-atime) once its cache has a size bound. Entries written without a bound have none, and JAX's eviction
+    fails on them (FileNotFoundError), refusing every later write with a warning. Done under JAX's own lock."""
+    import filelock
+
+    with filelock.FileLock(os.path.join(directory, ".lockfile")):
+        names = set(os.listdir(directory))
+        for name in names:
+            if name.endswith("-cache") and name.removesuffix("-cache") + "-atime" not in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
 
 
 def one_cpu_device_per_core() -> None:

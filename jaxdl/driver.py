@@ -73,16 +73,18 @@ def _evaluate_batches(state: TrainState, batches, eval_step, put: Callable) -> d
 
 def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("accuracy",),
              batch_size: int = 256, features: Sequence[str] | None = None,
-             transform: Callable | None = None, mesh=None, train_flag: str | None = AUTO) -> dict[str, float]:
+             transform: Callable | None = None, mesh=None, train_flag: str | None = AUTO,
+             device_data_bytes: int | str = "auto") -> dict[str, float]:
     """Loss and metrics over a whole dataset, in inference mode; labels are checked as `fit` checks them.
 
     `x` is an array (with labels `y`) or a source, read in order (see `fit`,
-    also for `mesh` and `train_flag`).
+    also for `mesh`, `train_flag` and `device_data_bytes`).
     """
     batch_size = data.check_batch_size(batch_size)
     metrics = _checked_metric_names(metrics)
     mesh = sharding.resolve_mesh(mesh)
     sharding.check_global_batch(batch_size, mesh)
+    whole_limit = data.device_data_limit(mesh.devices.flat, device_data_bytes)
     train_flag = resolve_train_flag(state.apply_fn, train_flag)
     state = sharding.put_replicated(state, mesh)
     if data.is_source(x):
@@ -94,7 +96,7 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
     _check_array_arguments(x, features, transform)
     x, y = data.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
     _check_outputs_fit_the_loss(state, loss, train_flag, {"y": y})
-    return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size, mesh, train_flag)(state))
+    return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size, mesh, train_flag, whole_limit)(state))
 
 
 def _split_over(pad_to: int, masked: bool = True) -> dict:
@@ -126,7 +128,7 @@ def prediction_batch_size(num_examples: int, batch_size: int, multiple: int = 1)
 
 def predict(model_or_state, x, *, variables=None, batch_size: int = 256, features: Sequence[str] | None = None,
             transform: Callable | None = None, mesh=None, precision: str | None = None,
-            train_flag: str | None = AUTO) -> np.ndarray:
+            train_flag: str | None = AUTO, device_data_bytes: int | str = "auto") -> np.ndarray:
     """Model outputs (logits) for `x`, in batches, in inference mode.
 
     Takes a TrainState, or a Linen module together with its `variables`.
@@ -137,9 +139,12 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     model's own (see `jaxdl.precision`); outputs come back as float32.
     Batches are split over the `mesh` (see `fit`); every process gets all outputs.
     `train_flag` names the model's training keyword, passed False here (see `fit`).
+    Arrays larger than `device_data_bytes` per device (see `fit`) go to the
+    devices batch by batch.
     """
     batch_size = data.check_batch_size(batch_size)
     mesh = sharding.resolve_mesh(mesh)
+    whole_limit = data.device_data_limit(mesh.devices.flat, device_data_bytes)
     if isinstance(model_or_state, TrainState):
         input_shape = model_or_state.input_shape
         model = getattr(model_or_state.apply_fn, "__self__", None)
@@ -180,9 +185,13 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     _check_array_arguments(x, features, transform)
     x = data.check_dataset(x, input_shape=input_shape, purpose="predicting")
     size = prediction_batch_size(len(x), batch_size, parts)
-    if not chunked and len(x) > size and loops_are_slow(apply_fn, variables, x.shape[1:], train_flag):
-        return np.concatenate([outputs_of(batch["x"]) for batch in
-                               data.to_device(data.ordered_batches({"x": x}, np.arange(len(x)), size), put=put)])
+    if len(x) > size and (x.nbytes > whole_limit or (
+            not chunked and loops_are_slow(apply_fn, variables, x.shape[1:], train_flag))):
+        # Batch by batch, each of one compiled shape (the last filled up and its extra outputs dropped).
+        batches = ({"x": batch["x"]} for batch in data.ordered_batches({"x": x}, np.arange(len(x)), size,
+                                                                       multiple=size))
+        outputs = [outputs_of(batch["x"], size) for batch in data.to_device(batches, put=put)]
+        return np.concatenate(outputs)[:len(x)]
     return outputs_of(put(x), size)
 
 
@@ -331,10 +340,15 @@ def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remain
         validation_data
 
 
-def _epoch_loop(inputs, state: TrainState, contract: dict, *, mesh, steps_per_dispatch: int, stream: bool):
-    """The epoch loop for this input: a scanned epoch over arrays on the device, or streamed host batches."""
+def _epoch_loop(inputs, state: TrainState, contract: dict, *, mesh, steps_per_dispatch: int, stream: bool,
+                whole_limit: int):
+    """The epoch loop for this input: a scanned epoch over arrays on the device, or streamed host batches.
+
+    Data go to the devices whole only within `whole_limit` bytes (see `fit`'s `device_data_bytes`).
+    """
     loss, metrics, flag, streams = contract["loss"], contract["metrics"], contract["train_flag"], \
         contract["rng_streams"]
+    stream = stream or inputs.nbytes is None or inputs.nbytes > whole_limit
     if isinstance(inputs, ArrayInput) and not stream:
         return ScannedEpochs(*sharding.put_replicated((inputs.x, inputs.y, inputs.weights), mesh), inputs.shuffle_rng,
                              compiled_epoch(loss, metrics, inputs.batch_size, inputs.shuffle, inputs.drop_remainder,
@@ -360,6 +374,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         checkpoint_dir=None, checkpoint_every: int | str = "epoch", keep: int = 3,
         mesh=None, precision: str | None = None, train_flag: str | None = AUTO,
         rng_streams: Sequence[str] = ("dropout", "augment"), cache: bool | int | str = "auto",
+        device_data_bytes: int | str = "auto",
         verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
     """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
 
@@ -373,8 +388,12 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     - a random-access source (`jaxdl.data.tfds_source(...)`, a grain
       `MapDataset`, or anything with `__len__` and `__getitem__` returning a
       dict of features): `features=(input, label)` names what to read
-      (default `("image", "label")`), or `transform(example) -> (x, y)`
-      computes it. Shuffling is per epoch from `(seed, epoch)`; batches are
+      (default `("image", "label")`), or `transform` computes it: a function
+      `example -> (x, y)`, run on every read since it may draw random
+      numbers; a `grain.transforms.RandomMap`, whose `random_map(example,
+      rng)` gets a generator of (seed, epoch, example number); or a
+      `grain.transforms.Map`, declared deterministic (its output may be
+      cached). Shuffling is per epoch from `(seed, epoch)`; batches are
       read by grain's threads and put on the device ahead of their step;
     - an iterable of batch dicts `{"x": ..., "y": ...}` (or other keys,
       named by `features=(input, label)`): an epoch is `steps_per_epoch`
@@ -384,10 +403,23 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     in memory once read, as tf.data's `.cache()`: "auto" when they need at
     most a quarter of the memory available, True, False, or a bound in bytes
     (an error names the sizes when they do not fit); nothing is decoded
-    twice (see `data.SourceBatches`). Where arrays would train in scanned
+    twice (see `data.SourceBatches`). It keeps what is deterministic: the
+    mapped examples without a transform or with a `grain.transforms.Map`,
+    else the decoded examples, the transform running again every epoch
+    (random augmentation is never frozen). Where arrays would train in scanned
     epochs (dense models; any model off CPU) and one process reads the
-    data, a cached source is read whole before the first step and trains
-    as arrays do, in its own orders.
+    data, a source cached after mapping is read whole before the first step
+    and trains as arrays do, in its own orders.
+
+    `device_data_bytes` bounds the device memory that data take: in-memory
+    arrays (x, y and the weights; validation arrays; a source cached after
+    mapping) go to each device whole, for the scanned epochs, only when they
+    take at most that many bytes ("auto": on CPU, whose device memory is the
+    host's, a quarter of the memory available over this process's devices;
+    on a GPU or TPU an eighth of a device's memory; see
+    `data.device_data_limit`); larger ones stream batch by batch, at most
+    `data.PREFETCH_DEPTH + 2` batches (of `steps_per_dispatch` steps) on a
+    device at once, as sources always do. 0 always streams.
     The same model, seed and data in the same order train to the same
     parameters on both paths (up to float rounding: the array path pads
     its last batch and masks the padding out).
@@ -414,8 +446,13 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     `checkpoint_every` steps, keeping the last `keep`; calling the same `fit`
     again with the same directory resumes from the newest readable checkpoint,
     inside an epoch if it was taken there, and ends with bitwise the
-    parameters and history of a run never interrupted. A checkpoint of
-    another run (model, optimizer, batch size, data order, loss) is refused
+    parameters and history of a run never interrupted. Only a checkpoint
+    whose own bytes are bad is moved aside (as `unreadable-N`, with a
+    warning); an access error (permission, credentials, a network) is raised
+    as it is, and a directory left with only moved-aside checkpoints is an
+    error, not a fresh start (take them out of it to start afresh). A
+    checkpoint of another run (model, optimizer, batch size, data order,
+    loss, PRNG implementation) is refused
     with the difference named: the config compared holds the data's identity
     (number of examples and batches, validation split, a fingerprint of the
     examples) and each callback's class and settings. A resumed run says
@@ -452,6 +489,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     sharding.check_global_batch(batch_size, mesh)
     parts = sharding.data_parallelism(mesh)
     steps_per_dispatch = data.positive_int("steps_per_dispatch", steps_per_dispatch)
+    whole_limit = data.device_data_limit(mesh.devices.flat, device_data_bytes)
     _non_negative_epochs(epochs, initial_epoch)
     every_steps = None
     if checkpoint_dir is not None and checkpoint_every != "epoch":
@@ -479,11 +517,13 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     validate, labels = None, {"y" if isinstance(inputs, ArrayInput) else "the labels of the source": inputs.labels}
     if validation_data is not None:
         validate, labels["labels of validation_data"] = _validator(
-            state, validation_data, loss, metrics, batch_size, features, transform, mesh, train_flag, cache)
+            state, validation_data, loss, metrics, batch_size, features, transform, mesh, train_flag, cache,
+            whole_limit)
     _check_outputs_fit_the_loss(state, loss, train_flag, labels)
 
     stream = every_steps is not None or loops_are_slow(state.apply_fn, state.variables, state.input_shape, train_flag)
-    loop = _epoch_loop(inputs, state, contract, mesh=mesh, steps_per_dispatch=steps_per_dispatch, stream=stream)
+    loop = _epoch_loop(inputs, state, contract, mesh=mesh, steps_per_dispatch=steps_per_dispatch, stream=stream,
+                       whole_limit=whole_limit)
     trained_model = getattr(state.apply_fn, "__self__", None) or model
     run = FitRun(state=state, history={}, model=trained_model, verbose=verbosity)
     checkpoints = None
@@ -610,7 +650,7 @@ def _epochs(run: FitRun, loop, checkpoints, callbacks, validate, resume, previou
 
 
 def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_size: int, features, transform,
-               mesh, train_flag, cache):
+               mesh, train_flag, cache, whole_limit: int):
     """`(validate(state) -> sums, labels to check)` for validation arrays `(x_val, y_val)` or a source."""
     if data.is_source(validation_data):
         batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
@@ -626,13 +666,15 @@ def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_s
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val) or a source")
     x_val, y_val = data.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
-    return _array_evaluator(state, x_val, y_val, loss, metrics, batch_size, mesh, train_flag), y_val
+    return _array_evaluator(state, x_val, y_val, loss, metrics, batch_size, mesh, train_flag, whole_limit), y_val
 
 
 def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metrics: tuple, batch_size: int, mesh,
-                     train_flag):
-    """`evaluate(state) -> sums` over arrays: one compiled scan, or batch by batch where loops are slow."""
-    if loops_are_slow(state.apply_fn, state.variables, state.input_shape, train_flag):
+                     train_flag, whole_limit: int):
+    """`evaluate(state) -> sums` over arrays: one compiled scan over them placed whole (within `whole_limit` bytes
+    per device), or batch by batch where they are larger or loops are slow."""
+    if x.nbytes + y.nbytes > whole_limit or loops_are_slow(state.apply_fn, state.variables, state.input_shape,
+                                                           train_flag):
         eval_step, put, arrays = compiled_eval_step(loss, metrics, mesh, train_flag), _batch_placer(mesh), \
             {"x": x, "y": y}
         return lambda trained: _evaluate_batches(

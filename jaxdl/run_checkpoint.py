@@ -14,7 +14,8 @@ so they only grow along a run; a run over data of another size is refused
 by the config, never mixed into the same directory.
 
 Paths are `etils.epath` paths (orbax's own), so `gs://` and other remote
-directories stay remote; only process 0 moves an unreadable checkpoint aside.
+directories stay remote; only process 0 moves an unreadable checkpoint aside, and only one
+whose bytes are shown to be bad (`bytes_are_bad`): an access error is raised as it is.
 
 What this module leaves to others: when to save (the run, `jaxdl.driver`),
 and how a train state is built (`jaxdl.train`).
@@ -98,15 +99,38 @@ def run_config(model, state, *, loss, metrics, batch_size: int, seed: int, shuff
                 loss, "__qualname__", repr(loss)), "metrics": list(metrics), "checkpoint_every": every_steps,
             "train_flag": train_flag, "data": data_kind, "examples": examples,
             "batches_per_epoch": batches_per_epoch, "validation_split": validation_split,
-            "data_fingerprint": fingerprint, "callbacks": [callback_description(c) for c in callbacks]}
+            "data_fingerprint": fingerprint, "callbacks": [callback_description(c) for c in callbacks],
+            "prng_impl": str(jax.random.key_impl(state.dropout_rng))}
 
 
 def check_same_run(saved: dict | None, current: dict, directory) -> None:
-    """Refuses a checkpoint whose config differs from this call's, naming every difference."""
+    """Refuses a checkpoint whose config differs from this call's, naming every difference.
+
+    Keys of another PRNG implementation (`jax_default_prng_impl`) are
+    refused first, by name: their data has another shape, and the run's
+    random numbers (dropout, shuffling) would not be those of the saved run.
+    A checkpoint written before jaxdl recorded the implementation is not
+    compared on it.
+
+    Args:
+        saved: the config saved in the checkpoint (None when it has none).
+        current: this call's (`run_config`).
+        directory: the checkpoint directory, for the messages.
+
+    Raises:
+        ValueError: naming the PRNG implementations, or every difference.
+    """
     if not isinstance(saved, dict):
         raise ValueError(f"{directory} holds checkpoints that jaxdl's fit did not write; pass another "
                          "checkpoint_dir")
-    differences = [key for key in current if saved.get(key) != current[key]]
+    saved_impl, impl = saved.get("prng_impl"), current.get("prng_impl")
+    if saved_impl is not None and saved_impl != impl:
+        raise ValueError(f"the checkpoint in {directory} was saved with {saved_impl} keys and this call's keys are "
+                         f"{impl} (jax_default_prng_impl): to resume it, call "
+                         f"jax.config.update('jax_default_prng_impl', '{saved_impl}') (or set "
+                         f"JAX_DEFAULT_PRNG_IMPL={saved_impl}) before fit; or pass another checkpoint_dir")
+    differences = [key for key in current if saved.get(key) != current[key]
+                   and (key != "prng_impl" or saved_impl is not None)]
     if differences:
         named = "; ".join(f"{key}: {_difference(saved.get(key), current[key])}" for key in differences)
         raise ValueError(f"the checkpoint in {directory} is of another run ({named}); pass another "
@@ -175,12 +199,38 @@ def _is_first_process() -> bool:
     return jax.process_index() == 0
 
 
-def _is_transient(error: BaseException) -> bool:
-    """An I/O failure that says nothing about the checkpoint's bytes (permissions, a network, a timeout)."""
-    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return False  # a file of the checkpoint is missing: it is incomplete
-    return isinstance(error, (PermissionError, TimeoutError, ConnectionError, InterruptedError)) or (
-        isinstance(error, OSError) and error.errno is not None)
+# tensorstore's status codes (its errors are `ValueError("CODE: ...")`) that say the bytes read are bad:
+# a checksum or a decoding failed, a file is shorter than its index says, a file the index names is missing.
+# Every other code is raised as it is: access (PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE, DEADLINE_EXCEEDED)
+# or a meaning not known to be the bytes'.
+_BAD_BYTES_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+
+
+def bytes_are_bad(error: BaseException) -> bool:
+    """Whether a checkpoint's read failed on its own bytes (so it is moved aside), not on access to them.
+
+    Bad bytes: JSON metadata that does not parse (`JSONDecodeError`,
+    `UnicodeDecodeError`), a file of the checkpoint missing
+    (`FileNotFoundError`: it is incomplete), and tensorstore's `DATA_LOSS`
+    (a checksum or a decoding failed), `OUT_OF_RANGE` (a file shorter than
+    its index says) and `NOT_FOUND`. Anything else, access above all
+    (`PermissionError`, tensorstore's `PERMISSION_DENIED`, `UNAUTHENTICATED`,
+    `UNAVAILABLE`, `DEADLINE_EXCEEDED`) and errors of unknown meaning, says
+    nothing shown about the bytes: the checkpoint may well be good.
+
+    Args:
+        error: what orbax raised reading one checkpoint.
+
+    Returns:
+        True when the checkpoint's bytes are shown to be bad.
+    """
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError, IsADirectoryError,
+                          NotADirectoryError)):
+        return True
+    if isinstance(error, OSError):  # EACCES, EPERM, EIO, a timeout, a connection: the bytes were not read
+        return False
+    code = str(error).split(":", 1)[0].strip() if isinstance(error, ValueError) else ""
+    return code in _BAD_BYTES_CODES
 
 
 class TrainingCheckpoints:
@@ -225,11 +275,24 @@ class TrainingCheckpoints:
 
         `check(meta)` raises when the checkpoint belongs to another run (that
         error propagates); `like(meta)` gives the tree's structure. A
-        checkpoint that cannot be read (truncated, corrupted, incomplete) is
-        moved aside with a warning naming it, and the one before it is tried;
-        when none can be read, the error says so and nothing is overwritten.
-        An I/O error that says nothing about the files (permissions, a
-        network) is raised as it is: the checkpoint may well be good.
+        checkpoint whose own bytes are shown to be bad (`bytes_are_bad`:
+        truncated, corrupted, incomplete) is moved aside as `unreadable-N`
+        with a warning naming it, and the one before it is tried. Any other
+        error (permissions, credentials, a network) is raised as it is, with
+        a note naming the checkpoint, which is left in place.
+
+        Args:
+            like: `like(meta)` gives the structure of the checkpoint's arrays.
+            check: `check(meta)` raises when the checkpoint is of another run.
+
+        Returns:
+            `(meta, tree)`, or None when the directory holds no checkpoint.
+
+        Raises:
+            ValueError: when no checkpoint can be read, naming them; and when
+                the directory holds only checkpoints moved aside before, naming
+                them (the run is not started afresh over them: take them out
+                of the directory to do so).
         """
         ocp = self._ocp
         steps = self.steps()
@@ -247,16 +310,32 @@ class TrainingCheckpoints:
                 self._unreadable(step, error)
                 continue
             return meta, tree
+        aside = self.moved_aside()
+        afresh = ("the run is not started afresh over them: move them out of the directory (or delete them) to "
+                  "start it afresh, or pass another checkpoint_dir")
         if steps:
+            moved = f" (moved aside as {', '.join(aside)}, as the warnings say)" if aside else ""
             raise ValueError(f"none of the checkpoints in {self.directory} ({', '.join(map(str, steps))}) can be "
-                             "read; move the directory away to start the run afresh")
+                             f"read{moved}; {afresh}")
+        if aside:
+            raise ValueError(f"{self.directory} holds only checkpoints moved aside as unreadable "
+                             f"({', '.join(aside)}), no checkpoint to resume from; {afresh}")
         return None
 
+    def moved_aside(self) -> list[str]:
+        """The names of the checkpoints moved aside as unreadable (`unreadable-N`), oldest first."""
+        if not self.directory.exists():
+            return []
+        names = [entry.name for entry in self.directory.iterdir() if entry.name.startswith("unreadable-")]
+        return sorted(names, key=lambda name: (len(name), name))
+
     def _unreadable(self, step: int, error: Exception) -> None:
-        """Moves a checkpoint that cannot be read aside (kept for inspection, out of the run's way)."""
-        if _is_transient(error):
-            raise error
+        """Moves a checkpoint whose bytes are bad aside (kept for inspection); raises any other error as it is."""
         bad = self.directory / str(step)
+        if not bytes_are_bad(error):
+            error.add_note(f"checkpoint {bad} could not be read, for a reason not shown to be its bytes (access, "
+                           "credentials, a network); it was left in place: fix the cause and call fit again")
+            raise error
         aside = self.directory / f"unreadable-{step}"
         warnings.warn(f"checkpoint {bad} cannot be read ({type(error).__name__}: {str(error)[:200]}); moved to "
                       f"{aside}, trying the one before it", RuntimeWarning, stacklevel=4)

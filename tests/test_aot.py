@@ -6,6 +6,7 @@ import stat
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,24 +37,30 @@ def forward(x):
     return jnp.tanh(x @ WEIGHTS)  # the weights become program constants
 
 
-def must_not_trace(x):
-    raise AssertionError("a cached program was traced again")
+def read_back(fn, x, directory, monkeypatch, key="k"):
+    """`aot.cached_program(fn, (x,), directory, key)`, failing if it compiles: the program must come from its entry."""
+    def must_not_compile(*args, **kwargs):
+        raise AssertionError("a cached program was compiled again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(jax.stages.Lowered, "compile", must_not_compile)
+        return aot.cached_program(fn, (x,), directory, key)
 
 
-def test_cached_program_is_reused_and_a_damaged_entry_rebuilt(tmp_path):
+def test_cached_program_is_reused_and_a_damaged_entry_rebuilt(tmp_path, monkeypatch):
     x = np.ones((4, 3), np.float32)
     expected = np.tanh(x @ WEIGHTS)
     first = aot.cached_program(forward, (x,), tmp_path, "k")
     tolerance.assert_close(first(x), expected, tolerance.ONE_OP)
-    [entry] = tmp_path.glob("k.executable")
+    [entry] = tmp_path.glob("*" + aot._SUFFIX)
     assert stat.S_IMODE(entry.stat().st_mode) == 0o600
-    again = aot.cached_program(must_not_trace, (x,), tmp_path, "k")
+    again = read_back(forward, x, tmp_path, monkeypatch)
     tolerance.assert_close(again(x), expected, tolerance.ONE_OP)
     entry.write_bytes(b"damaged")
     rebuilt = aot.cached_program(forward, (x,), tmp_path, "k")
     tolerance.assert_close(rebuilt(x), expected, tolerance.ONE_OP)
     assert entry.stat().st_size > 1000
-    assert [path.name for path in tmp_path.iterdir()] == ["k.executable"]  # no temporary file left
+    assert [path.name for path in tmp_path.iterdir()] == [entry.name]  # no temporary file left
 
 
 def test_a_program_jax_read_from_its_compilation_cache_is_cached_in_a_form_that_runs(tmp_path):
@@ -87,7 +94,9 @@ def test_a_program_jax_read_from_its_compilation_cache_is_cached_in_a_form_that_
     assert [str(warning.message) for warning in caught if "not cached" in str(warning.message)] == []
     descriptor = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        kept = aot._load(descriptor, "k" + aot._SUFFIX, jax.tree.structure(((x,), {})))
+        [entry] = tmp_path.glob("*" + aot._SUFFIX)
+        kept = aot._load(descriptor, entry.name, jax.tree.structure(((x,), {})), aot._signature(
+            jax.jit(program).lower(x), (x,)))
     finally:
         os.close(descriptor)
     assert kept is not None
@@ -119,12 +128,16 @@ class PlantMarker:
         return os.mkdir, (self.marker,)
 
 
-def plant_crafted_entry(directory, key, marker, x):
-    """An entry in this cache's own format whose JAX payload runs `PlantMarker` when JAX unpickles it."""
-    contents = aot._entry(pickle.dumps(PlantMarker(marker)), jax.tree.structure(((x,), {})), jax.tree.structure(0),
-                          [jax.devices()[0].id])
-    path = directory / f"{key}.executable"
-    path.write_bytes(contents)
+def plant_crafted_entry(directory, marker, x):
+    """An entry under the name `aot.cached_program(forward, (x,), directory, "k")` looks up, in this cache's own
+    format (the header of a genuine entry, written in a scratch directory), whose JAX payload runs `PlantMarker`
+    when JAX unpickles it."""
+    scratch = directory.parent / f"{directory.name}-scratch"
+    aot.cached_program(forward, (x,), scratch, "k")
+    [genuine] = scratch.glob("*" + aot._SUFFIX)
+    header = genuine.read_bytes().partition(b"\n")[0]
+    path = directory / genuine.name
+    path.write_bytes(header + b"\n" + pickle.dumps(PlantMarker(marker)))
     path.chmod(0o600)
     return path
 
@@ -132,8 +145,10 @@ def plant_crafted_entry(directory, key, marker, x):
 def test_a_crafted_entry_runs_code_when_trusted(tmp_path):
     """Why ownership and modes are checked: JAX's own loader unpickles the payload, whatever wraps it."""
     x = np.ones((4, 3), np.float32)
-    plant_crafted_entry(tmp_path, "k", tmp_path / "marker", x)
-    aot.cached_program(forward, (x,), tmp_path, "k")
+    directory = tmp_path / "programs"
+    directory.mkdir(mode=0o700)
+    plant_crafted_entry(directory, tmp_path / "marker", x)
+    aot.cached_program(forward, (x,), directory, "k")
     assert (tmp_path / "marker").exists()
 
 
@@ -184,14 +199,14 @@ def test_an_untrusted_entry_is_never_loaded_but_rebuilt(tmp_path, monkeypatch, m
     directory = tmp_path / "programs"
     directory.mkdir(mode=0o700)
     x = np.ones((4, 3), np.float32)
-    entry = plant_crafted_entry(directory, "k", tmp_path / "marker", x)
+    entry = plant_crafted_entry(directory, tmp_path / "marker", x)
     make_untrusted(entry, monkeypatch)
     program = aot.cached_program(forward, (x,), directory, "k")
     tolerance.assert_close(program(x), np.tanh(x @ WEIGHTS), tolerance.ONE_OP)
     assert not (tmp_path / "marker").exists()
     info = entry.lstat()
     assert stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o600
-    aot.cached_program(must_not_trace, (x,), directory, "k")  # the rebuilt entry is trusted: loaded, not traced
+    read_back(forward, x, directory, monkeypatch)  # the rebuilt entry is trusted: loaded, not compiled
 
 
 @pytest.mark.parametrize("mode", [0o770, 0o777, 0o1777, "not-owned"],
@@ -202,7 +217,7 @@ def test_a_directory_others_can_write_in_is_not_used(tmp_path, monkeypatch, mode
     directory = tmp_path / "shared"
     directory.mkdir()
     x = np.ones((4, 3), np.float32)
-    entry = plant_crafted_entry(directory, "k", tmp_path / "marker", x)
+    entry = plant_crafted_entry(directory, tmp_path / "marker", x)
     planted = entry.read_bytes()
     if mode == "not-owned":
         directory.chmod(0o700)
@@ -213,26 +228,29 @@ def test_a_directory_others_can_write_in_is_not_used(tmp_path, monkeypatch, mode
         program = aot.cached_program(forward, (x,), directory, "k")
     tolerance.assert_close(program(x), np.tanh(x @ WEIGHTS), tolerance.ONE_OP)
     assert not (tmp_path / "marker").exists()
-    assert [path.name for path in directory.iterdir()] == ["k.executable"] and entry.read_bytes() == planted
+    assert [path.name for path in directory.iterdir()] == [entry.name] and entry.read_bytes() == planted
 
 
-def test_the_least_recently_used_entries_are_evicted_beyond_the_limit(tmp_path):
-    def compile_for(key, rows):
-        return aot.cached_program(forward, (np.ones((rows, 3), np.float32),), tmp_path, key)
+def test_the_least_recently_used_entries_are_evicted_beyond_the_limit(tmp_path, monkeypatch):
+    def compile_for(rows, **options):
+        """The name of the entry written for `rows` rows."""
+        before = set(tmp_path.iterdir())
+        aot.cached_program(forward, (np.ones((rows, 3), np.float32),), tmp_path, "k", **options)
+        [entry] = set(tmp_path.iterdir()) - before
+        return entry.name
 
-    for rows, key in enumerate("abc", start=1):
-        compile_for(key, rows)
+    a, b, c = (compile_for(rows) for rows in (1, 2, 3))
     now = time.time()
-    for age, key in zip((300, 200, 100), "abc"):  # "a" written first, "c" last
-        os.utime(tmp_path / f"{key}.executable", (now - age, now - age))
-    aot.cached_program(must_not_trace, (np.ones((1, 3), np.float32),), tmp_path, "a")  # "a" is now the latest used
-    entry_bytes = (tmp_path / "a.executable").stat().st_size
+    for age, name in zip((300, 200, 100), (a, b, c)):  # "a" written first, "c" last
+        os.utime(tmp_path / name, (now - age, now - age))
+    read_back(forward, np.ones((1, 3), np.float32), tmp_path, monkeypatch)  # "a" is now the latest used
+    entry_bytes = (tmp_path / a).stat().st_size
     limit = int(2.5 * entry_bytes)  # room for two entries
-    aot.cached_program(forward, (np.ones((4, 3), np.float32),), tmp_path, "d", max_bytes=limit)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.executable", "d.executable"]
+    d = compile_for(4, max_bytes=limit)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([a, d])
     assert sum(path.stat().st_size for path in tmp_path.iterdir()) <= limit
-    aot.cached_program(forward, (np.ones((5, 3), np.float32),), tmp_path, "e", max_bytes=1)
-    assert [path.name for path in tmp_path.iterdir()] == ["e.executable"]  # the entry just written stays
+    e = compile_for(5, max_bytes=1)
+    assert [path.name for path in tmp_path.iterdir()] == [e]  # the entry just written stays
 
 
 def test_keys_change_with_the_inputs_they_name(tmp_path):
@@ -304,7 +322,7 @@ def enable_cli_cache(monkeypatch, cache):
     options = {}
     monkeypatch.setattr(jax.config, "update", lambda name, value: options.__setitem__(name, value))
     cli.enable_compilation_cache()
-    path = options.get("jax_compilation_cache_dir", "")
+    path = options.get("jax_compilation_cache_dir") or ""
     if path.startswith("/proc/self/fd/"):  # the checked directory, through its descriptor
         options["jax_compilation_cache_dir"] = os.readlink(path)
         os.close(int(path.rsplit("/", 1)[1]))
@@ -350,10 +368,16 @@ def test_the_cli_uses_the_compilation_cache_jax_was_given_and_checks_it(tmp_path
     assert os.path.samefile(path, chosen) and not (tmp_path / "cache" / "xla").exists()
     if path.startswith("/proc/self/fd/"):
         os.close(int(path.rsplit("/", 1)[1]))
+    assert "jax_persistent_cache_min_compile_time_secs" not in options  # the user's JAX options, not jaxdl's
     chosen.chmod(0o770)
     options.clear()
     cli.enable_compilation_cache()
-    assert options == {} and f"jaxdl: {chosen} is not used as a compilation cache" in capsys.readouterr().err
+    assert options == REFUSED and f"jaxdl: {chosen} is not used as a compilation cache" in capsys.readouterr().err
+
+
+# The JAX options a refusal sets: JAX's persistent cache off for the process, whatever JAX_COMPILATION_CACHE_DIR says
+# (`tests/test_compilation_cache.py` runs it in a process of its own).
+REFUSED = {"jax_compilation_cache_dir": None, "jax_enable_compilation_cache": False}
 
 
 def entry_linked_elsewhere(directory, entry, monkeypatch):
@@ -379,33 +403,158 @@ def entry_linked_elsewhere(directory, entry, monkeypatch):
 def test_the_cli_leaves_a_compilation_cache_others_could_write_off(tmp_path, monkeypatch, capsys, directory_mode,
                                                                      entry_mode, change, reason):
     """JAX's cache loads native code, so `jaxdl` checks it as `jaxdl.aot` checks its own (owners faked through the
-    stat results, so any user runs every case): one line on stderr names the directory and why, and no JAX option is
-    set. Seen failing with the check taken out of `enable_compilation_cache` (the cache was enabled in every case),
-    and with the entry loop taken out of `aot.open_compilation_cache` (the entry cases)."""
+    stat results, so any user runs every case): one line on stderr names the directory and why, and JAX's cache is
+    turned off. Seen failing with the check taken out of `enable_compilation_cache` (the cache was enabled in every
+    case), and with the entry loop taken out of `aot.open_compilation_cache` (the entry cases)."""
     directory, entry = make_cache(tmp_path, directory_mode, entry_mode)
     if change:
         change(directory, entry, monkeypatch)
-    assert enable_cli_cache(monkeypatch, tmp_path / "cache") == {}
+    assert enable_cli_cache(monkeypatch, tmp_path / "cache") == REFUSED
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"jaxdl: {directory} is not used as a compilation cache: ")
     assert reason.format(uid=os.getuid(), other=os.getuid() + 1) in line
 
 
+def entries_named(directory, name):
+    """The names in `directory` that are not temporary files (a leading dot) and start with `name`."""
+    return sorted(path.name for path in directory.iterdir() if path.name.startswith(name) and path.name[0] != ".")
+
+
 def test_an_entry_that_fails_again_when_compiled_past_jaxs_cache_is_not_kept(tmp_path, monkeypatch):
     """Where even the program compiled past JAX's cache fails read back, the entry is deleted and a warning says
-    so; the program compiled in memory is returned and runs."""
+    so; the program compiled in memory is returned and runs. The entry's name never appears, so no reader meets
+    it (before, it was renamed into place, then tried: seen failing with the name there at both tries). The
+    compile past JAX's cache writes nothing there: under an option's value drawn for it, that entry would never
+    be read (before, it wrote one: seen failing, 1 entry where 0 were expected)."""
+    from jax._src import compilation_cache
+
     weights = np.arange(6, dtype=np.float32).reshape(2, 3)
 
-    def program(x):
+    def cos_past_jax_cache(x):  # a name no other program has, to find its entries in JAX's cache
         return jnp.cos(x @ weights)
 
-    past_cache = []
+    jax_cache = jax.config.jax_compilation_cache_dir
+    assert compilation_cache.is_persistent_cache_enabled()  # conftest gives the session one
+    # every program written to JAX's cache, however quick its compile (conftest's setting, made sure of here)
+    min_compile_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    past_cache, tried = [], []
     compile_past = aot._compiled_past_jax_cache
-    monkeypatch.setattr(aot, "_failure_when_read_back", lambda *args: "made to fail")
-    monkeypatch.setattr(aot, "_compiled_past_jax_cache", lambda *args: past_cache.append(1) or compile_past(*args))
+
+    def counting_entries(*args):
+        before = entries_named(Path(jax_cache), "jit_cos_past_jax_cache")
+        compiled = compile_past(*args)
+        past_cache.append(len(entries_named(Path(jax_cache), "jit_cos_past_jax_cache")) - len(before))
+        return compiled
+
+    def failing(directory_fd, name, *args):
+        tried.append(entries_named(tmp_path, ""))
+        return "made to fail"
+
+    monkeypatch.setattr(aot, "_failure_when_read_back", failing)
+    monkeypatch.setattr(aot, "_compiled_past_jax_cache", counting_entries)
     x = np.ones((4, 2), np.float32)
-    with pytest.warns(UserWarning, match="made to fail.*compiled past JAX's persistent compilation cache too"):
-        compiled = aot.cached_program(program, (x,), tmp_path, "k")
-    assert past_cache == [1]
-    assert not (tmp_path / ("k" + aot._SUFFIX)).exists()
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        with pytest.warns(UserWarning, match="made to fail.*compiled past JAX's persistent compilation cache too"):
+            compiled = aot.cached_program(cos_past_jax_cache, (x,), tmp_path, "k")
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time)
+    assert past_cache == [0]
+    assert tried == [[], []] and entries_named(tmp_path, "") == []
     tolerance.assert_close(compiled(x), np.cos(x @ weights), tolerance.ONE_OP)
+
+
+def test_an_entry_takes_its_name_only_once_it_has_run(tmp_path, monkeypatch):
+    """A reader finds an entry only once its writer has run it: the entry is tried under a temporary name, then
+    renamed. Before, it was renamed into place first, and a process started meanwhile could load an entry about
+    to fail and be deleted (`NOT_FOUND: Function dot_general.1_kernel not found`). Seen failing: the final name
+    was there while the entry was tried."""
+    tried, try_entry = [], aot._failure_when_read_back
+
+    def watching(directory_fd, name, *args):
+        tried.append((name.startswith("."), entries_named(tmp_path, "")))
+        return try_entry(directory_fd, name, *args)
+
+    monkeypatch.setattr(aot, "_failure_when_read_back", watching)
+    x = np.ones((4, 3), np.float32)
+    program = aot.cached_program(forward, (x,), tmp_path, "k")
+    tolerance.assert_close(program(x), np.tanh(x @ WEIGHTS), tolerance.ONE_OP)
+    assert tried == [(True, [])]
+    assert len(entries_named(tmp_path, "")) == 1 and not [path for path in tmp_path.iterdir() if path.name[0] == "."]
+
+
+def test_programs_of_different_code_under_the_same_key_get_entries_of_their_own(tmp_path):
+    """The key names what is compiled (the lowered program), not only what the caller lists: before, a change of
+    the computation under the same key inputs (an upgrade, a fix, an edited model class) loaded the old program.
+    Seen failing: the gelu program returned relu's outputs (0 where gelu gives -0.0624)."""
+    x = np.linspace(-2, 2, 12, dtype=np.float32).reshape(4, 3)
+
+    def relu(x):
+        return jax.nn.relu(x @ WEIGHTS)
+
+    def gelu(x):
+        return jax.nn.gelu(x @ WEIGHTS)
+
+    tolerance.assert_close(aot.cached_program(relu, (x,), tmp_path, "k")(x), np.maximum(x @ WEIGHTS, 0),
+                           tolerance.ONE_OP)
+    # the same program compiled in memory: they differ by XLA's rounding of one fused op at most
+    tolerance.assert_close(aot.cached_program(gelu, (x,), tmp_path, "k")(x), jax.jit(gelu)(x), tolerance.ONE_OP)
+    assert len(list(tmp_path.glob("*" + aot._SUFFIX))) == 2
+
+
+def test_a_program_cached_for_one_dtype_is_not_loaded_for_another(tmp_path):
+    """Before, the key named shapes but not dtypes: a program cached for uint8 images was loaded for float32 ones,
+    and failed with "Argument types differ" there and in every later process."""
+    weights = WEIGHTS / 8  # this test's own function and constants (JAX keeps a function's traces, globals and all)
+
+    def product(x):
+        return jnp.tanh(x @ weights)
+
+    images = np.arange(12, dtype=np.uint8).reshape(4, 3)
+    floats = images.astype(np.float32) / 11
+    as_uint8 = aot.cached_program(product, (images,), tmp_path, "k")
+    as_float = aot.cached_program(product, (floats,), tmp_path, "k")
+    tolerance.assert_close(as_float(floats), np.tanh(floats @ weights), tolerance.ONE_OP)
+    tolerance.assert_close(as_uint8(images), np.tanh(images @ weights), tolerance.ONE_OP)
+    assert len(list(tmp_path.glob("*" + aot._SUFFIX))) == 2
+
+
+def small_classifier(directory):
+    """An `ImageClassifier` of a small MLP, its weights drawn from a fixed key, its programs cached in `directory`."""
+    from jaxdl.classifier import ImageClassifier
+
+    model = MLP(features=(4,), num_outputs=3)
+    state = create_train_state(model, optax.sgd(0.1), (2, 2, 3), jax.random.key(0))
+    leaves, tree = jax.tree.flatten(state.variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    variables = jax.tree.unflatten(tree, [jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
+    return ImageClassifier(model, variables, {}, ("a", "b", "c"), "logits", str(directory))
+
+
+def test_a_classifier_runs_each_dtype_with_its_own_program(tmp_path):
+    """A classifier, and the next one (as in a new process), given uint8 images and then float32 ones: before,
+    both the classifier's own programs and the cache's entries were keyed by shape alone ("Argument types
+    differ")."""
+    images = np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3)
+    floats = images.astype(np.float32) / 23
+    first = small_classifier(tmp_path)
+    from_uint8 = first.probabilities(images)
+    from_floats = first.probabilities(floats)
+    again = small_classifier(tmp_path)
+    # the same programs, read back: bitwise the same outputs
+    np.testing.assert_array_equal(again.probabilities(images), from_uint8)
+    np.testing.assert_array_equal(again.probabilities(floats), from_floats)
+    assert not np.allclose(from_uint8, from_floats, atol=1e-3)  # two inputs, two programs' outputs
+
+
+def test_a_classifier_whose_computation_changed_does_not_load_the_old_program(tmp_path, monkeypatch):
+    """jaxdl's own code changed under the same model and weights (here the softmax it applies to logits, replaced
+    by a log-softmax): the next classifier gets the new computation's outputs. Seen failing before the key named
+    the lowered program: the second classifier returned the first one's probabilities from the cache."""
+    images = np.arange(24, dtype=np.float32).reshape(2, 2, 2, 3) / 23
+    probabilities = small_classifier(tmp_path).probabilities(images)
+    monkeypatch.setattr(jax.nn, "softmax", jax.nn.log_softmax)
+    changed = small_classifier(tmp_path).probabilities(images)
+    # exp of log-softmax against softmax: two programs, a few ops each apart
+    tolerance.assert_close(np.exp(changed), probabilities, tolerance.FEW_OPS)
+    assert np.all(changed < 0)

@@ -262,3 +262,19 @@ def test_a_diverging_run_saves_only_finite_states(tmp_path):
         for checkpoint_id in ids:
             saved = reader.restore(tmp_path / str(checkpoint_id) / "tree")
             assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved["state"]["params"])), checkpoint_id
+
+
+def test_a_resume_under_another_prng_implementation_is_refused_by_name(tmp_path):
+    """Before the fix: a TypeError "expected key_data.shape to end with (4,); got shape=(2,)" out of the restore."""
+    x, y = blobs(n=20)
+    options = dict(loss=CE, epochs=2, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
+    expected, expected_history = fit(MLP(features=(4,), num_outputs=3), x, y, **{**options, "checkpoint_dir": None})
+    fit(MLP(features=(4,), num_outputs=3), x, y, **{**options, "epochs": 1})  # threefry2x32, JAX's default
+    with jax.default_prng_impl("rbg"):
+        with pytest.raises(ValueError, match=rf"the checkpoint in {tmp_path} was saved with threefry2x32 keys and "
+                                             r"this call's keys are rbg \(jax_default_prng_impl\).*"
+                                             r"jax.config.update\('jax_default_prng_impl', 'threefry2x32'\)"):
+            fit(MLP(features=(4,), num_outputs=3), x, y, **options)
+    assert checkpoint_ids(tmp_path) == [3]  # nothing moved aside or written
+    state, history = fit(MLP(features=(4,), num_outputs=3), x, y, **options)  # threefry again: it resumes
+    assert params_equal(state.params, expected.params) and history == expected_history

@@ -152,19 +152,82 @@ def test_remote_directories_stay_remote():
     assert os.fspath(as_path("relative/run")) == os.path.abspath("relative/run")
 
 
-def test_a_transient_read_error_is_raised_and_moves_nothing(tmp_path, monkeypatch):
-    x, y = blobs(n=20)
-    options = dict(loss=CE, epochs=1, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
-    fit(MODEL, x, y, **options)
+# How tensorstore and the file system report an access failure (the first as seen reading a checkpoint whose
+# array files were made unreadable to the reader: jaxdl moved it aside, took it for damaged).
+DENIED = ('PERMISSION_DENIED: Error opening "zarr" driver: Error reading "previous.dropout_key/.zarray" in OCDBT '
+          'database at local file "/run/6/tree/": Error reading local file "/run/6/tree/d/0": Permission denied')
+ACCESS_ERRORS = [ValueError(DENIED), ValueError("UNAUTHENTICATED: Error opening \"zarr\" driver: no credentials"),
+                 ValueError("UNAVAILABLE: Error reading \"gs://bucket/run/6/tree/manifest.ocdbt\": 503"),
+                 ValueError("DEADLINE_EXCEEDED: Error reading \"gs://bucket/run/6/tree/d/0\""),
+                 PermissionError(13, "Permission denied")]
+
+
+def test_an_access_error_is_raised_naming_the_checkpoint_and_moves_nothing(tmp_path, monkeypatch, capsys):
+    """Before the fix, each denied checkpoint was renamed unreadable-N and the next call trained from epoch 1."""
     import orbax.checkpoint as ocp
 
-    def unreachable(self, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(tmp_path))
+    x, y = blobs(n=20)
+    options = dict(loss=CE, epochs=3, batch_size=8, verbose=2, checkpoint_dir=tmp_path)
+    expected, expected_history = fit(MODEL, x, y, **{**options, "checkpoint_dir": None, "verbose": 0})
+    fit(MODEL, x, y, **{**options, "epochs": 2, "verbose": 0})
+    restore = ocp.CheckpointManager.restore
+    for error in ACCESS_ERRORS:
+        def denied(self, step, *args, error=error, **kwargs):  # the metadata reads, the arrays are denied
+            if "tree" in kwargs["args"].keys():
+                raise error
+            return restore(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(ocp.CheckpointManager, "restore", unreachable)
-    with pytest.raises(PermissionError):
+        monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+        with pytest.raises(type(error)) as raised:
+            fit(MODEL, x, y, **options)
+        assert raised.value is error  # raised as it is
+        assert f"checkpoint {tmp_path / '6'} could not be read" in "".join(raised.value.__notes__)
+        assert sorted(os.listdir(tmp_path)) == ["3", "6"], error  # nothing moved aside
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)  # access granted again: the run resumes
+    capsys.readouterr()
+    state, history = fit(MODEL, x, y, **options)
+    assert f"resumed from epoch 3, step 0 of {tmp_path}" in capsys.readouterr().out
+    assert params_equal(state.params, expected.params) and history == expected_history
+
+
+def damage_arrays(checkpoint, how: str) -> None:
+    """Truncates, or overwrites with other bytes, the files of a checkpoint's arrays (not its JSON metadata)."""
+    for file in (checkpoint / "tree" / "d").iterdir():
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) // 2] if how == "truncated" else bytes(b ^ 0x5A for b in data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_damaged_array_bytes_are_moved_aside_and_a_directory_left_with_none_is_refused(tmp_path, how):
+    """tensorstore's DATA_LOSS / OUT_OF_RANGE: the bytes are bad, so the checkpoint is moved aside.
+
+    Once every checkpoint has been moved aside, a later call refuses to start afresh (before the fix it
+    trained from epoch 1 over the directory), until the moved-aside checkpoints are taken out of it.
+    """
+    x, y = blobs(n=20)
+    options = dict(loss=CE, epochs=3, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
+    fit(MODEL, x, y, **{**options, "epochs": 2})
+    for checkpoint_id in (3, 6):
+        damage_arrays(tmp_path / str(checkpoint_id), how)
+    with pytest.warns(RuntimeWarning) as warned:
+        with pytest.raises(ValueError, match=rf"none of the checkpoints in {tmp_path} \(6, 3\) can be read") \
+                as none_readable:
+            fit(MODEL, x, y, **options)
+    code = "OUT_OF_RANGE" if how == "truncated" else "DATA_LOSS"  # shorter than its index says; bytes that fail
+    assert len(warned) == 2                                          # to decode or whose checksum fails
+    for warning, checkpoint_id in zip(warned, (6, 3)):
+        assert str(warning.message).startswith(f"checkpoint {tmp_path / str(checkpoint_id)} cannot be read "
+                                               f"(ValueError: {code}: ")
+    assert sorted(os.listdir(tmp_path)) == ["unreadable-3", "unreadable-6"]
+    with pytest.raises(ValueError, match=rf"{tmp_path} holds only checkpoints moved aside as unreadable "
+                                         r"\(unreadable-3, unreadable-6\)"):
         fit(MODEL, x, y, **options)
-    assert checkpoint_ids(tmp_path) == [3] and not [n for n in os.listdir(tmp_path) if n.startswith("unreadable")]
+    assert sorted(os.listdir(tmp_path)) == ["unreadable-3", "unreadable-6"]  # nothing trained, nothing written
+    assert "(moved aside as unreadable-3, unreadable-6, as the warnings say)" in str(none_readable.value)
+    for name in ("unreadable-3", "unreadable-6"):  # asked: the moved-aside checkpoints taken away
+        os.rename(tmp_path / name, tmp_path.parent / f"{tmp_path.name}-{name}")
+    _, history = fit(MODEL, x, y, **options)
+    assert len(history["loss"]) == 3 and checkpoint_ids(tmp_path) == [3, 6, 9]
 
 
 def test_only_process_zero_moves_an_unreadable_checkpoint(tmp_path, monkeypatch):

@@ -173,3 +173,66 @@ def test_distributed_initialize_reads_the_environment(monkeypatch):
     monkeypatch.setenv(distributed.PROCESS_ID, "2")
     with pytest.raises(ValueError, match=r"\$JAX_PROCESS_ID=2 must be from 0 to \$JAX_NUM_PROCESSES-1=1"):
         distributed.initialize()
+
+
+# The bound the runs pass as device_data_bytes: 64 KiB, a sixteenth of their 1 MiB dataset, four of its batches.
+DEVICE_DATA_LIMIT = 65536
+
+
+@pytest.fixture(scope="module")
+def device_memory(tmp_path_factory):
+    """One process with 2 devices: predict, evaluate and fit, each with a bound on device data and without."""
+    out = tmp_path_factory.mktemp("memory") / "runs"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    done = subprocess.run([sys.executable, "-m", "tests.device_memory_runs", str(out), str(DEVICE_DATA_LIMIT)],
+                          cwd=REPOSITORY, env={**os.environ, "XLA_FLAGS": flags.strip()}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(np.load(f"{out}.npz")), json.loads(Path(f"{out}.json").read_text())
+
+
+@pytest.mark.parametrize("run", ["predict", "evaluate", "fit_arrays", "fit_cached_source"])
+def test_data_larger_than_the_bound_take_device_memory_of_a_few_batches_not_the_dataset(device_memory, run):
+    """Past `device_data_bytes`, data stream: at most PREFETCH_DEPTH + 2 batches on a device at once (those put
+    ahead, the one computing, the one being put), and the same numbers as the dataset placed whole.
+
+    Seen failing before the fix: every run placed the whole dataset on each of the 2 devices (predict's peak
+    1,048,576 bytes per device against a bound of 65,536).
+    """
+    arrays, facts = device_memory
+    bounded, whole = facts[f"{run}/bounded"], facts[f"{run}/whole"]
+    # The spy sees whole placements (the default places this 1 MiB dataset whole on CPU): it can tell them apart.
+    assert whole["peak"] >= facts["dataset_bytes"] * 3 // 4  # fit's validation quarter is placed apart
+    assert bounded["largest"] <= facts["batch_bytes"] + 4 * 64 + 4 * 64  # one batch (and its weights and mask)
+    assert bounded["peak"] <= (facts["prefetch_depth"] + 2) * bounded["largest"] <= DEVICE_DATA_LIMIT
+    results = {key: value for key, value in arrays.items() if key.startswith(f"{run}/bounded")}
+    assert results
+    for key, value in results.items():
+        # Different programs (one scan over the whole; steps or batches one by one) of the same operations.
+        tolerance.assert_close(value, arrays[key.replace("/bounded", "/whole")], tolerance.FEW_OPS, err_msg=key)
+
+
+def test_the_default_bound_on_data_placed_whole(monkeypatch):
+    """"auto": on CPU a quarter of the memory available over the devices that copy the data; on an accelerator
+    an eighth of a device's memory, or 256 MiB where it is not reported; a number of bytes as given."""
+    from jaxdl import data
+    from jaxdl.data import prefetch
+
+    class Device:
+        process_index = 0
+
+        def __init__(self, platform, memory=None):
+            self.platform, self.memory = platform, memory
+
+        def memory_stats(self):
+            return None if self.memory is None else {"bytes_limit": self.memory}
+
+    monkeypatch.setattr(prefetch, "available_memory", lambda: 8 * 2**30)
+    assert data.device_data_limit([Device("cpu"), Device("cpu")]) == 2**30  # 8 GiB / 4 / 2 devices
+    assert data.device_data_limit([Device("gpu", 16 * 2**30), Device("gpu", 8 * 2**30)]) == 2**30
+    assert data.device_data_limit([Device("tpu")]) == 256 * 2**20
+    assert data.device_data_limit([Device("gpu", 2**40)], 1000) == 1000
+    assert data.fits_on_device(1000, [Device("cpu")], 1000) and not data.fits_on_device(1001, [Device("cpu")], 1000)
+    for bad in (-1, True, 1.5, "all"):
+        with pytest.raises(ValueError, match="device_data_bytes must be 'auto' or a non-negative number of bytes"):
+            data.device_data_limit([Device("cpu")], bad)

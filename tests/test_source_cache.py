@@ -1,4 +1,5 @@
 """A source's examples kept in memory after their first read (`cache`), as tf.data's `.cache()` keeps them."""
+import grain
 import jax
 import numpy as np
 import pytest
@@ -69,19 +70,76 @@ def test_a_cached_source_read_in_order_trains_bitwise_as_its_arrays():
     assert from_source[1]["loss"] == from_arrays[1]["loss"]
 
 
-def test_the_transforms_output_is_what_is_cached():
-    x, y = blobs(n=40)
-    calls = np.zeros(40, int)
+class Scaled(grain.transforms.Map):
+    """A transform declared deterministic (grain's MapTransform): its output may be cached."""
 
-    def transform(example):
-        calls[int(example["index"])] += 1
+    def __init__(self, calls):
+        self.calls = calls
+
+    def map(self, example):
+        self.calls[int(example["index"])] += 1
         return example["image"] * 2, example["label"]
 
-    source = [{"image": row, "label": label, "index": i} for i, (row, label) in enumerate(zip(x, y))]
-    train(source, True, epochs=1, transform=transform)
+
+class Jittered(grain.transforms.RandomMap):
+    """A random transform given its generator (grain's RandomMapTransform): noise on the input."""
+
+    def random_map(self, example, rng):
+        return example["image"] + rng.normal(size=example["image"].shape).astype(np.float32), example["label"]
+
+
+def indexed_examples(n):
+    x, y = blobs(n=n)
+    return [{"image": row, "label": label, "index": i} for i, (row, label) in enumerate(zip(x, y))]
+
+
+def test_a_transform_declared_deterministic_is_what_is_cached():
+    """A `grain.transforms.Map` is a function of the example alone: its output is kept, later epochs reuse it."""
+    calls = np.zeros(40, int)
+    source = indexed_examples(40)
+    train(source, True, epochs=1, transform=Scaled(calls))
     one_epoch, calls[:] = calls.copy(), 0
-    train(source, True, epochs=3, transform=transform)
+    train(source, True, epochs=3, transform=Scaled(calls))
     assert calls.tolist() == one_epoch.tolist()  # the later epochs from memory
+
+
+def test_a_plain_transform_runs_every_epoch_under_the_default_cache_which_keeps_the_decoded_examples():
+    """A plain function may draw random numbers (augmentation): by default the cache keeps what the source
+    decodes, beneath the transform, and the transform runs on every read, so every epoch sees new draws.
+
+    Seen failing before the fix: the transform ran once per example in all (66 calls for 3 epochs of 64, with
+    fit's 2 checks), and epoch 2's batches were epoch 1's.
+    """
+    x, y = blobs(n=64)
+    source, calls, noise = CountingSource(x, y), np.zeros(64, int), np.random.default_rng(5)
+
+    def augment(example):
+        calls[int(np.flatnonzero((x == example["image"]).all(axis=1))[0])] += 1
+        return example["image"] + noise.normal(size=3).astype(np.float32), example["label"]
+
+    train(source, "auto", epochs=3, transform=augment)
+    assert calls.min() >= 3  # every example transformed in each of the 3 epochs
+    one_epoch = CountingSource(x, y)
+    train(one_epoch, "auto", epochs=1, transform=augment)
+    assert source.reads.tolist() == one_epoch.reads.tolist()  # the source itself read in the first epoch only
+    batches = data.SourceBatches(CountingSource(x, y), 16, data.Features(transform=augment), shuffle=False,
+                                 cache="auto")
+    first, second = (np.concatenate([batch["x"] for batch in batches.epoch(epoch)]) for epoch in (0, 1))
+    assert batches.example_cache is not None  # the decoded examples are cached ...
+    assert not np.isclose(first, second).any()  # ... and the augmented inputs differ in every number
+
+
+def test_a_random_transform_gets_a_generator_of_the_seed_epoch_and_example_new_each_epoch():
+    """`grain.transforms.RandomMap`: reproducible (the same run twice, and cached or not, trains to the same
+    bits), different every epoch, never cached after the transform."""
+    source = indexed_examples(48)
+    batches = data.SourceBatches(source, 16, data.Features(transform=Jittered()), seed=3, shuffle=False, cache=True)
+    first, again, second = (np.concatenate([batch["x"] for batch in batches.epoch(epoch)]) for epoch in (0, 0, 1))
+    np.testing.assert_array_equal(first, again)  # a pure function of (seed, epoch, example number)
+    assert not np.isclose(first, second).any()
+    cached, uncached = train(source, "auto", transform=Jittered()), train(source, False, transform=Jittered())
+    jax.tree.map(np.testing.assert_array_equal, cached[0].params, uncached[0].params)
+    assert cached[1]["loss"] == uncached[1]["loss"]
 
 
 def test_auto_caches_only_what_fits_a_quarter_of_the_available_memory_and_bounds_are_checked(monkeypatch):

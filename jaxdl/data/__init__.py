@@ -2,7 +2,7 @@
 from jaxdl.data.arrays import (batches, check_batch_size, check_dataset, class_indices, num_batches, ordered_batches,
                                rows_to_split, padded_indices, positive_int, process_part, split_evenly,
                                split_validation)
-from jaxdl.data.prefetch import stacked, to_device
+from jaxdl.data.prefetch import PREFETCH_DEPTH, device_data_limit, fits_on_device, stacked, to_device
 from jaxdl.data.tfds_writer import write_image_dataset
 from jaxdl.data.sources import (DatasetNotPreparedError, Features, IterableBatches, SourceBatches, as_batches,
                                 epoch_seed, is_source, tfds_source)

@@ -16,6 +16,7 @@ model's, a label that is not one number.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -36,6 +37,8 @@ PREFETCH_BATCHES = 8
 # this share of the memory available: three quarters stay for the model, its compiled steps and the rest of
 # the machine's work. A chosen margin, not a measured optimum.
 AUTO_CACHE_SHARE = 0.25
+# Where a RandomMap transform's generators branch off the run's seed (the shuffle order takes (seed, epoch)).
+TRANSFORM_STREAM = 1
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -125,7 +128,13 @@ class Features:
     """How an example dict becomes the step's `{"x": ..., "y": ...}`.
 
     `names` is (input feature, label feature); the label may be None for
-    prediction. `transform(example) -> (x, y)` replaces the lookup by names.
+    prediction. `transform` replaces the lookup by names, in one of grain's
+    forms (see `transform_kind`): a function `transform(example) -> (x, y)`,
+    which may draw random numbers (augmentation) and so is run on every
+    read; a `grain.transforms.Map` (`map(example) -> (x, y)`), declared a
+    function of the example alone, whose output may be cached; or a
+    `grain.transforms.RandomMap` (`random_map(example, rng) -> (x, y)`),
+    given a `numpy.random.Generator` of (seed, epoch, example number).
     `input_shape` (no batch axis), when known, is checked on every example.
     `class_weight` ({class: weight}) adds the example's "weight", its class
     read as Keras reads it (`arrays.class_indices`: a (1,) binary label is
@@ -137,9 +146,48 @@ class Features:
     input_shape: tuple | None = None
     class_weight: dict | None = None
 
-    def __call__(self, example) -> dict:
-        if self.transform is not None:
-            x, y = self.transform(example)
+    @functools.cached_property
+    def transform_kind(self) -> str | None:
+        """None (no transform), "deterministic" (a grain `Map`), "random" (a grain `RandomMap`) or "function".
+
+        Only a transform declared deterministic may be cached after: a plain
+        function may augment (draw random numbers), and caching its output
+        would give every later epoch the first epoch's draws.
+        """
+        if self.transform is None:
+            return None
+        import grain  # a transform is only read with grain's pipeline, which imports it anyway
+
+        if isinstance(self.transform, grain.transforms.Map):
+            return "deterministic"
+        if isinstance(self.transform, grain.transforms.RandomMap):
+            return "random"
+        if not callable(self.transform):
+            raise ValueError(f"transform must be a function example -> (x, y), a grain.transforms.Map or a "
+                             f"grain.transforms.RandomMap; got {self.transform!r}")
+        return "function"
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the mapped example is a function of the example alone: what may be cached after mapping."""
+        return self.transform_kind in (None, "deterministic")
+
+    def __call__(self, example, rng: np.random.Generator | None = None) -> dict:
+        """The step's `{"x", "y"(, "weight")}` of one example; `rng` is a `RandomMap` transform's generator."""
+        kind = self.transform_kind
+        if kind is not None:
+            if kind == "random":
+                if rng is None:
+                    raise ValueError("a grain.transforms.RandomMap transform needs a generator: read the source "
+                                     "through SourceBatches, which draws one per (seed, epoch, example)")
+                result = self.transform.random_map(example, rng)
+            else:
+                result = self.transform.map(example) if kind == "deterministic" else self.transform(example)
+            try:
+                x, y = result
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"the transform returned a {type(result).__name__}; it must return a pair "
+                                 "(x, y) of one example's input and label") from error
             input_name, label_name = "the transform's x", "the transform's y"
         else:
             if not isinstance(example, dict):
@@ -257,6 +305,69 @@ class ExampleCache:
             self.filled[missing] = True
 
 
+class DecodedCache:
+    """A source's examples as it returns them (decoded, before any transform), kept after their first read.
+
+    What `cache` keeps under a transform that may draw random numbers: the
+    transform then runs on every read, so each epoch sees new draws, and
+    the source is still read and decoded once. `fill` stores whole example
+    objects; grain's read threads fill disjoint rows.
+    """
+
+    def __init__(self, num_examples: int):
+        self.examples: list = [None] * num_examples
+        self.filled = np.zeros(num_examples, bool)
+
+    def read(self, rows: np.ndarray, read_rows: Callable[[np.ndarray], list]) -> list:
+        missing = rows[~self.filled[rows]]
+        if missing.size:
+            for row, example in zip(missing.tolist(), read_rows(missing)):
+                self.examples[row] = example
+            self.filled[missing] = True
+        return [self.examples[row] for row in rows.tolist()]
+
+
+def example_bytes(example) -> int:
+    """The bytes one example takes in memory: its arrays' and byte strings' sizes (an estimate for others).
+
+    Args:
+        example: an example as a source returns it, or as mapped: a dict, tuple or list of arrays and values.
+
+    Returns:
+        The bytes, summed over its values.
+    """
+    if isinstance(example, dict):
+        return sum(example_bytes(value) for value in example.values())
+    if isinstance(example, (tuple, list)):
+        return sum(example_bytes(value) for value in example)
+    if isinstance(example, (bytes, str)):
+        return len(example)
+    try:
+        return int(np.asarray(example).nbytes)
+    except (TypeError, ValueError):
+        return 64  # an object numpy cannot size: a pointer and a header
+
+
+def transform_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator a `grain.transforms.RandomMap` transform gets for one example of one epoch.
+
+    Philox keyed by (seed, epoch), its counter starting at the example
+    number, as grain's own `random_map` sets it: a pure function of the
+    three, so a resumed or repeated run draws the same numbers and each
+    epoch new ones.
+
+    Args:
+        seed: the run's seed (fit's `seed`).
+        epoch: the epoch the example is read in.
+        index: the example's number in the source.
+
+    Returns:
+        A fresh `numpy.random.Generator`.
+    """
+    key = np.random.SeedSequence([seed, epoch, TRANSFORM_STREAM]).generate_state(2, np.uint64)
+    return np.random.Generator(np.random.Philox(key=key, counter=np.array([0, 0, 0, index], np.uint64)))
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The shuffle seed of one epoch: a pure function of (seed, epoch), different for every epoch."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
@@ -280,11 +391,14 @@ class SourceBatches:
     The source holds examples: a grain dataset already `.batch()`ed (its items
     batches) is refused, since batching here would stack batches of batches.
 
-    `cache` (see `use_cache`) keeps the examples in memory once read and
-    mapped (`ExampleCache`), so that a fast model's later epochs do not
-    decode the source again; it caches `transform`'s output, as tf.data's
-    `map(transform).cache()` does, so a transform must be a function of
-    the example alone (augment in the model, with its `augment` RNG stream).
+    `cache` (see `use_cache`) keeps the examples in memory once read, so
+    that a fast model's later epochs do not decode the source again. What it
+    keeps is what is deterministic: without a transform, or with one declared
+    a function of the example (a `grain.transforms.Map`), the mapped examples
+    (`ExampleCache`, as tf.data's `map(transform).cache()`); under a plain
+    function or a `grain.transforms.RandomMap`, which may augment, the
+    source's decoded examples (`DecodedCache`), the transform running on
+    every read (tf.data's `cache().map(augment)`), so each epoch has new draws.
     """
 
     source: Any
@@ -320,23 +434,46 @@ class SourceBatches:
         if self.drop_remainder and len(self.source) < self.batch_size:
             raise ValueError(f"drop_remainder with batch_size={self.batch_size} drops all {len(self.source)} "
                              "examples of the source")
-        self.first_example = self.features(self.source[0])  # a bad source fails here, with the feature's name
-        example_bytes = sum(np.asarray(value).nbytes for value in self.first_example.values())
-        self.example_cache = (ExampleCache(len(self.source), self.first_example)
-                              if use_cache(self.cache, len(self.source), example_bytes, available_memory()) else None)
+        decoded = self.source[0]
+        self.first_example = self._mapped(decoded, 0, 0)  # a bad source fails here, with the feature's name
+        # The deterministic part is what is kept: the mapped examples, or the decoded ones beneath a transform
+        # that may draw random numbers.
+        kept = ExampleCache if self.features.deterministic else DecodedCache
+        self.mapped_bytes = example_bytes(self.first_example)  # one example as the step takes it
+        size = self.mapped_bytes if kept is ExampleCache else example_bytes(decoded)
+        self.example_cache = None
+        if use_cache(self.cache, len(self.source), size, available_memory()):
+            self.example_cache = (ExampleCache(len(self.source), self.first_example) if kept is ExampleCache
+                                  else DecodedCache(len(self.source)))
 
     def __len__(self) -> int:
         """Batches per epoch."""
         return num_batches(len(self.source), self.batch_size, self.drop_remainder)
 
-    def read(self, indices: np.ndarray) -> dict:
-        """The batch of the examples at `indices`, mapped to `{"x", "y"}` and stacked (from memory once cached)."""
-        if self.example_cache is not None:
-            return self.example_cache.read(np.asarray(indices), self._read_source)
-        return self._read_source(indices)
+    def read(self, indices: np.ndarray, epoch: int = 0) -> dict:
+        """The batch of the examples at `indices` in `epoch`, mapped to `{"x", "y"}` and stacked.
 
-    def _read_source(self, indices: np.ndarray) -> dict:
-        """The examples at `indices` read from the source and mapped.
+        From memory once cached: the mapped rows, or the decoded examples that
+        a transform which may draw random numbers then maps again (its
+        `RandomMap` generator is that of the epoch and the example).
+        """
+        indices = np.asarray(indices)
+        if isinstance(self.example_cache, ExampleCache):
+            return self.example_cache.read(indices, lambda rows: self._mapped_rows(rows, self._decoded(rows), 0))
+        examples = (self.example_cache.read(indices, self._decoded) if self.example_cache is not None
+                    else self._decoded(indices))
+        return self._mapped_rows(indices, examples, epoch)
+
+    def _mapped(self, example, epoch: int, index: int) -> dict:
+        rng = transform_rng(self.seed, epoch, index) if self.features.transform_kind == "random" else None
+        return self.features(example, rng)
+
+    def _mapped_rows(self, indices: np.ndarray, examples: list, epoch: int) -> dict:
+        mapped = [self._mapped(example, epoch, index) for index, example in zip(indices.tolist(), examples)]
+        return {key: np.stack([example[key] for example in mapped]) for key in mapped[0]}
+
+    def _decoded(self, indices: np.ndarray) -> list:
+        """The examples at `indices` as the source returns them (decoded).
 
         One `__getitems__` call where the source has one: tfds's ArrayRecord
         source then reads a batch's records together in C++, about twice the
@@ -350,14 +487,13 @@ class SourceBatches:
             examples = None
         if examples is None:
             examples = [self.source[row] for row in rows]
-        mapped = [self.features(example) for example in examples]
-        return {key: np.stack([example[key] for example in mapped]) for key in mapped[0]}
+        return list(examples)
 
-    def read_part(self, indices: np.ndarray) -> dict:
-        """This process's part of the batch of the examples at `indices` (see the class)."""
+    def read_part(self, indices: np.ndarray, epoch: int = 0) -> dict:
+        """This process's part of the batch of the examples at `indices` in `epoch` (see the class)."""
         rows, mask = rows_to_split(np.asarray(indices), self.multiple, self.masked)
         part = process_part(len(rows), self.process)
-        batch = self.read(rows[part])
+        batch = self.read(rows[part], epoch)
         return batch if mask is None else {**batch, "mask": mask[part]}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -377,21 +513,24 @@ class SourceBatches:
         import grain  # imported when a source is read: it adds a second to `import jaxdl`
 
         indices = grain.MapDataset.source(self.order(epoch))
-        return indices.batch(self.batch_size, drop_remainder=self.drop_remainder).map(self.read_part)
+        return indices.batch(self.batch_size, drop_remainder=self.drop_remainder).map(
+            functools.partial(self.read_part, epoch=epoch))
 
     def in_memory(self) -> dict | None:
         """Every example, mapped, as one array per feature: read now (grain's read threads) where the source
-        is cached (see `use_cache`) and this process reads whole batches; None otherwise.
+        is cached (see `use_cache`) after mapping (no transform, or one declared deterministic) and this process
+        reads whole batches; None otherwise.
 
         The in-memory arrays let `fit` run a cached source's epochs as it runs
         arrays' (one compiled scan each), in the source's own orders.
         """
-        if self.example_cache is None or self.process != (0, 1):
+        if not isinstance(self.example_cache, ExampleCache) or self.process != (0, 1):
             return None
         import grain
 
         def fill(rows) -> int:  # what grain's read threads run; the rows go into the cache, not down the pipeline
-            self.example_cache.fill(np.asarray(rows), self._read_source)
+            rows = np.asarray(rows)
+            self.example_cache.fill(rows, lambda missing: self._mapped_rows(missing, self._decoded(missing), 0))
             return len(rows)
 
         options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
