@@ -35,7 +35,7 @@ class ImageClassifier:
     model: object
     variables: dict | None
     preprocessing: dict
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...] | None  # None: unknown, the classes are shown by index ("class 7")
     outputs: str = "logits"  # or "probabilities"
     program_cache: str | None = None  # a folder for compiled programs (see jaxdl.aot); None: compile in memory
     source: str | None = None  # the saved model the variables come from
@@ -49,8 +49,24 @@ class ImageClassifier:
              program_cache: str | os.PathLike | None = None) -> "ImageClassifier":
         """From "imagenet", a saved model directory, or a Keras (.h5, .keras) or torchvision (.pth) file.
 
-        `fast` folds MobileNetV2's BatchNorm into its convs (exact, inference only);
-        `program_cache` keeps the compiled forward pass on disk for the next process.
+        The class names are the saved ones; where none are saved (a weight
+        file, or a directory saved without them), ImageNet's for a head of
+        1000 classes, otherwise none: `classify` then labels each class by
+        its index ("class 7").
+
+        Args:
+          weights: "imagenet", a saved model directory or a weight file.
+          fast: fold MobileNetV2's BatchNorm into its convs (exact, inference only).
+          program_cache: a folder to keep the compiled forward pass in for the next process.
+
+        Returns:
+          The classifier.
+
+        Raises:
+          FileNotFoundError: `weights` names nothing.
+          ValueError: `weights` is no model jaxdl reads, its model ends in
+            features rather than class scores, or its saved class names do
+            not match its number of classes.
         """
         path = Path(weights)
         variables, source = None, None
@@ -68,9 +84,9 @@ class ImageClassifier:
         else:
             raise ValueError(f"--weights {path}: expected 'imagenet', a saved model directory, a Keras "
                              ".h5/.keras file or a torchvision .pth file")
-        classes = metadata.get("classes") or imagenet.class_names()
+        classes = _saved_class_names(metadata, model, weights)
         outputs = metadata.get("outputs") or _outputs_of(model)
-        classifier = cls(model, variables, dict(metadata["preprocessing"]), tuple(classes), outputs,
+        classifier = cls(model, variables, dict(metadata["preprocessing"]), classes, outputs,
                          None if program_cache is None else str(program_cache),
                          None if source is None else str(source), fast)
         if program_cache is None:
@@ -116,7 +132,8 @@ class ImageClassifier:
 
     def save(self, directory, *, overwrite: bool = False, **extra_metadata) -> Path:
         self.materialize()
-        metadata = {"preprocessing": self.preprocessing, "classes": list(self.class_names),
+        metadata = {"preprocessing": self.preprocessing,
+                    "classes": None if self.class_names is None else list(self.class_names),
                     "outputs": self.outputs, **extra_metadata}
         return save_model(directory, self.model, self.variables, metadata=metadata, overwrite=overwrite)
 
@@ -151,13 +168,66 @@ class ImageClassifier:
             chunks.append(np.asarray(forward(padded))[: len(chunk)])
         return np.concatenate(chunks)
 
+    def labels(self, count: int) -> tuple[str, ...]:
+        """The label of each of `count` classes: its name, or "class INDEX" where the names are unknown.
+
+        Raises:
+          ValueError: the names are known but not `count` of them.
+        """
+        if self.class_names is None:
+            return tuple(f"class {index}" for index in range(count))
+        if len(self.class_names) != count:
+            raise ValueError(f"{self.source or 'the model'}: the model gives {count} class scores, but "
+                             f"{len(self.class_names)} class names are recorded")
+        return tuple(self.class_names)
+
     def classify(self, paths, top: int = 5, batch_size: int = 32):
-        """`(results, errors)`: per loaded image (path, [(index, name, probability), ...]); per failure a line."""
+        """`(results, errors)`: per loaded image (path, [(index, label, probability), ...]); per failure a line.
+
+        Labels are the class names, or "class INDEX" where they are unknown.
+
+        Raises:
+          ValueError: the model's outputs are not one score per class, or
+            not as many as its class names.
+        """
         batch, loaded, errors = images.load_batch(paths, self.preprocessing)
         if not loaded:
             return [], errors
-        decoded = imagenet.decode_predictions(self.probabilities(batch, batch_size), top, self.class_names)
+        probabilities = self.probabilities(batch, batch_size)
+        if probabilities.ndim != 2:
+            raise ValueError(f"{self.source or 'the model'}: its outputs, of shape {probabilities.shape[1:]} per "
+                             "image, are not class scores")
+        decoded = imagenet.decode_predictions(probabilities, top, self.labels(probabilities.shape[1]))
         return list(zip(loaded, decoded)), errors
+
+
+def _head_size(model) -> int | None:
+    """How many classes `model` scores: 0 for a MobileNetV2 without its classifier, None where not known."""
+    if isinstance(model, MobileNetV2):
+        return model.num_classes if model.include_top else 0
+    head = getattr(model, "head", None)
+    return getattr(head, "num_classes", None)
+
+
+def _saved_class_names(metadata: dict, model, weights) -> tuple[str, ...] | None:
+    """The class names `metadata` records for `model`: a list, None (none recorded), or, where the key is absent
+    or an empty list (as `jaxdl convert` wrote before), ImageNet's for a head of 1000 classes and None otherwise."""
+    head_size = _head_size(model)
+    if head_size == 0:
+        raise ValueError(f"--weights {weights}: MobileNetV2(include_top=False) ends in features, not class scores, "
+                         "so there is nothing to classify; use weights with their classifier layer, or fine-tune "
+                         "a head (jaxdl finetune)")
+    names = metadata.get("classes", [])
+    if names is None:
+        return None
+    if not names:
+        return imagenet.class_names() if head_size == 1000 else None
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"--weights {weights}: its class names must be a list of strings, got {names!r}")
+    if head_size is not None and len(names) != head_size:
+        raise ValueError(f"--weights {weights}: {len(names)} class names are recorded for a model of {head_size} "
+                         "classes")
+    return tuple(names)
 
 
 def _outputs_of(model) -> str:

@@ -147,10 +147,10 @@ def classify(args) -> int:
 
     try:
         classifier = ImageClassifier.load(args.weights, program_cache=cache_dir() / "programs")
+        results, errors = classifier.classify(args.images, top=args.top, batch_size=args.batch_size)
     except (OSError, ValueError) as error:
         print(f"jaxdl classify: {error}", file=sys.stderr)
         return 2
-    results, errors = classifier.classify(args.images, top=args.top, batch_size=args.batch_size)
     for error in errors:
         print(f"jaxdl classify: error: {error}", file=sys.stderr)
     for path, top in results:
@@ -172,7 +172,10 @@ def convert(args) -> int:
     source = {"keras": from_keras, "torchvision": from_torchvision}[args.source]
     try:
         model, variables = source(args.src)
-        classes = imagenet.class_names() if model.include_top and model.num_classes == 1000 else ()
+        # A weight file names no classes: a head of 1000 is ImageNet's (as Keras and torchvision publish it);
+        # any other head's names are unknown, recorded as None, and `jaxdl classify` shows their indices.
+        imagenet_head = model.include_top and model.num_classes == 1000
+        classes = imagenet.class_names() if imagenet_head else None
         preprocessing = images.KERAS if args.source == "keras" else images.TORCHVISION
         classifier = ImageClassifier(model, variables, preprocessing, classes,
                                      "probabilities" if model.head_activation == "softmax" else "logits")
@@ -180,7 +183,14 @@ def convert(args) -> int:
     except (OSError, ValueError) as error:
         print(f"jaxdl convert: {error}", file=sys.stderr)
         return 1
-    print(f"saved MobileNetV2(alpha={model.alpha}, include_top={model.include_top}) from {args.src} to {saved}")
+    if not model.include_top:
+        head = "no classifier layer (features only: jaxdl classify refuses it)"
+    elif imagenet_head:
+        head = "1000 classes, ImageNet's names"
+    else:
+        head = f"{model.num_classes} classes, names unknown (jaxdl classify shows them as 'class 0', 'class 1', ...)"
+    print(f"saved MobileNetV2(alpha={model.alpha}, include_top={model.include_top}) from {args.src} to {saved}: "
+          f"{head}")
     return 0
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jaxdl import compiler
 
@@ -34,11 +35,18 @@ POOL_IMPLEMENTATIONS = ("auto", "reshape", "reduce_window")
 CONV_IMPLEMENTATIONS = ("auto", "shifted_products", "xla")
 
 
+def _unpadded(padding) -> bool:
+    """Whether `padding` ("SAME", "VALID" or (low, high) pairs) adds nothing."""
+    if isinstance(padding, str):
+        return padding == "VALID"
+    return all(tuple(pair) == (0, 0) for pair in padding)
+
+
 def pool_implementation(implementation: str, window: Sequence[int], strides: Sequence[int], padding) -> str:
     """'reshape' or 'reduce_window': what `implementation` ("auto" picks by backend and shape) resolves to."""
     if implementation not in POOL_IMPLEMENTATIONS:
         raise ValueError(f"max_pool implementation must be one of {POOL_IMPLEMENTATIONS}, got {implementation!r}")
-    reshapeable = tuple(window) == tuple(strides) and padding == "VALID"
+    reshapeable = tuple(window) == tuple(strides) and _unpadded(padding)
     if implementation == "reshape" and not reshapeable:
         raise ValueError(f"max_pool implementation='reshape' needs strides equal to the window and VALID padding, "
                          f"got window {tuple(window)}, strides {tuple(strides)}, padding {padding!r}")
@@ -47,24 +55,52 @@ def pool_implementation(implementation: str, window: Sequence[int], strides: Seq
     return implementation
 
 
-def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None, padding="VALID",
-             implementation: str = "auto") -> jax.Array:
-    """`nn.max_pool(x, window, strides, padding)` over the axes between batch and features.
+def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding="VALID", implementation: str = "auto") -> jax.Array:
+    """`flax.linen.max_pool(inputs, window_shape, strides, padding)`, in the form this backend runs fastest.
 
-    The two forms give the same outputs and the same gradients, ties
-    included: the gradient goes to the first maximum of each window in
-    row-major order, as XLA's `select-and-scatter` gives it.
+    The arguments mean what they mean in Flax; the forms give the same
+    outputs and the same gradients, ties included: the gradient goes to the
+    first maximum of each window in row-major order, as XLA's
+    `select-and-scatter` gives it. Forward mode (`jax.jvp`, `jax.jacfwd`,
+    `jax.hessian`) works through every form.
+
+    Args:
+      inputs: `(batch axes..., window axes..., features)`, with any number of
+        batch axes, none included.
+      window_shape: the window's size along each window axis.
+      strides: the step between windows along each window axis; None is 1
+        (Flax's default: overlapping windows), so pass `strides=window_shape`
+        for non-overlapping ones.
+      padding: "VALID", "SAME", or one `(low, high)` pair per window axis.
+      implementation: "auto" (the reshape form on XLA:CPU where windows do
+        not overlap and nothing is padded, `nn.max_pool` otherwise),
+        "reshape" or "reduce_window" (`nn.max_pool`).
+
+    Returns:
+      The maximum of each window: `(batch axes..., pooled axes..., features)`.
+
+    Raises:
+      ValueError: `inputs` has fewer axes than the window plus features,
+        `strides` has another number of axes than the window, or
+        `implementation` is unknown or "reshape" where windows overlap or are padded.
     """
-    window = tuple(window)
-    strides = window if strides is None else tuple(strides)
+    window = tuple(window_shape)
+    strides = (1,) * len(window) if strides is None else tuple(strides)
+    if len(strides) != len(window):
+        raise ValueError(f"max_pool strides {strides} has {len(strides)} axes, the window {window} has {len(window)}")
+    if inputs.ndim < len(window) + 1:
+        raise ValueError(f"max_pool window {window} has {len(window)} axes, but the input of shape {inputs.shape} "
+                         f"has {inputs.ndim} in all: it needs the window's axes and a features axis after any "
+                         "batch axes")
     if pool_implementation(implementation, window, strides, padding) == "reduce_window":
-        return nn.max_pool(x, window, strides=strides, padding=padding)
-    batch, *spatial, features = x.shape
-    if len(spatial) != len(window):
-        raise ValueError(f"max_pool window {window} has {len(window)} axes, but the input of shape {x.shape} has "
-                         f"{len(spatial)} between batch and features")
+        return nn.max_pool(inputs, window, strides=strides, padding=padding)
+    batch_shape = inputs.shape[:inputs.ndim - len(window) - 1]
+    *spatial, features = inputs.shape[len(batch_shape):]
+    x = inputs.reshape(math.prod(batch_shape), *spatial, features)  # one batch axis, as _window_max takes
     kept = tuple(size // w * w for size, w in zip(spatial, window))  # VALID: a partial window at the end is dropped
-    return _window_max(x[(slice(None), *(slice(0, k) for k in kept))], window)
+    pooled = _window_max(x[(slice(None), *(slice(0, k) for k in kept))], window)
+    return pooled.reshape(*batch_shape, *pooled.shape[1:])
 
 
 def _windows_last(x: jax.Array, window: tuple) -> jax.Array:
@@ -79,33 +115,23 @@ def _windows_last(x: jax.Array, window: tuple) -> jax.Array:
     return x.reshape(*x.shape[:len(window) + 2], -1)
 
 
-# The gradient is written out rather than left to JAX's rule for `max`, which divides by the count of
+# The derivative is written out rather than left to JAX's rule for `max`, which divides by the count of
 # elements equal to the maximum: XLA may compute the pooled values and that comparison in two fusions that
 # round differently (seen at --xla_backend_optimization_level=0 after a BatchNorm), and a count of zero made
 # the gradient NaN. The argmax's one-hot cannot be zero, and it picks the first maximum, as select-and-scatter.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+# The tangent is linear in the input's tangent (a product with that fixed one-hot and a sum), so JAX derives
+# the gradient by transposing it (the one-hot times the upstream gradient, put back in place), and forward
+# mode and higher derivatives work as well.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _window_max(x: jax.Array, window: tuple) -> jax.Array:
     return _windows_last(x, window).max(axis=-1)
 
 
-def _window_max_forward(x, window):
-    windows = _windows_last(x, window)
-    return windows.max(axis=-1), (windows.argmax(axis=-1), x.shape)
-
-
-def _window_max_backward(window, residuals, upstream):
-    first_maximum, shape = residuals
-    windows = upstream[..., None] * jax.nn.one_hot(first_maximum, math.prod(window), dtype=upstream.dtype)
-    batch, *spatial, features = shape
-    rank = len(window)
-    windows = windows.reshape(*windows.shape[:-1], *window)  # (batch, *outer, features, *inner)
-    order = [0]
-    for axis in range(rank):
-        order += [1 + axis, rank + 2 + axis]
-    return (windows.transpose(*order, rank + 1).reshape(shape),)
-
-
-_window_max.defvjp(_window_max_forward, _window_max_backward)
+@_window_max.defjvp
+def _window_max_jvp(window, primals, tangents):
+    (x,), (tangent,) = primals, tangents
+    first_maximum = jax.nn.one_hot(_windows_last(x, window).argmax(axis=-1), math.prod(window), dtype=tangent.dtype)
+    return _window_max(x, window), (_windows_last(tangent, window) * first_maximum).sum(axis=-1)
 
 
 # "auto" takes the products for inputs of at most this many channels (see the module's docstring).
@@ -131,29 +157,40 @@ def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSIONS)
 
 
-@jax.custom_vjp
+def _shifted_products(x: jax.Array, kernel: jax.Array, height: int, width: int) -> jax.Array:
+    """`_xla_conv(x, kernel)` as one (in, out) product per kernel offset, summed: (N, height, width, out)."""
+    rows = x.shape[0] * height * width
+    total = 0
+    for dy in range(kernel.shape[0]):
+        for dx in range(kernel.shape[1]):
+            total = total + x[:, dy:dy + height, dx:dx + width, :].reshape(rows, x.shape[-1]) @ kernel[dy, dx]
+    return total.reshape(x.shape[0], height, width, kernel.shape[-1])
+
+
+@jax.custom_jvp
 def valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A 2-D VALID convolution of NHWC `x` with an HWIO `kernel` (stride 1), its kernel gradient as products."""
+    """A 2-D VALID convolution of NHWC `x` with an HWIO `kernel` (stride 1), its kernel gradient as products.
+
+    The kernel's tangent goes through the products (`_shifted_products`), so
+    the kernel gradient JAX derives by transposing it is one (in, out)
+    product per kernel offset over every output position; the input's goes
+    through XLA's convolution. Both are linear, so `jax.grad`, `jax.jvp` and
+    higher derivatives all work.
+    """
     return _xla_conv(x, kernel)
 
 
-def _valid_conv_forward(x, kernel):
-    return _xla_conv(x, kernel), (x, kernel)
-
-
-def _valid_conv_backward(residuals, upstream):
-    x, kernel = residuals
-    height, width = upstream.shape[1:3]
-    rows = upstream.reshape(-1, upstream.shape[-1])
-    # One (in, out) product per kernel offset over every output position: what the kernel gradient sums.
-    offsets = [x[:, dy:dy + height, dx:dx + width, :].reshape(-1, x.shape[-1]).T @ rows
-               for dy in range(kernel.shape[0]) for dx in range(kernel.shape[1])]
-    kernel_gradient = jnp.stack(offsets).reshape(kernel.shape).astype(kernel.dtype)
-    (input_gradient,) = jax.vjp(lambda x: _xla_conv(x, kernel), x)[1](upstream)
-    return input_gradient, kernel_gradient
-
-
-valid_conv.defvjp(_valid_conv_forward, _valid_conv_backward)
+@functools.partial(valid_conv.defjvp, symbolic_zeros=True)
+def _valid_conv_jvp(primals, tangents):
+    x, kernel = primals
+    x_tangent, kernel_tangent = tangents
+    outputs = valid_conv(x, kernel)
+    terms = []
+    if not isinstance(x_tangent, SymbolicZero):
+        terms.append(_xla_conv(x_tangent, kernel))
+    if not isinstance(kernel_tangent, SymbolicZero):
+        terms.append(_shifted_products(x, kernel_tangent, *outputs.shape[1:3]).astype(outputs.dtype))
+    return outputs, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(outputs)
 
 
 class Conv(nn.Module):

@@ -16,13 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdl.contract import AUTO, flag_kwargs, resolve_train_flag
+
 TRAINABLE = "params"
 # Values a module records with `sow` (or `capture_intermediates`): outputs, not parameters.
 NOT_PARAMETERS = ("intermediates",)
 
 
 def _rngs() -> dict:
-    # Dropout is deterministic with train=False; the key is there for models that ask for one anyway.
+    # Dropout is deterministic in inference mode; the key is there for models that ask for one anyway.
     return {"params": jax.random.key(0), "dropout": jax.random.key(1)}
 
 
@@ -42,27 +44,45 @@ def count_by_kind(variables: Mapping[str, Any]) -> dict:
 
 
 def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[[str], Any] = print,
-            depth: int | None = 1, console_kwargs: Mapping[str, Any] | None = None) -> dict:
+            depth: int | None = 1, console_kwargs: Mapping[str, Any] | None = None,
+            train_flag: str | None = AUTO) -> dict:
     """Prints `model`'s layers and its parameter totals as Keras's `model.summary()` counts them.
 
-    `input_shape` is one example's shape (a tuple, or an int for a vector),
-    without the batch axis: the model is traced (`jax.eval_shape`, nothing
-    is computed) on zeros of shape `(1, *input_shape)` with `train=False`. `depth` is how many levels of
-    submodules get a row (1: the model's own layers; None: all), and
-    `console_kwargs` go to the `rich` console Flax renders with (plain text,
-    160 columns at most, by default). Returns the totals:
-    `{"total": ..., "trainable": ..., "non_trainable": ...}`.
+    The model is traced (`jax.eval_shape`, nothing is computed) on float32
+    zeros of shape `(1, *input_shape)`, in inference mode, called as `fit`
+    calls it (`jaxdl.contract`): by its own train flag (`train`, `training`,
+    `deterministic`, or none).
 
     "Trainable" is the `params` collection. Which of them an optimizer
     actually updates is the training's choice (`jaxdl.finetune` freezes a
     backbone's), not the model's, so a frozen backbone still counts here.
+
+    Args:
+      model: a Linen module.
+      input_shape: one example's shape (a tuple, or an int for a vector),
+        without the batch axis.
+      print_fn: called with the table, then each total's line.
+      depth: how many levels of submodules get a row (1: the model's own
+        layers; None: all).
+      console_kwargs: for the `rich` console Flax renders with (plain text,
+        160 columns at most, by default).
+      train_flag: "auto" (read from the model's `__call__`), the keyword's
+        name, or None for a model that takes none; as in `fit`.
+
+    Returns:
+      The totals: `{"total": ..., "trainable": ..., "non_trainable": ...}`.
+
+    Raises:
+      ValueError: the train flag cannot be told from the signature (several
+        flags, or only `**kwargs`) or `train_flag` is not a keyword name.
     """
     if isinstance(input_shape, int):
         input_shape = (input_shape,)
+    inference = flag_kwargs(resolve_train_flag(model, train_flag), train=False)
     inputs = jnp.zeros((1, *input_shape), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(_rngs(), x, train=False), inputs)
+    variables = jax.eval_shape(lambda x: model.init(_rngs(), x, **inference), inputs)
     totals = count_by_kind(variables)
-    table = model.tabulate(_rngs(), inputs, train=False, depth=depth, compute_flops=False,
+    table = model.tabulate(_rngs(), inputs, **inference, depth=depth, compute_flops=False,
                            console_kwargs={"force_terminal": False, "width": 160, **(console_kwargs or {})})
     print_fn(table.strip("\n"))
     print_fn(f"Total params: {totals['total']:,}")

@@ -1,4 +1,5 @@
 """Reading torchvision and Keras weight files: formats, parity with torch, and every bad file."""
+import json
 import os
 import pickle
 import zipfile
@@ -164,3 +165,101 @@ def test_a_stale_cached_conversion_is_converted_again(tmp_path, monkeypatch):
     again, variables, _ = pretrained.torchvision_imagenet()
     assert again == model and metadata["sha256"] == pretrained.TORCHVISION_IMAGENET.sha256
     assert variables["params"]["Conv1"]["kernel"].shape == (3, 3, 3, 32)
+
+
+def keras_legacy_h5(path, num_classes: int, include_top: bool = True, bias=None):
+    """A legacy Keras HDF5 file of MobileNetV2(alpha=0.35) in the layout the released files use (see
+    `tests.keras_reference.save_legacy_h5`), written from Flax's shapes without Keras: zero kernels, BatchNorm
+    as the identity, and a head of zero kernel and bias `bias`, so its probabilities are softmax(bias) for any
+    image."""
+    import jax.numpy as jnp
+
+    from jaxdl.models.mobilenet_v2 import MobileNetV2, layer_plan
+
+    model = MobileNetV2(alpha=0.35, include_top=include_top, num_classes=num_classes)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    with h5py.File(path, "w") as file:
+        plan = layer_plan(include_top)
+        file.attrs["layer_names"] = [name.encode() for name, _ in plan]
+        for name, kind in plan:
+            if kind == "bn":
+                channels = shapes[name]["scale"].shape[0]
+                arrays = {"gamma": np.ones(channels), "beta": np.zeros(channels), "moving_mean": np.zeros(channels),
+                          "moving_variance": np.ones(channels)}
+            elif kind == "dense":
+                arrays = {"kernel": np.zeros(shapes[name]["kernel"].shape), "bias": np.asarray(bias)}
+            else:
+                height, width, inputs, outputs = shapes[name]["kernel"].shape
+                arrays = {"kernel": np.zeros((height, width, outputs, inputs) if kind == "depthwise"
+                                             else (height, width, inputs, outputs))}
+            group = file.create_group(name)
+            group.attrs["weight_names"] = [f"{name}/{key}:0".encode() for key in arrays]
+            for key, array in arrays.items():
+                group.create_dataset(f"{name}/{key}:0", data=np.asarray(array, np.float32))
+    return path
+
+
+def test_a_head_that_is_not_imagenets_converts_and_classifies_by_index(tmp_path, main_here):
+    """`jaxdl convert` of a 3-class MobileNetV2 records that its class names are unknown (null), and `jaxdl
+    classify`, of the saved model and of the file itself, labels the classes "class INDEX" with the model's own
+    probabilities (softmax of the head's bias: its kernel is zero). Seen failing with convert saving `classes:
+    []`, read back as ImageNet's 1000 names: classify died with "ValueError: 3 class scores but 1000 class names"
+    (a traceback from `jaxdl classify`)."""
+    from PIL import Image
+
+    bias = np.array([0.5, -1.0, 2.0], np.float32)
+    source = keras_legacy_h5(tmp_path / "three.h5", 3, bias=bias)
+    image = tmp_path / "grey.png"
+    Image.new("RGB", (40, 30), (120, 130, 140)).save(image)
+    code, converted, err = main_here("convert", "keras", source, tmp_path / "three")
+    assert code == 0, err
+
+    expected = np.exp(bias - bias.max()) / np.exp(bias - bias.max()).sum()  # 0.178, 0.040, 0.782 by hand
+    for weights in (tmp_path / "three", source):
+        code, out, err = main_here("classify", "--json", "--weights", weights, image)
+        assert code == 0, err
+        top = json.loads(out)["top"]
+        assert [entry["index"] for entry in top] == [2, 0, 1]
+        assert [entry["label"] for entry in top] == ["class 2", "class 0", "class 1"]
+        # a softmax of 3 float32 logits against numpy's in float32: a few roundings (ONE_OP)
+        tolerance.assert_close(np.array([entry["probability"] for entry in top]), expected[[2, 0, 1]], tolerance.ONE_OP)
+    code, out, _ = main_here("classify", "--top", "1", "--weights", tmp_path / "three", image)
+    assert code == 0 and out.splitlines()[1] == f"  1. class 2 (2): {expected[2]:.2%}"
+    assert json.loads((tmp_path / "three" / "model.json").read_text())["metadata"]["classes"] is None
+    assert "3 classes, names unknown" in converted
+
+
+def test_classify_refuses_features_only_models_and_names_that_do_not_fit_the_head(tmp_path, main_here):
+    """A MobileNetV2 without its classifier (include_top=False) converts, recorded without classes, and
+    `jaxdl classify` refuses it in one line (exit 2, before compiling); a saved model whose class names are not
+    one per class is refused naming its directory. A directory that `jaxdl convert` wrote before (classes `[]`)
+    classifies by index. Seen failing with tracebacks: "decode_predictions expects (images, classes)
+    probabilities, got shape (1, 7, 7, 1280)" and "3 class scores but 1000 class names"."""
+    features = keras_legacy_h5(tmp_path / "features.h5", 1000, include_top=False)
+    image = tmp_path / "grey.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (120, 130, 140)).save(image)
+    code, converted, err = main_here("convert", "keras", features, tmp_path / "features")
+    assert code == 0, err
+    for weights in (tmp_path / "features", features):
+        code, out, err = main_here("classify", "--weights", weights, image)
+        assert (code, out) == (2, "")
+        assert f"--weights {weights}: MobileNetV2(include_top=False) ends in features, not class scores" in err
+
+    source = keras_legacy_h5(tmp_path / "three.h5", 3, bias=np.zeros(3))
+    assert main_here("convert", "keras", source, tmp_path / "three")[0] == 0
+    config_file = tmp_path / "three" / "model.json"
+    config = json.loads(config_file.read_text())
+    config["metadata"]["classes"] = ["cat", "dog"]
+    config_file.write_text(json.dumps(config))
+    code, out, err = main_here("classify", "--weights", tmp_path / "three", image)
+    assert (code, out) == (2, "")
+    assert f"--weights {tmp_path / 'three'}: 2 class names are recorded for a model of 3 classes" in err
+    config["metadata"]["classes"] = []  # as `jaxdl convert` saved a head that is not ImageNet's before
+    config_file.write_text(json.dumps(config))
+    code, out, err = main_here("classify", "--json", "--top", "1", "--weights", tmp_path / "three", image)
+    assert code == 0, err
+    assert json.loads(out)["top"][0]["label"] == "class 0"  # equal scores: the first index comes first
+    assert json.loads((tmp_path / "features" / "model.json").read_text())["metadata"]["classes"] is None
+    assert "no classifier layer" in converted

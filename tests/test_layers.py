@@ -34,7 +34,7 @@ def test_reshape_form_gives_nn_max_pools_outputs_and_input_gradient(shape, windo
     x = rng.normal(size=shape) if values == "distinct" else rng.integers(0, 3, shape)
     x = jnp.asarray(x.astype(np.float32))
     reference = lambda x: nn.max_pool(x, window, strides=window)  # noqa: E731
-    ours = lambda x: max_pool(x, window, implementation="reshape")  # noqa: E731
+    ours = lambda x: max_pool(x, window, strides=window, implementation="reshape")  # noqa: E731
     np.testing.assert_array_equal(ours(x), reference(x))
     upstream = jnp.asarray(rng.normal(size=reference(x).shape).astype(np.float32))
     gradient = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * upstream))(x)  # noqa: E731
@@ -87,7 +87,7 @@ def test_keras_convnet_step_has_no_select_and_scatter_and_trains_as_with_nn_max_
     fast, _ = jax.jit(step)(state, batch)
 
     import jaxdl.models.small as small
-    monkeypatch.setattr(small, "max_pool", lambda x, window: nn.max_pool(x, window, strides=window))
+    monkeypatch.setattr(small, "max_pool", lambda x, window, strides: nn.max_pool(x, window, strides=strides))
     step = make_train_step("sparse_categorical_crossentropy", jit=False)  # a new function: JAX caches traces
     assert "select_and_scatter" in str(jax.make_jaxpr(step)(state, batch))
     reference, _ = jax.jit(step)(state, batch)
@@ -166,3 +166,139 @@ def test_auto_takes_the_products_on_cpu_under_ynnpack_convolutions_for_image_inp
         Conv(4, (3, 3)).init(jax.random.key(0), jnp.ones((5, 5, 1)))
     with pytest.raises(ValueError, match="Conv padding must be 'SAME' or 'VALID', got 'CIRCULAR'"):
         Conv(4, (3, 3), padding="CIRCULAR").init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))
+
+
+@pytest.mark.parametrize("shape, window, strides, padding", [
+    ((2, 8, 8, 3), (2, 2), None, "VALID"),  # strides None: Flax's 1s, overlapping windows
+    ((2, 9, 7, 3), (3, 3), (3, 3), "VALID"),  # the reshape form's case, partial windows dropped
+    ((2, 8, 8, 3), (2, 2), (2, 2), "SAME"),
+    ((2, 9, 9, 2), (3, 3), (2, 2), "SAME"),
+    ((2, 8, 8, 1), (2, 2), (2, 2), ((0, 0), (0, 0))),  # explicit pairs: no padding
+    ((2, 8, 8, 1), (2, 2), (2, 2), ((1, 0), (0, 1))),
+    ((8, 8, 3), (2, 2), (2, 2), "VALID"),  # no batch axis
+    ((8, 8, 3), (2, 2), None, "SAME"),
+    ((2, 3, 8, 6, 1), (2, 2), (2, 2), "VALID"),  # two batch axes
+    ((2, 13, 5), (4,), None, "VALID"),
+])
+def test_max_pool_takes_nn_max_pools_arguments_and_gives_its_outputs_and_gradients(backend, shape, window, strides,
+                                                                                 padding):
+    """`max_pool(x, window_shape, strides, padding)` is `nn.max_pool(x, window_shape, strides, padding)`, bitwise,
+    gradients included, on the backend "auto" sees as CPU (the reshape form where windows do not overlap) and as
+    GPU. Seen failing before `strides=None` meant 1 as in Flax (it meant the window: shape (2, 4, 4, 3) against
+    Flax's (2, 7, 7, 3)) and before inputs without a batch axis, or with two, were taken ("the input of shape
+    (8, 8, 3) has 1 between batch and features", on CPU only)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    expected = nn.max_pool(x, window, strides=strides, padding=padding)
+    outputs = max_pool(x, window, strides, padding)
+    assert outputs.shape == expected.shape
+    np.testing.assert_array_equal(outputs, expected)
+    upstream = jnp.asarray(rng.normal(size=expected.shape).astype(np.float32))
+    gradient = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * upstream))(x)  # noqa: E731
+    np.testing.assert_array_equal(gradient(lambda x: max_pool(x, window, strides, padding)),
+                                  gradient(lambda x: nn.max_pool(x, window, strides=strides, padding=padding)))
+
+
+def test_max_pool_names_a_window_the_input_cannot_hold():
+    with pytest.raises(ValueError, match=r"window \(2, 2\) has 2 axes, but the input of shape \(8, 3\) has 2 in all"):
+        max_pool(jnp.zeros((8, 3)), (2, 2))
+    with pytest.raises(ValueError, match=r"strides \(2,\) has 1 axes, the window \(2, 2\) has 2"):
+        max_pool(jnp.zeros((1, 8, 8, 3)), (2, 2), (2,))
+
+
+def _forms(monkeypatch, which: str):
+    """Makes "auto" resolve to jaxdl's CPU forms ("ours": the reshape pooling, the conv products) or to Flax's
+    lowerings ("reference": reduce_window, XLA's convolution), whatever the machine."""
+    from jaxdl import compiler
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu" if which == "ours" else "gpu")
+    monkeypatch.setattr(compiler, "compiler_options", lambda *args: None)
+
+
+TANH_CONVNET = ConvNet(layers=(("conv", 3, 3, "tanh"), ("maxpool", 2), ("flatten",), ("dense", 4, "tanh"),
+                               ("dense", 2)))
+
+
+def test_forward_mode_and_second_derivatives_through_a_convnet_match_flaxs_forms_and_finite_differences(
+        monkeypatch):
+    """jax.jvp, jax.linearize, jax.jacfwd and jax.hessian through a ConvNet in jaxdl's CPU forms (the reshape
+    pooling and the conv products): the same values as through nn.max_pool and XLA's convolution, and jvp
+    against a float64 central difference. Seen failing with the CPU forms as `custom_vjp`s ("can't apply
+    forward-mode autodiff (jvp) to a custom_vjp function")."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 1)).astype(np.float32))
+    direction = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    variables = TANH_CONVNET.init(jax.random.key(0), x)
+    results = {}
+    for which in ("ours", "reference"):
+        _forms(monkeypatch, which)
+        forward = lambda x: TANH_CONVNET.apply(variables, x)  # noqa: E731  (a new function: JAX caches traces)
+        jaxpr = str(jax.make_jaxpr(forward)(x))
+        assert ("reduce_window_max" in jaxpr) == (which == "reference")  # each form is the one meant
+
+        def derivatives(x, direction):  # one program per form: quicker than op-by-op dispatch
+            outputs, tangent = jax.jvp(forward, (x,), (direction,))
+            one = x[:1]
+            scalar = lambda x: jnp.sum(forward(x) ** 2)  # noqa: E731
+            return {"outputs": outputs, "tangent": tangent, "linearized": jax.linearize(forward, x)[1](direction),
+                    "jacfwd": jax.jacfwd(forward)(one), "jacrev": jax.jacrev(forward)(one),
+                    "hessian": jax.hessian(scalar)(one)}
+
+        results[which] = jax.jit(derivatives)(x, direction)
+    ours, reference = results["ours"], results["reference"]
+    # the same network in two lowerings: a few ops' roundings apart (FEW_OPS), and within one form the
+    # forward- and reverse-mode Jacobians sum the same products in another order
+    tolerance.assert_close(ours, reference, tolerance.FEW_OPS)
+    tolerance.assert_close(ours["linearized"], ours["tangent"], tolerance.FEW_OPS)
+    tolerance.assert_close(ours["jacfwd"], ours["jacrev"], tolerance.FEW_OPS)
+    assert np.abs(np.asarray(ours["hessian"])).max() > 1e-2  # tanh layers: a hessian that is not zero
+
+    with jax.enable_x64(True):  # a float64 central difference of the same network along `direction`
+        model64 = TANH_CONVNET.clone(dtype=jnp.float64)
+        variables64 = jax.tree.map(lambda v: np.asarray(v, np.float64), variables)
+        at = lambda t: np.asarray(model64.apply(variables64, np.asarray(x, np.float64)  # noqa: E731
+                                                + t * np.asarray(direction, np.float64)))
+        step = 1e-6
+        numeric = (at(step) - at(-step)) / (2 * step)
+    # a tangent through 9-term convolutions, a 27-term dense layer and a 4-term one: the entry's ~30 terms
+    tolerance.assert_close(ours["tangent"], numeric, tolerance.GRADIENT_AGAINST_FLOAT64)
+
+
+def test_conv_products_support_forward_mode_and_second_derivatives(monkeypatch):
+    """Conv(implementation="shifted_products") under jax.jvp (in the input and the kernel together),
+    jax.jacfwd and jax.hessian gives what XLA's convolution gives, and the jvp a float64 central difference
+    along both tangents. Seen failing with the products as a `custom_vjp` (jvp refused)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 6, 5, 2)).astype(np.float32))
+    ours, reference = Conv(3, (3, 3), implementation="shifted_products"), Conv(3, (3, 3), implementation="xla")
+    variables = reference.init(jax.random.key(0), x)
+    kernel = variables["params"]["kernel"]
+    tangents = (jnp.asarray(rng.normal(size=x.shape).astype(np.float32)),
+                jnp.asarray(rng.normal(size=kernel.shape).astype(np.float32)))
+
+    def derivatives(model):
+        def f(x, kernel):
+            return jnp.tanh(model.apply({"params": {**variables["params"], "kernel": kernel}}, x))
+
+        scalar = lambda kernel: jnp.sum(f(x, kernel))  # noqa: E731
+        return {"jvp": jax.jvp(f, (x, kernel), tangents),
+                "jvp_input_only": jax.jvp(lambda x: f(x, kernel), (x,), tangents[:1]),
+                "jacfwd": jax.jacfwd(scalar)(kernel), "grad": jax.grad(scalar)(kernel),
+                "hessian": jax.hessian(scalar)(kernel)}
+
+    # one program each: quicker than op-by-op dispatch; both forms a few ops' roundings apart (FEW_OPS)
+    products, expected = jax.jit(lambda: derivatives(ours))(), jax.jit(lambda: derivatives(reference))()
+    tolerance.assert_close(products, expected, tolerance.FEW_OPS)
+    tolerance.assert_close(products["jacfwd"], products["grad"], tolerance.FEW_OPS)
+
+    with jax.enable_x64(True):
+        def at(t):
+            x64 = np.asarray(x, np.float64) + t * np.asarray(tangents[0], np.float64)
+            kernel64 = np.asarray(kernel, np.float64) + t * np.asarray(tangents[1], np.float64)
+            params = {**jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"]), "kernel": kernel64}
+            return np.tanh(np.asarray(reference.clone(dtype=jnp.float64).apply({"params": params}, x64)))
+
+        step = 1e-6
+        numeric = (at(step) - at(-step)) / (2 * step)
+    # each tangent sums 18 input and 18 kernel products of order 1: within the entry's ~30 terms
+    tolerance.assert_close(products["jvp"][1], numeric, tolerance.GRADIENT_AGAINST_FLOAT64)

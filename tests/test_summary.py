@@ -80,3 +80,74 @@ def test_mobilenet_v2_totals_match_keras(keras_mobilenet_v2):
 def test_the_table_is_plain_text_for_any_print_fn():
     _, printed = summarised(CONVNET, (8, 8, 1))
     assert "\x1b[" not in printed  # no terminal colour codes in a captured or logged summary
+
+
+class _FlagModel:
+    """Dense, Dropout and BatchNorm that follow the model's own train flag; a call in training mode raises,
+    since `summary` describes the model as it runs for inference."""
+
+    @staticmethod
+    def layers(x, training: bool):
+        import flax.linen as nn
+
+        if training:
+            raise ValueError("summary called the model in training mode")
+        x = nn.Dense(4, name="dense")(x)
+        x = nn.BatchNorm(use_running_average=not training, name="batch_norm")(x)
+        return nn.Dropout(0.5, deterministic=not training)(x)
+
+
+def _flag_models():
+    import flax.linen as nn
+
+    class Train(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            return _FlagModel.layers(x, train)
+
+    class Training(nn.Module):
+        @nn.compact
+        def __call__(self, x, training: bool = True):
+            return _FlagModel.layers(x, training)
+
+    class Deterministic(nn.Module):
+        @nn.compact
+        def __call__(self, x, deterministic: bool):  # no default: the flag must be passed
+            return _FlagModel.layers(x, not deterministic)
+
+    class NoFlag(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return _FlagModel.layers(x, False)
+
+    return [Train(), Training(), Deterministic(), NoFlag()]
+
+
+@pytest.mark.parametrize("model", _flag_models(), ids=["train", "training", "deterministic", "no-flag"])
+def test_summary_calls_models_by_their_own_train_flag_in_inference_mode(model):
+    """Every flag `fit` accepts (jaxdl.contract): `train`, `training`, `deterministic` (inverted) or none, each
+    model in inference mode (the defaults here are training mode, so a flag left out shows). Seen failing with
+    `train=False` passed to every model: "TypeError: Training.__call__() got an unexpected keyword argument
+    'train'" (and for Deterministic and NoFlag)."""
+    totals, printed = summarised(model, (3,))
+    # Dense 3->4 (16), BatchNorm scale and bias (8) trainable; its mean and variance (8) not.
+    assert totals == {"total": 32, "trainable": 24, "non_trainable": 8}
+    for name in ["dense", "batch_norm"]:
+        assert f"│ {name} " in printed, name
+    assert "float32[1,4]" in printed
+
+
+def test_summary_takes_the_flag_named_by_train_flag():
+    """`train_flag` as in `fit`: a name the signature does not give away (or None: no flag passed)."""
+    import flax.linen as nn
+
+    class Odd(nn.Module):
+        @nn.compact
+        def __call__(self, x, is_training: bool = True, **unused):
+            return _FlagModel.layers(x, is_training)
+
+    with pytest.raises(ValueError, match=r"takes \*\*kwargs"):
+        summarised(Odd(), (3,))
+    lines = []
+    totals = summary(Odd(), (3,), print_fn=lines.append, train_flag="is_training")
+    assert totals == {"total": 32, "trainable": 24, "non_trainable": 8}

@@ -123,7 +123,8 @@ class ConvNet(nn.Module):
                          kernel_init=kernel_init, name=f"conv_{i}")(x)
                 x = activation(act[0] if act else "relu")(x)
             elif kind == "maxpool":
-                x = max_pool(x, (args[0], args[0]))  # a reshape and a max on CPU (see jaxdl.layers)
+                window = (args[0], args[0])  # Keras's MaxPooling2D(n): non-overlapping windows
+                x = max_pool(x, window, strides=window)  # a reshape and a max on CPU (see jaxdl.layers)
             elif kind == "dropout":
                 x = nn.Dropout(args[0], deterministic=not train)(x)
             elif kind == "batchnorm":
