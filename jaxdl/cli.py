@@ -92,8 +92,8 @@ def one_cpu_device_per_core() -> None:
 
     MobileNetV2 inference then splits a batch over the devices
     (`jaxdl.models.mobilenet_v2.inference_mesh`), each running its share on a
-    core of its own: on 2 cores, 32 images, 223.0-227.9 images/s against 209.7-215.3
-    on one device using both (docs/pretrained.md; not measured on more cores). Left as it
+    core of its own, faster than one device using both cores
+    (docs/numerics.md#mobilenetv2-inference-on-cpu; not measured on more than 2). Left as it
     is where the user chose the CPU devices (a device count in XLA_FLAGS, or
     JAX_NUM_CPU_DEVICES), and where JAX already runs in this process (`main`
     called from Python), since JAX takes the setting only before it starts.

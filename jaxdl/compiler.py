@@ -2,13 +2,11 @@
 
 On XLA:CPU (jax 0.10.2) the option `xla_cpu_experimental_ynn_fusion_type`
 sends dots, reductions and convolutions to YNNPACK by default. For
-convolutions that is the slow choice here. These are train steps on an AMD EPYC
-with 2 cores, Adam, the median of 5 rounds. With YNNPACK's convolutions,
-keras.io's MNIST convnet at batch 128 took 34.6 ms and the CNN lesson's 64x64
-network at batch 32 took 164 ms. With XLA's own (Eigen) convolutions they took
-20.2 and 75.4 ms. So jaxdl's programs keep YNNPACK for dots and reductions
-only. A program without a convolution compiles exactly as it does by default
-(the MLP's train step gives the same optimized HLO).
+convolutions that is the slow choice in training, so jaxdl's programs keep
+YNNPACK for dots and reductions only (the figures:
+docs/numerics.md#compiler-options-on-cpu). A program without a convolution
+compiles exactly as it does by default (the MLP's train step gives the same
+optimized HLO).
 
 The option is passed to each program jaxdl compiles (`jax.jit(...,
 compiler_options=...)`), never to the whole process. So a user's own
@@ -20,18 +18,13 @@ finds that out, once per process.
 Inference programs (`jaxdl.models.mobilenet_v2.predict_in_chunks`, the
 programs `jaxdl classify` caches) take `INFERENCE_CPU_OPTIONS` instead.
 MobileNetV2's CPU forward pass is nothing but dots and elementwise loops, its
-dots small (one or two images at a time). Measured on the same machine,
-torchvision's weights folded, batch 32 as `jaxdl classify` runs it (two CPU
-devices), alternating calls:
-- YNNPACK for reductions only, so that the dots are XLA's own: 1.024x,
-  1.022x, 1.018x and 1.016x the images per second with YNNPACK's dots (two
-  processes); one core, one image at a time, 7.89 against 8.21 ms an image.
-  Outputs differ in the last bits only (largest logit difference 1.1e-05: a
-  dot's sums in another order).
+dots small (one or two images at a time), and it ran faster (same machine,
+docs/numerics.md#compiler-options-on-cpu) with:
+- YNNPACK for reductions only, so that the dots are XLA's own. Outputs differ
+  in the last bits only (a dot's sums in another order).
 - 512-bit vectors in XLA's own loops (`xla_cpu_prefer_vector_width`; LLVM's
-  default on this CPU is 256): 1.023x and 1.024x in one process, 1.009x and
-  1.017x in another; bitwise the same outputs. Measured on an AMD EPYC (Zen 4)
-  only; a CPU without AVX-512 has no such vectors and compiles as before.
+  default on that CPU is 256); bitwise the same outputs. A CPU without
+  AVX-512 has no such vectors and compiles as before.
 An option that XLA_FLAGS names is left to XLA_FLAGS.
 """
 from __future__ import annotations

@@ -3,19 +3,16 @@
 `Conv` is `flax.linen.Conv` (stride 1, no dilation or groups) with the same
 forward pass and input gradient. Its "shifted_products" form computes the
 kernel gradient as one matrix product per kernel offset. That pays on XLA:CPU
-only while YNNPACK runs the convolutions (XLA's default). In keras.io's MNIST
-convnet (batch 128, 2 cores), products for the first convolution (1 channel)
-took the step from 37.8 to 34.6 ms there. Under `jaxdl.compiler`'s options
-(XLA's own convolutions) XLA's form is faster still: 20.2 ms, against 22.0 with
-the products. The CNN lesson's 64x64x3 network ran 75.4 against 83.7 ms, and
-the 8x8 digits CNN 1.18 against 1.21 ms (medians of 5 rounds). So "auto" takes
-the products only where the convolutions stay with YNNPACK.
+only while YNNPACK runs the convolutions (XLA's default); under
+`jaxdl.compiler`'s options (XLA's own convolutions) XLA's form is faster
+still. So "auto" takes the products only where the convolutions stay with
+YNNPACK (docs/numerics.md#conv-kernel-gradients-as-shifted-products).
 
 `max_pool` is `flax.linen.max_pool` with the same results, chosen by backend: on XLA:CPU, non-overlapping
 windows (stride = window, no padding: the common 2x2 / stride 2 case) are pooled as a reshape and a `max`
 over the window axes, whose gradient is an argmax's one-hot. `nn.max_pool` lowers to `reduce_window`,
-whose gradient XLA:CPU runs as `select-and-scatter`, the largest cost of keras.io's MNIST convnet step:
-84.1 ms per step of 128 on 2 cores with it, 39.1 ms with this form (same run). GPUs and TPUs run
+whose gradient XLA:CPU runs as `select-and-scatter`, the largest cost of keras.io's MNIST convnet step
+(docs/numerics.md#max-pooling-on-cpu). GPUs and TPUs run
 `reduce_window` well, so there `nn.max_pool` is kept. No library offers this switch, hence these lines.
 """
 from __future__ import annotations

@@ -451,9 +451,8 @@ def _unselected_scan_body(contract: StepContract) -> Callable:
 
     While every step is accepted it computes what the guarded body does. It
     is the cheaper one for small models, where choosing between the new,
-    current and previous states costs a small kernel per leaf per step (the
-    "learning to round" MLP's epoch: 7.2-8.2 ms with the choices, 5.6 ms
-    without, three alternating runs on 2 cores). After a
+    current and previous states costs a small kernel per leaf per step
+    (docs/numerics.md#training-steps-on-cpu). After a
     refused step its carry means nothing: `GuardedEpoch` then runs the epoch
     again with the guarded body.
     """
@@ -584,9 +583,9 @@ def compiled_steps(loss, metrics: tuple, mesh=None, train_flag: str | None = "tr
     `batches` stacks K batches on a leading axis; one dispatch runs their K
     steps (see `_guarded_scan_body`), which cuts the per-step dispatch cost
     that dominates small models. The steps are unrolled, not a `lax.scan`:
-    XLA:CPU runs a convolution's gradient inside a loop about 9x slower than
-    outside one (the digits CNN: 16 ms a step in a scan, 1.8 ms unrolled, jax
-    0.10.2), and unrolled steps were faster for dense layers too. `totals`
+    XLA:CPU runs a convolution's gradient inside a loop far slower than
+    outside one, and unrolled steps were faster for dense layers too
+    (docs/numerics.md#training-steps-on-cpu). `totals`
     adds up the sums and `accepted_steps` on the device, so an epoch never
     waits for the host between dispatches.
     """
@@ -602,7 +601,7 @@ def compiled_steps(loss, metrics: tuple, mesh=None, train_flag: str | None = "tr
         return (*carry, totals)
 
     # The states are donated, the totals (a few scalars) are not: donating them made each dispatch wait for the
-    # step before it on a 4-device mesh (the MNIST CNN's step: 15.0 against 13.9 ms, 6 alternating runs).
+    # step before it on a 4-device mesh (docs/numerics.md#training-steps-on-cpu).
     return compiler.jit(steps, donate_argnums=(0, 1))
 
 

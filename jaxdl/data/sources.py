@@ -28,9 +28,8 @@ from jaxdl.data.arrays import (check_batch_size, class_indices, num_batches, pos
 
 # Grain's read threads, not worker processes: threads start at once, share the open source, and
 # keep the iterator's position one small dict; a worker process pays a fork and a pickle of every
-# batch. Two threads: on 2 cores with the MNIST CNN training beside them, 1, 2 and 4 threads
-# delivered 7.1k, 7.2k and 5.4k examples/s and fit ran at 0.69x, 0.85x and 0.75x of its in-memory
-# speed (more threads contend for the GIL and the cores the step computes on).
+# batch. Two threads: more contend for the GIL and the cores the step computes on
+# (docs/numerics.md#reading-sources).
 READ_THREADS = 2
 PREFETCH_BATCHES = 8
 # cache="auto" keeps a source's examples in memory when all of them, as the step takes them, need at most
@@ -501,9 +500,8 @@ class SourceBatches:
         """The example numbers in the order the epoch reads them: a permutation drawn from `(seed, epoch)`.
 
         numpy's permutation rather than grain's `shuffle`, which computes each
-        index by a call from Python (0.53 s for 60,000 examples, against about
-        a millisecond): a cached source's scanned epoch takes the whole order
-        at once.
+        index by a call from Python, far slower (docs/numerics.md#reading-sources):
+        a cached source's scanned epoch takes the whole order at once.
         """
         if not self.shuffle:
             return np.arange(len(self.source))

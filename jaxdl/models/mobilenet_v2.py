@@ -15,7 +15,7 @@ Keras layer it came from.
 
 Two speed options change how, not what, the network computes:
 - `conv_implementation`: XLA:CPU runs grouped convolutions
-  (`feature_group_count=C`) and 1x1 convolutions many times slower than
+  (`feature_group_count=C`) and 1x1 convolutions far slower than
   shifted multiply-adds and matrix products, while GPU and TPU libraries are
   fast at them; "auto" picks per backend (see `Conv`).
 - `fold_bn`: each BatchNorm folded into the conv before it (see
@@ -102,9 +102,8 @@ def _taps(x: jnp.ndarray, kernel_size: int, stride: int):
 def _depthwise_stride_one(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """A stride-1 depthwise conv of a padded NHWC `x` (kernel HW1C), as shifted multiply-adds over rows of
     width x channels: the same products summed in the same order as over NHWC windows (bitwise the same
-    result), but XLA:CPU's loop then runs along a whole row rather than along the channels alone: block
-    0's (32 channels) took 169 us where the NHWC windows took 1,021 (profiles of the network, one core,
-    one 224x224 image)."""
+    result), but XLA:CPU's loop then runs along a whole row rather than along the channels alone, which
+    is faster (docs/numerics.md#mobilenetv2-inference-on-cpu)."""
     n, height, width, channels = x.shape
     k = kernel.shape[0]
     out_h, out_w = height - k + 1, width - k + 1
@@ -115,8 +114,8 @@ def _depthwise_stride_one(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
 
 
 def _multiply_adds(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-    """A conv over few input channels (the 3-channel stem) as one multiply-add per tap and channel: 3x
-    faster than gathering its patches for a matrix product (468 against 1,512 us, one core, 224x224)."""
+    """A conv over few input channels (the 3-channel stem) as one multiply-add per tap and channel: faster
+    than gathering its patches for a matrix product (docs/numerics.md#mobilenetv2-inference-on-cpu)."""
     k, channels = kernel.shape[0], kernel.shape[2]
     return sum(tap[..., c:c + 1] * kernel[t // k, t % k, c]
                for t, tap in enumerate(_taps(x, k, stride)) for c in range(channels))
@@ -334,23 +333,19 @@ class MobileNetV2(nn.Module):
         return x
 
 
-# How XLA:CPU runs MobileNetV2 inference fastest, measured on 2 cores at batch 32.
+# How XLA:CPU runs MobileNetV2 inference fastest (the figures: docs/numerics.md#mobilenetv2-inference-on-cpu).
 # On one CPU device (JAX's default): forward passes of CPU_CHUNK images (a pair's expanded
 # activations stay in cache), CPU_STREAMS of them independent in each step so that XLA runs
-# them on both cores at once. One 32-image piece: 129 images/s; pairs one after another:
-# 199-211; two pairs at a time: 232-240.
+# them on both cores at once.
 # With a CPU device per core (as `jaxdl classify` sets up, see `jaxdl.cli`), each device takes
 # its share of the batch in passes of CPU_DEVICE_CHUNK images, CPU_DEVICE_STREAMS at a time, and
 # runs the top (`part="top"`) once on its share: an AMD EPYC's two cores then stay busier than one
-# device's scheduler keeps them (docs/numerics.md has the figures). With XLA's own dots
-# (`compiler.INFERENCE_CPU_OPTIONS`), two-image passes one at a time gave 1.023x and 1.033x the
-# images per second of one-image passes two at a time (alternating calls, batch 32; with
-# YNNPACK's dots, 1.003x: no gain, so one-image passes had been kept).
+# device's scheduler keeps them. With XLA's own dots (`compiler.INFERENCE_CPU_OPTIONS`) two-image
+# passes one at a time beat one-image passes two at a time.
 # GPUs and TPUs take whole batches.
 # On CPU, block 1 (the widest expanded activations: 112x112x96 at 224) runs in strips of 14 of its
-# 56 output rows (`row_strips`), each strip from its expansion to its projection: one core, one
-# image at a time, 1.036-1.072x the images per second of the whole block at once (four paired runs).
-# Strips in blocks 0, 2 or 3 as well, or of 8 or 28 rows, were slower.
+# 56 output rows (`row_strips`), each strip from its expansion to its projection; strips elsewhere,
+# or of other heights, were slower.
 CPU_CHUNK = 2
 CPU_STREAMS = 2
 CPU_DEVICE_CHUNK = 2
