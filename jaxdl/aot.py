@@ -7,39 +7,19 @@ it was compiled in (`program_key`, `cached_program`). Computing that key
 traces and lowers the Python function, so the key cannot miss a change of
 the code; the tracing itself is not skipped.
 
-Only entries this user wrote are loaded, because no file format can make a
-foreign entry safe. Verified in jax/jaxlib 0.10.2's
-`jax/experimental/serialize_executable.py`: `serialize(compiled)` returns
-`(payload, in_tree, out_tree)`, the trees being PyTreeDefs and the payload
-bytes written by `_JaxPjrtPickler`, a `pickle.Pickler` subclass;
-`deserialize_and_load` reads the payload with `_JaxPjrtUnpickler`, a
-`pickle.Unpickler` subclass that overrides only `persistent_load`, not
-`find_class`. The payload uses pickle's STACK_GLOBAL and REDUCE opcodes, so
-loading a crafted one calls any Python function it names. The payload also
-holds the program's machine code (an ELF object on CPU), which runs when the
-program is called. So this module trusts a file only because of who can have
-written it:
-
-- the directory must be owned by this user and writable by no one else (no
-  group or other write bit, even with the sticky bit, since other users could
-  then plant files under this user's keys, and this user could not replace
-  them). Otherwise the cache is not used: a warning, and the program is
-  compiled in memory. Entries are opened relative to that directory's checked
-  descriptor, so its ancestors need no check: a directory swapped in passes
-  only if it is also this user's private one.
-- an entry is opened with O_NOFOLLOW (a symbolic link is refused), and
-  `fstat` on the opened descriptor (so the file cannot be swapped between the
-  check and the read) must show a regular file owned by this user and not
-  writable by group or others. Otherwise it is compiled again and replaced.
+Only entries this user wrote are loaded: a serialized program is a pickle
+holding machine code, so loading a foreign one runs its code. The directory
+must be this user's and writable by no one else, and each entry a regular
+file of this user's that no one else can write (opened with O_NOFOLLOW,
+checked with `fstat`); otherwise the program is compiled in memory, or again.
+Why, as verified in JAX's sources: docs/reliability.md#why-only-your-own-files-are-loaded.
 
 Entries are written with mode 0o600 to a temporary file, loaded back from
 there and run once, and only then renamed into place, so a reader never sees
-a partial entry nor one that has not run. The only pickle in a file is
-the payload JAX requires. The trees are stored without pickle, in a JSON
-first line: the argument tree and the arguments' signature as text (compared
-with the caller's), and the output tree as PyTreeDef's protocol buffer. An output with user-defined
-pytree nodes cannot be stored that way, so it is not cached. Entries not used
-for a while are evicted once the directory holds more than `max_bytes`.
+a partial entry nor one that has not run. The trees are stored without
+pickle, in a JSON first line; an output with user-defined pytree nodes is not
+cached. Entries not used for a while are evicted once the directory holds
+more than `max_bytes`.
 """
 from __future__ import annotations
 
