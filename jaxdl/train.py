@@ -66,15 +66,41 @@ class TrainState(train_state.TrainState):
 def create_train_state(model, optimizer: optax.GradientTransformation, input_shape: Sequence[int],
                        rng: jax.Array, *, input_dtype=jnp.float32, precision: str | None = None,
                        train_flag: str | None = AUTO) -> TrainState:
-    """Initialises `model` for examples of `input_shape` (no batch axis), in inference mode.
+    """Initialises `model` for examples of `input_shape` and pairs it with `optimizer` in a `TrainState`.
 
-    `train_flag` names the model's training keyword ("auto": read from its
-    `__call__`, see `jaxdl.contract`).
+    The model is initialised in inference mode on one zero example (compiled
+    once per model), so a shape it cannot take fails here, before any step
+    compiles. The state carries what `fit` and the step factories need: the
+    parameters, BatchNorm statistics, frozen collections, a dropout key and,
+    for float16, a dynamic loss scale.
 
-    `precision` ("float32", "bfloat16", "float16") sets the model's
-    computation dtype, the parameters staying float32 (see `jaxdl.precision`).
-    A model that cannot take that shape is one error naming the shape (and,
-    for a 2-D example given to a convolutional model, the missing channel axis).
+    Args:
+      model: a Flax Linen module (jaxdl's or your own).
+      optimizer: an optax `GradientTransformation`; its state is initialised
+        from the parameters.
+      input_shape: one example's shape, without the batch axis (e.g.
+        `(28, 28, 1)`).
+      rng: a `jax.random` key, split into the initialisation key and the
+        state's dropout key.
+      input_dtype: the dtype of the zero example the model is initialised on;
+        float32 by default.
+      precision: the model's computation dtype ("float32", "bfloat16",
+        "float16"; see `jaxdl.precision`), the parameters staying float32.
+        None (default) keeps the model's own dtype.
+      train_flag: the model's training keyword ("train", "training",
+        "deterministic" or None). The default "auto" reads it from the
+        model's `__call__` (see `jaxdl.contract`).
+
+    Returns:
+      A `jaxdl.train.TrainState` whose `apply_fn` is the model's `apply`, with
+      `input_shape` recorded and `step` 0.
+
+    Raises:
+      ValueError: if the model cannot take examples of `input_shape` (the
+        message names the shape and, for a 2-D example given to a
+        convolutional model, the missing channel axis); if `precision` or
+        `train_flag` is not one jaxdl knows, or the flag cannot be read from
+        the model's signature.
     """
     model = canonical(with_precision(model, precision))
     train_flag = resolve_train_flag(model, train_flag)
@@ -327,23 +353,52 @@ def _refusing_consumed_states(jitted: Callable, what: str, mesh=None) -> Callabl
 def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True, input_key: str = "x",
                     label_key: str = "y", train_flag: str | None = AUTO,
                     rng_streams: Sequence[str] = ("dropout", "augment"), mesh=None) -> Callable:
-    """Returns `train_step(state, batch, rng=None) -> (state, sums)`.
+    """Builds the training step `fit` runs, for your own loop: `train_step(state, batch, rng=None)`.
 
-    Works with jaxdl's `TrainState` and with Flax's own (`batch_stats`,
-    `frozen` and `dropout_rng` are used when the state has them); without a
-    `dropout_rng` in the state, pass `rng` for models that draw random numbers.
-    `batch` is a dict with the input (`input_key`), the labels (`label_key`),
-    and optionally `mask` (1 for real examples, 0 for padding) and `weight`
-    (per-example loss weights). `loss` is a name from `jaxdl.losses` or a
-    function `(outputs, batch) -> per-example loss`; see `StepContract`
-    for `train_flag` and `rng_streams`. With `jit` the step is compiled and
-    donates the incoming state; without it, it is the plain function to compose.
-    `mesh` (`jaxdl.sharding.data_mesh()`) trains data-parallel: the batch is
-    split over its `data` axis, the state replicated, the gradients summed
-    over devices by `jax.jit` itself.
-    A model with BatchNorm statistics takes no `mask`: padding rows would enter
-    the batch statistics, so give it unpadded batches (`data.batches(...,
-    pad=False)`), whose last one is smaller, as in Keras.
+    The step computes the loss and its gradients, applies the optimizer and
+    returns the new state with the batch's sums (loss and metrics, summed over
+    its examples, and `count`; `summarize` turns them into means). Unlike
+    `fit`, it does not refuse a non-finite update: check the sums yourself.
+    With float16's dynamic loss scale, an overflowing step is skipped and the
+    scale lowered. It works with jaxdl's `TrainState` and with Flax's own
+    (`batch_stats`, `frozen` and `dropout_rng` are used when the state has
+    them).
+
+    Args:
+      loss: a loss name from `jaxdl.losses` (e.g.
+        "sparse_categorical_crossentropy") or a function
+        `(outputs, batch) -> per-example loss`.
+      metrics: metric names from `jaxdl.losses`, each summed per batch;
+        default accuracy.
+      jit: True (default) compiles the step with `jaxdl.compiler.jit`,
+        donating the incoming state (pass the returned one on); False returns
+        the plain function, to compose inside your own `jax.jit`.
+      input_key: the batch key holding the model's input; default "x".
+      label_key: the batch key holding the labels; default "y".
+      train_flag: the model's training keyword, passed True here; "auto"
+        (default) reads it from the model's `__call__` (see `StepContract`).
+      rng_streams: the random streams the model draws from in training, each
+        given a key folded from the state's dropout key (or `rng`) and the
+        step; default ("dropout", "augment").
+      mesh: a `jax.sharding.Mesh` (e.g. `jaxdl.sharding.data_mesh()`) to train
+        data-parallel: the batch is split over its `data` axis, the state
+        replicated, the gradients summed over devices by `jax.jit`. None
+        (default) runs where the arrays are.
+
+    Returns:
+      `train_step(state, batch, rng=None) -> (state, sums)`. `batch` is a dict
+      with the input (`input_key`), the labels (`label_key`) and optionally
+      `mask` (1 for real examples, 0 for padding) and `weight` (per-example
+      loss weights). Pass `rng` for a model that draws random numbers when
+      the state has no `dropout_rng`.
+
+    Raises:
+      ValueError: here, for an unknown loss or metric name or a bad
+        `train_flag`; from the step, for a batch without `input_key` or
+        `label_key`, a padded batch (with `mask`) given to a model with
+        BatchNorm statistics (padding would enter them: give it unpadded
+        batches, `data.batches(..., pad=False)`), a model that draws random
+        numbers without a key, or a state an earlier compiled step donated.
     """
     contract = StepContract(loss, _checked_metric_names(metrics), input_key, label_key, train_flag,
                             tuple(rng_streams), mesh)
@@ -364,7 +419,35 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
 
 def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = True, input_key: str = "x",
                    label_key: str = "y", train_flag: str | None = AUTO, mesh=None) -> Callable:
-    """Returns `eval_step(state, batch) -> sums`, running the model in inference mode (see `make_train_step`)."""
+    """Builds the evaluation step `evaluate` runs, for your own loop: `eval_step(state, batch) -> sums`.
+
+    The model runs in inference mode (dropout off, BatchNorm on its running
+    statistics); the step returns the batch's sums of loss and metrics and
+    `count`, which add up over batches and `summarize` turns into means.
+    Padding rows (`mask` 0) are left out of the sums.
+
+    Args:
+      loss: a loss name from `jaxdl.losses` or a function
+        `(outputs, batch) -> per-example loss`.
+      metrics: metric names from `jaxdl.losses`; default accuracy.
+      jit: True (default) compiles the step (the state is not donated);
+        False returns the plain function to compose.
+      input_key: the batch key holding the model's input; default "x".
+      label_key: the batch key holding the labels; default "y".
+      train_flag: the model's training keyword, passed False here; "auto"
+        (default) reads it from the model's `__call__`.
+      mesh: a `jax.sharding.Mesh` to split each batch over its `data` axis;
+        None (default) runs where the arrays are.
+
+    Returns:
+      `eval_step(state, batch) -> sums`, a dict of summed `loss`, each metric
+      and `count`.
+
+    Raises:
+      ValueError: here, for an unknown loss or metric name or a bad
+        `train_flag`; from the step, for a batch without `input_key` or
+        `label_key`, or a state an earlier compiled train step donated.
+    """
     contract = StepContract(loss, _checked_metric_names(metrics), input_key, label_key, train_flag, (), mesh)
     loss_fn = contract.loss_fn()
 
