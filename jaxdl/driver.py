@@ -75,10 +75,45 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
              batch_size: int = 256, features: Sequence[str] | None = None,
              transform: Callable | None = None, mesh=None, train_flag: str | None = AUTO,
              device_data_bytes: int | str = "auto") -> dict[str, float]:
-    """Loss and metrics over a whole dataset, in inference mode; labels are checked as `fit` checks them.
+    """Loss and metrics of a trained state over a whole dataset, in inference mode, as Keras's `evaluate`.
 
-    `x` is an array (with labels `y`) or a source, read in order (see `fit`,
-    also for `mesh`, `train_flag` and `device_data_bytes`).
+    The data are read in order, in batches of one compiled evaluation step
+    (a smaller last batch padded and masked out), and the sums over all
+    examples give the means returned. Labels are checked against the loss
+    and the model's outputs as `fit` checks them, before anything compiles.
+
+    Args:
+      state: the `TrainState` to evaluate (e.g. the one `fit` returned).
+      x: an array of inputs (with labels `y`) or a source carrying its own
+        labels (a random-access source or an iterable of batch dicts; see
+        `fit`).
+      y: the labels of array `x`; None for a source.
+      loss: a loss name from `jaxdl.losses` or a function
+        `(outputs, batch) -> per-example loss`. Required.
+      metrics: metric names from `jaxdl.losses`; default accuracy.
+      batch_size: examples per compiled step; it must split evenly over the
+        `mesh`'s devices. Default 256.
+      features: for a source, the `(input, label)` feature names (see `fit`).
+      transform: for a random-access source, what computes `(x, y)` from an
+        example (see `fit`).
+      mesh: a `jax.sharding.Mesh` whose `data` axis splits each batch; None
+        (default) is `jaxdl.sharding.data_mesh()`, all devices.
+      train_flag: the model's training keyword, passed False; "auto"
+        (default) reads it from the model's `__call__` (see `fit`).
+      device_data_bytes: the bytes per device that array data may take to go
+        to the devices whole; larger arrays go batch by batch. "auto"
+        (default) as in `fit`; 0 always streams.
+
+    Returns:
+      A dict of floats: `loss`, then each metric.
+
+    Raises:
+      ValueError: for bad input, naming the argument at fault: a
+        non-positive `batch_size`, an unknown loss or metric, a batch that
+        does not split over the mesh, mismatched or ill-shaped `x` and `y`,
+        labels that do not fit the loss or the model's outputs, labels `y`
+        beside a source, `features` or `transform` with array `x`, or a
+        source that yields no batches.
     """
     batch_size = data.check_batch_size(batch_size)
     metrics = _checked_metric_names(metrics)
@@ -129,18 +164,46 @@ def prediction_batch_size(num_examples: int, batch_size: int, multiple: int = 1)
 def predict(model_or_state, x, *, variables=None, batch_size: int = 256, features: Sequence[str] | None = None,
             transform: Callable | None = None, mesh=None, precision: str | None = None,
             train_flag: str | None = AUTO, device_data_bytes: int | str = "auto") -> np.ndarray:
-    """Model outputs (logits) for `x`, in batches, in inference mode.
+    """The model's outputs (logits, as the model returns them) for every example of `x`, in inference mode.
 
-    Takes a TrainState, or a Linen module together with its `variables`.
-    `x` is an array or a source read in order (only its input feature,
-    `features[0]`, is read). MobileNetV2 models run their fast inference form
-    (BatchNorm folded, images in chunks, as `jaxdl.classifier` does).
-    `precision` ("bfloat16", ...) computes in another dtype than the
-    model's own (see `jaxdl.precision`); outputs come back as float32.
-    Batches are split over the `mesh` (see `fit`); every process gets all outputs.
-    `train_flag` names the model's training keyword, passed False here (see `fit`).
-    Arrays larger than `device_data_bytes` per device (see `fit`) go to the
-    devices batch by batch.
+    The examples are run in batches of one compiled shape: `batch_size`, or
+    the power of two that holds a smaller input (`prediction_batch_size`), the
+    last batch filled up and its extra outputs dropped. MobileNetV2 models
+    (and fine-tuned ones) run their fast inference form, BatchNorm folded and
+    images in chunks, as `jaxdl.classifier` does. Every process gets all
+    outputs.
+
+    Args:
+      model_or_state: a `TrainState`, or a Flax Linen module together with
+        its `variables`.
+      x: an array of inputs, or a source read in order (only its input
+        feature, `features[0]`, is read; see `fit`).
+      variables: the module's variables (`{"params": ..., ...}`), needed
+        with a module and ignored with a state.
+      batch_size: the largest batch compiled; default 256.
+      features: for a source, the feature names; only the first is read.
+      transform: for a random-access source, what computes the input from an
+        example (see `fit`).
+      mesh: a `jax.sharding.Mesh` whose `data` axis splits each batch; None
+        (default) is `jaxdl.sharding.data_mesh()`, all devices.
+      precision: another computation dtype than the model's own
+        ("bfloat16", ...; see `jaxdl.precision`); None (default) keeps the
+        model's. Outputs come back as float32 either way.
+      train_flag: the model's training keyword, passed False; "auto"
+        (default) reads it from the model's `__call__` (see `fit`).
+      device_data_bytes: the bytes per device that `x` may take to go to the
+        devices whole; a larger array goes batch by batch. "auto" (default)
+        as in `fit`; 0 always streams.
+
+    Returns:
+      A float32 numpy array of the outputs, one row per example of `x`, in
+      its order.
+
+    Raises:
+      ValueError: a module given without `variables`; `precision` with a
+        state whose model is unknown (not built by `create_train_state`); a
+        non-positive `batch_size`; ill-shaped or empty `x`; `features` or
+        `transform` with array `x`; a source that yields no batches.
     """
     batch_size = data.check_batch_size(batch_size)
     mesh = sharding.resolve_mesh(mesh)
@@ -378,110 +441,156 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
     """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
 
-    Returns the final state and a history: per-epoch lists of `loss`, each
-    metric and their `val_` counterparts. The optimizer defaults to Adam(1e-3).
-    An update that makes the loss, a gradient or a parameter non-finite stops
-    training with a warning, and the returned state is the last finite one.
+    Each epoch shuffles the data (from `seed` and the state's step count, or
+    the epoch number for sources), runs the compiled train step over its
+    batches and evaluates `validation_data` or the `validation_split`; the
+    history gathers the per-epoch means. An update that makes the loss, a
+    gradient or a parameter non-finite stops training with a warning, and the
+    returned state is the last finite one. In-memory arrays train a whole
+    epoch in one compiled call where that is fast; larger data, sources and
+    convolutional models on CPU feed batches to a compiled step: both paths
+    train the same model, seed and data in the same order to the same
+    parameters (up to float rounding). The concepts, with examples:
+    docs/training.md (what `fit` does, weights, callbacks), docs/data.md
+    (sources, transforms, the cache), docs/checkpoints.md (resuming),
+    docs/scale.md (devices, processes, half precision).
 
-    `x` is an array of inputs (with labels `y`), or a source, which carries
-    its own labels:
-    - a random-access source (`jaxdl.data.tfds_source(...)`, a grain
-      `MapDataset`, or anything with `__len__` and `__getitem__` returning a
-      dict of features): `features=(input, label)` names what to read
-      (default `("image", "label")`), or `transform` computes it: a function
-      `example -> (x, y)`, run on every read since it may draw random
-      numbers; a `grain.transforms.RandomMap`, whose `random_map(example,
-      rng)` gets a generator of (seed, epoch, example number); or a
-      `grain.transforms.Map`, declared deterministic (its output may be
-      cached). Shuffling is per epoch from `(seed, epoch)`; batches are
-      read by grain's threads and put on the device ahead of their step;
-    - an iterable of batch dicts `{"x": ..., "y": ...}` (or other keys,
-      named by `features=(input, label)`): an epoch is `steps_per_epoch`
-      batches, or one pass when that is None.
-    `steps_per_dispatch=K` runs K steps of a source per compiled call.
-    `cache` keeps a random-access source's examples (and validation_data's)
-    in memory once read, as tf.data's `.cache()`: "auto" when they need at
-    most a quarter of the memory available, True, False, or a bound in bytes
-    (an error names the sizes when they do not fit); nothing is decoded
-    twice (see `data.SourceBatches`). It keeps what is deterministic: the
-    mapped examples without a transform or with a `grain.transforms.Map`,
-    else the decoded examples, the transform running again every epoch
-    (random augmentation is never frozen). Where arrays would train in scanned
-    epochs (dense models; any model off CPU) and one process reads the
-    data, a source cached after mapping is read whole before the first step
-    and trains as arrays do, in its own orders.
+    Args:
+      model: the Flax Linen module to train; None (or the same model) when
+        `state` is given.
+      x: the inputs: an array of examples (with labels `y`), or a source that
+        carries its own labels: a random-access source
+        (`jaxdl.data.tfds_source(...)`, a grain `MapDataset`, or anything with
+        `__len__` and `__getitem__` returning a dict of features), or an
+        iterable of batch dicts `{"x": ..., "y": ...}`.
+      y: the labels of array `x` (integer classes, one-hot rows or targets, as
+        `loss` takes them); None for a source.
+      loss: a loss name from `jaxdl.losses` (sparse/one-hot softmax
+        cross-entropy, binary cross-entropy, MSE, Huber) or a function
+        `(outputs, batch) -> per-example loss`. Required.
+      optimizer: an optax `GradientTransformation`; None (default) is
+        Adam(1e-3), or the state's own optimizer when `state` is given.
+      metrics: metric names from `jaxdl.losses`, reported for training and
+        validation; default accuracy.
+      epochs: the epoch number to stop before (training runs epochs
+        `initial_epoch` to `epochs - 1`); default 1.
+      batch_size: the global batch size; it must split evenly over the
+        `mesh`'s devices. Default 32. The last smaller batch is filled up and
+        masked out of the loss (a model with BatchNorm statistics takes it as
+        it is).
+      seed: the run's seed, for initialisation, shuffling and the models'
+        random streams; default 0.
+      validation_split: the share (between 0 and 1) of array `x`, `y` held out
+        at its end for validation, as Keras does; None (default) holds out
+        nothing. Not for sources.
+      validation_data: a pair `(x_val, y_val)` or a source to evaluate after
+        every epoch (its metrics prefixed `val_`); not with
+        `validation_split`.
+      shuffle: whether each epoch reads the examples in a new order; default
+        True.
+      drop_remainder: drop each epoch's last smaller batch instead of padding
+        it; default False.
+      callbacks: `jaxdl.callbacks.Callback`s (EarlyStopping, ModelCheckpoint,
+        a learning-rate schedule, your own), called as Keras calls them.
+      state: a `TrainState` to continue training (its model and optimizer
+        carry on; `model` must be None or that model, `optimizer` None). It
+        is copied, never consumed: two calls (`epochs=2`, then `epochs=5,
+        initial_epoch=2` from the returned state) train exactly as one call
+        of 5 epochs with the same seed. None (default) builds a new state.
+      initial_epoch: the number of the first epoch, for callbacks, messages
+        and checkpoints, as in Keras; default 0.
+      class_weight: `{class: weight}` scaling each example's loss by its
+        class; the loss is the sum of weighted losses over the number of
+        examples and metrics stay unweighted, as in Keras. None (default)
+        weighs every class 1.
+      sample_weight: one loss weight per example of array `x` (a source's
+        batches may carry a "weight" feature instead); None (default) is 1.
+      features: for a source, the `(input, label)` feature names to read
+        (default `("image", "label")`; for an iterable, the batch keys,
+        default `("x", "y")`). Not with array `x`.
+      transform: for a random-access source, what computes `(x, y)` from an
+        example instead of `features`: a function `example -> (x, y)`, run on
+        every read since it may draw random numbers; a
+        `grain.transforms.RandomMap`, whose `random_map(example, rng)` gets a
+        generator of (seed, epoch, example number); or a
+        `grain.transforms.Map`, declared deterministic (its output may be
+        cached). None (default) reads `features`.
+      steps_per_epoch: for an iterable of batches, the batches that make an
+        epoch; None (default) is one pass of the iterable.
+      steps_per_dispatch: K train steps run per compiled call when batches
+        are fed from the host, cutting the per-step dispatch cost; default 1.
+      checkpoint_dir: a directory where orbax saves the whole run after every
+        epoch (or every `checkpoint_every` steps), and from which the same
+        call resumes, inside an epoch if the checkpoint was taken there,
+        ending with bitwise the parameters and history of a run never
+        interrupted. A checkpoint of another run (model, optimizer, batch
+        size, data, loss, callbacks, PRNG implementation) is refused, naming
+        the difference; one whose own bytes are bad is moved aside as
+        `unreadable-N` with a warning, an access error is raised as it is
+        (docs/checkpoints.md, docs/reliability.md). Needs arrays or a
+        random-access source. None (default) saves nothing.
+      checkpoint_every: "epoch" (default) or a number of steps between
+        checkpoints.
+      keep: how many of the newest checkpoints to keep; default 3.
+      mesh: a `jax.sharding.Mesh` to train data-parallel over its `data`
+        axis (each batch split over the devices, state and arrays
+        replicated, gradients summed by `jax.jit`). None (default) is
+        `jaxdl.sharding.data_mesh()`, all devices. With several processes
+        (`jaxdl.distributed.initialize`), each reads only its part of every
+        batch of a source.
+      precision: "bfloat16", or "float16" with dynamic loss scaling, to
+        compute in half precision while parameters and optimizer state stay
+        float32 (see `jaxdl.precision`); None (default) keeps the model's
+        dtype. Not with `state`.
+      train_flag: the keyword that switches the model between training and
+        inference ("train", "training", "deterministic" (passed inverted) or
+        None). The default "auto" reads it from the model's `__call__`, so
+        `def __call__(self, x, train: bool)` as in Flax's examples needs
+        nothing (see `jaxdl.contract`). Every call of the model, checks
+        included, goes through it.
+      rng_streams: the random streams the model draws from in training, a
+        key each from the run's seed and the step; default
+        ("dropout", "augment").
+      cache: for a random-access source (and `validation_data`'s), keep its
+        examples in memory once read, as tf.data's `.cache()`: "auto"
+        (default) when they need at most a quarter of the memory available,
+        True, False, or a bound in bytes. What is cached is deterministic
+        (the mapped examples without a transform or with a
+        `grain.transforms.Map`, else the decoded examples, the transform
+        running again every epoch). A source cached after mapping, where
+        arrays would train in scanned epochs and one process reads the data,
+        is read whole before the first step and trains as arrays do.
+      device_data_bytes: the bytes per device that in-memory data (x, y and
+        the weights, validation arrays, a source cached after mapping) may
+        take to go to each device whole; larger data stream batch by batch,
+        at most `data.PREFETCH_DEPTH + 2` batches on a device at once. "auto"
+        (default): on CPU a quarter of the memory available over this
+        process's devices, on a GPU or TPU an eighth of a device's memory
+        (`data.device_data_limit`); 0 always streams.
+      verbose: 0 silent, 1 a progress bar, 2 one line per epoch; "auto"
+        (default) and True are 1 on a terminal, 2 otherwise.
 
-    `device_data_bytes` bounds the device memory that data take: in-memory
-    arrays (x, y and the weights; validation arrays; a source cached after
-    mapping) go to each device whole, for the scanned epochs, only when they
-    take at most that many bytes ("auto": on CPU, whose device memory is the
-    host's, a quarter of the memory available over this process's devices;
-    on a GPU or TPU an eighth of a device's memory; see
-    `data.device_data_limit`); larger ones stream batch by batch, at most
-    `data.PREFETCH_DEPTH + 2` batches (of `steps_per_dispatch` steps) on a
-    device at once, as sources always do. 0 always streams.
-    The same model, seed and data in the same order train to the same
-    parameters on both paths (up to float rounding: the array path pads
-    its last batch and masks the padding out).
+    Returns:
+      `(state, history)`: the trained `TrainState` (the last finite one if
+      training diverged) and a dict of per-epoch lists: `loss`, each metric
+      and their `val_` counterparts.
 
-    Pass `state` to continue training it: it carries its model and optimizer,
-    so `model` must be None or that same model and `optimizer` None. The
-    caller's state is copied, never consumed. Each epoch's shuffle order
-    follows from `seed` and the state's step count (the epoch number for
-    sources), so two calls (`epochs=2`, then `epochs=5, initial_epoch=2`
-    from the returned state) train exactly as one call of 5 epochs with the
-    same seed. As in Keras, `initial_epoch` numbers the first epoch (for
-    callbacks and messages) and training runs epochs `initial_epoch` to
-    `epochs - 1`.
-
-    `class_weight` ({class: weight}) and `sample_weight` (one per example,
-    arrays only) scale each example's loss as Keras does: the loss is the
-    sum of weighted losses over the number of examples; metrics stay
-    unweighted. `verbose`: 0 silent, 1 a progress bar, 2 one line per epoch;
-    "auto" (and True) is 1 on a terminal and 2 otherwise, so logs do not
-    fill with progress-bar updates.
-
-    `checkpoint_dir` saves the whole run there with orbax (see
-    `checkpoint.TrainingCheckpoints`) after every epoch, or every
-    `checkpoint_every` steps, keeping the last `keep`; calling the same `fit`
-    again with the same directory resumes from the newest readable checkpoint,
-    inside an epoch if it was taken there, and ends with bitwise the
-    parameters and history of a run never interrupted. Only a checkpoint
-    whose own bytes are bad is moved aside (as `unreadable-N`, with a
-    warning); an access error (permission, credentials, a network) is raised
-    as it is, and a directory left with only moved-aside checkpoints is an
-    error, not a fresh start (take them out of it to start afresh). A
-    checkpoint of another run (model, optimizer, batch size, data order,
-    loss, PRNG implementation) is refused
-    with the difference named: the config compared holds the data's identity
-    (number of examples and batches, validation split, a fingerprint of the
-    examples) and each callback's class and settings. A resumed run says
-    where it resumed from (verbose > 0). Whatever ends the run (an error,
-    Ctrl-C), the checkpoint being written is completed first; a save that
-    fails is a `run_checkpoint.CheckpointSaveError` naming the directory,
-    carrying the trained `state` and `history`. Needs arrays or a
-    random-access source.
-
-    `mesh` (default: `jaxdl.sharding.data_mesh()`, all devices) trains
-    data-parallel: each batch is split over the mesh's `data` axis, state
-    and arrays are replicated, and `jax.jit` sums the gradients over devices;
-    `batch_size` is the global batch and must split evenly. A smaller last
-    batch is filled up and masked, as the in-memory scan does; a BatchNorm
-    model, whose statistics cannot leave padding out, takes it as it is,
-    which the devices must be able to split (else an error names the sizes:
-    pass drop_remainder=True). With several
-    processes (`jaxdl.distributed.initialize`), each reads only its part of
-    every batch of a source. `precision` ("bfloat16", or "float16" with
-    dynamic loss scaling) computes in half precision while parameters and
-    optimizer state stay float32 (see `jaxdl.precision`).
-
-    `train_flag` names the keyword that switches the model between training
-    and inference ("train", "training", "deterministic" (passed inverted) or
-    None); the default "auto" reads it from the model's `__call__`, so
-    `def __call__(self, x, train: bool)` as in Flax's examples needs nothing
-    (see `jaxdl.contract`). `rng_streams` names the random streams the model
-    draws from in training (a key each, from the run's seed and the step).
-    Every call of the model, checks included, goes through that contract.
+    Raises:
+      ValueError: for bad input, naming the argument at fault: mismatched
+        `x`/`y` lengths, a wrong example shape, empty data, NaN, a
+        non-positive `batch_size` or `steps_per_dispatch`, `epochs` or
+        `initial_epoch` out of range, `validation_split` outside (0, 1) or
+        with a source or beside `validation_data`, labels that do not fit the
+        loss or the model's outputs, `y`, `sample_weight`, `features`,
+        `transform`, `class_weight`, `cache` or `steps_per_epoch` given with a
+        kind of `x` that does not take them, a batch that does not split over
+        the mesh, a bad `verbose`, `cache` or `device_data_bytes`, a `state`
+        given with another model, optimizer or a `precision`,
+        `checkpoint_dir` with an iterable of batches, or a checkpoint in
+        `checkpoint_dir` of another run or unreadable altogether.
+      jaxdl.run_checkpoint.CheckpointSaveError: when saving a checkpoint
+        fails (a full disk); it names the directory and carries the trained
+        `state` and `history`.
     """
     batch_size, metrics, verbosity = data.check_batch_size(batch_size), _checked_metric_names(metrics), \
         _verbosity(verbose)
