@@ -554,7 +554,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       cache: for a random-access source (and `validation_data`'s), keep its
         examples in memory once read, as tf.data's `.cache()`: "auto"
         (default) when they need at most a quarter of the memory available,
-        True, False, or a bound in bytes. What is cached is deterministic
+        True, False, or a bound in bytes (an error names the sizes when they
+        do not fit); nothing is decoded twice. What is cached is deterministic
         (the mapped examples without a transform or with a
         `grain.transforms.Map`, else the decoded examples, the transform
         running again every epoch). A source cached after mapping, where
