@@ -155,12 +155,35 @@ def sweep(train_fn: Callable[..., Mapping[str, Any]], grid: Mapping[str, Sequenc
           out: str | os.PathLike | None = None, *, monitor: str = "val_loss", mode: str = "min", verbose: bool = True) -> SweepTable:
     """Trains every configuration of `grid` with `train_fn(**config) -> {metric: value}`; returns their table.
 
-    The table is printed (unless `verbose=False`), written to `out` as CSV
-    when given, and names the best configuration by `monitor` (`mode` "min"
-    or "max"). Exceptions raised by `train_fn` (any `Exception`) are caught
-    and reported in their row's `error`, with a line on the output; so is a
-    return value that is not a dict of metrics. KeyboardInterrupt stops the
-    sweep as usual.
+    Configurations run one after another in the grid's order (the last name
+    varying fastest, as `itertools.product`), each timed. A configuration
+    that fails is a row, not the end of the sweep: an `Exception` raised by
+    `train_fn`, or a return value that is not a dict of metrics, is reported
+    in its row's `error` with a line on the output. KeyboardInterrupt stops
+    the sweep as usual.
+
+    Args:
+      train_fn: `train_fn(**config) -> {metric: value}`, called once per
+        configuration; a metric may be any real number (never a bool, NaN or
+        infinity to count as best).
+      grid: `{name: [values, ...]}`, each name a keyword argument of
+        `train_fn`.
+      out: a path to write the table to as CSV; None (default) writes none.
+      monitor: the metric that chooses the best row; default "val_loss".
+      mode: "min" (default) takes the lowest `monitor`, "max" the highest,
+        among rows without error.
+      verbose: print a line per configuration and the table; default True.
+
+    Returns:
+      A `SweepTable`: one row per configuration (its values, the metrics
+      `train_fn` returned, `seconds`, `error`) and `best`, the best row or
+      None when no configuration finished with a finite `monitor`.
+
+    Raises:
+      ValueError: if `mode` is not "min" or "max", `train_fn` is not
+        callable, or `grid` is not a non-empty dict of non-empty lists whose
+        names are keyword names and not the table's own columns.
+      OSError: if `out` cannot be written.
     """
     if mode not in ("min", "max"):
         raise ValueError(f"sweep mode must be 'min' or 'max', got {mode!r}")

@@ -126,33 +126,49 @@ def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, ba
                probabilities: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of `n_samples` predictions of `model` on `x` with dropout on.
 
-    `variables` are the model's (e.g. `state.variables`), or a whole
-    `TrainState` (its variables are used, and `model` may be None: the
-    state's own model); `x` is a batch of
-    inputs, shape `(N, ...)`; `rng` a JAX key (or an int seed): the same key
-    gives the same masks, so the result is reproducible. BatchNorm runs on
-    its running averages (see the module docstring). Returns two arrays of
-    the model's output shape, `(N, outputs)`; the standard deviation is the
-    population one (over the samples, ddof 0).
+    Monte-Carlo dropout (Gal & Ghahramani): the model runs `n_samples` times
+    in training mode for its dropout only, BatchNorm staying on its running
+    averages (see the module docstring), and the spread of the passes
+    estimates the model's uncertainty. For a classifier it averages
+    *probabilities*, so with a classification `loss` each pass is turned into
+    probabilities before the mean and spread are taken; without one, the raw
+    outputs (logits, or a regression's values) are averaged. The same key
+    gives the same masks, so the result is reproducible.
 
-    What is averaged: for a classifier, Monte-Carlo dropout averages
-    *probabilities* (Gal & Ghahramani), so with a classification `loss`
-    (the name given to `fit`: sparse/categorical cross-entropy gives softmax
-    probabilities, binary cross-entropy sigmoid ones) each pass is turned
-    into probabilities before the mean and spread are taken. Without a loss,
-    the model's raw outputs (logits, or a regression's values) are averaged.
-    `probabilities=True` or False overrides that choice.
+    Args:
+      model: the Flax Linen module; None when `variables` is a `TrainState`
+        built by `create_train_state` (its own model is used).
+      variables: the model's variables (e.g. `state.variables`), or a whole
+        `TrainState`, whose variables are used.
+      x: a batch of inputs, shape `(N, ...)`.
+      n_samples: the number of dropout passes, a positive integer.
+      rng: a JAX key, or an int seed.
+      batch_size: split `x` into batches of that many inputs (the last one
+        padded), all run by one compiled program, for inputs whose
+        `n_samples` copies of activations would not fit in memory at once;
+        batch `i` draws its masks from `fold_in(rng, i)`. None (default) runs
+        `x` at once.
+      train_flag: the model's training keyword, passed False (dropout is
+        switched on by its own rng stream); "auto" (default) reads it from
+        the model's `__call__` (see `jaxdl.contract`).
+      loss: the loss name given to `fit`: sparse/categorical cross-entropy
+        averages softmax probabilities, binary cross-entropy sigmoid ones;
+        None (default) averages the raw outputs.
+      probabilities: True or False overrides what `loss` chose; None
+        (default) follows `loss`.
 
-    `batch_size` splits `x` into batches of that many inputs (the last one
-    padded), all run by the same compiled program, for inputs whose
-    `n_samples` copies of activations would not fit in memory at once; batch
-    `i` draws its masks from `fold_in(rng, i)`. `train_flag` names the
-    model's training keyword, passed False here ("auto": read from the
-    model's `__call__`, see `jaxdl.contract`).
+    Returns:
+      `(mean, std)`: two numpy arrays of the model's output shape,
+      `(N, outputs)`; the standard deviation is the population one (over the
+      samples, ddof 0). A model without any `nn.Dropout` of a rate above 0
+      gets a warning: every sample is then the same prediction, and the
+      standard deviation is exactly 0.
 
-    A model without any `nn.Dropout` of a rate above 0 (jaxdl's `MLP` with
-    `dropout_rate=0` has none) gets a warning: every sample is then the same
-    prediction, and the standard deviation is exactly 0.
+    Raises:
+      ValueError: if no Linen module is given or found in the state; if
+        `n_samples` or `batch_size` is not a positive integer; if `x` is not a
+        non-empty batch `(N, ...)`; if the train flag cannot be read from the
+        model.
     """
     if hasattr(variables, "apply_fn") and hasattr(variables, "params"):  # a TrainState
         state = variables
