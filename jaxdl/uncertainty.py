@@ -127,8 +127,8 @@ def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, ba
     """Mean and standard deviation of `n_samples` predictions of `model` on `x` with dropout on.
 
     Monte-Carlo dropout (Gal & Ghahramani): the model runs `n_samples` times
-    in training mode for its dropout only, BatchNorm staying on its running
-    averages (see the module docstring), and the spread of the passes
+    in inference mode with every `nn.Dropout` switched on, BatchNorm staying
+    on its running averages (see the module docstring), and the spread of the passes
     estimates the model's uncertainty. For a classifier it averages
     *probabilities*, so with a classification `loss` each pass is turned into
     probabilities before the mean and spread are taken; without one, the raw
