@@ -149,8 +149,8 @@ def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, ba
         batch `i` draws its masks from `fold_in(rng, i)`. None (default) runs
         `x` at once.
       train_flag: the model's training keyword, passed False (dropout is
-        switched on by its own rng stream); "auto" (default) reads it from
-        the model's `__call__` (see `jaxdl.contract`).
+        switched on by a method interceptor); "auto" (default) reads it
+        from the model's `__call__` (see `jaxdl.contract`).
       loss: the loss name given to `fit`: sparse/categorical cross-entropy
         averages softmax probabilities, binary cross-entropy sigmoid ones;
         None (default) averages the raw outputs.

@@ -52,11 +52,30 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 
 def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
-    """`tfds.data_source(name, split=split, data_dir=data_dir)`, never downloading.
+    """A tfds dataset's split as a random-access source for `fit`, `evaluate` and `predict`; never downloads.
 
-    Reading an ArrayRecord dataset needs no TensorFlow. A dataset that is not
-    prepared is one error that names it, the directory looked in, and how to
-    prepare it on a connected machine; jaxdl never falls back to other data.
+    It is `tfds.data_source(name, split=split, data_dir=data_dir,
+    download=False)`: examples are read one by one from ArrayRecord files,
+    which needs no TensorFlow. jaxdl never falls back to other data: a
+    dataset that is not prepared is one error saying how to prepare it on a
+    connected machine (`jaxdl prepare`, `jaxdl.data.prepare`; docs/data.md).
+
+    Args:
+      name: the tfds dataset name, e.g. "mnist".
+      split: the split, e.g. "train", "test" or a slice such as "train[:90%]".
+      data_dir: the tfds data directory to read from; None (default) is
+        tfds's own default (`TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+
+    Returns:
+      The tfds data source: `len(source)` examples, `source[i]` a dict of
+      features (e.g. "image", "label").
+
+    Raises:
+      ValueError: if tfds has no dataset named `name`.
+      DatasetNotPreparedError: (a `FileNotFoundError`) if the dataset is not
+        prepared in `data_dir` as ArrayRecord files; it names the dataset, the
+        directory looked in (`looked_in`) and how to prepare it.
+      ImportError: if tensorflow-datasets is not installed.
     """
     import tensorflow_datasets as tfds
 
