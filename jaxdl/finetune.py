@@ -106,12 +106,57 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
              checkpoint_dir=None, checkpoint_every: int | str = "epoch") -> FineTuned:
     """Trains a new head on a frozen pretrained backbone (plus, with `unfreeze`, its top stages).
 
-    `images` are preprocessed NHWC arrays, `labels` integer classes. The
-    head defaults to one Dense layer of `num_classes`; any Linen module
-    taking (features, train) will do. Features are cached unless
-    `augment` or `unfreeze` need the backbone at every step.
-    `checkpoint_dir` and `checkpoint_every` checkpoint the training and
-    resume it, as in `fit`.
+    The backbone runs in inference mode and its BatchNorm statistics never
+    change. Head-only training without augmentation computes the backbone's
+    features once per image and trains the head on them ("cached
+    features"); with `augment` or `unfreeze`, images go through the backbone
+    at every step. Both paths reach the same head from one seed. Training
+    runs through `fit` with sparse categorical cross-entropy and Adam
+    (docs/pretrained.md).
+
+    Args:
+      images: preprocessed NHWC image arrays (as `jaxdl.images` loads them).
+      labels: integer class labels, one per image.
+      backbone: a `MobileNetV2` (with or without its top; the top is
+        removed).
+      backbone_variables: the backbone's pretrained variables (`params` and
+        `batch_stats`).
+      head: a Linen module taking `(features, train)`; None (default) is one
+        Dense layer of `num_classes` (`ClassifierHead`).
+      num_classes: the number of classes of the default head; needed when
+        `head` is None.
+      validation_data: `(images, labels)` evaluated after every epoch; None
+        (default) evaluates nothing.
+      epochs: the number of epochs; default 20.
+      batch_size: the batch size; default 32.
+      learning_rate: Adam's learning rate for the head; default 1e-3.
+      unfreeze: how many of the backbone's top stages train too (1 is
+        `Conv_1`, 2 adds block 16, ..., 18 the whole backbone); default 0.
+      backbone_learning_rate: Adam's learning rate for the unfrozen stages;
+        default 1e-5.
+      augment: random flips and crops of the images at every step (needs
+        the backbone at every step); default False.
+      cache_features: train on features computed once; None (default) caches
+        unless `augment` or `unfreeze` need the backbone at every step.
+      seed: the seed of the head's initialisation, shuffling and dropout;
+        default 0.
+      callbacks: `jaxdl.callbacks.Callback`s, passed to `fit`.
+      verbose: print progress, as `fit` does; default True.
+      checkpoint_dir: a directory to checkpoint the training in and resume
+        it from, as in `fit`; None (default) saves nothing.
+      checkpoint_every: "epoch" (default) or a number of steps, as in `fit`.
+
+    Returns:
+      A `FineTuned`: the `FineTuneModel` (backbone and head), its whole
+      variables as numpy arrays (ready for `save_model` or `predict`), the
+      training history and the final `TrainState`.
+
+    Raises:
+      ValueError: if neither `head` nor `num_classes` is given; if
+        `cache_features=True` with `augment` or `unfreeze`; if `unfreeze` is
+        outside 0 to 18; and whatever `fit` raises for the data and
+        arguments.
+      TypeError: if `head` does not take a `train` argument.
     """
     head = _head_module(head, num_classes)
     if cache_features is None:
