@@ -25,11 +25,26 @@ from jaxdl.models.mobilenet_v2 import (MobileNetV2, apply_in_chunks, body_and_to
 class ImageClassifier:
     """Classifies photo files: a model with its variables, preprocessing and class names.
 
-    With a `program_cache`, the compiled forward pass is kept on disk for the
+    What `jaxdl classify` runs: build one with `ImageClassifier.load(...)`,
+    then `classify(paths)` for named classes or `probabilities(images)` for
+    the scores of preprocessed images; `save(directory)` keeps all of it in
+    one model directory that works in any process (docs/pretrained.md). With
+    a `program_cache`, the compiled forward pass is kept on disk for the
     next process (`jaxdl.aot.cached_program`): its key is the lowered program,
     the variables included as constants, so the variables are read and the
     model traced in every process, and XLA's compile is what a cached program
     saves.
+
+    Attributes:
+      model: the Flax Linen module (a MobileNetV2 or a fine-tuned model).
+      variables: its variables, or None until they are read from `source`.
+      preprocessing: how photos are turned into the model's input
+        (`jaxdl.images.KERAS`, `jaxdl.images.TORCHVISION` or the saved one).
+      class_names: a name per class, or None (classes shown by index).
+      outputs: "logits" (a softmax is applied) or "probabilities".
+      program_cache: a folder for compiled programs; None compiles in memory.
+      source: the saved model directory the variables come from, if any.
+      fast: run MobileNetV2 with its BatchNorm folded into the convs.
     """
 
     model: object
@@ -131,6 +146,26 @@ class ImageClassifier:
         return apply, variables, {"top": top, "mesh": mesh}
 
     def save(self, directory, *, overwrite: bool = False, **extra_metadata) -> Path:
+        """Saves the classifier as a model directory that `ImageClassifier.load` and `load_model` read back.
+
+        The model and its variables go through `jaxdl.checkpoint.save_model`,
+        with the preprocessing, the class names and the kind of outputs in its
+        metadata, so the directory classifies in any process without extra
+        arguments.
+
+        Args:
+          directory: the model directory to write.
+          overwrite: replace a directory that exists; default False.
+          **extra_metadata: more JSON-serializable entries for the metadata.
+
+        Returns:
+          The directory written, as a `Path`.
+
+        Raises:
+          FileExistsError: `directory` exists and `overwrite` is False, or
+            another process wrote it meanwhile.
+          TypeError: the variables cannot be saved (see `save_model`).
+        """
         self.materialize()
         metadata = {"preprocessing": self.preprocessing,
                     "classes": None if self.class_names is None else list(self.class_names),
@@ -143,7 +178,19 @@ class ImageClassifier:
         return outputs if self.outputs == "probabilities" else jax.nn.softmax(outputs, axis=-1)
 
     def probabilities(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Class probabilities for preprocessed images (N, H, W, 3)."""
+        """Class probabilities of preprocessed images, run in batches of one compiled shape.
+
+        Args:
+          batch: preprocessed images, shape (N, H, W, 3), as
+            `jaxdl.images.load_batch` gives them with this classifier's
+            `preprocessing`.
+          batch_size: the most images per compiled forward pass (the last
+            pass padded); default 32.
+
+        Returns:
+          A numpy array (N, classes) of probabilities (a softmax of the
+          model's logits, or its own probabilities).
+        """
         size = min(batch_size, len(batch))
         if self.program_cache is None:
             chunks = []
@@ -182,9 +229,23 @@ class ImageClassifier:
         return tuple(self.class_names)
 
     def classify(self, paths, top: int = 5, batch_size: int = 32):
-        """`(results, errors)`: per loaded image (path, [(index, label, probability), ...]); per failure a line.
+        """The `top` classes of each photo file, by probability, with their labels.
 
-        Labels are the class names, or "class INDEX" where they are unknown.
+        The files are read and preprocessed as the classifier's
+        `preprocessing` says; a file that cannot be read is an error line in
+        the result, not an exception, so the other files are still
+        classified.
+
+        Args:
+          paths: the image files to classify.
+          top: how many classes to give per image; default 5.
+          batch_size: the most images per compiled forward pass; default 32.
+
+        Returns:
+          `(results, errors)`: `results` a list of `(path, [(index, label,
+          probability), ...])` per loaded image, labels being the class names
+          or "class INDEX" where they are unknown; `errors` a line per file
+          that could not be loaded.
 
         Raises:
           ValueError: the model's outputs are not one score per class, or
