@@ -176,10 +176,39 @@ def _remove(path: Path) -> None:
 
 def save_model(directory: str | os.PathLike, model, variables, *, metadata: dict | None = None,
                overwrite: bool = False) -> Path:
-    """Saves `model`'s config and `variables` (e.g. `state.variables`) to `directory`.
+    """Saves a trained model, its config and variables, as one directory that `load_model` reads back.
 
-    A Linen module of your own is saved by its import path; `load_model`
-    then needs the class (`custom_classes=[MyModel]`).
+    The model's config (its dataclass fields) goes to `model.json`, the
+    variables to an orbax checkpoint beside it. The directory is written
+    into a temporary sibling and renamed into place in one step, so a
+    reader finds the whole directory or none, and an existing one is never
+    replaced unless asked (docs/checkpoints.md). A Linen module of your own
+    is saved by its import path; `load_model` then needs the class
+    (`custom_classes=[MyModel]`).
+
+    Args:
+      directory: the model directory to write; its parent is created if
+        needed.
+      model: the Flax Linen module (jaxdl's or your own) whose fields are
+        plain numbers, strings, tuples, dtypes or modules.
+      variables: the model's variables, e.g. `state.variables` (not a whole
+        `TrainState`).
+      metadata: JSON-serializable entries saved with the config (class
+        names, preprocessing, ...) and returned by `load_model`; None
+        (default) saves none.
+      overwrite: replace an existing `directory` (exchanged in one step
+        where the OS can); default False.
+
+    Returns:
+      The absolute path of `directory`.
+
+    Raises:
+      FileExistsError: `directory` exists and `overwrite` is False, before
+        anything is written or because another process saved it meanwhile
+        (its directory is kept).
+      TypeError: `model` is not a Linen module or has a field a config
+        cannot hold; `variables` is a whole training state or holds a
+        random key.
     """
     config = {**model_config(model), "metadata": metadata or {}}
 
@@ -204,10 +233,26 @@ def read_model(directory: str | os.PathLike, custom_classes=()):
 
 
 def load_model(directory: str | os.PathLike, custom_classes=()):
-    """Returns `(model, variables, metadata)` from a directory written by `save_model`.
+    """Loads a model saved by `save_model`: the module rebuilt from its config, and its variables.
 
-    `custom_classes` lists the Linen classes of your own that the saved model
-    may name: a config only names them, and jaxdl never imports code a file names.
+    It works in any process: nothing of the saving process is needed beyond
+    your own model classes, which a config only names; jaxdl never imports
+    code that a file names (as Keras's `custom_objects`).
+
+    Args:
+      directory: a directory written by `save_model`.
+      custom_classes: the Linen classes of your own that the saved model may
+        name (including nested modules); default none.
+
+    Returns:
+      `(model, variables, metadata)`: the Linen module, its variables as
+      numpy arrays, and the metadata dict saved with it.
+
+    Raises:
+      FileNotFoundError: `directory` has no `model.json` or no variables
+        checkpoint.
+      ValueError: `model.json` is not a valid config, or names a class that
+        is neither jaxdl's nor among `custom_classes`.
     """
     model, metadata = read_model(directory, custom_classes)
     return model, load_variables(Path(directory) / VARIABLES_DIR), metadata
