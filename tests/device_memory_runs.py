@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 CE = "sparse_categorical_crossentropy"
-N, FEATURES, BATCH = 4096, 64, 64
+N, FEATURES, BATCH = 1024, 64, 64
 
 
 class PlacementSpy:
@@ -74,7 +74,7 @@ def main(out: str, limit: int) -> None:
     runs = {
         "predict": lambda **o: predict(state, x, batch_size=BATCH, **o),
         "evaluate": lambda **o: np.asarray(list(evaluate(state, x, y, loss=CE, batch_size=BATCH, **o).values())),
-        "fit_arrays": lambda **o: fit(model, x[:3072], y[:3072], validation_data=(x[3072:], y[3072:]), loss=CE,
+        "fit_arrays": lambda **o: fit(model, x[:768], y[:768], validation_data=(x[768:], y[768:]), loss=CE,
                                       batch_size=BATCH, epochs=2, seed=1, verbose=0, **o),
         "fit_cached_source": lambda **o: fit(model, source, loss=CE, batch_size=BATCH, epochs=2, seed=1,
                                              cache=True, verbose=0, **o),

@@ -196,12 +196,12 @@ def test_data_larger_than_the_bound_take_device_memory_of_a_few_batches_not_the_
     """Past `device_data_bytes`, data stream: at most PREFETCH_DEPTH + 2 batches on a device at once (those put
     ahead, the one computing, the one being put), and the same numbers as the dataset placed whole.
 
-    Seen failing before the fix: every run placed the whole dataset on each of the 2 devices (predict's peak
-    1,048,576 bytes per device against a bound of 65,536).
+    Seen failing before the fix: every run placed the whole dataset on each of the 2 devices (with 4096
+    examples, predict's peak was 1,048,576 bytes per device against a bound of 65,536).
     """
     arrays, facts = device_memory
     bounded, whole = facts[f"{run}/bounded"], facts[f"{run}/whole"]
-    # The spy sees whole placements (the default places this 1 MiB dataset whole on CPU): it can tell them apart.
+    # The spy sees whole placements (the default places this small dataset whole on CPU): it can tell them apart.
     assert whole["peak"] >= facts["dataset_bytes"] * 3 // 4  # fit's validation quarter is placed apart
     assert bounded["largest"] <= facts["batch_bytes"] + 4 * 64 + 4 * 64  # one batch (and its weights and mask)
     assert bounded["peak"] <= (facts["prefetch_depth"] + 2) * bounded["largest"] <= DEVICE_DATA_LIMIT
