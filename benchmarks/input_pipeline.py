@@ -125,7 +125,8 @@ def print_table(measured: dict) -> None:
     for label, fig in figures.items():
         print(f"| {label} | {fig['value']:,.2f} | {fig['unit']} |")
     for pair in measured["ratios"]:
-        print(f"{pair['ours']} / {pair['peer']}: {figures[pair['ours']]['value'] / figures[pair['peer']]['value']:.2f}x")
+        ratio = figures[pair['ours']]['value'] / figures[pair['peer']]['value']
+        print(f"{pair['ours']} / {pair['peer']}: {ratio:.2f}x")
 
 
 def main(argv=None):

@@ -27,17 +27,23 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-from jaxdl import cli, sharding  # noqa: E402
+from jaxdl import cli, sharding
 
 cli.one_cpu_device_per_core()  # as `jaxdl classify` starts: before JAX does
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from benchmarks import report  # noqa: E402
-from jaxdl.classifier import ImageClassifier  # noqa: E402
-from jaxdl.models.mobilenet_v2 import (CPU_DEVICE_CHUNK, CPU_DEVICE_STREAMS, inference_chunk,  # noqa: E402
-                                       inference_mesh, layer_plan, predict_in_chunks)
+from benchmarks import report
+from jaxdl.classifier import ImageClassifier
+from jaxdl.models.mobilenet_v2 import (
+    CPU_DEVICE_CHUNK,
+    CPU_DEVICE_STREAMS,
+    inference_chunk,
+    inference_mesh,
+    layer_plan,
+    predict_in_chunks,
+)
 
 BATCHES = (1, 32)
 
@@ -173,7 +179,7 @@ def measure(quick: bool) -> dict:
                 figures[f"{name}, batch {batch}"] = report.figure(
                     images_per_second(run(inputs[batch]), batch, count + 2 * quick), "img/s")
             engines.append(name)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - an optional peer that fails is a note, not the end
             notes.append(f"{name}: skipped ({type(error).__name__}: {error})")
 
     chunk, streams = inference_chunk()
@@ -248,7 +254,8 @@ def print_table(measured: dict) -> None:
     for name in dict.fromkeys(names):
         print(f"| {name} | " + " | ".join(f"{figures[f'{name}, batch {b}']['value']:.1f}" for b in BATCHES) + " |")
     for pair in measured["ratios"]:
-        print(f"{pair['ours']} / {pair['peer']}: {figures[pair['ours']]['value'] / figures[pair['peer']]['value']:.2f}x")
+        ratio = figures[pair['ours']]['value'] / figures[pair['peer']]['value']
+        print(f"{pair['ours']} / {pair['peer']}: {ratio:.2f}x")
     for label, fig in figures.items():
         if fig["unit"] == "s":
             print(f"{label}: {fig['value']:.2f} s")

@@ -66,7 +66,7 @@ def summarize(runs: list[dict]) -> dict:
     for run in measured:
         for label, fig in run["figures"].items():
             summary["figures"].setdefault(label, {"unit": fig["unit"], "values": []})["values"].append(fig["value"])
-    for label, fig in summary["figures"].items():
+    for fig in summary["figures"].values():
         fig.update(spread(fig["values"]))
     seen = set()
     for run in measured:

@@ -20,14 +20,14 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-from benchmarks import report  # noqa: E402
-from experiments.basics import model, rounding_data  # noqa: E402
-from jaxdl import Callback, fit  # noqa: E402
+from benchmarks import report
+from experiments.basics import model, rounding_data
+from jaxdl import Callback, fit
 
 EPOCHS, BATCH = 20, 32
 ROUNDS = 3  # alternating runs of jaxdl and the hand-written loop; each reports its fastest

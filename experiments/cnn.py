@@ -33,8 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments.common import Check, checkpointing, finish, parser, run_dir
-from jaxdl import (ConvNet, CSVLogger, EarlyStopping, MLP, TensorBoard, count_params, evaluate, fit, save_model,
-                   sweep)
+from jaxdl import MLP, ConvNet, CSVLogger, EarlyStopping, TensorBoard, count_params, evaluate, fit, save_model, sweep
 from jaxdl.plots import plot_history, save_figure
 
 FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")

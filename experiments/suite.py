@@ -113,7 +113,8 @@ def main(argv=None) -> int:
         rows.append((name, metric, _range(values), reference, verdict))
     _print_table(("experiment", "metric", f"seeds {' '.join(map(str, args.seeds))}: min .. max",
                   "tutorial / target", ""), rows)
-    print(f"\n{sum(r[4] in ('ok',) or r[4].startswith('MISSED') for r in rows)} checks over {len(args.seeds)} seeds, {failed} missed for some seed")
+    checks = sum(r[4] in ('ok',) or r[4].startswith('MISSED') for r in rows)
+    print(f"\n{checks} checks over {len(args.seeds)} seeds, {failed} missed for some seed")
     print(f"measured on {machine()}")
     return 1 if failed else 0
 

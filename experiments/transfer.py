@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from experiments.common import checkpointing, Check, finish, parser, run_dir, shared_data_dir
+from experiments.common import Check, checkpointing, finish, parser, run_dir, shared_data_dir
 from jaxdl import finetune, images as image_io
 from jaxdl.classifier import ImageClassifier
 from jaxdl.imagenet import CAT_CLASSES, decode_predictions
@@ -127,7 +127,7 @@ def run(argv=None) -> dict:
     imagenet = ImageClassifier.load("imagenet")
     images, labels, paths, train = load_photos(paths, labels, imagenet.preprocessing)
     top1 = [top[0] for top in decode_predictions(imagenet.probabilities(images), 1, imagenet.class_names)]
-    for path, (index, label, probability) in zip(paths, top1):
+    for path, (_, label, probability) in zip(paths, top1):
         print(f"{Path(path).name}: {label} ({probability:.1%})")
 
     checkpoints = checkpointing(args)

@@ -13,12 +13,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxdl import aot, compiler, images, imagenet, pretrained, sharding
+from jaxdl import aot, compiler, imagenet, images, pretrained, sharding
 from jaxdl.checkpoint import VARIABLES_DIR, load_variables, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
 from jaxdl.models.heads import fast_inference
-from jaxdl.models.mobilenet_v2 import (MobileNetV2, apply_in_chunks, body_and_top, inference_mesh,
-                                       predict_in_chunks)
+from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, body_and_top, inference_mesh, predict_in_chunks
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity: its variables are arrays

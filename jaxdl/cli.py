@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 
-
 # The most $JAXDL_CACHE/xla may hold: JAX deletes its least recently used entries beyond it (docs/reliability.md).
 COMPILATION_CACHE_MAX_BYTES = 1 << 30
 
@@ -165,7 +164,7 @@ def classify(args) -> int:
 
 
 def convert(args) -> int:
-    from jaxdl import images, imagenet
+    from jaxdl import imagenet, images
     from jaxdl.classifier import ImageClassifier
     from jaxdl.convert import from_keras, from_torchvision
 
@@ -200,12 +199,10 @@ HISTORY_FILE = "history.json"  # in a fine-tuned model's folder: {"loss": [...],
 def finetune(args) -> int:
     import numpy as np
 
-    from jaxdl import finetune as ft
-    from jaxdl import images as image_io
-    from jaxdl.checkpoint import run_directory
-    from jaxdl import pretrained
-    from jaxdl.classifier import ImageClassifier
+    from jaxdl import finetune as ft, images as image_io, pretrained
     from jaxdl.callbacks import Callback
+    from jaxdl.checkpoint import run_directory
+    from jaxdl.classifier import ImageClassifier
 
     class PrintEpochs(Callback):
         def on_epoch_end(self, run, epoch, logs):

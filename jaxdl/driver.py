@@ -26,7 +26,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxdl import data, sharding
-from jaxdl.adapters import ArrayInput, SourceInput, example_weights  # noqa: F401 (example_weights: public here)
+from jaxdl.adapters import ArrayInput, SourceInput, example_weights
 from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
 from jaxdl.contract import AUTO, resolve_train_flag, traced_outputs
 from jaxdl.epoch_loop import ScannedEpochs, StreamedEpochs
@@ -34,9 +34,21 @@ from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.heads import fast_inference
 from jaxdl.precision import with_precision
 from jaxdl.run_checkpoint import RunCheckpoints, TrainingCheckpoints, run_config
-from jaxdl.train import (TrainState, _checked_metric_names, _predict_all, canonical, compiled_epoch,
-                         compiled_eval_step, compiled_evaluate, compiled_steps, create_train_state, loops_are_slow,
-                         seed_rngs, summarize, zero_totals)
+from jaxdl.train import (
+    TrainState,
+    _checked_metric_names,
+    _predict_all,
+    canonical,
+    compiled_epoch,
+    compiled_eval_step,
+    compiled_evaluate,
+    compiled_steps,
+    create_train_state,
+    loops_are_slow,
+    seed_rngs,
+    summarize,
+    zero_totals,
+)
 
 # Keras's default. One object, not one per call: the optimizer is part of the compiled steps' cache
 # key, so a new `optax.adam` per `fit` would compile every step again. Optax transformations are

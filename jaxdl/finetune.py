@@ -23,11 +23,19 @@ import numpy as np
 import optax
 
 from jaxdl import images as image_io
-from jaxdl.models.heads import ClassifierHead, FineTuneModel, feature_backbone
-from jaxdl.models.mobilenet_v2 import (BLOCKS, MobileNetV2, apply_in_chunks, block_prefix, body_and_top, folded,
-                                       layer_plan, predict_in_chunks)
 from jaxdl.callbacks import Callback
 from jaxdl.driver import fit
+from jaxdl.models.heads import ClassifierHead, FineTuneModel, feature_backbone
+from jaxdl.models.mobilenet_v2 import (
+    BLOCKS,
+    MobileNetV2,
+    apply_in_chunks,
+    block_prefix,
+    body_and_top,
+    folded,
+    layer_plan,
+    predict_in_chunks,
+)
 from jaxdl.train import create_train_state, new_train_state, seed_rngs
 
 LOSS = "sparse_categorical_crossentropy"

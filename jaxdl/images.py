@@ -307,5 +307,8 @@ def augment_images(rng: jax.Array, images: jnp.ndarray, pad: int = 16) -> jnp.nd
     images = jnp.where(flip, images[:, :, ::-1], images)
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * pad + 1)
-    crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))  # noqa: E731
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+
     return jax.vmap(crop)(padded, offsets)

@@ -20,7 +20,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from jaxdl import images, imagenet
+from jaxdl import imagenet, images
 from jaxdl.checkpoint import load_model, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
 

@@ -175,7 +175,10 @@ def arrays_of(state) -> dict:
 def with_arrays(state, arrays: dict):
     """`state` with a checkpoint's arrays (its model, optimizer and frozen variables are the caller's)."""
     key = jax.random.wrap_key_data(jnp.asarray(arrays["dropout_key"]), impl=jax.random.key_impl(state.dropout_rng))
-    as_device = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+
+    def as_device(tree):
+        return jax.tree.map(jnp.asarray, tree)
+
     scale = state.dynamic_scale
     if scale is not None:
         scale = scale.replace(**as_device(arrays["loss_scale"]))
@@ -306,7 +309,7 @@ class TrainingCheckpoints:
             try:
                 tree = self.manager.restore(step, args=ocp.args.Composite(
                     tree=ocp.args.StandardRestore(like(meta)))).tree
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:  # noqa: BLE001 - orbax and tensorstore each raise their own kinds
                 self._unreadable(step, error)
                 continue
             return meta, tree
@@ -361,7 +364,7 @@ class TrainingCheckpoints:
         """`close`, for a run that is ending with another error: returns the save's failure instead of raising."""
         try:
             self.close()
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001 - whatever the save raised is returned, not raised
             return error
         return None
 
@@ -397,7 +400,7 @@ def _naming_failures(checkpoints: TrainingCheckpoints, what: str):
         yield
     except CheckpointSaveError:
         raise
-    except Exception as error:  # noqa: BLE001 - orbax, tensorstore and the file system each raise their own
+    except Exception as error:  # orbax, tensorstore and the file system each raise their own
         checkpoints.remove_temporary()
         kept = checkpoints.steps()
         raise CheckpointSaveError(

@@ -86,7 +86,7 @@ class UnsafePickleError(WeightFileError, pickle.UnpicklingError):
     """
 
 
-class _Refused(Exception):
+class _Refused(Exception):  # noqa: N818 - caught in _unpickle, which raises a WeightFileError
     """A refusal inside the unpickler, which does not know the file's path; `_unpickle` names the file."""
 
 

@@ -522,7 +522,10 @@ def _guarded_scan_body(contract: StepContract) -> Callable:
         accept = healthy & loss_finite & update_finite
         # A non-finite loss condemns the state that computed it, not only its update: fall back one step.
         roll_back = healthy & ~loss_finite
-        keep = lambda choice, a, b: jax.tree.map(lambda u, v: jnp.where(choice, u, v), a, b)  # noqa: E731
+
+        def keep(choice, a, b):
+            return jax.tree.map(lambda u, v: jnp.where(choice, u, v), a, b)
+
         carry = (keep(accept, new_state, keep(roll_back, previous, state)), keep(accept, state, previous), accept)
         return carry, jax.tree.map(lambda s: jnp.where(accept, s, 0.0), sums)
 
@@ -598,7 +601,7 @@ def _epoch_of(body: Callable, batch_size: int, shuffle: bool | str, drop_remaind
             carry = (state, previous, healthy)
         if last is not None:
             carry, last_sums = body(carry, batch_of(*last))
-            sums = jax.tree.map(lambda s, l: jnp.concatenate([s, l[None]]), sums, last_sums)
+            sums = jax.tree.map(lambda s, last_s: jnp.concatenate([s, last_s[None]]), sums, last_sums)
         healthy_steps = jnp.sum(sums["count"] > 0)
         return carry[0], carry[1], jax.tree.map(lambda s: s.sum(axis=0), sums), healthy_steps, carry[2]
 

@@ -152,7 +152,8 @@ def _best_index(rows: list[dict], monitor: str, mode: str) -> int | None:
 
 
 def sweep(train_fn: Callable[..., Mapping[str, Any]], grid: Mapping[str, Sequence],
-          out: str | os.PathLike | None = None, *, monitor: str = "val_loss", mode: str = "min", verbose: bool = True) -> SweepTable:
+          out: str | os.PathLike | None = None, *, monitor: str = "val_loss", mode: str = "min",
+          verbose: bool = True) -> SweepTable:
     """Trains every configuration of `grid` with `train_fn(**config) -> {metric: value}`; returns their table.
 
     Configurations run one after another in the grid's order (the last name

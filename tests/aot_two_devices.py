@@ -7,11 +7,11 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 2)
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdl import aot, sharding  # noqa: E402
+from jaxdl import aot, sharding
 
 
 def main(directory: str) -> None:

@@ -3,6 +3,10 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
+from experiments.common import shared_data_dir  # imports neither jax nor keras: the settings below come first
+
 # Keras (a test-only reference) must run on the JAX backend; set before any import of keras.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,10 +28,6 @@ if _OWN_XLA_CACHE:
     # small, and the other worker and the CLI's subprocesses compile many of the same ones.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-import pytest  # noqa: E402
-
-from experiments.common import shared_data_dir  # noqa: E402
 
 CATS = shared_data_dir() / "cats"
 MNIST = shared_data_dir() / "mnist"  # the four original IDX files (its README has their checksums)
@@ -141,9 +141,8 @@ def converted_models(tmp_path_factory):
     fixture, so that the shape-mismatch test can take the legacy file of one config without rebuilding it."""
     done = {}
 
-    import numpy as np
-
     import keras
+    import numpy as np
 
     from jaxdl.convert import from_keras
     from tests.keras_reference import BLOCK_ENDS, CONFIGS, build, save_legacy_h5
@@ -228,7 +227,8 @@ def pytest_terminal_summary_of_doc_blocks(terminalreporter):
     outcomes, reasons = collections.Counter(), collections.Counter()
     for reports in terminalreporter.stats.values():
         for report in reports:
-            if getattr(report, "when", None) != "call" or "doc_block" not in dict(getattr(report, "user_properties", ())):
+            properties = dict(getattr(report, "user_properties", ()))
+            if getattr(report, "when", None) != "call" or "doc_block" not in properties:
                 continue
             outcomes[report.outcome] += 1
             if report.skipped:

@@ -161,7 +161,7 @@ def chunked_inference(arrays: dict, facts: dict, mesh) -> None:
     images = jnp.asarray(np.random.default_rng(0).normal(size=(7, 8, 8, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), images)
     arrays["chunked/one_piece"] = np.asarray(jax.jit(model.apply)(variables, images))
-    top = lambda v, outputs: jax.nn.softmax(outputs)  # noqa: E731 -- a function of the outputs, run once per share
+    top = lambda v, outputs: jax.nn.softmax(outputs)  # a function of the outputs, run once per share
     spread = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x, top=top, mesh=mesh))(variables, images)
     arrays["chunked/mesh"] = np.asarray(spread)  # 7 images, padded to 8 to split over the 4 devices
     facts["chunked/mesh"] = len(spread.sharding.device_set)

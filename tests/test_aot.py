@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl import aot, cli, create_train_state, MLP, save_model
+from jaxdl import MLP, aot, cli, create_train_state, save_model
 from jaxdl.checkpoint import fingerprint
 from tests import tolerance
 

@@ -13,8 +13,7 @@ from flax.training import train_state
 from jaxdl import MLP, ConvNet, create_train_state, data, evaluate, fit, make_eval_step, make_train_step, predict
 from jaxdl.driver import example_weights, prediction_batch_size
 from tests import tolerance
-from tests.toy_data import CE
-from tests.toy_data import blobs as toy_blobs
+from tests.toy_data import CE, blobs as toy_blobs
 
 blobs = functools.partial(toy_blobs, 40)
 

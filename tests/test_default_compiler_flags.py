@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).parent.parent
 SUBSET = [
     "tests/test_pretrained.py::test_logits_of_the_photos_match_torch_on_torchvisions_own_pipeline",

@@ -7,9 +7,9 @@ import optax
 import pytest
 
 from jaxdl.layers import Conv, max_pool, pool_implementation
-from tests import tolerance
 from jaxdl.models import ConvNet
 from jaxdl.train import create_train_state, make_train_step
+from tests import tolerance
 
 
 @pytest.fixture(params=["cpu", "gpu"])
@@ -33,11 +33,11 @@ def test_reshape_form_gives_nn_max_pools_outputs_and_input_gradient(shape, windo
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape) if values == "distinct" else rng.integers(0, 3, shape)
     x = jnp.asarray(x.astype(np.float32))
-    reference = lambda x: nn.max_pool(x, window, strides=window)  # noqa: E731
-    ours = lambda x: max_pool(x, window, strides=window, implementation="reshape")  # noqa: E731
+    reference = lambda x: nn.max_pool(x, window, strides=window)
+    ours = lambda x: max_pool(x, window, strides=window, implementation="reshape")
     np.testing.assert_array_equal(ours(x), reference(x))
     upstream = jnp.asarray(rng.normal(size=reference(x).shape).astype(np.float32))
-    gradient = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * upstream))(x)  # noqa: E731
+    gradient = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * upstream))(x)
     np.testing.assert_array_equal(gradient(ours), gradient(reference))
 
 
@@ -189,7 +189,7 @@ def test_max_pool_takes_nn_max_pools_arguments_and_gives_its_outputs_and_gradien
     (8, 8, 3) has 1 between batch and features", on CPU only)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-    flax_pool = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)  # noqa: E731
+    flax_pool = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
     upstream = jnp.asarray(rng.normal(size=jax.eval_shape(flax_pool, x).shape).astype(np.float32))
 
     def outputs_and_gradient(pool):  # one compiled program per form: quicker than op-by-op dispatch
@@ -237,14 +237,14 @@ def test_forward_mode_and_second_derivatives_through_a_convnet_match_flaxs_forms
     results = {}
     for which in ("ours", "reference"):
         _forms(monkeypatch, which)
-        forward = lambda x: TANH_CONVNET.apply(variables, x)  # noqa: E731  (a new function: JAX caches traces)
+        forward = lambda x: TANH_CONVNET.apply(variables, x)  # a new function: JAX caches traces
         jaxpr = str(jax.make_jaxpr(forward)(x))
         assert ("reduce_window_max" in jaxpr) == (which == "reference")  # each form is the one meant
 
         def derivatives(x, direction):  # one program per form: quicker than op-by-op dispatch
             outputs, tangent = jax.jvp(forward, (x,), (direction,))
             one = x[:1]
-            scalar = lambda x: jnp.sum(forward(x) ** 2)  # noqa: E731
+            scalar = lambda x: jnp.sum(forward(x) ** 2)
             return {"outputs": outputs, "tangent": tangent, "linearized": jax.linearize(forward, x)[1](direction),
                     "jacfwd": jax.jacfwd(forward)(one), "jacrev": jax.jacrev(forward)(one),
                     "hessian": jax.hessian(scalar)(one)}
@@ -261,7 +261,7 @@ def test_forward_mode_and_second_derivatives_through_a_convnet_match_flaxs_forms
     with jax.enable_x64(True):  # a float64 central difference of the same network along `direction`
         model64 = TANH_CONVNET.clone(dtype=jnp.float64)
         variables64 = jax.tree.map(lambda v: np.asarray(v, np.float64), variables)
-        at = lambda t: np.asarray(model64.apply(variables64, np.asarray(x, np.float64)  # noqa: E731
+        at = lambda t: np.asarray(model64.apply(variables64, np.asarray(x, np.float64)
                                                 + t * np.asarray(direction, np.float64)))
         step = 1e-6
         numeric = (at(step) - at(-step)) / (2 * step)
@@ -285,7 +285,7 @@ def test_conv_products_support_forward_mode_and_second_derivatives(monkeypatch):
         def f(x, kernel):
             return jnp.tanh(model.apply({"params": {**variables["params"], "kernel": kernel}}, x))
 
-        scalar = lambda kernel: jnp.sum(f(x, kernel))  # noqa: E731
+        scalar = lambda kernel: jnp.sum(f(x, kernel))
         return {"jvp": jax.jvp(f, (x, kernel), tangents),
                 "jvp_input_only": jax.jvp(lambda x: f(x, kernel), (x,), tangents[:1]),
                 "jacfwd": jax.jacfwd(scalar)(kernel), "grad": jax.grad(scalar)(kernel),

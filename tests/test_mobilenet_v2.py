@@ -2,21 +2,19 @@
 import functools
 import shutil
 
+import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
-import h5py
 import pytest
+from hypothesis import strategies as st
 
 from jaxdl.convert import ConversionError, from_keras
 from jaxdl.models import MobileNetV2, count_params
 from jaxdl.models.mobilenet_v2 import Conv, correct_pad, folded, layer_plan, make_divisible
-from tests.keras_reference import CONFIGS
 from tests import tolerance
+from tests.keras_reference import CONFIGS
 from tests.test_fuzz_loaders import THOROUGH, assert_names_the_file, damage, fuzz, mutated, write
-from hypothesis import strategies as st
-
-
 
 
 def keras_tolerance(expected: np.ndarray) -> "tolerance.Tolerance":

@@ -15,8 +15,7 @@ import pytest
 
 from jaxdl import create_train_state, evaluate, fit, make_eval_step, make_train_step, mc_predict, predict
 from jaxdl.contract import detect_train_flag, flag_kwargs
-from tests.toy_data import CE
-from tests.toy_data import blobs as toy_blobs
+from tests.toy_data import CE, blobs as toy_blobs
 
 TEMPLATE = """
 class Net(nn.Module):
@@ -50,7 +49,7 @@ def sparse_cross_entropy(logits, y):
 
 
 @pytest.mark.parametrize("flag, required, layer", CONVENTIONS,
-                         ids=[f"{f}-{'required' if r else 'default'}-{l}" for f, r, l in CONVENTIONS])
+                         ids=[f"{f}-{'required' if r else 'default'}-{layer}" for f, r, layer in CONVENTIONS])
 def test_each_convention_trains_in_training_mode_and_evaluates_in_inference_mode(flag, required, layer):
     model = convention(flag, required, layer)
     assert detect_train_flag(model) == flag

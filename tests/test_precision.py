@@ -57,7 +57,7 @@ def test_a_float16_sgd_step_updates_as_the_float32_step_does():
     start = jax.tree.map(np.asarray, sgd_state(None).params)
     (half, half_sums), (full, full_sums) = [step(sgd_state(p), {"x": x, "y": y}) for p in ("float16", None)]
     assert float(half.dynamic_scale.scale) == 2.0 ** 15  # the scale the update went through
-    update = lambda state: jax.tree.map(lambda new, old: np.asarray(new) - old, state.params, start)  # noqa: E731
+    update = lambda state: jax.tree.map(lambda new, old: np.asarray(new) - old, state.params, start)
     magnitude = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(update(full)))
     assert magnitude > 0.1  # a real step, not a vanishing one
     tolerance.assert_close(update(half), update(full), tolerance.float16_update(magnitude))

@@ -110,7 +110,8 @@ def test_a_finished_run_called_again_returns_its_result_without_training(tmp_pat
 def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path):
     x, y = blobs(n=20)
     fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=1, batch_size=8, verbose=0, checkpoint_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"of another run \(batch_size: saved 8, now 4; batches_per_epoch: saved 3, now 5\)"):
+    with pytest.raises(ValueError,
+                       match=r"of another run \(batch_size: saved 8, now 4; batches_per_epoch: saved 3, now 5\)"):
         fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=4, verbose=0,
             checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"of another run \(model: saved .*\"features\": \[4\].*, now .*"
@@ -220,8 +221,8 @@ def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
     expected = {kind: fit(model, *data, **options, checkpoint_dir=tmp_path / f"uninterrupted-{kind}")
                 for kind, data in inputs.items()}
 
-    inside_epoch = lambda d: any(i % 6 and i > 6 for i in checkpoint_ids(d))  # noqa: E731 (inside epoch 2)
-    in_a_save = lambda d: checkpoint_ids(d) and any("tmp" in name for name in os.listdir(d))  # noqa: E731
+    inside_epoch = lambda d: any(i % 6 and i > 6 for i in checkpoint_ids(d))  # inside epoch 2
+    in_a_save = lambda d: checkpoint_ids(d) and any("tmp" in name for name in os.listdir(d))
     kill_when({tmp_path / "killed-in-epoch": ("slow-steps", inside_epoch),
                tmp_path / "killed-in-save": ("slow-save", in_a_save),
                tmp_path / "arrays-killed-in-epoch": ("arrays", inside_epoch)})

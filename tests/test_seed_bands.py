@@ -12,7 +12,6 @@ These tests are marked `slow`, so `make test` (pytest's `-m 'not slow'`)
 leaves them out; `make bands` runs them (265 s with 2 workers at load 7 on
 2 cores; the transfer bands need the cat photos in ../shared/data/cats).
 """
-import numpy as np
 import optax
 import pytest
 

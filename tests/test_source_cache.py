@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
+import tolerance
 from jaxdl import MLP, data, fit
 from jaxdl.data import sources
-import tolerance
 from toy_data import CE, blobs
 
 

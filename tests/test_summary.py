@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdl.models import ConvNet, MLP, MobileNetV2, count_params
 from jaxdl import summary
+from jaxdl.models import MLP, ConvNet, MobileNetV2, count_params
 
 
 def summarised(model, input_shape):

@@ -3,19 +3,33 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import optax
 import pytest
 
-from jaxdl import (MLP, ConvNet, EarlyStopping, create_train_state, data, evaluate, fit, load_model,
-                   make_eval_step, make_train_step, predict, save_model, summarize)
+from jaxdl import (
+    MLP,
+    ConvNet,
+    EarlyStopping,
+    create_train_state,
+    data,
+    evaluate,
+    fit,
+    load_model,
+    make_eval_step,
+    make_train_step,
+    predict,
+    save_model,
+    summarize,
+)
 from jaxdl.sharding import data_mesh
 from jaxdl.train import compiled_epoch, compiled_steps, seed_rngs, zero_totals
 from tests import tolerance
 from tests.toy_data import CE, blobs
+
 
 def params_of(state):
     return jax.tree.map(np.asarray, jax.device_get(state.params))
@@ -155,7 +169,8 @@ def test_divergence_stops_training_and_returns_the_last_finite_state():
     x = rng.normal(size=(64, 2)).astype(np.float32)
     y = (x @ np.array([3.0, -2.0])).astype(np.float32)
     model = MLP(features=(8,), num_outputs=1)
-    with pytest.warns(RuntimeWarning, match="became NaN or infinite at epoch .* step .* the last one whose loss, gradients and parameters"):
+    with pytest.warns(RuntimeWarning, match="became NaN or infinite at epoch .* step .* the last one whose loss, "
+                                            "gradients and parameters"):
         state, history = fit(model, x, y, loss="mse", metrics=(), epochs=50, batch_size=8,
                              optimizer=optax.sgd(1e3), verbose=False)
     assert len(history.get("loss", [])) < 50
@@ -234,7 +249,8 @@ def test_fit_continues_a_state_without_consuming_it_and_without_replaying_orders
                              verbose=False)
     assert len(rest_history["loss"]) == 3
     assert first_history["loss"] + rest_history["loss"] == whole_history["loss"]
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_of(rest)), jax.tree.leaves(params_of(whole))))
+    assert all(np.array_equal(a, b)
+               for a, b in zip(jax.tree.leaves(params_of(rest)), jax.tree.leaves(params_of(whole))))
     # the caller's state is still usable and unchanged
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_of(first)), jax.tree.leaves(kept)))
     assert np.isfinite(predict(first, x)).all()

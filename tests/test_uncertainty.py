@@ -58,7 +58,7 @@ def test_batchnorm_uses_running_averages_so_inputs_do_not_affect_each_other():
     tolerance.assert_close(mean_beside_others[:2], mean[:2], tolerance.ONE_OP)
     tolerance.assert_close(std_beside_others[:2], std[:2], tolerance.ONE_OP)
     # What train=True would have done: normalise by the batch's own statistics, which the other rows move.
-    with_batch_statistics = lambda x: DROPOUT_BN.clone(dropout_rate=0.0).apply(  # noqa: E731
+    with_batch_statistics = lambda x: DROPOUT_BN.clone(dropout_rate=0.0).apply(
         variables, x, train=True, mutable=["batch_stats"])[0][:2]
     assert np.abs(with_batch_statistics(mine) - with_batch_statistics(others)).max() > 0.1
 

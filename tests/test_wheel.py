@@ -20,7 +20,9 @@ import zipfile
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-PACKAGES = ("jaxdl", "experiments")  # pyproject.toml's [tool.setuptools.packages.find] include
+PACKAGES = ("jaxdl",)  # pyproject.toml's [tool.setuptools.packages.find] include
+# The clone's other packages, copied into the build too: the wheel must leave them out (they run from a clone).
+CLONE_ONLY = ("experiments", "benchmarks")
 
 
 def build_wheel(tmp_path: Path) -> Path:
@@ -28,7 +30,7 @@ def build_wheel(tmp_path: Path) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPOSITORY / name, source / name)
-    for package in PACKAGES:
+    for package in PACKAGES + CLONE_ONLY:
         shutil.copytree(REPOSITORY / package, source / package,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
@@ -57,6 +59,9 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_outside_the_repository(tm
                if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
                and path.relative_to(REPOSITORY).as_posix() not in shipped]
     assert not missing, f"files of the package left out of {wheel.name}: {missing}"
+    top_level = {name.split("/")[0] for name in shipped if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == set(PACKAGES), f"{wheel.name} installs {sorted(top_level)} into site-packages"
+    assert "jaxdl/py.typed" in shipped  # PEP 561: type checkers read jaxdl's annotations
 
     root = fresh_venv(tmp_path)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(root / "bin" / "python"), "install", "-q",

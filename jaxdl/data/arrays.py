@@ -33,8 +33,8 @@ def _is_streaming_source(value) -> bool:
 def check_dataset(x, y=None, *, name: str = "x", input_shape: tuple | None = None, purpose: str = "training"):
     """Validates one dataset and returns it as numpy arrays.
 
-    Raises ValueError naming `name` when it is a source or a dict, empty, holds NaN or infinity, has per-example shape other
-    than `input_shape`, or when `y` has another number of examples.
+    Raises ValueError naming `name` when it is a source or a dict, empty, holds NaN or infinity, has per-example
+    shape other than `input_shape`, or when `y` has another number of examples.
     """
     if isinstance(x, dict):
         raise ValueError(f"{name} is a dict of feature arrays ({sorted(x)}); jaxdl models take one input array: "

@@ -23,8 +23,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jaxdl.data.arrays import (check_batch_size, class_indices, num_batches, positive_int, process_part,
-                               rows_to_split, split_evenly)
+from jaxdl.data.arrays import (
+    check_batch_size,
+    class_indices,
+    num_batches,
+    positive_int,
+    process_part,
+    rows_to_split,
+    split_evenly,
+)
 
 # Grain's read threads, not worker processes: threads start at once, share the open source, and
 # keep the iterator's position one small dict; a worker process pays a fork and a pickle of every

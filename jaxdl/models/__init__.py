@@ -83,5 +83,5 @@ def model_from_config(config: dict, custom_classes=()):
     return known[name](**kwargs)
 
 
-__all__ = ["MLP", "ConvNet", "MobileNetV2", "ClassifierHead", "FineTuneModel", "model_classes", "count_params", "model_config", "model_from_config",
-           "class_path"]
+__all__ = ["MLP", "ConvNet", "MobileNetV2", "ClassifierHead", "FineTuneModel", "model_classes", "count_params",
+           "model_config", "model_from_config", "class_path"]

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdl.models.mobilenet_v2 import MobileNetV2, folded
-from jaxdl.models.small import activation, kernel_init, keras_batch_norm
+from jaxdl.models.small import activation, keras_batch_norm, kernel_init
 
 
 class ClassifierHead(nn.Module):

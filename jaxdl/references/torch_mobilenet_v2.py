@@ -7,7 +7,7 @@ defect in jaxdl's block table or preprocessing cannot reappear here and agree wi
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - torch's own spelling of it
 from PIL import Image
 
 # torchvision's `inverted_residual_setting`: expansion t, output channels c, repeats n, first stride s.
