@@ -14,7 +14,7 @@ step measured 19.7 ms in one process and 31.6 ms in the next), so one
 slow epoch moved a ratio that sits near 1.0 by several percent.
 
 A breakdown of jaxdl's step follows, each part compiled as jaxdl compiles
-its programs (`jaxdl.compiler.jit`): the same batch through the forward pass
+its programs (`jaxdl.runtime.compiler.jit`): the same batch through the forward pass
 alone, the forward and backward pass (`value_and_grad`), and the whole
 train step, and each convolution's forward, input-gradient and filter-gradient
 alone at its real shapes, so the table shows where the time goes; then
@@ -38,7 +38,8 @@ from benchmarks import report
 from benchmarks.input_pipeline import mnist_like
 from benchmarks.train_small import EpochTimer, steady
 from experiments.mnist import CNN_MODEL, shared_mnist
-from jaxdl import compiler, fit
+from jaxdl import fit
+from jaxdl.runtime import compiler
 
 BATCH, EPOCHS, EXAMPLES = 128, 5, 12_800
 QUICK_EPOCHS, QUICK_EXAMPLES = 2, 1_280

@@ -10,7 +10,7 @@ on random data, global batch 64, Adam. Each runs in a process started with
 - by hand: Flax `apply` + optax in `jax.jit(step, in_shardings=..., out_shardings=...,
   donate_argnums=0)`, the state replicated, each batch `jax.device_put` with
   `NamedSharding(mesh, P('data'))`; the same model, batch and number of steps.
-  It is compiled with jaxdl's XLA options (`jaxdl.compiler`), so that the ratio
+  It is compiled with jaxdl's XLA options (`jaxdl.runtime.compiler`), so that the ratio
   is what `fit` adds, not what the options save in the convolutions.
 
 Both train the same epochs of the same steps; the first epoch (which compiles)
@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import report
 from benchmarks.train_small import EpochTimer, steady
-from jaxdl.compiler import compiler_options
+from jaxdl.runtime.compiler import compiler_options
 
 BATCH = 64
 # model -> (input shape, steps per epoch, epochs), full and quick
@@ -120,7 +120,7 @@ def hand_written_ms_per_step(model, x, y, mesh, epochs: int) -> float:
 
 def measure_config(name: str, devices: int, quick: bool) -> dict:
     """`{"fit": ms/step, "hand": ms/step}` of one model on a mesh of `devices` devices, in this process."""
-    from jaxdl.sharding import data_mesh
+    from jaxdl.runtime.sharding import data_mesh
 
     if len(jax.devices()) < devices:
         raise RuntimeError(f"{devices} devices wanted, this process has {len(jax.devices())} "

@@ -27,7 +27,8 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-from jaxdl import cli, sharding
+from jaxdl import cli
+from jaxdl.runtime import sharding
 
 cli.one_cpu_device_per_core()  # as `jaxdl classify` starts: before JAX does
 

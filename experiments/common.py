@@ -64,11 +64,11 @@ def checkpointing(args) -> Callable[[str], dict]:
 
     Checkpoints under `--checkpoint-dir`, and `--precision` where the
     experiment offers it. First joins a multi-process run when the
-    environment describes one (`jaxdl.distributed.initialize`): every
+    environment describes one (`jaxdl.runtime.distributed.initialize`): every
     training experiment runs the same way on one host or several.
     """
-    from jaxdl import distributed
     from jaxdl.checkpoint import run_directory
+    from jaxdl.runtime import distributed
 
     distributed.initialize()
     try:

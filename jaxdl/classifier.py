@@ -13,11 +13,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxdl import aot, compiler, imagenet, images, pretrained, sharding
+from jaxdl import imagenet, images, pretrained
 from jaxdl.checkpoint import VARIABLES_DIR, load_variables, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
 from jaxdl.models.heads import fast_inference
 from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, body_and_top, inference_mesh, predict_in_chunks
+from jaxdl.runtime import compiler, program_cache as aot, sharding
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity: its variables are arrays
@@ -29,7 +30,7 @@ class ImageClassifier:
     the scores of preprocessed images; `save(directory)` keeps all of it in
     one model directory that works in any process (docs/pretrained.md). With
     a `program_cache`, the compiled forward pass is kept on disk for the
-    next process (`jaxdl.aot.cached_program`): its key is the lowered program,
+    next process (`jaxdl.runtime.program_cache.cached_program`): its key is the lowered program,
     the variables included as constants, so the variables are read and the
     model traced in every process, and XLA's compile is what a cached program
     saves.
@@ -51,7 +52,8 @@ class ImageClassifier:
     preprocessing: dict
     class_names: tuple[str, ...] | None  # None: unknown, the classes are shown by index ("class 7")
     outputs: str = "logits"  # or "probabilities"
-    program_cache: str | None = None  # a folder for compiled programs (see jaxdl.aot); None: compile in memory
+    # a folder for compiled programs (see jaxdl.runtime.program_cache); None: compile in memory
+    program_cache: str | None = None
     source: str | None = None  # the saved model the variables come from
     fast: bool = True
     _inference: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)

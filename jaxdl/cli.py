@@ -34,7 +34,7 @@ def enable_compilation_cache() -> None:
     `jax_compilation_cache_max_size`), so `jaxdl` shares the programs of
     their other JAX processes.
     JAX loads native code from that cache, so it is used only where
-    `jaxdl.aot` would keep its own programs: a directory this user owns that
+    `jaxdl.runtime.program_cache` would keep its own programs: a directory this user owns that
     no one else can write in, holding only this user's files
     (`aot.open_compilation_cache`). Otherwise one line on stderr names the
     directory and why, and JAX's persistent cache is turned off for the whole
@@ -44,8 +44,8 @@ def enable_compilation_cache() -> None:
     """
     from jax.experimental.compilation_cache import compilation_cache
 
-    from jaxdl import aot
     from jaxdl.pretrained import cache_dir
+    from jaxdl.runtime import program_cache as aot
 
     chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     directory = Path(chosen) if chosen else cache_dir() / "xla"

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxdl import data, sharding
+from jaxdl import data
 from jaxdl.adapters import ArrayInput, SourceInput, example_weights
 from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
 from jaxdl.contract import AUTO, resolve_train_flag, traced_outputs
@@ -34,6 +34,7 @@ from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.heads import fast_inference
 from jaxdl.precision import with_precision
 from jaxdl.run_checkpoint import RunCheckpoints, TrainingCheckpoints, run_config
+from jaxdl.runtime import sharding
 from jaxdl.train import (
     TrainState,
     _checked_metric_names,
@@ -109,7 +110,7 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
       transform: for a random-access source, what computes `(x, y)` from an
         example (see `fit`).
       mesh: a `jax.sharding.Mesh` whose `data` axis splits each batch; None
-        (default) is `jaxdl.sharding.data_mesh()`, all devices.
+        (default) is `jaxdl.runtime.sharding.data_mesh()`, all devices.
       train_flag: the model's training keyword, passed False; "auto"
         (default) reads it from the model's `__call__` (see `fit`).
       device_data_bytes: the bytes per device that array data may take to go
@@ -197,7 +198,7 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
       transform: for a random-access source, what computes the input from an
         example (see `fit`).
       mesh: a `jax.sharding.Mesh` whose `data` axis splits each batch; None
-        (default) is `jaxdl.sharding.data_mesh()`, all devices.
+        (default) is `jaxdl.runtime.sharding.data_mesh()`, all devices.
       precision: another computation dtype than the model's own
         ("bfloat16", ...; see `jaxdl.precision`); None (default) keeps the
         model's. Outputs come back as float32 either way.
@@ -547,8 +548,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       mesh: a `jax.sharding.Mesh` to train data-parallel over its `data`
         axis (each batch split over the devices, state and arrays
         replicated, gradients summed by `jax.jit`). None (default) is
-        `jaxdl.sharding.data_mesh()`, all devices. With several processes
-        (`jaxdl.distributed.initialize`), each reads only its part of every
+        `jaxdl.runtime.sharding.data_mesh()`, all devices. With several processes
+        (`jaxdl.runtime.distributed.initialize`), each reads only its part of every
         batch of a source.
       precision: "bfloat16", or "float16" with dynamic loss scaling, to
         compute in half precision while parameters and optimizer state stay

@@ -4,7 +4,7 @@
 forward pass and input gradient. Its "shifted_products" form computes the
 kernel gradient as one matrix product per kernel offset. That pays on XLA:CPU
 only while YNNPACK runs the convolutions (XLA's default); under
-`jaxdl.compiler`'s options (XLA's own convolutions) XLA's form is faster
+`jaxdl.runtime.compiler`'s options (XLA's own convolutions) XLA's form is faster
 still. So "auto" takes the products only where the convolutions stay with
 YNNPACK (docs/numerics.md#conv-kernel-gradients-as-shifted-products).
 
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxdl import compiler
+from jaxdl.runtime import compiler
 
 POOL_IMPLEMENTATIONS = ("auto", "reshape", "reduce_window")
 CONV_IMPLEMENTATIONS = ("auto", "shifted_products", "xla")
@@ -137,7 +137,7 @@ PRODUCTS_MAX_CHANNELS = 3
 
 def conv_implementation(implementation: str, in_channels: int) -> str:
     """'shifted_products' or 'xla': what `implementation` resolves to ("auto": the products on CPU where
-    YNNPACK runs the convolutions, that is without `jaxdl.compiler`'s options, for inputs of at most
+    YNNPACK runs the convolutions, that is without `jaxdl.runtime.compiler`'s options, for inputs of at most
     `PRODUCTS_MAX_CHANNELS` channels; XLA's convolution otherwise)."""
     if implementation not in CONV_IMPLEMENTATIONS:
         raise ValueError(f"Conv implementation must be one of {CONV_IMPLEMENTATIONS}, got {implementation!r}")

@@ -31,10 +31,11 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jaxdl import compiler, data, losses, sharding
+from jaxdl import data, losses
 from jaxdl.contract import AUTO, flag_kwargs, inference, inference_jaxpr, resolve_train_flag
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
 from jaxdl.precision import loss_scale, with_precision
+from jaxdl.runtime import compiler, sharding
 
 
 class TrainState(train_state.TrainState):
@@ -212,7 +213,7 @@ class StepContract:
     streams it draws from in training.
     `loss` is a name from `jaxdl.losses` (comparing outputs with
     `batch[label_key]`) or a function `(outputs, batch) -> per-example loss`.
-    `mesh` (see `jaxdl.sharding`) splits the batch over its `data` axis and
+    `mesh` (see `jaxdl.runtime.sharding`) splits the batch over its `data` axis and
     keeps the state whole on every device; None leaves placement to JAX.
     """
 
@@ -370,7 +371,7 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
         `(outputs, batch) -> per-example loss`.
       metrics: metric names from `jaxdl.losses`, each summed per batch;
         default accuracy.
-      jit: True (default) compiles the step with `jaxdl.compiler.jit`,
+      jit: True (default) compiles the step with `jaxdl.runtime.compiler.jit`,
         donating the incoming state (pass the returned one on); False returns
         the plain function, to compose inside your own `jax.jit`.
       input_key: the batch key holding the model's input; default "x".
@@ -380,7 +381,7 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
       rng_streams: the random streams the model draws from in training, each
         given a key folded from the state's dropout key (or `rng`) and the
         step; default ("dropout", "augment").
-      mesh: a `jax.sharding.Mesh` (e.g. `jaxdl.sharding.data_mesh()`) to train
+      mesh: a `jax.sharding.Mesh` (e.g. `jaxdl.runtime.sharding.data_mesh()`) to train
         data-parallel: the batch is split over its `data` axis, the state
         replicated, the gradients summed over devices by `jax.jit`. None
         (default) runs where the arrays are.

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import compiler
 from jaxdl.contract import AUTO, flag_kwargs, resolve_train_flag
+from jaxdl.runtime import compiler
 
 
 def _dropout_always_on(next_fun, args, kwargs, context):

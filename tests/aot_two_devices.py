@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdl import aot, sharding
+from jaxdl.runtime import program_cache as aot, sharding
 
 
 def main(directory: str) -> None:

@@ -12,7 +12,7 @@ BatchNorm statistics and losses (keyed `run/...`), OUT.json what the tests check
 and error messages (and, from one process, what `fit`'s compiled steps see of their batch:
 `tests/fit_shard_shapes.py`). With `--processes P`, this process starts P - 1 others (with
 $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, as a cluster would) and they
-form one run through `jaxdl.distributed.initialize`; process 0 writes OUT.
+form one run through `jaxdl.runtime.distributed.initialize`; process 0 writes OUT.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def all_runs(multi_process: bool) -> tuple[dict, dict]:
     import optax
 
     from jaxdl import data, evaluate, fit, make_train_step, predict
-    from jaxdl.sharding import batch_sharding, data_mesh, put_global_batch
+    from jaxdl.runtime.sharding import batch_sharding, data_mesh, put_global_batch
     from jaxdl.train import create_train_state
 
     everywhere = data_mesh()
@@ -194,7 +194,7 @@ def main(argv=None) -> None:
                                     str(args.processes)], env={**os.environ, "JAX_PROCESS_ID": str(index)})
                   for index in range(1, args.processes)]
 
-    from jaxdl import distributed
+    from jaxdl.runtime import distributed
 
     distributed.initialize()
     arrays, facts = all_runs(args.processes > 1)

@@ -14,8 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl import MLP, aot, cli, create_train_state, save_model
+from jaxdl import MLP, cli, create_train_state, save_model
 from jaxdl.checkpoint import fingerprint
+from jaxdl.runtime import program_cache as aot
 from tests import tolerance
 
 WEIGHTS = np.arange(6, dtype=np.float32).reshape(3, 2)
@@ -402,10 +403,10 @@ def entry_linked_elsewhere(directory, entry, monkeypatch):
         "entry-not-owned", "entry-symbolic-link"])
 def test_the_cli_leaves_a_compilation_cache_others_could_write_off(tmp_path, monkeypatch, capsys, directory_mode,
                                                                      entry_mode, change, reason):
-    """JAX's cache loads native code, so `jaxdl` checks it as `jaxdl.aot` checks its own (owners faked through the
-    stat results, so any user runs every case): one line on stderr names the directory and why, and JAX's cache is
-    turned off. Seen failing with the check taken out of `enable_compilation_cache` (the cache was enabled in every
-    case), and with the entry loop taken out of `aot.open_compilation_cache` (the entry cases)."""
+    """JAX's cache loads native code, so `jaxdl` checks it as `jaxdl.runtime.program_cache` checks its own (owners faked
+    through the stat results, so any user runs every case): one line on stderr names the directory and why, and JAX's
+    cache is turned off. Seen failing with the check taken out of `enable_compilation_cache` (the cache was enabled in
+    every case), and with the entry loop taken out of `aot.open_compilation_cache` (the entry cases)."""
     directory, entry = make_cache(tmp_path, directory_mode, entry_mode)
     if change:
         change(directory, entry, monkeypatch)

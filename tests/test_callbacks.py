@@ -13,7 +13,7 @@ import pytest
 
 from jaxdl import MLP, Callback, EarlyStopping, checkpoint, create_train_state, fit, load_model, predict
 from jaxdl.callbacks import CSVLogger, FitRun, ModelCheckpoint, ReduceLROnPlateau, TensorBoard, injected_learning_rates
-from jaxdl.sharding import data_mesh
+from jaxdl.runtime.sharding import data_mesh
 from jaxdl.train import compiled_epoch, new_train_state, seed_rngs
 from tests import tolerance
 from tests.toy_data import CE, blobs

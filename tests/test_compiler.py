@@ -1,4 +1,4 @@
-"""jaxdl.compiler: on XLA:CPU jaxdl's programs keep their convolutions out of YNNPACK; everything else as XLA's
+"""jaxdl.runtime.compiler: on XLA:CPU jaxdl's programs keep their convolutions out of YNNPACK; everything else as XLA's
 defaults, and a user's own choice of the option wins."""
 import ast
 import re
@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from experiments.mnist import CNN_MODEL, MLP_MODEL
-from jaxdl import compiler
+from jaxdl.runtime import compiler
 from jaxdl.train import create_train_state, make_train_step
 
 ROOT = Path(__file__).parent.parent
@@ -88,7 +88,7 @@ def test_jit_reads_the_options_at_its_first_call_and_is_used_as_jax_jit_is(monke
 
 
 def test_jaxdl_compiles_through_compiler_jit_only():
-    """Every compiled program in jaxdl/ goes through `jaxdl.compiler.jit` (a plain `jax.jit` would compile the
+    """Every compiled program in jaxdl/ goes through `jaxdl.runtime.compiler.jit` (a plain `jax.jit` would compile the
     convnets' steps with YNNPACK's slow convolutions). Seen failing with one `jax.jit` put back in train.py."""
     plain = []
     for path in (ROOT / "jaxdl").rglob("*.py"):
@@ -110,8 +110,8 @@ def test_inference_programs_compile_their_dots_as_xlas_own(tmp_path):
     on the default options (its dot in a YNNPACK fusion)."""
     from flax import linen as nn
 
-    from jaxdl import aot
     from jaxdl.models.mobilenet_v2 import body_and_top, predict_in_chunks
+    from jaxdl.runtime import program_cache as aot
 
     model = nn.Dense(64)
     x = jnp.ones((8, 32))

@@ -1,8 +1,9 @@
-"""jaxdl.distributed.initialize: which environments join a multi-process run (variables monkeypatched, no cluster)."""
+"""jaxdl.runtime.distributed.initialize: which environments join a multi-process run (variables monkeypatched,
+no cluster)."""
 import jax
 import pytest
 
-from jaxdl import distributed
+from jaxdl.runtime import distributed
 
 # What SLURM sets for a whole allocation (salloc, or an sbatch script) and, besides, for a step run by srun.
 ALLOCATION = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_NODELIST": "node[001-002]",

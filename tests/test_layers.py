@@ -142,8 +142,8 @@ def test_auto_takes_the_products_on_cpu_under_ynnpack_convolutions_for_image_inp
     few channels, compiled without jaxdl's options (a user's own `jax.jit`, or an XLA_FLAGS choosing YNNPACK's
     convolutions). Seen failing with "auto" resolving to XLA's convolution for every input on CPU, and with
     the products kept under jaxdl's options."""
-    from jaxdl import compiler
     from jaxdl.layers import conv_implementation
+    from jaxdl.runtime import compiler
 
     if options == "XLA's defaults":
         monkeypatch.setattr(compiler, "compiler_options", lambda: None)
@@ -214,7 +214,7 @@ def test_max_pool_names_a_window_the_input_cannot_hold():
 def _forms(monkeypatch, which: str):
     """Makes "auto" resolve to jaxdl's CPU forms ("ours": the reshape pooling, the conv products) or to Flax's
     lowerings ("reference": reduce_window, XLA's convolution), whatever the machine."""
-    from jaxdl import compiler
+    from jaxdl.runtime import compiler
 
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu" if which == "ours" else "gpu")
     monkeypatch.setattr(compiler, "compiler_options", lambda *args: None)

@@ -37,7 +37,7 @@ def four_devices(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """Two processes with 2 devices each, joined by `jaxdl.distributed.initialize`."""
+    """Two processes with 2 devices each, joined by `jaxdl.runtime.distributed.initialize`."""
     return run_in_subprocess(tmp_path_factory.mktemp("dp") / "two", 2, "--processes", "2")
 
 
@@ -159,7 +159,7 @@ def test_two_processes_each_get_every_prediction(two_processes, four_devices):
 
 
 def test_distributed_initialize_reads_the_environment(monkeypatch):
-    from jaxdl import distributed
+    from jaxdl.runtime import distributed
 
     for name in (distributed.COORDINATOR, distributed.PROCESS_COUNT, distributed.PROCESS_ID,
                  *distributed._CLUSTER_SIZES):

@@ -25,7 +25,7 @@ from jaxdl import (
     save_model,
     summarize,
 )
-from jaxdl.sharding import data_mesh
+from jaxdl.runtime.sharding import data_mesh
 from jaxdl.train import compiled_epoch, compiled_steps, seed_rngs, zero_totals
 from tests import tolerance
 from tests.toy_data import CE, blobs

@@ -94,7 +94,7 @@ def fits_on_device(nbytes: int, devices, limit: int | str = "auto") -> bool:
 def to_device(batches: Iterable[dict], size: int = PREFETCH_DEPTH, put: Callable = jax.device_put) -> Iterator[dict]:
     """Yields the batches as device arrays, `size` of them put on the device before they are needed.
 
-    `put(batch)` places one batch (`jaxdl.sharding.put_batch` splits it over
+    `put(batch)` places one batch (`jaxdl.runtime.sharding.put_batch` splits it over
     devices). Arrays keep their dtype: uint8 images travel as uint8 (a
     quarter of float32's bytes) and become floats inside the compiled step.
     """

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxdl import compiler, sharding
+from jaxdl.runtime import compiler, sharding
 
 ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIN_INPUT_SIZE = 32

@@ -41,7 +41,7 @@ import jaxlib
 import numpy as np
 from jax.experimental import serialize_executable
 
-from jaxdl import compiler
+from jaxdl.runtime import compiler
 
 # A MobileNetV2 program with its weights as constants measured 14.4 MB (batch 1) and 14.8 MB (batch 32)
 # with jax 0.10.2 on CPU: about 35 such programs.
@@ -101,7 +101,7 @@ def program_key(*parts, cpu_options: dict | None = None) -> str:
     That is the JAX and jaxlib versions, the backend with its device kind and
     count, the JAX options in `_CONFIG_OPTIONS`, the XLA environment variables
     in `_ENVIRONMENT_VARIABLES`, the compiler options jaxdl passes for `cpu_options`
-    (`jaxdl.compiler`; give `cached_program` the same), and the processor
+    (`jaxdl.runtime.compiler`; give `cached_program` the same), and the processor
     (`_processor_description`).
     Machine code compiled for one CPU can die with SIGILL on another.
     `cached_program` adds the lowered program itself and its arguments' signature.
@@ -152,7 +152,7 @@ def cached_program(fn: Callable, example_args: tuple, directory: str | os.PathLi
         used (a warning, and the program is compiled in memory).
       key: extra text for the entry's name.
       max_bytes: the most this user's entries in `directory` may total.
-      cpu_options: the XLA:CPU options to compile with (`jaxdl.compiler`).
+      cpu_options: the XLA:CPU options to compile with (`jaxdl.runtime.compiler`).
 
     Returns:
       The compiled program (a `jax.stages.Compiled`, or a loaded one that is called the same way).

@@ -2,7 +2,7 @@
 
 Run one process per host, each with the same script and arguments. Every
 process computes the same global batch order from the seed and reads only
-its own rows of each batch (`jaxdl.sharding.local_rows`); `fit` assembles
+its own rows of each batch (`jaxdl.runtime.sharding.local_rows`); `fit` assembles
 the global batch across hosts and `jax.jit` runs the step over all devices.
 """
 from __future__ import annotations

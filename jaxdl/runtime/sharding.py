@@ -36,7 +36,7 @@ def resolve_mesh(mesh: Mesh | None = None) -> Mesh:
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if DATA_AXIS not in mesh.axis_names:
         raise ValueError(f"the mesh has axes {tuple(mesh.axis_names)} but no {DATA_AXIS!r} axis to split the batch "
-                         f"over; build it with jaxdl.sharding.data_mesh() or name one axis {DATA_AXIS!r}")
+                         f"over; build it with jaxdl.runtime.sharding.data_mesh() or name one axis {DATA_AXIS!r}")
     return mesh
 
 
