@@ -35,7 +35,7 @@ import numpy as np
 
 from experiments.common import Check, checkpointing, finish, parser, run_dir
 from jaxdl import MLP, CSVLogger, EarlyStopping, TensorBoard, count_params, fit, mc_predict, predict
-from jaxdl.model_summary import count_by_kind
+from jaxdl.models.summary import count_by_kind
 from jaxdl.plots import plot_history, save_figure
 
 TARGET = "BASEL_sunshine"

@@ -1,10 +1,10 @@
 """jaxdl: functional deep learning on JAX (Flax Linen models, Optax optimizers, jit-compiled steps)."""
 from jaxdl.callbacks import Callback, CSVLogger, EarlyStopping, FitRun, ModelCheckpoint, ReduceLROnPlateau, TensorBoard
-from jaxdl.checkpoint import load_model, save_model
 from jaxdl.data import tfds_source
 from jaxdl.driver import evaluate, fit, predict
-from jaxdl.model_summary import summary
 from jaxdl.models import MLP, ConvNet, count_params
+from jaxdl.models.saving import load_model, save_model
+from jaxdl.models.summary import summary
 from jaxdl.train import TrainState, create_train_state, make_eval_step, make_train_step, summarize
 from jaxdl.tuning import sweep
 from jaxdl.uncertainty import mc_predict

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdl import checkpoint
-from jaxdl.models import model_config
+from jaxdl.models import model_config, saving as checkpoint
 
 
 @dataclasses.dataclass

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 
 from jaxdl import imagenet, images, pretrained
-from jaxdl.checkpoint import VARIABLES_DIR, load_variables, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
 from jaxdl.models.heads import fast_inference
 from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, body_and_top, inference_mesh, predict_in_chunks
+from jaxdl.models.saving import VARIABLES_DIR, load_variables, read_model, save_model
 from jaxdl.runtime import compiler, program_cache as aot, sharding
 
 
@@ -149,7 +149,7 @@ class ImageClassifier:
     def save(self, directory, *, overwrite: bool = False, **extra_metadata) -> Path:
         """Saves the classifier as a model directory that `ImageClassifier.load` and `load_model` read back.
 
-        The model and its variables go through `jaxdl.checkpoint.save_model`,
+        The model and its variables go through `jaxdl.models.saving.save_model`,
         with the preprocessing, the class names and the kind of outputs in its
         metadata, so the directory classifies in any process without extra
         arguments.

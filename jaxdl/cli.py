@@ -201,8 +201,8 @@ def finetune(args) -> int:
 
     from jaxdl import finetune as ft, images as image_io, pretrained
     from jaxdl.callbacks import Callback
-    from jaxdl.checkpoint import run_directory
     from jaxdl.classifier import ImageClassifier
+    from jaxdl.models.saving import run_directory
 
     class PrintEpochs(Callback):
         def on_epoch_end(self, run, epoch, logs):

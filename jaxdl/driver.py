@@ -1,6 +1,6 @@
 """`fit`, `evaluate` and `predict`: the run of a training, read as its outline.
 
-`fit` resolves the model's contract (`jaxdl.contract`: its train flag),
+`fit` resolves the model's contract (`jaxdl.models.contract`: its train flag),
 makes an input adapter (`jaxdl.adapters`: arrays or a source), makes or
 continues the state, restores a run checkpoint (`jaxdl.run_checkpoint`),
 then for each epoch runs the epoch loop (`jaxdl.epoch_loop`), validates,
@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from jaxdl import data
 from jaxdl.adapters import ArrayInput, SourceInput, example_weights
 from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
-from jaxdl.contract import AUTO, resolve_train_flag, traced_outputs
 from jaxdl.epoch_loop import ScannedEpochs, StreamedEpochs
 from jaxdl.models import FineTuneModel, MobileNetV2
+from jaxdl.models.contract import AUTO, resolve_train_flag, traced_outputs
 from jaxdl.models.heads import fast_inference
 from jaxdl.precision import with_precision
 from jaxdl.run_checkpoint import RunCheckpoints, TrainingCheckpoints, run_config
@@ -559,7 +559,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         inference ("train", "training", "deterministic" (passed inverted) or
         None). The default "auto" reads it from the model's `__call__`, so
         `def __call__(self, x, train: bool)` as in Flax's examples needs
-        nothing (see `jaxdl.contract`). Every call of the model, checks
+        nothing (see `jaxdl.models.contract`). Every call of the model, checks
         included, goes through it.
       rng_streams: the random streams the model draws from in training, a
         key each from the run's seed and the step; default

@@ -21,8 +21,8 @@ import urllib.request
 from pathlib import Path
 
 from jaxdl import imagenet, images
-from jaxdl.checkpoint import load_model, read_model, save_model
 from jaxdl.convert import from_keras, from_torchvision
+from jaxdl.models.saving import load_model, read_model, save_model
 
 
 @dataclasses.dataclass(frozen=True)

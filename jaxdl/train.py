@@ -32,7 +32,7 @@ import optax
 from flax.training import train_state
 
 from jaxdl import data, losses
-from jaxdl.contract import AUTO, flag_kwargs, inference, inference_jaxpr, resolve_train_flag
+from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr, resolve_train_flag
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
 from jaxdl.precision import loss_scale, with_precision
 from jaxdl.runtime import compiler, sharding
@@ -90,7 +90,7 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
         None (default) keeps the model's own dtype.
       train_flag: the model's training keyword ("train", "training",
         "deterministic" or None). The default "auto" reads it from the
-        model's `__call__` (see `jaxdl.contract`).
+        model's `__call__` (see `jaxdl.models.contract`).
 
     Returns:
       A `jaxdl.train.TrainState` whose `apply_fn` is the model's `apply`, with
@@ -209,7 +209,7 @@ class StepContract:
     Flax's own convention: `train_flag` names the model's keyword (None: the
     model takes none; "deterministic" is passed inverted, as Flax's Dropout
     reads it; "auto", the default, reads it from the model's `__call__` when
-    the step is traced, see `jaxdl.contract`), `rng_streams` the random
+    the step is traced, see `jaxdl.models.contract`), `rng_streams` the random
     streams it draws from in training.
     `loss` is a name from `jaxdl.losses` (comparing outputs with
     `batch[label_key]`) or a function `(outputs, batch) -> per-example loss`.

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl.contract import AUTO, flag_kwargs, resolve_train_flag
+from jaxdl.models.contract import AUTO, flag_kwargs, resolve_train_flag
 from jaxdl.runtime import compiler
 
 
@@ -150,7 +150,7 @@ def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, ba
         `x` at once.
       train_flag: the model's training keyword, passed False (dropout is
         switched on by a method interceptor); "auto" (default) reads it
-        from the model's `__call__` (see `jaxdl.contract`).
+        from the model's `__call__` (see `jaxdl.models.contract`).
       loss: the loss name given to `fit`: sparse/categorical cross-entropy
         averages softmax probabilities, binary cross-entropy sigmoid ones;
         None (default) averages the raw outputs.

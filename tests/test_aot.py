@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from jaxdl import MLP, cli, create_train_state, save_model
-from jaxdl.checkpoint import fingerprint
+from jaxdl.models.saving import fingerprint
 from jaxdl.runtime import program_cache as aot
 from tests import tolerance
 

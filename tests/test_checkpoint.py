@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxdl import fit, load_model, predict, save_model
-from jaxdl.checkpoint import save_variables
+from jaxdl.models.saving import save_variables
 
 
 class UserCNN(nn.Module):
@@ -71,7 +71,7 @@ def test_a_target_that_appears_during_the_write_is_kept_not_replaced(tmp_path):
 
     Before the fix, overwrite=False replaced it: two first runs of a conversion at once lost one's files.
     """
-    from jaxdl.checkpoint import write_atomically
+    from jaxdl.models.saving import write_atomically
 
     target = tmp_path / "model"
 
@@ -94,7 +94,7 @@ def test_overwriting_leaves_the_target_in_place_at_every_step(tmp_path, monkeypa
     """
     import shutil
 
-    from jaxdl import checkpoint
+    from jaxdl.models import saving as checkpoint
 
     target = tmp_path / "model"
     target.mkdir()
@@ -119,8 +119,9 @@ def test_overwriting_leaves_the_target_in_place_at_every_step(tmp_path, monkeypa
 
 def test_two_first_uses_of_a_cached_conversion_keep_the_one_saved_first(tmp_path, monkeypatch):
     """The other process's conversion, saved while this one wrote its own, is the one kept and returned."""
-    from jaxdl import MLP, checkpoint, pretrained
-    from jaxdl.checkpoint import read_model
+    from jaxdl import MLP, pretrained
+    from jaxdl.models import saving as checkpoint
+    from jaxdl.models.saving import read_model
 
     monkeypatch.setenv("JAXDL_CACHE", str(tmp_path))
     model = MLP(features=(2,), num_outputs=2)

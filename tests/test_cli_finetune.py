@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from jaxdl import cli, images
-from jaxdl.checkpoint import read_model
+from jaxdl.models.saving import read_model
 
 CAT_PATTERN = r"^([fm])\d+"
 

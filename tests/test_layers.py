@@ -1,4 +1,4 @@
-"""jaxdl.layers.max_pool: the reshape form XLA:CPU runs fast gives nn.max_pool's outputs and gradients."""
+"""jaxdl.models.layers.max_pool: the reshape form XLA:CPU runs fast gives nn.max_pool's outputs and gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl.layers import Conv, max_pool, pool_implementation
 from jaxdl.models import ConvNet
+from jaxdl.models.layers import Conv, max_pool, pool_implementation
 from jaxdl.train import create_train_state, make_train_step
 from tests import tolerance
 
@@ -100,7 +100,7 @@ def test_keras_convnet_step_has_no_select_and_scatter_and_trains_as_with_nn_max_
 @pytest.mark.parametrize("padding, kernel_size, channels", [("VALID", (3, 3), 1), ("SAME", (3, 3), 3),
                                                             ("SAME", (2, 4), 2)])
 def test_conv_has_nn_convs_parameters_outputs_and_gradients_against_float64(padding, kernel_size, channels):
-    """jaxdl.layers.Conv with its kernel gradient as products, nn.Conv, and a float64 numpy reference.
+    """jaxdl.models.layers.Conv with its kernel gradient as products, nn.Conv, and a float64 numpy reference.
 
     Same parameter tree (variables move between the two), the same outputs (the same lax convolution, SAME
     padded beforehand), and kernel, bias and input gradients against float64 sums over every output position.
@@ -138,11 +138,11 @@ def test_conv_has_nn_convs_parameters_outputs_and_gradients_against_float64(padd
 @pytest.mark.parametrize("options", ["jaxdl's", "XLA's defaults"])
 def test_auto_takes_the_products_on_cpu_under_ynnpack_convolutions_for_image_inputs_only_and_names_bad_arguments(
         backend, options, monkeypatch):
-    """The products only where they are the faster form (see jaxdl.layers' docstring): on CPU, for inputs of
+    """The products only where they are the faster form (see jaxdl.models.layers' docstring): on CPU, for inputs of
     few channels, compiled without jaxdl's options (a user's own `jax.jit`, or an XLA_FLAGS choosing YNNPACK's
     convolutions). Seen failing with "auto" resolving to XLA's convolution for every input on CPU, and with
     the products kept under jaxdl's options."""
-    from jaxdl.layers import conv_implementation
+    from jaxdl.models.layers import conv_implementation
     from jaxdl.runtime import compiler
 
     if options == "XLA's defaults":

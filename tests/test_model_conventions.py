@@ -2,7 +2,7 @@
 
 Flax models say "training" as `train: bool` (flax's examples), `training: bool`
 or `deterministic: bool` (inverted), with or without a default, or take no flag.
-Each is detected from the model's signature (`jaxdl.contract`), and each check
+Each is detected from the model's signature (`jaxdl.models.contract`), and each check
 below shows the flag really reaches the layers: dropout and batch statistics on
 in training, off in evaluation (not only that nothing raises).
 """
@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from jaxdl import create_train_state, evaluate, fit, make_eval_step, make_train_step, mc_predict, predict
-from jaxdl.contract import detect_train_flag, flag_kwargs
+from jaxdl.models.contract import detect_train_flag, flag_kwargs
 from tests.toy_data import CE, blobs as toy_blobs
 
 TEMPLATE = """

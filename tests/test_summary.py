@@ -125,7 +125,7 @@ def _flag_models():
 
 @pytest.mark.parametrize("model", _flag_models(), ids=["train", "training", "deterministic", "no-flag"])
 def test_summary_calls_models_by_their_own_train_flag_in_inference_mode(model):
-    """Every flag `fit` accepts (jaxdl.contract): `train`, `training`, `deterministic` (inverted) or none, each
+    """Every flag `fit` accepts (jaxdl.models.contract): `train`, `training`, `deterministic` (inverted) or none, each
     model in inference mode (the defaults here are training mode, so a flag left out shows). Seen failing with
     `train=False` passed to every model: "TypeError: Training.__call__() got an unexpected keyword argument
     'train'" (and for Deterministic and NoFlag)."""

@@ -1,4 +1,11 @@
-"""Linen models and what every model needs: a parameter count and a plain-data config."""
+"""Linen models and what every model needs: a parameter count and a plain-data config.
+
+The models (`small`: MLP and ConvNet; `mobilenet_v2`; `heads`: a classifier
+head and a backbone with its head), their layers (`layers`: `Conv` and
+`max_pool` in the forms XLA:CPU trains fast), how a model is called (`contract`:
+its train flag), its per-layer table (`summary`) and its export to a directory
+(`saving`: `save_model`, `load_model`, reached as `jaxdl.save_model`).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxdl.models.heads import ClassifierHead, FineTuneModel
+from jaxdl.models.layers import Conv, max_pool
 from jaxdl.models.mobilenet_v2 import MobileNetV2
 from jaxdl.models.small import MLP, ConvNet
 
@@ -39,7 +47,7 @@ def _plain(value, owner: str, field: str):
     except TypeError:
         raise TypeError(f"{owner}.{field} holds {value!r}, which a model config cannot hold (plain numbers, "
                         "strings, tuples, dtypes and modules only); save the variables alone with "
-                        "jaxdl.checkpoint.save_variables(directory, state.variables)") from None
+                        "jaxdl.models.saving.save_variables(directory, state.variables)") from None
 
 
 def _hashable(value, custom_classes):
@@ -83,5 +91,5 @@ def model_from_config(config: dict, custom_classes=()):
     return known[name](**kwargs)
 
 
-__all__ = ["MLP", "ConvNet", "MobileNetV2", "ClassifierHead", "FineTuneModel", "model_classes", "count_params",
-           "model_config", "model_from_config", "class_path"]
+__all__ = ["MLP", "ConvNet", "MobileNetV2", "ClassifierHead", "FineTuneModel", "Conv", "max_pool", "model_classes",
+           "count_params", "model_config", "model_from_config", "class_path"]

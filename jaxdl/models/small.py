@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdl.layers import Conv, max_pool
+from jaxdl.models.layers import Conv, max_pool
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -119,12 +119,12 @@ class ConvNet(nn.Module):
         for i, (kind, *args) in enumerate(self.layers):
             if kind == "conv":
                 features, size, *act = args
-                x = Conv(features, (size, size), padding=self.padding, dtype=self.dtype,  # see jaxdl.layers
+                x = Conv(features, (size, size), padding=self.padding, dtype=self.dtype,  # see jaxdl.models.layers
                          kernel_init=kernel_init, name=f"conv_{i}")(x)
                 x = activation(act[0] if act else "relu")(x)
             elif kind == "maxpool":
                 window = (args[0], args[0])  # Keras's MaxPooling2D(n): non-overlapping windows
-                x = max_pool(x, window, strides=window)  # a reshape and a max on CPU (see jaxdl.layers)
+                x = max_pool(x, window, strides=window)  # a reshape and a max on CPU (see jaxdl.models.layers)
             elif kind == "dropout":
                 x = nn.Dropout(args[0], deterministic=not train)(x)
             elif kind == "batchnorm":

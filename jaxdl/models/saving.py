@@ -286,11 +286,3 @@ def run_directory(directory: str | os.PathLike | None, resume: bool) -> Path | N
         raise ValueError(f"--resume: {path} holds no checkpoint to resume from")
     return path
 
-
-def __getattr__(name: str):
-    """`TrainingCheckpoints` moved to `jaxdl.run_checkpoint` (everything a run checkpoint holds lives there)."""
-    if name == "TrainingCheckpoints":
-        from jaxdl.run_checkpoint import TrainingCheckpoints
-
-        return TrainingCheckpoints
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

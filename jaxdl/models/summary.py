@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl.contract import AUTO, flag_kwargs, resolve_train_flag
+from jaxdl.models.contract import AUTO, flag_kwargs, resolve_train_flag
 
 TRAINABLE = "params"
 # Values a module records with `sow` (or `capture_intermediates`): outputs, not parameters.
@@ -50,7 +50,7 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[
 
     The model is traced (`jax.eval_shape`, nothing is computed) on float32
     zeros of shape `(1, *input_shape)`, in inference mode, called as `fit`
-    calls it (`jaxdl.contract`): by its own train flag (`train`, `training`,
+    calls it (`jaxdl.models.contract`): by its own train flag (`train`, `training`,
     `deterministic`, or none).
 
     "Trainable" is the `params` collection. Which of them an optimizer
