@@ -68,7 +68,7 @@ def mobilenet():
 def images_per_second(model, variables, batch: int, size: int, precision: str, calls: int) -> float:
     """The forward pass as `jaxdl.predict` runs it (in chunks where that is faster), compiled once."""
     from jaxdl.models.mobilenet_v2 import apply_in_chunks
-    from jaxdl.precision import with_precision
+    from jaxdl.training.precision import with_precision
 
     model = with_precision(model, precision)
     apply = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x))

@@ -30,8 +30,8 @@ import optax
 from experiments.common import Check, checkpointing, finish, parser, run_dir, shared_data_dir
 from jaxdl import MLP, ConvNet, count_params, evaluate, fit, predict
 from jaxdl.data import DatasetNotPreparedError, load_mnist, tfds_source
-from jaxdl.losses import confusion_matrix
 from jaxdl.plots import plot_confusion_matrix, plot_history
+from jaxdl.training.losses import confusion_matrix
 
 # 784 -> 128 relu -> 10: 100,480 + 1,290 = 101,770 parameters.
 MLP_MODEL = MLP(features=(128,), num_outputs=10, input_scale=1 / 255)

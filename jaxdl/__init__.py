@@ -1,13 +1,27 @@
 """jaxdl: functional deep learning on JAX (Flax Linen models, Optax optimizers, jit-compiled steps)."""
-from jaxdl.callbacks import Callback, CSVLogger, EarlyStopping, FitRun, ModelCheckpoint, ReduceLROnPlateau, TensorBoard
 from jaxdl.data import tfds_source
-from jaxdl.driver import evaluate, fit, predict
 from jaxdl.models import MLP, ConvNet, count_params
 from jaxdl.models.saving import load_model, save_model
 from jaxdl.models.summary import summary
-from jaxdl.train import TrainState, create_train_state, make_eval_step, make_train_step, summarize
-from jaxdl.tuning import sweep
-from jaxdl.uncertainty import mc_predict
+from jaxdl.training import (
+    Callback,
+    CSVLogger,
+    EarlyStopping,
+    FitRun,
+    ModelCheckpoint,
+    ReduceLROnPlateau,
+    TensorBoard,
+    TrainState,
+    create_train_state,
+    evaluate,
+    fit,
+    make_eval_step,
+    make_train_step,
+    mc_predict,
+    predict,
+    summarize,
+    sweep,
+)
 
 __version__ = "0.1.0"
 

@@ -200,9 +200,9 @@ def finetune(args) -> int:
     import numpy as np
 
     from jaxdl import finetune as ft, images as image_io, pretrained
-    from jaxdl.callbacks import Callback
     from jaxdl.classifier import ImageClassifier
     from jaxdl.models.saving import run_directory
+    from jaxdl.training.callbacks import Callback
 
     class PrintEpochs(Callback):
         def on_epoch_end(self, run, epoch, logs):

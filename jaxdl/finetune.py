@@ -23,8 +23,6 @@ import numpy as np
 import optax
 
 from jaxdl import images as image_io
-from jaxdl.callbacks import Callback
-from jaxdl.driver import fit
 from jaxdl.models.heads import ClassifierHead, FineTuneModel, feature_backbone
 from jaxdl.models.mobilenet_v2 import (
     BLOCKS,
@@ -36,7 +34,9 @@ from jaxdl.models.mobilenet_v2 import (
     layer_plan,
     predict_in_chunks,
 )
-from jaxdl.train import create_train_state, new_train_state, seed_rngs
+from jaxdl.training.callbacks import Callback
+from jaxdl.training.steps import create_train_state, new_train_state, seed_rngs
+from jaxdl.training.trainer import fit
 
 LOSS = "sparse_categorical_crossentropy"
 
@@ -148,7 +148,7 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
         unless `augment` or `unfreeze` need the backbone at every step.
       seed: the seed of the head's initialisation, shuffling and dropout;
         default 0.
-      callbacks: `jaxdl.callbacks.Callback`s, passed to `fit`.
+      callbacks: `jaxdl.training.callbacks.Callback`s, passed to `fit`.
       verbose: print progress, as `fit` does; default True.
       checkpoint_dir: a directory to checkpoint the training in and resume
         it from, as in `fit`; None (default) saves nothing.

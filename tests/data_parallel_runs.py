@@ -93,7 +93,7 @@ def all_runs(multi_process: bool) -> tuple[dict, dict]:
 
     from jaxdl import data, evaluate, fit, make_train_step, predict
     from jaxdl.runtime.sharding import batch_sharding, data_mesh, put_global_batch
-    from jaxdl.train import create_train_state
+    from jaxdl.training.steps import create_train_state
 
     everywhere = data_mesh()
     arrays, facts = {}, {"devices": jax.device_count(), "processes": jax.process_count()}

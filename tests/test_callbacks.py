@@ -12,10 +12,17 @@ import optax
 import pytest
 
 from jaxdl import MLP, Callback, EarlyStopping, create_train_state, fit, load_model, predict
-from jaxdl.callbacks import CSVLogger, FitRun, ModelCheckpoint, ReduceLROnPlateau, TensorBoard, injected_learning_rates
 from jaxdl.models import saving as checkpoint
 from jaxdl.runtime.sharding import data_mesh
-from jaxdl.train import compiled_epoch, new_train_state, seed_rngs
+from jaxdl.training.callbacks import (
+    CSVLogger,
+    FitRun,
+    ModelCheckpoint,
+    ReduceLROnPlateau,
+    TensorBoard,
+    injected_learning_rates,
+)
+from jaxdl.training.steps import compiled_epoch, new_train_state, seed_rngs
 from tests import tolerance
 from tests.toy_data import CE, blobs
 

@@ -6,8 +6,8 @@ import optax
 import pytest
 
 from jaxdl import MLP, create_train_state, data, fit
-from jaxdl.adapters import example_weights
-from jaxdl.train import seed_rngs
+from jaxdl.training.adapters import example_weights
+from jaxdl.training.steps import seed_rngs
 from tests import tolerance
 from tests.toy_data import CE, blobs
 

@@ -11,7 +11,7 @@ import pytest
 
 from experiments.mnist import CNN_MODEL, MLP_MODEL
 from jaxdl.runtime import compiler
-from jaxdl.train import create_train_state, make_train_step
+from jaxdl.training.steps import create_train_state, make_train_step
 
 ROOT = Path(__file__).parent.parent
 
@@ -89,7 +89,7 @@ def test_jit_reads_the_options_at_its_first_call_and_is_used_as_jax_jit_is(monke
 
 def test_jaxdl_compiles_through_compiler_jit_only():
     """Every compiled program in jaxdl/ goes through `jaxdl.runtime.compiler.jit` (a plain `jax.jit` would compile the
-    convnets' steps with YNNPACK's slow convolutions). Seen failing with one `jax.jit` put back in train.py."""
+    convnets' steps with YNNPACK's slow convolutions). Seen failing with one `jax.jit` put back in training/steps.py."""
     plain = []
     for path in (ROOT / "jaxdl").rglob("*.py"):
         if path.name == "compiler.py":

@@ -11,7 +11,7 @@ import pytest
 from flax.training import train_state
 
 from jaxdl import MLP, ConvNet, create_train_state, data, evaluate, fit, make_eval_step, make_train_step, predict
-from jaxdl.driver import example_weights, prediction_batch_size
+from jaxdl.training.trainer import example_weights, prediction_batch_size
 from tests import tolerance
 from tests.toy_data import CE, blobs as toy_blobs
 
@@ -155,9 +155,9 @@ def test_predict_on_four_images_compiles_for_four_not_256():
 
 def test_predict_runs_mobilenet_in_its_fast_form(monkeypatch):
     """Routing only: the fast form's numbers are checked against the plain one in test_pretrained."""
-    from jaxdl import driver
     from jaxdl.models import MobileNetV2
     from jaxdl.models.mobilenet_v2 import folded
+    from jaxdl.training import trainer as driver
 
     model = MobileNetV2(alpha=0.35, include_top=True, num_classes=3, classifier_activation=None)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -185,7 +185,7 @@ def keras_twin(state):
 def test_class_and_sample_weights_weigh_the_loss_as_keras_does():
     x, y = blobs()
     model = MLP(features=(8,), num_outputs=3)
-    from jaxdl.train import seed_rngs
+    from jaxdl.training.steps import seed_rngs
 
     twin = keras_twin(create_train_state(model, optax.sgd(0.0), (3,), seed_rngs(0)[0]))
     unweighted = fit(model, x, y, loss=CE, metrics=(), optimizer=optax.sgd(0.0), batch_size=len(y), verbose=0)[1]

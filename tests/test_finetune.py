@@ -13,8 +13,8 @@ import pytest
 from experiments.common import shared_data_dir
 from jaxdl import finetune, images as image_io
 from jaxdl.classifier import ImageClassifier
-from jaxdl.driver import predict
 from jaxdl.models import ClassifierHead
+from jaxdl.training.trainer import predict
 from tests import tolerance
 
 CATS = shared_data_dir() / "cats"

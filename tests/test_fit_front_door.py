@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jaxdl import MLP, ConvNet, EarlyStopping, create_train_state, fit, make_eval_step, make_train_step, mc_predict
-from jaxdl.driver import example_weights
+from jaxdl.training.trainer import example_weights
 from tests.toy_data import CE, blobs
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from jaxdl.models import ConvNet
 from jaxdl.models.layers import Conv, max_pool, pool_implementation
-from jaxdl.train import create_train_state, make_train_step
+from jaxdl.training.steps import create_train_state, make_train_step
 from tests import tolerance
 
 

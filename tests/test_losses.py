@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdl import losses
+from jaxdl.training import losses
 from tests import tolerance
 
 LOGITS = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])

@@ -8,7 +8,7 @@ import pytest
 
 from experiments.digits import CNN_LAYERS, load_split
 from jaxdl import MLP, ConvNet, create_train_state, evaluate, fit, make_train_step
-from jaxdl.precision import with_precision
+from jaxdl.training.precision import with_precision
 from tests import tolerance
 from tests.toy_data import CE, blobs
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdl import MLP, CSVLogger, EarlyStopping, fit, load_model
-from jaxdl.callbacks import ModelCheckpoint, ReduceLROnPlateau
+from jaxdl.training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from toy_data import CE, blobs
 
 TESTS = Path(__file__).parent
@@ -161,7 +161,7 @@ class Slow:  # a source slow enough for the parent to catch the run inside an ep
         return {{"image": x[index], "label": y[index]}}
 
 if mode == "arrays":  # in-memory arrays, their host batches slowed as the source's examples are
-    from jaxdl.adapters import ArrayInput
+    from jaxdl.training.adapters import ArrayInput
     batches_of = ArrayInput.host_batches
 
     def slow_batches(self, *args):

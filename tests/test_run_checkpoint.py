@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from jaxdl import MLP, Callback, EarlyStopping, fit
-from jaxdl.run_checkpoint import CheckpointSaveError, as_path
+from jaxdl.training.run_checkpoint import CheckpointSaveError, as_path
 from tests.toy_data import CE, blobs
 
 
@@ -232,7 +232,7 @@ def test_damaged_array_bytes_are_moved_aside_and_a_directory_left_with_none_is_r
 
 
 def test_only_process_zero_moves_an_unreadable_checkpoint(tmp_path, monkeypatch):
-    from jaxdl import run_checkpoint
+    from jaxdl.training import run_checkpoint
 
     x, y = blobs(n=20)
     options = dict(loss=CE, epochs=2, batch_size=8, verbose=0, checkpoint_dir=tmp_path)

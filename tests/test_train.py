@@ -26,7 +26,7 @@ from jaxdl import (
     summarize,
 )
 from jaxdl.runtime.sharding import data_mesh
-from jaxdl.train import compiled_epoch, compiled_steps, seed_rngs, zero_totals
+from jaxdl.training.steps import compiled_epoch, compiled_steps, seed_rngs, zero_totals
 from tests import tolerance
 from tests.toy_data import CE, blobs
 

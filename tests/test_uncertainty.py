@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxdl import MLP, mc_predict
-from jaxdl.uncertainty import _mc_moments
+from jaxdl.training.uncertainty import _mc_moments
 from tests import tolerance
 
 X = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)

@@ -9,7 +9,7 @@ import pytest
 
 from experiments import weather
 from jaxdl import MLP, EarlyStopping, fit
-from jaxdl.train import create_train_state, seed_rngs
+from jaxdl.training.steps import create_train_state, seed_rngs
 from tests import tolerance
 
 CITIES = ("BASEL", "BUDAPEST", "DE_BILT", "DRESDEN", "DUSSELDORF", "HEATHROW", "KASSEL", "LJUBLJANA", "MAASTRICHT",

@@ -1,6 +1,6 @@
 """Saving a trained model to a directory and loading it in another process (model export).
 
-A training run's checkpoints (state, position, history) are `jaxdl.run_checkpoint`'s.
+A training run's checkpoints (state, position, history) are `jaxdl.training.run_checkpoint`'s.
 
 A model directory holds `model.json` (the model's class and config, plus any
 metadata such as class names) and `variables/`, an orbax checkpoint of the

@@ -11,7 +11,7 @@ Steps return *sums* over the batch's real (unmasked) examples plus their
 `count`, in the manner of clu's `Average` metric: sums add up exactly across
 batches, including a padded last batch, and `summarize` turns them into means.
 
-For `jaxdl.fit` (in `jaxdl.driver`) this module also compiles steps
+For `jaxdl.fit` (in `jaxdl.training.trainer`) this module also compiles steps
 repeated: a whole epoch over in-memory data as one `jax.lax.scan`, and K
 streamed batches per call, which removes the per-step Python dispatch that
 dominates the cost of training small models.
@@ -31,11 +31,12 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jaxdl import data, losses
+from jaxdl import data
 from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr, resolve_train_flag
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
-from jaxdl.precision import loss_scale, with_precision
 from jaxdl.runtime import compiler, sharding
+from jaxdl.training import losses
+from jaxdl.training.precision import loss_scale, with_precision
 
 
 class TrainState(train_state.TrainState):
@@ -46,7 +47,7 @@ class TrainState(train_state.TrainState):
     `frozen` holds variable collections that `apply_fn` reads but training
     never differentiates nor changes (a pretrained backbone, for instance).
     `dynamic_scale` (flax's `DynamicScale`) scales the loss of a float16 run
-    (see `jaxdl.precision`); None otherwise.
+    (see `jaxdl.training.precision`); None otherwise.
     """
 
     batch_stats: Any
@@ -86,14 +87,14 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
       input_dtype: the dtype of the zero example the model is initialised on;
         float32 by default.
       precision: the model's computation dtype ("float32", "bfloat16",
-        "float16"; see `jaxdl.precision`), the parameters staying float32.
+        "float16"; see `jaxdl.training.precision`), the parameters staying float32.
         None (default) keeps the model's own dtype.
       train_flag: the model's training keyword ("train", "training",
         "deterministic" or None). The default "auto" reads it from the
         model's `__call__` (see `jaxdl.models.contract`).
 
     Returns:
-      A `jaxdl.train.TrainState` whose `apply_fn` is the model's `apply`, with
+      A `jaxdl.training.steps.TrainState` whose `apply_fn` is the model's `apply`, with
       `input_shape` recorded and `step` 0.
 
     Raises:
@@ -211,7 +212,7 @@ class StepContract:
     reads it; "auto", the default, reads it from the model's `__call__` when
     the step is traced, see `jaxdl.models.contract`), `rng_streams` the random
     streams it draws from in training.
-    `loss` is a name from `jaxdl.losses` (comparing outputs with
+    `loss` is a name from `jaxdl.training.losses` (comparing outputs with
     `batch[label_key]`) or a function `(outputs, batch) -> per-example loss`.
     `mesh` (see `jaxdl.runtime.sharding`) splits the batch over its `data` axis and
     keeps the state whole on every device; None leaves placement to JAX.
@@ -366,10 +367,10 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
     them).
 
     Args:
-      loss: a loss name from `jaxdl.losses` (e.g.
+      loss: a loss name from `jaxdl.training.losses` (e.g.
         "sparse_categorical_crossentropy") or a function
         `(outputs, batch) -> per-example loss`.
-      metrics: metric names from `jaxdl.losses`, each summed per batch;
+      metrics: metric names from `jaxdl.training.losses`, each summed per batch;
         default accuracy.
       jit: True (default) compiles the step with `jaxdl.runtime.compiler.jit`,
         donating the incoming state (pass the returned one on); False returns
@@ -428,9 +429,9 @@ def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = 
     Padding rows (`mask` 0) are left out of the sums.
 
     Args:
-      loss: a loss name from `jaxdl.losses` or a function
+      loss: a loss name from `jaxdl.training.losses` or a function
         `(outputs, batch) -> per-example loss`.
-      metrics: metric names from `jaxdl.losses`; default accuracy.
+      metrics: metric names from `jaxdl.training.losses`; default accuracy.
       jit: True (default) compiles the step (the state is not donated);
         False returns the plain function to compose.
       input_key: the batch key holding the model's input; default "x".

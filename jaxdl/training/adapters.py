@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from jaxdl import data
-from jaxdl.run_checkpoint import data_fingerprint
+from jaxdl.training.run_checkpoint import data_fingerprint
 
 
 def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> np.ndarray:

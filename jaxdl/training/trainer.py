@@ -1,16 +1,17 @@
 """`fit`, `evaluate` and `predict`: the run of a training, read as its outline.
 
 `fit` resolves the model's contract (`jaxdl.models.contract`: its train flag),
-makes an input adapter (`jaxdl.adapters`: arrays or a source), makes or
-continues the state, restores a run checkpoint (`jaxdl.run_checkpoint`),
-then for each epoch runs the epoch loop (`jaxdl.epoch_loop`), validates,
+makes an input adapter (`jaxdl.training.adapters`: arrays or a source), makes or
+continues the state, restores a run checkpoint (`jaxdl.training.run_checkpoint`),
+then for each epoch runs the epoch loop (`jaxdl.training.epoch_loop`), validates,
 logs, calls back and saves; whatever ends the run, the checkpoint being
 written is completed or cleaned up.
 
 This module owns epochs, validation, logs, callbacks and messages; batching
-belongs to the adapters, steps to the epoch loop and `jaxdl.train`, and what
-a checkpoint holds to `jaxdl.run_checkpoint`. It is named `driver`, not
-`fit`, so that `jaxdl.fit` stays the function.
+belongs to the adapters, steps to the epoch loop and `jaxdl.training.steps`,
+and what a checkpoint holds to `jaxdl.training.run_checkpoint`. It is named
+`trainer`, not `fit`, so that `jaxdl.training.fit` stays the function (a
+module of that name would be shadowed by it).
 """
 from __future__ import annotations
 
@@ -26,16 +27,16 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxdl import data
-from jaxdl.adapters import ArrayInput, SourceInput, example_weights
-from jaxdl.callbacks import Callback, FitRun, injected_learning_rates
-from jaxdl.epoch_loop import ScannedEpochs, StreamedEpochs
 from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.contract import AUTO, resolve_train_flag, traced_outputs
 from jaxdl.models.heads import fast_inference
-from jaxdl.precision import with_precision
-from jaxdl.run_checkpoint import RunCheckpoints, TrainingCheckpoints, run_config
 from jaxdl.runtime import sharding
-from jaxdl.train import (
+from jaxdl.training.adapters import ArrayInput, SourceInput, example_weights
+from jaxdl.training.callbacks import Callback, FitRun, injected_learning_rates
+from jaxdl.training.epoch_loop import ScannedEpochs, StreamedEpochs
+from jaxdl.training.precision import with_precision
+from jaxdl.training.run_checkpoint import RunCheckpoints, TrainingCheckpoints, run_config
+from jaxdl.training.steps import (
     TrainState,
     _checked_metric_names,
     _predict_all,
@@ -101,9 +102,9 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
         labels (a random-access source or an iterable of batch dicts; see
         `fit`).
       y: the labels of array `x`; None for a source.
-      loss: a loss name from `jaxdl.losses` or a function
+      loss: a loss name from `jaxdl.training.losses` or a function
         `(outputs, batch) -> per-example loss`. Required.
-      metrics: metric names from `jaxdl.losses`; default accuracy.
+      metrics: metric names from `jaxdl.training.losses`; default accuracy.
       batch_size: examples per compiled step; it must split evenly over the
         `mesh`'s devices. Default 256.
       features: for a source, the `(input, label)` feature names (see `fit`).
@@ -200,7 +201,7 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
       mesh: a `jax.sharding.Mesh` whose `data` axis splits each batch; None
         (default) is `jaxdl.runtime.sharding.data_mesh()`, all devices.
       precision: another computation dtype than the model's own
-        ("bfloat16", ...; see `jaxdl.precision`); None (default) keeps the
+        ("bfloat16", ...; see `jaxdl.training.precision`); None (default) keeps the
         model's. Outputs come back as float32 either way.
       train_flag: the model's training keyword, passed False; "auto"
         (default) reads it from the model's `__call__` (see `fit`).
@@ -478,12 +479,12 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         iterable of batch dicts `{"x": ..., "y": ...}`.
       y: the labels of array `x` (integer classes, one-hot rows or targets, as
         `loss` takes them); None for a source.
-      loss: a loss name from `jaxdl.losses` (sparse/one-hot softmax
+      loss: a loss name from `jaxdl.training.losses` (sparse/one-hot softmax
         cross-entropy, binary cross-entropy, MSE, Huber) or a function
         `(outputs, batch) -> per-example loss`. Required.
       optimizer: an optax `GradientTransformation`; None (default) is
         Adam(1e-3), or the state's own optimizer when `state` is given.
-      metrics: metric names from `jaxdl.losses`, reported for training and
+      metrics: metric names from `jaxdl.training.losses`, reported for training and
         validation; default accuracy.
       epochs: the epoch number to stop before (training runs epochs
         `initial_epoch` to `epochs - 1`); default 1.
@@ -503,7 +504,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         True.
       drop_remainder: drop each epoch's last smaller batch instead of padding
         it; default False.
-      callbacks: `jaxdl.callbacks.Callback`s (EarlyStopping, ModelCheckpoint,
+      callbacks: `jaxdl.training.callbacks.Callback`s (EarlyStopping, ModelCheckpoint,
         a learning-rate schedule, your own), called as Keras calls them.
       state: a `TrainState` to continue training (its model and optimizer
         carry on; `model` must be None or that model, `optimizer` None). It
@@ -553,7 +554,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         batch of a source.
       precision: "bfloat16", or "float16" with dynamic loss scaling, to
         compute in half precision while parameters and optimizer state stay
-        float32 (see `jaxdl.precision`); None (default) keeps the model's
+        float32 (see `jaxdl.training.precision`); None (default) keeps the model's
         dtype. Not with `state`.
       train_flag: the keyword that switches the model between training and
         inference ("train", "training", "deterministic" (passed inverted) or
@@ -602,7 +603,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         given with another model, optimizer or a `precision`,
         `checkpoint_dir` with an iterable of batches, or a checkpoint in
         `checkpoint_dir` of another run or unreadable altogether.
-      jaxdl.run_checkpoint.CheckpointSaveError: when saving a checkpoint
+      jaxdl.training.run_checkpoint.CheckpointSaveError: when saving a checkpoint
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
     """

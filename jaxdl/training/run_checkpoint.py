@@ -17,8 +17,8 @@ Paths are `etils.epath` paths (orbax's own), so `gs://` and other remote
 directories stay remote; only process 0 moves an unreadable checkpoint aside, and only one
 whose bytes are shown to be bad (`bytes_are_bad`): an access error is raised as it is.
 
-What this module leaves to others: when to save (the run, `jaxdl.driver`),
-and how a train state is built (`jaxdl.train`).
+What this module leaves to others: when to save (the run, `jaxdl.training.trainer`),
+and how a train state is built (`jaxdl.training.steps`).
 """
 from __future__ import annotations
 
@@ -74,10 +74,16 @@ def data_fingerprint(*arrays: np.ndarray, rows: int = 64) -> str:
 
 
 def callback_description(callback) -> dict:
-    """A callback's class and settings (`Callback.settings()`): saved, and compared on resume."""
+    """A callback's class and settings (`Callback.settings()`): saved, and compared on resume.
+
+    jaxdl's own callbacks are named by class name, as `model_config` names
+    jaxdl's models, so that a run checkpoint does not depend on the module
+    jaxdl keeps them in; any other class by `module.QualifiedName`.
+    """
     settings = callback.settings() if hasattr(callback, "settings") else {}
-    return {"class": f"{type(callback).__module__}.{type(callback).__qualname__}",
-            "settings": json.loads(json.dumps(settings, default=str))}
+    cls = type(callback)
+    name = cls.__qualname__ if cls.__module__.startswith("jaxdl.") else f"{cls.__module__}.{cls.__qualname__}"
+    return {"class": name, "settings": json.loads(json.dumps(settings, default=str))}
 
 
 def run_config(model, state, *, loss, metrics, batch_size: int, seed: int, shuffle: bool, drop_remainder: bool,

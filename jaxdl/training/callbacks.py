@@ -28,7 +28,7 @@ class FitRun:
     a state whose `apply_fn` is not a module's `apply`).
     """
 
-    state: Any  # a jaxdl.train.TrainState
+    state: Any  # a jaxdl.training.steps.TrainState
     history: dict[str, list]
     epoch: int = 0
     stop_training: bool = False

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdl import data
-from jaxdl.run_checkpoint import Resume
-from jaxdl.train import zero_totals
+from jaxdl.training.run_checkpoint import Resume
+from jaxdl.training.steps import zero_totals
 
 
 @dataclasses.dataclass

@@ -1,0 +1,33 @@
+"""Training: `fit`, `evaluate` and `predict`, and the parts they are made of.
+
+`trainer` (fit, evaluate, predict), `steps` (the train state and the compiled
+step factories), `epoch_loop` (the loops over one epoch's batches),
+`adapters` (arrays and sources as batches), `callbacks`, `losses` (losses and
+metrics), `precision` (mixed precision), `run_checkpoint` (a run's
+checkpoints and resuming), `uncertainty` (Monte-Carlo dropout) and `tuning`
+(grid sweeps). Training builds on `jaxdl.models`, `jaxdl.runtime` and
+`jaxdl.data`; none of those imports it.
+"""
+from jaxdl.training import losses
+from jaxdl.training.callbacks import (
+    Callback,
+    CSVLogger,
+    EarlyStopping,
+    FitRun,
+    ModelCheckpoint,
+    ReduceLROnPlateau,
+    TensorBoard,
+)
+from jaxdl.training.precision import with_precision
+from jaxdl.training.run_checkpoint import CheckpointSaveError
+from jaxdl.training.steps import TrainState, create_train_state, make_eval_step, make_train_step, summarize
+from jaxdl.training.trainer import evaluate, fit, predict
+from jaxdl.training.tuning import SweepTable, configurations, sweep
+from jaxdl.training.uncertainty import mc_predict
+
+__all__ = [
+    "fit", "evaluate", "predict",
+    "TrainState", "create_train_state", "make_eval_step", "make_train_step", "summarize",
+    "Callback", "CSVLogger", "EarlyStopping", "FitRun", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
+    "CheckpointSaveError", "with_precision", "losses", "mc_predict", "SweepTable", "configurations", "sweep",
+]
