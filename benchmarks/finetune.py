@@ -37,7 +37,7 @@ LABELS = {"jaxdl-cached": "jaxdl, cached features", "jaxdl-end-to-end": "jaxdl, 
 def cat_images():
     import numpy as np
 
-    from jaxdl import images
+    from jaxdl.data import images
 
     paths = [CATS / f"{sex}{i:02d}.jpg" for sex in "fm" for i in range(1, 21)]
     x, y, _ = images.load_images(paths, np.array([0] * 20 + [1] * 20), images.TORCHVISION)
@@ -45,7 +45,7 @@ def cat_images():
 
 
 def jaxdl_runner(cache_features: bool, epochs: int):
-    from jaxdl import finetune, pretrained
+    from jaxdl.pretrained import finetune, weights as pretrained
 
     model, variables, _ = pretrained.torchvision_imagenet()
     x, y = cat_images()

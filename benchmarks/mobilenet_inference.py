@@ -36,7 +36,6 @@ import jax
 import numpy as np
 
 from benchmarks import report
-from jaxdl.classifier import ImageClassifier
 from jaxdl.models.mobilenet_v2 import (
     CPU_DEVICE_CHUNK,
     CPU_DEVICE_STREAMS,
@@ -45,6 +44,7 @@ from jaxdl.models.mobilenet_v2 import (
     layer_plan,
     predict_in_chunks,
 )
+from jaxdl.pretrained.classifier import ImageClassifier
 
 BATCHES = (1, 32)
 
@@ -101,8 +101,8 @@ def keras_engine(unfolded):
 def torch_state_dict():
     import torch
 
-    from jaxdl import pretrained
-    from jaxdl.torchfile import load_state_dict
+    from jaxdl.pretrained import weights as pretrained
+    from jaxdl.pretrained.torchfile import load_state_dict
 
     return {k: torch.from_numpy(np.array(v)) for k, v in load_state_dict(pretrained.torchvision_weights_path()).items()}
 

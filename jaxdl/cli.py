@@ -44,7 +44,7 @@ def enable_compilation_cache() -> None:
     """
     from jax.experimental.compilation_cache import compilation_cache
 
-    from jaxdl.pretrained import cache_dir
+    from jaxdl.pretrained.weights import cache_dir
     from jaxdl.runtime import program_cache as aot
 
     chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR")
@@ -131,7 +131,7 @@ def fraction(text: str) -> float:
 
 def class_regex(text: str) -> str:
     """argparse type: a regular expression with exactly one group."""
-    from jaxdl.images import class_pattern
+    from jaxdl.data.images import class_pattern
 
     try:
         class_pattern(text)
@@ -141,8 +141,8 @@ def class_regex(text: str) -> str:
 
 
 def classify(args) -> int:
-    from jaxdl.classifier import ImageClassifier
-    from jaxdl.pretrained import cache_dir
+    from jaxdl.pretrained.classifier import ImageClassifier
+    from jaxdl.pretrained.weights import cache_dir
 
     try:
         classifier = ImageClassifier.load(args.weights, program_cache=cache_dir() / "programs")
@@ -164,9 +164,10 @@ def classify(args) -> int:
 
 
 def convert(args) -> int:
-    from jaxdl import imagenet, images
-    from jaxdl.classifier import ImageClassifier
-    from jaxdl.convert import from_keras, from_torchvision
+    from jaxdl.data import images
+    from jaxdl.pretrained import imagenet
+    from jaxdl.pretrained.classifier import ImageClassifier
+    from jaxdl.pretrained.convert import from_keras, from_torchvision
 
     source = {"keras": from_keras, "torchvision": from_torchvision}[args.source]
     try:
@@ -199,9 +200,10 @@ HISTORY_FILE = "history.json"  # in a fine-tuned model's folder: {"loss": [...],
 def finetune(args) -> int:
     import numpy as np
 
-    from jaxdl import finetune as ft, images as image_io, pretrained
-    from jaxdl.classifier import ImageClassifier
+    from jaxdl.data import images as image_io
     from jaxdl.models.saving import run_directory
+    from jaxdl.pretrained import finetune as ft, weights as pretrained
+    from jaxdl.pretrained.classifier import ImageClassifier
     from jaxdl.training.callbacks import Callback
 
     class PrintEpochs(Callback):

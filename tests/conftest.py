@@ -144,7 +144,7 @@ def converted_models(tmp_path_factory):
     import keras
     import numpy as np
 
-    from jaxdl.convert import from_keras
+    from jaxdl.pretrained.convert import from_keras
     from tests.keras_reference import BLOCK_ENDS, CONFIGS, build, save_legacy_h5
 
     def convert(name: str):
@@ -182,7 +182,7 @@ def keras_mobilenet_v2():
 
 @pytest.fixture(scope="session")
 def imagenet_classifier(jaxdl_cache):
-    from jaxdl.classifier import ImageClassifier
+    from jaxdl.pretrained.classifier import ImageClassifier
 
     return ImageClassifier.load("imagenet")
 

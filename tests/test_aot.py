@@ -522,7 +522,7 @@ def test_a_program_cached_for_one_dtype_is_not_loaded_for_another(tmp_path):
 
 def small_classifier(directory):
     """An `ImageClassifier` of a small MLP, its weights drawn from a fixed key, its programs cached in `directory`."""
-    from jaxdl.classifier import ImageClassifier
+    from jaxdl.pretrained.classifier import ImageClassifier
 
     model = MLP(features=(4,), num_outputs=3)
     state = create_train_state(model, optax.sgd(0.1), (2, 2, 3), jax.random.key(0))

@@ -119,9 +119,10 @@ def test_overwriting_leaves_the_target_in_place_at_every_step(tmp_path, monkeypa
 
 def test_two_first_uses_of_a_cached_conversion_keep_the_one_saved_first(tmp_path, monkeypatch):
     """The other process's conversion, saved while this one wrote its own, is the one kept and returned."""
-    from jaxdl import MLP, pretrained
+    from jaxdl import MLP
     from jaxdl.models import saving as checkpoint
     from jaxdl.models.saving import read_model
+    from jaxdl.pretrained import weights as pretrained
 
     monkeypatch.setenv("JAXDL_CACHE", str(tmp_path))
     model = MLP(features=(2,), num_outputs=2)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdl import cli, images
+from jaxdl import cli
+from jaxdl.data import images
 from jaxdl.models.saving import read_model
 
 CAT_PATTERN = r"^([fm])\d+"

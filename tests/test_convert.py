@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdl import pretrained
-from jaxdl.convert import ConversionError, from_keras, from_torchvision
 from jaxdl.models.mobilenet_v2 import folded
-from jaxdl.torchfile import UnsafePickleError, WeightFileError, load_state_dict
+from jaxdl.pretrained import weights as pretrained
+from jaxdl.pretrained.convert import ConversionError, from_keras, from_torchvision
+from jaxdl.pretrained.torchfile import UnsafePickleError, WeightFileError, load_state_dict
 from tests import tolerance
 
 

@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-from jaxdl import finetune
-from jaxdl.classifier import ImageClassifier
 from jaxdl.data import sources
 from jaxdl.models import saving as checkpoint
+from jaxdl.pretrained import finetune
+from jaxdl.pretrained.classifier import ImageClassifier
 from jaxdl.training import steps as train, trainer as driver, tuning, uncertainty
 
 ENTRY_POINTS = [driver.fit, driver.evaluate, driver.predict, train.create_train_state, train.make_train_step,

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from experiments import penguins, suite
-from jaxdl import images
+from jaxdl.data import images
 from tests import tolerance
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from experiments.common import shared_data_dir
-from jaxdl import finetune, images as image_io
-from jaxdl.classifier import ImageClassifier
+from jaxdl.data import images as image_io
 from jaxdl.models import ClassifierHead
+from jaxdl.pretrained import finetune
+from jaxdl.pretrained.classifier import ImageClassifier
 from jaxdl.training.trainer import predict
 from tests import tolerance
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.requires_cats
 
 @pytest.fixture(scope="session")
 def pretrained_model(jaxdl_cache):
-    from jaxdl import pretrained
+    from jaxdl.pretrained import weights as pretrained
 
     return pretrained.torchvision_imagenet()
 
@@ -139,7 +140,7 @@ def test_save_then_load_in_a_new_process_keeps_predictions_and_class_names(tmp_p
     tolerance.assert_close(classifier.probabilities(cats[0]), expected,  # saved and reloaded: both folded
                            tolerance.ONE_OP)
     np.save(tmp_path / "images.npy", cats[0])
-    code = ("import sys, json, numpy as np; from jaxdl.classifier import ImageClassifier; "
+    code = ("import sys, json, numpy as np; from jaxdl.pretrained.classifier import ImageClassifier; "
             "c = ImageClassifier.load(sys.argv[1]); np.save(sys.argv[3], c.probabilities(np.load(sys.argv[2]))); "
             "print(json.dumps(c.class_names))")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cats"), str(tmp_path / "images.npy"),

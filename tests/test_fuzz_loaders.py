@@ -22,8 +22,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from jaxdl import data, images
-from jaxdl.torchfile import WeightFileError, load_state_dict
+from jaxdl import data
+from jaxdl.data import images
+from jaxdl.pretrained.torchfile import WeightFileError, load_state_dict
 
 QUICK, THOROUGH = 25, 1000
 EXAMPLES = pytest.mark.parametrize("examples", [QUICK, pytest.param(THOROUGH, marks=pytest.mark.slow)],
@@ -108,7 +109,7 @@ def test_damaged_pth_files_load_or_raise_a_weight_file_error_naming_the_file(tmp
         assert all(isinstance(array, np.ndarray) for array in loaded.values())
         assert sum(array.nbytes for array in loaded.values()) <= limit
 
-    # the two cases that crashed the loader with zipfile's own errors before (see jaxdl/torchfile.py)
+    # the two cases that crashed the loader with zipfile's own errors before (see jaxdl/pretrained/torchfile.py)
     found = [("overwrite span", 0, b"\x80"), ("flip bits", 256, b"\x00")]
     assert fuzz(examples, damage, check, always=found) == examples
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdl import images
+from jaxdl.data import images
 from tests import tolerance
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from jaxdl.convert import ConversionError, from_keras
 from jaxdl.models import MobileNetV2, count_params
 from jaxdl.models.mobilenet_v2 import Conv, correct_pad, folded, layer_plan, make_divisible
+from jaxdl.pretrained.convert import ConversionError, from_keras
 from tests import tolerance
 from tests.keras_reference import CONFIGS
 from tests.test_fuzz_loaders import THOROUGH, assert_names_the_file, damage, fuzz, mutated, write

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from experiments import classify as classify_experiment
-from jaxdl import images
-from jaxdl.imagenet import CAT_CLASSES, decode_predictions
+from jaxdl.data import images
 from jaxdl.models.mobilenet_v2 import predict_in_chunks
+from jaxdl.pretrained.imagenet import CAT_CLASSES, decode_predictions
 from tests import tolerance
 
 # Golden outputs of torchvision's ImageNet MobileNetV2 on scikit-image's sample photos, through
@@ -106,7 +106,7 @@ def test_unfolded_model_gives_the_same_logits(imagenet_classifier, jaxdl_cache):
     Logits, not probabilities: most of 1000 probabilities sit below any probability tolerance. Seen failing
     with the running mean left out of the folded bias (off by 17.4).
     """
-    from jaxdl.classifier import ImageClassifier
+    from jaxdl.pretrained.classifier import ImageClassifier
 
     slow = ImageClassifier.load("imagenet", fast=False)
     batch = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
@@ -207,7 +207,7 @@ def test_classify_gives_jax_a_cpu_device_per_core_unless_told_otherwise(monkeypa
 
 
 def test_convert_command_writes_a_model_classify_can_use(tmp_path, jaxdl_cache, photo_files, main_here):
-    from jaxdl import pretrained
+    from jaxdl.pretrained import weights as pretrained
 
     source = pretrained.torchvision_weights_path()
     done = run_cli("convert", "torchvision", source, tmp_path / "converted", cache=jaxdl_cache)

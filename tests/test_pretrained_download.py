@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from jaxdl import pretrained
+from jaxdl.pretrained import weights as pretrained
 
 CONTENT = b"published weights, a few bytes of them"
 SHA256 = hashlib.sha256(CONTENT).hexdigest()

@@ -1,4 +1,4 @@
-"""jaxdl.torchfile against crafted .pth files: each size, stride, archive member and pickle opcode a file
+"""jaxdl.pretrained.torchfile against crafted .pth files: each size, stride, archive member and pickle opcode a file
 can use to read out of bounds, exhaust memory or corrupt later loads is refused with a clear error."""
 import collections
 import io
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from jaxdl import cli, torchfile
-from jaxdl.torchfile import LEGACY_MAGIC, UnsafePickleError, WeightFileError, load_state_dict
+from jaxdl import cli
+from jaxdl.pretrained import torchfile
+from jaxdl.pretrained.torchfile import LEGACY_MAGIC, UnsafePickleError, WeightFileError, load_state_dict
 
 FORMATS = pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 

@@ -1,7 +1,7 @@
 """Transfer-learning models: a pretrained MobileNetV2 backbone, always in inference mode, and a new head.
 
 These are plain Linen modules (saved and rebuilt by config like every model
-here); training them is `jaxdl.finetune`'s job, inference `jaxdl.classifier`'s.
+here); training them is `jaxdl.pretrained.finetune`'s job, inference `jaxdl.pretrained.classifier`'s.
 """
 from __future__ import annotations
 

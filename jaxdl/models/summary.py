@@ -54,7 +54,7 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[
     `deterministic`, or none).
 
     "Trainable" is the `params` collection. Which of them an optimizer
-    actually updates is the training's choice (`jaxdl.finetune` freezes a
+    actually updates is the training's choice (`jaxdl.pretrained.finetune` freezes a
     backbone's), not the model's, so a frozen backbone still counts here.
 
     Args:

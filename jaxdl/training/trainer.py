@@ -184,7 +184,7 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     the power of two that holds a smaller input (`prediction_batch_size`), the
     last batch filled up and its extra outputs dropped. MobileNetV2 models
     (and fine-tuned ones) run their fast inference form, BatchNorm folded and
-    images in chunks, as `jaxdl.classifier` does. Every process gets all
+    images in chunks, as `jaxdl.pretrained.classifier` does. Every process gets all
     outputs.
 
     Args:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdl import images as image_io
+from jaxdl.data import images as image_io
 from jaxdl.models.heads import ClassifierHead, FineTuneModel, feature_backbone
 from jaxdl.models.mobilenet_v2 import (
     BLOCKS,
@@ -123,7 +123,7 @@ def finetune(images, labels, *, backbone: MobileNetV2, backbone_variables: dict,
     (docs/pretrained.md).
 
     Args:
-      images: preprocessed NHWC image arrays (as `jaxdl.images` loads them).
+      images: preprocessed NHWC image arrays (as `jaxdl.data.images` loads them).
       labels: integer class labels, one per image.
       backbone: a `MobileNetV2` (with or without its top; the top is
         removed).

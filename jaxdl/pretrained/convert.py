@@ -11,7 +11,7 @@ Keras files are read with h5py alone:
   legacy `.h5` models (`model_weights/` inside);
 - Keras 3 `.weights.h5`, whose groups are named per layer type
   (`conv2d_3`, `batch_normalization_12`), and `.keras` archives holding one.
-torchvision state dicts are read by `jaxdl.torchfile`, without PyTorch.
+torchvision state dicts are read by `jaxdl.pretrained.torchfile`, without PyTorch.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.models.mobilenet_v2 import ALPHAS, MobileNetV2, layer_plan, make_divisible
-from jaxdl.torchfile import load_state_dict
+from jaxdl.pretrained.torchfile import load_state_dict
 
 SourceLayer = tuple[str, list[np.ndarray]]  # (name in the file, its arrays in the file's layout)
 

@@ -20,9 +20,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from jaxdl import imagenet, images
-from jaxdl.convert import from_keras, from_torchvision
+from jaxdl.data import images
 from jaxdl.models.saving import load_model, read_model, save_model
+from jaxdl.pretrained import imagenet
+from jaxdl.pretrained.convert import from_keras, from_torchvision
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,11 +13,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxdl import imagenet, images, pretrained
-from jaxdl.convert import from_keras, from_torchvision
+from jaxdl.data import images
 from jaxdl.models.heads import fast_inference
 from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, body_and_top, inference_mesh, predict_in_chunks
 from jaxdl.models.saving import VARIABLES_DIR, load_variables, read_model, save_model
+from jaxdl.pretrained import imagenet, weights as pretrained
+from jaxdl.pretrained.convert import from_keras, from_torchvision
 from jaxdl.runtime import compiler, program_cache as aot, sharding
 
 
@@ -39,7 +40,7 @@ class ImageClassifier:
       model: the Flax Linen module (a MobileNetV2 or a fine-tuned model).
       variables: its variables, or None until they are read from `source`.
       preprocessing: how photos are turned into the model's input
-        (`jaxdl.images.KERAS`, `jaxdl.images.TORCHVISION` or the saved one).
+        (`jaxdl.data.images.KERAS`, `jaxdl.data.images.TORCHVISION` or the saved one).
       class_names: a name per class, or None (classes shown by index).
       outputs: "logits" (a softmax is applied) or "probabilities".
       program_cache: a folder for compiled programs; None compiles in memory.
@@ -183,7 +184,7 @@ class ImageClassifier:
 
         Args:
           batch: preprocessed images, shape (N, H, W, 3), as
-            `jaxdl.images.load_batch` gives them with this classifier's
+            `jaxdl.data.images.load_batch` gives them with this classifier's
             `preprocessing`.
           batch_size: the most images per compiled forward pass (the last
             pass padded); default 32.
