@@ -137,7 +137,7 @@ def milliseconds(function, *args, repeats: int = 20) -> float:
 
 def breakdown(x, y, repeats: int) -> dict:
     """ms per batch of 128 of jaxdl's step and its parts (see the module's docstring)."""
-    from jaxdl.training.steps import create_train_state, make_train_step
+    from jaxdl.training import create_train_state, make_train_step
 
     batch = {"x": jnp.asarray(x[:BATCH]), "y": jnp.asarray(y[:BATCH])}
     state = create_train_state(CNN_MODEL, optax.adam(1e-3), (28, 28, 1), jax.random.key(0))

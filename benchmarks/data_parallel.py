@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import report
 from benchmarks.train_small import EpochTimer, steady
-from jaxdl.runtime.compiler import compiler_options
+from jaxdl.runtime import compiler_options
 
 BATCH = 64
 # model -> (input shape, steps per epoch, epochs), full and quick
@@ -120,7 +120,7 @@ def hand_written_ms_per_step(model, x, y, mesh, epochs: int) -> float:
 
 def measure_config(name: str, devices: int, quick: bool) -> dict:
     """`{"fit": ms/step, "hand": ms/step}` of one model on a mesh of `devices` devices, in this process."""
-    from jaxdl.runtime.sharding import data_mesh
+    from jaxdl.runtime import data_mesh
 
     if len(jax.devices()) < devices:
         raise RuntimeError(f"{devices} devices wanted, this process has {len(jax.devices())} "

@@ -52,7 +52,7 @@ def digits_fit(epochs: int, precision: str) -> tuple[float, float]:
 def mobilenet():
     """`(model, variables, which weights)` in the inference form `jaxdl classify` runs (BatchNorm folded):
     torchvision's ImageNet weights, or random weights if those fail to load."""
-    from jaxdl.pretrained.classifier import ImageClassifier
+    from jaxdl.pretrained import ImageClassifier
 
     try:
         model, variables = ImageClassifier.load("imagenet").inference_form()
@@ -68,7 +68,7 @@ def mobilenet():
 def images_per_second(model, variables, batch: int, size: int, precision: str, calls: int) -> float:
     """The forward pass as `jaxdl.predict` runs it (in chunks where that is faster), compiled once."""
     from jaxdl.models.mobilenet_v2 import apply_in_chunks
-    from jaxdl.training.precision import with_precision
+    from jaxdl.training import with_precision
 
     model = with_precision(model, precision)
     apply = jax.jit(lambda v, x: apply_in_chunks(model.apply, v, x))
@@ -84,8 +84,9 @@ def images_per_second(model, variables, batch: int, size: int, precision: str, c
 
 def finetune_seconds(epochs: int, photos: int) -> tuple[float, float, str]:
     """Seconds of a first and a second head-only fine-tuning (cached features), and which images were used."""
+    from jaxdl import pretrained
     from jaxdl.data import images
-    from jaxdl.pretrained import finetune, weights as pretrained
+    from jaxdl.pretrained import finetune
 
     cats = shared_data_dir() / "cats"
     labels = np.array([0, 1] * (photos // 2))

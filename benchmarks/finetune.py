@@ -45,7 +45,8 @@ def cat_images():
 
 
 def jaxdl_runner(cache_features: bool, epochs: int):
-    from jaxdl.pretrained import finetune, weights as pretrained
+    from jaxdl import pretrained
+    from jaxdl.pretrained import finetune
 
     model, variables, _ = pretrained.torchvision_imagenet()
     x, y = cat_images()

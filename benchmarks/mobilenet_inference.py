@@ -44,7 +44,7 @@ from jaxdl.models.mobilenet_v2 import (
     layer_plan,
     predict_in_chunks,
 )
-from jaxdl.pretrained.classifier import ImageClassifier
+from jaxdl.pretrained import ImageClassifier
 
 BATCHES = (1, 32)
 
@@ -101,10 +101,9 @@ def keras_engine(unfolded):
 def torch_state_dict():
     import torch
 
-    from jaxdl.pretrained import weights as pretrained
-    from jaxdl.pretrained.torchfile import load_state_dict
+    from jaxdl.pretrained import load_state_dict, torchvision_weights_path
 
-    return {k: torch.from_numpy(np.array(v)) for k, v in load_state_dict(pretrained.torchvision_weights_path()).items()}
+    return {k: torch.from_numpy(np.array(v)) for k, v in load_state_dict(torchvision_weights_path()).items()}
 
 
 def torch_engines():

@@ -13,8 +13,7 @@ from PIL import Image
 
 from experiments.common import Check, finish, parser, run_dir
 from jaxdl.data import images
-from jaxdl.pretrained.classifier import ImageClassifier
-from jaxdl.pretrained.imagenet import CAT_CLASSES, class_names, decode_predictions
+from jaxdl.pretrained import CAT_CLASSES, ImageClassifier, class_names, decode_predictions
 
 CAT_NAMES = {class_names()[i] for i in CAT_CLASSES}
 

@@ -31,7 +31,7 @@ from experiments.common import Check, checkpointing, finish, parser, run_dir, sh
 from jaxdl import MLP, ConvNet, count_params, evaluate, fit, predict
 from jaxdl.data import DatasetNotPreparedError, load_mnist, tfds_source
 from jaxdl.plots import plot_confusion_matrix, plot_history
-from jaxdl.training.losses import confusion_matrix
+from jaxdl.training import confusion_matrix
 
 # 784 -> 128 relu -> 10: 100,480 + 1,290 = 101,770 parameters.
 MLP_MODEL = MLP(features=(128,), num_outputs=10, input_scale=1 / 255)

@@ -22,7 +22,7 @@ import optax
 from experiments.common import Check, checkpointing, finish, parser, run_dir
 from jaxdl import MLP, count_params, fit, predict, save_model
 from jaxdl.plots import plot_confusion_matrix, plot_history
-from jaxdl.training.losses import confusion_matrix
+from jaxdl.training import confusion_matrix
 
 FEATURES = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
 SPECIES = ["Adelie", "Chinstrap", "Gentoo"]

@@ -30,9 +30,7 @@ from PIL import Image
 from experiments.common import Check, checkpointing, finish, parser, run_dir, shared_data_dir
 from jaxdl.data import images as image_io
 from jaxdl.plots import plot_history
-from jaxdl.pretrained import finetune
-from jaxdl.pretrained.classifier import ImageClassifier
-from jaxdl.pretrained.imagenet import CAT_CLASSES, decode_predictions
+from jaxdl.pretrained import CAT_CLASSES, ImageClassifier, decode_predictions, finetune
 
 DEFAULT_DATA = shared_data_dir() / "cats"
 # Bands over seeds 0-4 (python -m experiments.suite --seeds 0 1 2 3 4): training accuracy 0.95-1.0 on

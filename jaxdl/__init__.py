@@ -23,7 +23,7 @@ from jaxdl.training import (
     sweep,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The names `from jaxdl import ...` offers (each module's others are reached through the module).
 __all__ = [

@@ -1,4 +1,9 @@
-"""Data for `fit`, `evaluate` and `predict`: in-memory arrays, tfds and grain sources, and device prefetch."""
+"""Data for `fit`, `evaluate` and `predict`: in-memory arrays, tfds and grain sources, and device prefetch.
+
+Photos are `jaxdl.data.images` (loading, preprocessing, image folders and
+their labels), imported by name where it is used: it imports Pillow, which
+the rest of this package imports only when writing a dataset.
+"""
 from jaxdl.data.arrays import (
     batches,
     check_batch_size,

@@ -18,6 +18,7 @@ from jaxdl.training.callbacks import (
     ReduceLROnPlateau,
     TensorBoard,
 )
+from jaxdl.training.losses import confusion_matrix
 from jaxdl.training.precision import with_precision
 from jaxdl.training.run_checkpoint import CheckpointSaveError
 from jaxdl.training.steps import TrainState, create_train_state, make_eval_step, make_train_step, summarize
@@ -29,5 +30,6 @@ __all__ = [
     "fit", "evaluate", "predict",
     "TrainState", "create_train_state", "make_eval_step", "make_train_step", "summarize",
     "Callback", "CSVLogger", "EarlyStopping", "FitRun", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
-    "CheckpointSaveError", "with_precision", "losses", "mc_predict", "SweepTable", "configurations", "sweep",
+    "CheckpointSaveError", "with_precision", "losses", "confusion_matrix",
+    "mc_predict", "SweepTable", "configurations", "sweep",
 ]
