@@ -15,6 +15,7 @@ from jaxdl.pretrained.convert import ConversionError, from_keras, from_torchvisi
 from jaxdl.pretrained.imagenet import CAT_CLASSES, class_names, decode_predictions
 from jaxdl.pretrained.torchfile import UnsafePickleError, WeightFileError, load_state_dict
 from jaxdl.pretrained.weights import (
+    KERAS_SHA256,
     TORCHVISION_IMAGENET,
     ChecksumError,
     WeightFile,
@@ -30,6 +31,6 @@ __all__ = [
     "ConversionError", "from_keras", "from_torchvision",
     "CAT_CLASSES", "class_names", "decode_predictions",
     "UnsafePickleError", "WeightFileError", "load_state_dict",
-    "TORCHVISION_IMAGENET", "ChecksumError", "WeightFile", "cache_dir", "keras_imagenet", "torchvision_imagenet",
-    "torchvision_weights_path",
+    "KERAS_SHA256", "TORCHVISION_IMAGENET", "ChecksumError", "WeightFile", "cache_dir", "keras_imagenet",
+    "torchvision_imagenet", "torchvision_weights_path",
 ]
