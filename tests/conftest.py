@@ -51,32 +51,35 @@ def pytest_configure(config):
                                        "skipped where they are absent, failed instead in CI (CI=true)")
 
 
-# The heaviest files first, each file's seconds (calls and setups, --durations=0) in two `make test` runs on
-# this 2-core machine while it was also loaded by other work, the second after the commits that cut
-# test_pretrained, test_sharding and test_contract: `make test`'s --dist loadfile hands each worker whole files
-# in queue order, and a long file started last keeps the other worker idle at the end. Longest first, the
-# light files after them fill in whichever worker frees first (longest-processing-time order).
-HEAVY_FIRST = ("test_experiments.py",  # 78, 106
-               "test_finetune.py",  # 88, 86
-               "test_mobilenet_v2.py",  # 81, 79
-               "test_resume.py",  # 51, 59
-               "test_train.py",  # 38, 41
-               "test_pretrained.py",  # 55, 39
-               "test_data_sources.py",  # 37, 35
-               "test_sharding.py",  # 41, 34
-               "test_docs.py",  # 33, 31
-               "test_model_conventions.py",  # 36, 24
-               "test_contract.py",  # 31, 29
-               "test_convert.py",  # 31, 18
-               "test_layers.py",  # 29, 19
-               "test_precision.py",  # 8, 16
-               "test_callbacks.py",  # 14, 12
-               "test_run_checkpoint.py",  # 11, 13
-               "test_benchmarks.py",  # 13, 12
-               "test_fit_front_door.py",  # 10, 13
-               "test_default_compiler_flags.py",  # 16, 7
-               "test_requires_cats.py",  # 14, 7
-               "test_source_cache.py")  # 5, 10; the rest under 9 s each
+# The heaviest files first, each file's seconds (calls and setups, --durations=0) in one `-n 1` run on this
+# 2-core machine beside another (2026-12-04; the layers and device-memory tests trimmed after it by about 5 and
+# 8 s): `make test`'s --dist loadfile hands each worker whole files in queue order, and a long file started
+# last keeps the other worker idle at the end. Longest first, the light files after them fill in whichever
+# worker frees first (longest-processing-time order).
+HEAVY_FIRST = ("test_experiments.py",  # 69
+               "test_finetune.py",  # 62
+               "test_mobilenet_v2.py",  # 57
+               "test_sharding.py",  # 46
+               "test_resume.py",  # 32
+               "test_train.py",  # 32
+               "test_layers.py",  # 31
+               "test_data_sources.py",  # 26
+               "test_pretrained.py",  # 25
+               "test_docs.py",  # 20
+               "test_contract.py",  # 18
+               "test_audit_regressions.py",  # 14
+               "test_model_conventions.py",  # 13
+               "test_convert.py",  # 13
+               "test_callbacks.py",  # 13
+               "test_aot.py",  # 13
+               "test_run_checkpoint.py",  # 12
+               "test_benchmarks.py",  # 11
+               "test_fit_front_door.py",  # 10
+               "test_default_compiler_flags.py",  # 9
+               "test_precision.py",  # 9
+               "test_requires_cats.py",  # 7
+               "test_weather.py",  # 6
+               "test_source_cache.py")  # 6; the rest under 6 s each
 
 
 def pytest_collection_modifyitems(session, config, items):
