@@ -75,11 +75,11 @@ def measure(quick: bool, examples: int | None = None) -> dict:
 
         from_source = delivered_per_second(data.SourceBatches(source, BATCH, data.Features(), seed=0).epoch(0))
         order = np.random.default_rng(0).permutation(len(images))
-        from_arrays = delivered_per_second(data.ordered_batches({"x": images, "y": labels}, order, BATCH))
+        from_arrays = delivered_per_second(data.arrays.ordered_batches({"x": images, "y": labels}, order, BATCH))
 
         arrays_epoch = fit_seconds_per_epoch(images, labels, epochs)
         source_epoch = fit_seconds_per_epoch(source, epochs=epochs)
-        source_epoch_k4 = fit_seconds_per_epoch(source, epochs=epochs, steps_per_dispatch=4)
+        source_epoch_k4 = fit_seconds_per_epoch(source, epochs=epochs, steps_per_execution=4)
         # A fast model, whose step no longer hides the decoding: the source decoded every epoch, and cached.
         mlp_epochs = epochs if quick else MLP_EPOCHS
         mlp_arrays_epoch = fit_seconds_per_epoch(images, labels, mlp_epochs, model=MLP_MODEL)

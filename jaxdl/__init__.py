@@ -18,8 +18,8 @@ from jaxdl.training import (
     make_eval_step,
     make_train_step,
     mc_predict,
+    metrics_from_sums,
     predict,
-    summarize,
     sweep,
 )
 
@@ -30,6 +30,6 @@ __all__ = [
     "load_model", "save_model",
     "ConvNet", "MLP", "count_params", "summary",
     "Callback", "CSVLogger", "EarlyStopping", "FitRun", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
-    "TrainState", "create_train_state", "make_eval_step", "make_train_step", "summarize",
+    "TrainState", "create_train_state", "make_eval_step", "make_train_step", "metrics_from_sums",
     "evaluate", "fit", "predict", "tfds_source", "mc_predict", "sweep",
 ]

@@ -165,7 +165,7 @@ def classify(args) -> int:
 
 def convert(args) -> int:
     from jaxdl.data import images
-    from jaxdl.pretrained import imagenet
+    from jaxdl.pretrained import imagenet_classes
     from jaxdl.pretrained.classifier import ImageClassifier
     from jaxdl.pretrained.convert import from_keras, from_torchvision
 
@@ -175,7 +175,7 @@ def convert(args) -> int:
         # A weight file names no classes: a head of 1000 is ImageNet's (as Keras and torchvision publish it);
         # any other head's names are unknown, recorded as None, and `jaxdl classify` shows their indices.
         imagenet_head = model.include_top and model.num_classes == 1000
-        classes = imagenet.class_names() if imagenet_head else None
+        classes = imagenet_classes.class_names() if imagenet_head else None
         preprocessing = images.KERAS if args.source == "keras" else images.TORCHVISION
         classifier = ImageClassifier(model, variables, preprocessing, classes,
                                      "probabilities" if model.head_activation == "softmax" else "logits")

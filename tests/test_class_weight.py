@@ -15,21 +15,21 @@ WEIGHTS = {0: 1.0, 1: 10.0}
 
 
 def weights_of(y, class_weight=WEIGHTS):
-    return [class_weight[c] for c in data.class_indices(np.asarray(y)).tolist()]
+    return [class_weight[c] for c in data.arrays.class_indices(np.asarray(y)).tolist()]
 
 
 def test_binary_labels_shaped_n_by_1_are_rounded_and_squeezed():
     assert weights_of([[0], [1], [1], [0]]) == [1, 10, 10, 1]
-    np.testing.assert_array_equal(data.class_indices(np.asarray([[0.1], [0.9], [0.51], [0.0]], np.float32)),
+    np.testing.assert_array_equal(data.arrays.class_indices(np.asarray([[0.1], [0.9], [0.51], [0.0]], np.float32)),
                                   [0, 1, 1, 0])  # probabilities (label smoothing) as Keras: rounded
 
 
 def test_class_labels_one_hot_labels_and_whole_float_labels():
-    indices = data.class_indices(np.asarray([2, 0, 1], np.uint8))
+    indices = data.arrays.class_indices(np.asarray([2, 0, 1], np.uint8))
     assert indices.tolist() == [2, 0, 1] and indices.shape == (3,) and np.issubdtype(indices.dtype, np.integer)
-    assert data.class_indices(np.asarray([2.0, 0.0, 1.0], np.float32)).tolist() == [2, 0, 1]
-    assert data.class_indices(np.eye(3, dtype=np.float32)[[1, 2, 0, 1]]).tolist() == [1, 2, 0, 1]
-    assert data.class_indices(np.asarray([True, False])).tolist() == [1, 0]
+    assert data.arrays.class_indices(np.asarray([2.0, 0.0, 1.0], np.float32)).tolist() == [2, 0, 1]
+    assert data.arrays.class_indices(np.eye(3, dtype=np.float32)[[1, 2, 0, 1]]).tolist() == [1, 2, 0, 1]
+    assert data.arrays.class_indices(np.asarray([True, False])).tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("y, message", [
@@ -40,7 +40,7 @@ def test_class_labels_one_hot_labels_and_whole_float_labels():
 ])
 def test_labels_class_weight_cannot_read_are_named(y, message):
     with pytest.raises(ValueError, match=message):
-        data.class_indices(y)
+        data.arrays.class_indices(y)
 
 
 def binary_examples(n=16, seed=0):

@@ -163,7 +163,7 @@ def test_predict_runs_mobilenet_in_its_fast_form(monkeypatch):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     variables = jax.tree.map(lambda leaf: np.ones(leaf.shape, leaf.dtype), shapes)  # values do not matter here
     calls = []
-    monkeypatch.setattr(driver, "_predict_all", lambda apply_fn, variables, x, size, chunked, mesh, **_: calls.append(
+    monkeypatch.setattr(driver, "predict_all", lambda apply_fn, variables, x, size, chunked, mesh, **_: calls.append(
         (apply_fn.__self__, set(variables), size, chunked)) or np.zeros((len(x), 3)))
     predict(model, np.zeros((3, 32, 32, 3), np.float32), variables=variables)
     fast_model, _ = folded(model, variables)

@@ -64,7 +64,7 @@ def test_fit_on_a_source_trains_as_fit_on_the_same_arrays(model):
     options = dict(loss=CE, epochs=2, batch_size=16, shuffle=False, verbose=0, seed=5)
     on_arrays = fit(model, x, y, **options)
     assert_same_training(fit(model, examples(x, y), **options), on_arrays, "random-access source")
-    assert_same_training(fit(model, examples(x, y), steps_per_dispatch=2, **options), on_arrays,
+    assert_same_training(fit(model, examples(x, y), steps_per_execution=2, **options), on_arrays,
                          "two steps per dispatch")
     groups = [{"x": x[i:i + 16], "y": y[i:i + 16]} for i in range(0, 44, 16)] * 2
     assert_same_training(fit(model, iter(groups), steps_per_epoch=3, **options), on_arrays, "iterable of batches")
@@ -137,8 +137,8 @@ def test_sources_refuse_what_only_arrays_have():
         fit(model, iter([{"x": x, "y": y}]), loss=CE, steps_per_epoch=0, verbose=0)
     with pytest.raises(ValueError, match=r"features must name \(input, label\), got \('image',\)"):
         fit(model, examples(x, y), loss=CE, features=("image",), verbose=0)
-    with pytest.raises(ValueError, match="steps_per_dispatch must be a positive integer, got 0"):
-        fit(model, examples(x, y), loss=CE, steps_per_dispatch=0, verbose=0)
+    with pytest.raises(ValueError, match="steps_per_execution must be a positive integer, got 0"):
+        fit(model, examples(x, y), loss=CE, steps_per_execution=0, verbose=0)
     with pytest.raises(ValueError, match="validation_data is a one-shot generator: it would run out"):
         fit(model, x, y, loss=CE, verbose=0, validation_data=({"x": x, "y": y} for _ in range(3)))
 
@@ -169,7 +169,7 @@ def test_the_nan_guard_holds_on_the_source_path():
 def test_uint8_images_travel_as_uint8_and_stack_by_shape():
     batches = [{"x": np.zeros((4, 2, 2, 1), np.uint8), "y": np.zeros(4, np.int32)}] * 3 \
         + [{"x": np.zeros((1, 2, 2, 1), np.uint8), "y": np.zeros(1, np.int32)}]
-    groups = list(data.to_device(data.stacked(batches, 2)))
+    groups = list(data.prefetch.to_device(data.prefetch.stacked(batches, 2)))
     assert [group["x"].shape for group in groups] == [(2, 4, 2, 2, 1), (1, 4, 2, 2, 1), (1, 1, 2, 2, 1)]
     assert all(isinstance(group["x"], jax.Array) and group["x"].dtype == np.uint8 for group in groups)
 

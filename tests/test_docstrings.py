@@ -16,10 +16,10 @@ from jaxdl.data import sources
 from jaxdl.models import saving as checkpoint
 from jaxdl.pretrained import finetune
 from jaxdl.pretrained.classifier import ImageClassifier
-from jaxdl.training import steps as train, trainer as driver, tuning, uncertainty
+from jaxdl.training import steps as train, sweeps, trainer as driver, uncertainty
 
 ENTRY_POINTS = [driver.fit, driver.evaluate, driver.predict, train.create_train_state, train.make_train_step,
-                train.make_eval_step, uncertainty.mc_predict, tuning.sweep, sources.tfds_source, finetune.finetune,
+                train.make_eval_step, uncertainty.mc_predict, sweeps.sweep, sources.tfds_source, finetune.finetune,
                 ImageClassifier.load, ImageClassifier.save, ImageClassifier.classify, ImageClassifier.probabilities,
                 checkpoint.save_model, checkpoint.load_model]
 # The functions whose bodies raise no error of their own: Raises would have nothing to list.

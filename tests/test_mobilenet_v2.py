@@ -10,7 +10,7 @@ import pytest
 from hypothesis import strategies as st
 
 from jaxdl.models import MobileNetV2, count_params
-from jaxdl.models.mobilenet_v2 import Conv, correct_pad, folded, layer_plan, make_divisible
+from jaxdl.models.mobilenet_v2 import MobileNetConv, correct_pad, folded, layer_plan, make_divisible
 from jaxdl.pretrained.convert import ConversionError, from_keras
 from tests import tolerance
 from tests.keras_reference import CONFIGS
@@ -131,10 +131,10 @@ def test_bad_inputs_are_named():
     (8, 1, 2, False, 6),  # a strided 1x1: one product
 ])
 def test_each_cpu_form_of_a_conv_gives_laxs_convolution(features, kernel, stride, depthwise, channels):
-    """`Conv`'s CPU forms against `lax.conv_general_dilated`, on an odd, non-square image, with padding."""
+    """`MobileNetConv`'s CPU forms against `lax.conv_general_dilated`, on an odd, non-square image, with padding."""
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 13, 10, channels)), jnp.float32)
     padding = ((1, 1), (0, 1)) if kernel == 3 else ((0, 0), (0, 0))
-    forms = {implementation: Conv(features, kernel, stride, padding, depthwise=depthwise, use_bias=True,
+    forms = {implementation: MobileNetConv(features, kernel, stride, padding, depthwise=depthwise, use_bias=True,
                                   implementation=implementation) for implementation in ("matmul", "xla")}
     variables = jax.tree.map(lambda leaf: np.random.default_rng(1).normal(size=leaf.shape).astype(np.float32),
                              forms["xla"].init(jax.random.key(0), images))

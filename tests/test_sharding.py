@@ -232,7 +232,8 @@ def test_the_default_bound_on_data_placed_whole(monkeypatch):
     assert data.device_data_limit([Device("gpu", 16 * 2**30), Device("gpu", 8 * 2**30)]) == 2**30
     assert data.device_data_limit([Device("tpu")]) == 256 * 2**20
     assert data.device_data_limit([Device("gpu", 2**40)], 1000) == 1000
-    assert data.fits_on_device(1000, [Device("cpu")], 1000) and not data.fits_on_device(1001, [Device("cpu")], 1000)
+    assert prefetch.fits_on_device(1000, [Device("cpu")], 1000)
+    assert not prefetch.fits_on_device(1001, [Device("cpu")], 1000)
     for bad in (-1, True, 1.5, "all"):
         with pytest.raises(ValueError, match="device_data_bytes must be 'auto' or a non-negative number of bytes"):
             data.device_data_limit([Device("cpu")], bad)

@@ -21,9 +21,9 @@ from jaxdl import (
     load_model,
     make_eval_step,
     make_train_step,
+    metrics_from_sums,
     predict,
     save_model,
-    summarize,
 )
 from jaxdl.runtime.sharding import data_mesh
 from jaxdl.training.steps import compiled_epoch, compiled_steps, seed_rngs, zero_totals
@@ -141,7 +141,8 @@ def test_batchnorm_statistics_are_updated_in_training_and_used_in_inference():
     mean = np.asarray(state.batch_stats["batch_norm_0"]["mean"])
     assert np.abs(mean).sum() > 0
     eval_sums = make_eval_step(CE)(state, {"x": x, "y": y})
-    tolerance.assert_close(summarize(eval_sums)["loss"], evaluate(state, x, y, loss=CE)["loss"], tolerance.FEW_OPS)
+    tolerance.assert_close(metrics_from_sums(eval_sums)["loss"], evaluate(state, x, y, loss=CE)["loss"],
+                           tolerance.FEW_OPS)
 
 
 def test_early_stopping_restores_the_best_epoch():

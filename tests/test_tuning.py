@@ -4,7 +4,7 @@ import csv
 import pytest
 
 from jaxdl import sweep
-from jaxdl.training.tuning import configurations
+from jaxdl.training.sweeps import configurations
 
 
 def fake_training(conv_blocks, dropout_rate):

@@ -76,8 +76,8 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_outside_the_repository(tm
     assert all(command in helped.stdout for command in ("classify", "convert", "finetune", "prepare"))
 
     imported = subprocess.run(
-        [root / "bin" / "python", "-c", "import jaxdl, jaxdl.pretrained.imagenet; print(jaxdl.__file__); "
-                                        "print(len(jaxdl.pretrained.imagenet.class_names()))"],
+        [root / "bin" / "python", "-c", "import jaxdl, jaxdl.pretrained.imagenet_classes; print(jaxdl.__file__); "
+                                        "print(len(jaxdl.pretrained.imagenet_classes.class_names()))"],
         cwd=elsewhere, env=env, capture_output=True, text=True)
     assert imported.returncode == 0, imported.stderr
     where, classes = imported.stdout.split()

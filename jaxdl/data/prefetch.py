@@ -6,7 +6,7 @@ leading device axis, and grain's own prefetch stays on the host. Here
 the copy and the host's loading overlap the step that is computing.
 
 Device memory for data is bounded by the batch: streamed, at most
-`PREFETCH_DEPTH + 2` batches (or groups of `steps_per_dispatch` batches)
+`PREFETCH_DEPTH + 2` batches (or groups of `steps_per_execution` batches)
 are on a device at once: those put ahead, the one the step reads, and the
 one being put. In-memory data go to the devices whole (one compiled scan
 per epoch, the fast form for small models) only when they fit

@@ -10,7 +10,7 @@ one is accepted by all. `train_flag="auto"` (the default everywhere) detects
 the flag from `__call__`'s parameters; a name or None says it explicitly.
 
 What this module leaves to others: the step itself (`jaxdl.training.steps`), the
-random streams (`StepContract.rng_streams`), and the loss (`jaxdl.training.losses`);
+random streams (`StepSpec.rng_streams`), and the loss (`jaxdl.training.losses`);
 it also tells, from a model's traced operations, whether its outputs are
 already probabilities (a final sigmoid or softmax), which the named losses
 would read as logits.

@@ -125,7 +125,7 @@ def _multiply_adds(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndar
 MULTIPLY_ADD_CHANNELS = 4
 
 
-class Conv(nn.Module):
+class MobileNetConv(nn.Module):
     """A conv with explicit padding, in the kernel layout of Flax's `nn.Conv` (HWIO; depthwise HW1C).
 
     `implementation` picks how it is computed; the result is the same:
@@ -218,7 +218,7 @@ class MobileNetV2(nn.Module):
         """conv -> BatchNorm -> optional ReLU6, the unit every layer of the network is made of, as a
         function of its input: its modules are made once, so it can run on several pieces of an image."""
         conv_cfg = CONVENTIONS[self.convention]
-        conv = Conv(features, kernel, stride, padding, depthwise=depthwise, use_bias=self.fold_bn,
+        conv = MobileNetConv(features, kernel, stride, padding, depthwise=depthwise, use_bias=self.fold_bn,
                     implementation=self.conv_implementation, dtype=self.dtype, name=conv_name)
         norm = None if self.fold_bn else nn.BatchNorm(
             use_running_average=not train, momentum=conv_cfg.batch_norm_momentum,

@@ -3,16 +3,16 @@
 `weights` (the weight files, checked by sha256, and the converted models
 cached under `$JAXDL_CACHE`), `convert` (Keras `.h5` and torchvision
 weights to jaxdl's MobileNetV2), `torchfile` (reading `.pth` files without
-torch), `imagenet` (the class names), `classifier` (`ImageClassifier`) and
+torch), `imagenet_classes` (the class names), `classifier` (`ImageClassifier`) and
 `finetune` (a new head on a frozen or partly unfrozen backbone:
 `finetune.finetune(...)`; the module is exported rather than the function,
 which would shadow it). Built on `jaxdl.training`, `jaxdl.models`,
 `jaxdl.runtime` and `jaxdl.data`; only the command line imports it.
 """
-from jaxdl.pretrained import convert, finetune, imagenet, torchfile, weights
+from jaxdl.pretrained import convert, finetune, imagenet_classes, torchfile, weights
 from jaxdl.pretrained.classifier import ImageClassifier
 from jaxdl.pretrained.convert import ConversionError, from_keras, from_torchvision
-from jaxdl.pretrained.imagenet import CAT_CLASSES, class_names, decode_predictions
+from jaxdl.pretrained.imagenet_classes import CAT_CLASSES, class_names, decode_predictions
 from jaxdl.pretrained.torchfile import UnsafePickleError, WeightFileError, load_state_dict
 from jaxdl.pretrained.weights import (
     KERAS_SHA256,
@@ -26,7 +26,7 @@ from jaxdl.pretrained.weights import (
 )
 
 __all__ = [
-    "convert", "finetune", "imagenet", "torchfile", "weights",
+    "convert", "finetune", "imagenet_classes", "torchfile", "weights",
     "ImageClassifier",
     "ConversionError", "from_keras", "from_torchvision",
     "CAT_CLASSES", "class_names", "decode_predictions",

@@ -17,7 +17,7 @@ from jaxdl.data import images
 from jaxdl.models.heads import fast_inference
 from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, body_and_top, inference_mesh, predict_in_chunks
 from jaxdl.models.saving import VARIABLES_DIR, load_variables, read_model, save_model
-from jaxdl.pretrained import imagenet, weights as pretrained
+from jaxdl.pretrained import imagenet_classes, weights as pretrained
 from jaxdl.pretrained.convert import from_keras, from_torchvision
 from jaxdl.runtime import compiler, program_cache as aot, sharding
 
@@ -260,7 +260,7 @@ class ImageClassifier:
         if probabilities.ndim != 2:
             raise ValueError(f"{self.source or 'the model'}: its outputs, of shape {probabilities.shape[1:]} per "
                              "image, are not class scores")
-        decoded = imagenet.decode_predictions(probabilities, top, self.labels(probabilities.shape[1]))
+        decoded = imagenet_classes.decode_predictions(probabilities, top, self.labels(probabilities.shape[1]))
         return list(zip(loaded, decoded)), errors
 
 
@@ -284,7 +284,7 @@ def _saved_class_names(metadata: dict, model, weights) -> tuple[str, ...] | None
     if names is None:
         return None
     if not names:
-        return imagenet.class_names() if head_size == 1000 else None
+        return imagenet_classes.class_names() if head_size == 1000 else None
     if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"--weights {weights}: its class names must be a list of strings, got {names!r}")
     if head_size is not None and len(names) != head_size:

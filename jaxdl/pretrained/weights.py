@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jaxdl.data import images
 from jaxdl.models.saving import load_model, read_model, save_model
-from jaxdl.pretrained import imagenet
+from jaxdl.pretrained import imagenet_classes
 from jaxdl.pretrained.convert import from_keras, from_torchvision
 
 
@@ -188,7 +188,7 @@ def torchvision_imagenet_dir(weights: WeightFile = TORCHVISION_IMAGENET) -> Path
     """
     in_package = _package_weights_path(weights) is not None
     source = f"{weights.pip_requirement}:{weights.relative_path}" if in_package else weights.url
-    metadata = {"preprocessing": images.TORCHVISION, "classes": list(imagenet.class_names()),
+    metadata = {"preprocessing": images.TORCHVISION, "classes": list(imagenet_classes.class_names()),
                 "source": source, "sha256": weights.sha256}
 
     def convert():
@@ -250,5 +250,5 @@ def keras_imagenet(alpha: float = 1.0, size: int = 224, include_top: bool = True
         return from_keras(_verified_keras_file(url, download_path, expected))
 
     metadata = {"preprocessing": {**images.KERAS, "size": size},
-                "classes": list(imagenet.class_names()) if include_top else None, "source": url}
+                "classes": list(imagenet_classes.class_names()) if include_top else None, "source": url}
     return load_model(_cached(f"mobilenet_v2_keras_{alpha}_{size}{suffix}", convert, metadata))

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdl import data
+from jaxdl.data import arrays
 
 DATA_AXIS = "data"
 
@@ -72,7 +72,7 @@ def local_rows(global_batch: int, mesh: Mesh) -> slice:
     count = jax.process_count()
     if global_batch % count:
         raise ValueError(f"a global batch of {global_batch} cannot be split over {count} processes")
-    return data.process_part(global_batch, (jax.process_index(), count))
+    return arrays.process_part(global_batch, (jax.process_index(), count))
 
 
 def put_replicated(tree, mesh: Mesh):

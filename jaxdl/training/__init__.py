@@ -4,7 +4,7 @@
 step factories), `epoch_loop` (the loops over one epoch's batches),
 `adapters` (arrays and sources as batches), `callbacks`, `losses` (losses and
 metrics), `precision` (mixed precision), `run_checkpoint` (a run's
-checkpoints and resuming), `uncertainty` (Monte-Carlo dropout) and `tuning`
+checkpoints and resuming), `uncertainty` (Monte-Carlo dropout) and `sweeps`
 (grid sweeps). Training builds on `jaxdl.models`, `jaxdl.runtime` and
 `jaxdl.data`; none of those imports it.
 """
@@ -21,14 +21,14 @@ from jaxdl.training.callbacks import (
 from jaxdl.training.losses import confusion_matrix
 from jaxdl.training.precision import with_precision
 from jaxdl.training.run_checkpoint import CheckpointSaveError
-from jaxdl.training.steps import TrainState, create_train_state, make_eval_step, make_train_step, summarize
+from jaxdl.training.steps import TrainState, create_train_state, make_eval_step, make_train_step, metrics_from_sums
+from jaxdl.training.sweeps import SweepTable, configurations, sweep
 from jaxdl.training.trainer import evaluate, fit, predict
-from jaxdl.training.tuning import SweepTable, configurations, sweep
 from jaxdl.training.uncertainty import mc_predict
 
 __all__ = [
     "fit", "evaluate", "predict",
-    "TrainState", "create_train_state", "make_eval_step", "make_train_step", "summarize",
+    "TrainState", "create_train_state", "make_eval_step", "make_train_step", "metrics_from_sums",
     "Callback", "CSVLogger", "EarlyStopping", "FitRun", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
     "CheckpointSaveError", "with_precision", "losses", "confusion_matrix",
     "mc_predict", "SweepTable", "configurations", "sweep",

@@ -25,14 +25,14 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from jaxdl import data
+from jaxdl.data import arrays, sources
 from jaxdl.training.run_checkpoint import data_fingerprint
 
 
 def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> np.ndarray:
     """Per-example loss weights from Keras's `class_weight` ({class: weight}) and `sample_weight` (N,).
 
-    Classes are read as Keras reads them (`data.class_indices`): integer
+    Classes are read as Keras reads them (`arrays.class_indices`): integer
     labels as they are, one-hot rows by their largest entry, and one-unit
     binary labels of shape (N, 1) rounded.
     """
@@ -47,7 +47,7 @@ def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> 
                              f"got shape {sample_weight.shape}")
         weights *= sample_weight
     if class_weight is not None:
-        classes = data.class_indices(y)
+        classes = arrays.class_indices(y)
         missing = sorted(set(np.unique(classes).tolist()) - set(class_weight))
         if missing:
             raise ValueError(f"class_weight has no weight for classes {missing} found in y")
@@ -83,7 +83,7 @@ class ArrayInput:
 
     @property
     def batches_per_epoch(self) -> int:
-        return data.num_batches(len(self.x), self.batch_size, self.drop_remainder)
+        return arrays.num_batches(len(self.x), self.batch_size, self.drop_remainder)
 
     @property
     def input_shape(self) -> tuple:
@@ -114,16 +114,16 @@ class ArrayInput:
 
     def host_batches(self, epoch: int, start_step: int, skip: int = 0) -> Iterator[dict]:
         del epoch  # arrays' orders follow the step count, so training on from a state sees new ones
-        arrays = {"x": self.x, "y": self.y, "weight": self.weights}
-        return itertools.islice(data.ordered_batches(arrays, self.order(start_step), self.batch_size,
+        columns = {"x": self.x, "y": self.y, "weight": self.weights}
+        return itertools.islice(arrays.ordered_batches(columns, self.order(start_step), self.batch_size,
                                                      self.drop_remainder, self.pad_to, self.masked), skip, None)
 
 
 @dataclasses.dataclass
 class SourceInput:
-    """A source: random-access (`data.SourceBatches`) or an iterable of batch dicts (`data.IterableBatches`)."""
+    """A source: random-access (`sources.SourceBatches`) or an iterable of batch dicts (`sources.IterableBatches`)."""
 
-    batches: data.SourceBatches | data.IterableBatches
+    batches: sources.SourceBatches | sources.IterableBatches
     kind = "source"
 
     validation_split = None  # a source has no split: its validation data is another source
@@ -139,7 +139,7 @@ class SourceInput:
     @property
     def resumable(self) -> bool:
         """Only a random-access source can be rewound to where a checkpoint stood."""
-        return isinstance(self.batches, data.SourceBatches)
+        return isinstance(self.batches, sources.SourceBatches)
 
     @property
     def num_examples(self) -> int | None:
@@ -171,11 +171,11 @@ class SourceInput:
             return ""
         size = len(self.batches.source)
         picked = self.batches.read(np.unique([0, size // 2, size - 1]))
-        arrays = [picked["x"], picked["y"], np.asarray([size])]
+        identity = [picked["x"], picked["y"], np.asarray([size])]
         class_weight = self.batches.features.class_weight
         if class_weight is not None:  # left out without them: the fingerprints of earlier runs stay the same
-            arrays.append(np.asarray(sorted((float(c), float(w)) for c, w in class_weight.items()), np.float64))
-        return data_fingerprint(*arrays)
+            identity.append(np.asarray(sorted((float(c), float(w)) for c, w in class_weight.items()), np.float64))
+        return data_fingerprint(*identity)
 
     def use_padding(self, pad_to: int, masked: bool) -> None:
         """How a last batch the devices cannot split is filled up (see `driver._split_over`)."""
@@ -200,7 +200,7 @@ class SourceInput:
 
     def in_memory(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """`(x, y, weights)` of every example, read now, where the source is cached (`SourceBatches.in_memory`)."""
-        arrays = self.batches.in_memory() if self.resumable else None
-        if arrays is None:
+        whole = self.batches.in_memory() if self.resumable else None
+        if whole is None:
             return None
-        return arrays["x"], arrays["y"], arrays.get("weight", np.ones(len(arrays["x"]), np.float32))
+        return whole["x"], whole["y"], whole.get("weight", np.ones(len(whole["x"]), np.float32))

@@ -7,7 +7,7 @@ Two forms, one contract: `run(state, previous, epoch, resume, after_dispatch)
   compiled `lax.scan` (`train.compiled_epoch`), which removes the per-step
   dispatch that dominates small models;
 - `StreamedEpochs`: host batches from an adapter, put on the device(s) two
-  ahead (`data.to_device`), `steps_per_dispatch` steps per compiled call
+  ahead (`prefetch.to_device`), `steps_per_execution` steps per compiled call
   (`train.compiled_steps`): sources, and arrays where a compiled loop is slow
   (`train.loops_are_slow`) or checkpointed within epochs.
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import data
+from jaxdl.data import prefetch
 from jaxdl.training.run_checkpoint import Resume
 from jaxdl.training.steps import zero_totals
 
@@ -56,7 +56,7 @@ class ScannedEpochs:
 
 @dataclasses.dataclass
 class StreamedEpochs:
-    """Host batches prefetched to the device, `steps_per_dispatch` steps per compiled call.
+    """Host batches prefetched to the device, `steps_per_execution` steps per compiled call.
 
     `batches_of(epoch, start_step, skip)` gives an epoch's host batches after
     its first `skip` (an adapter's `host_batches`).
@@ -65,7 +65,7 @@ class StreamedEpochs:
     batches_of: Callable
     run_steps: Callable
     metrics: tuple
-    steps_per_dispatch: int
+    steps_per_execution: int
     put: Callable
     put_state: Callable
     batch_norm: bool = False
@@ -84,7 +84,7 @@ class StreamedEpochs:
         healthy, totals = self.put_state((jnp.bool_(True), totals))
         steps = 0
         host_batches = self.batches_of(epoch, start_step, done)
-        for group in data.to_device(data.stacked(host_batches, self.steps_per_dispatch), put=self.put):
+        for group in prefetch.to_device(prefetch.stacked(host_batches, self.steps_per_execution), put=self.put):
             if self.batch_norm and "mask" in group:
                 raise ValueError(f"a batch of {group['mask'].shape[-1]} examples (padded to split over the "
                                  "devices) reached a model with BatchNorm statistics, which padding rows would "

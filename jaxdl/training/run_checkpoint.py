@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl.data import positive_int
+from jaxdl.data.arrays import positive_int
 
 
 class CheckpointSaveError(RuntimeError):
@@ -242,7 +242,7 @@ def bytes_are_bad(error: BaseException) -> bool:
     return code in _BAD_BYTES_CODES
 
 
-class TrainingCheckpoints:
+class CheckpointStore:
     """Saves and restores a training run in `directory` with orbax's `CheckpointManager`.
 
     Each checkpoint is one step of the run: `tree` (the train state's arrays,
@@ -400,7 +400,7 @@ class TrainingCheckpoints:
 
 
 @contextlib.contextmanager
-def _naming_failures(checkpoints: TrainingCheckpoints, what: str):
+def _naming_failures(checkpoints: CheckpointStore, what: str):
     """Turns any failure of a save into a `CheckpointSaveError` naming the directory, cleaning up after it."""
     try:
         yield
@@ -425,11 +425,11 @@ class RunCheckpoints:
     checked to be the same.
     """
 
-    saver: TrainingCheckpoints
+    saver: CheckpointStore
     callbacks: Sequence
     metrics: tuple
     every_steps: int | None
-    steps_per_dispatch: int
+    steps_per_execution: int
     batches_per_epoch: int
     config: dict
     restored: tuple | None = None
@@ -492,7 +492,7 @@ class RunCheckpoints:
             return None
 
         def after_dispatch(state, previous, totals, batches_done, start_step):
-            crossed = batches_done // self.every_steps > (batches_done - self.steps_per_dispatch) // self.every_steps
+            crossed = batches_done // self.every_steps > (batches_done - self.steps_per_execution) // self.every_steps
             if not crossed or batches_done >= self.batches_per_epoch:
                 return
             if int(totals["accepted_steps"]) < batches_done:

@@ -3,13 +3,13 @@
 The steps are pure functions that users can put in their own loops:
 
     train_step = make_train_step("sparse_categorical_crossentropy")  # jitted, donates the state
-    for batch in data.batches(x, y, 32, seed=epoch):
+    for batch in jaxdl.data.batches(x, y, 32, seed=epoch):
         state, sums = train_step(state, batch)
-    print(summarize(sums))
+    print(metrics_from_sums(sums))
 
 Steps return *sums* over the batch's real (unmasked) examples plus their
 `count`, in the manner of clu's `Average` metric: sums add up exactly across
-batches, including a padded last batch, and `summarize` turns them into means.
+batches, including a padded last batch, and `metrics_from_sums` turns them into means.
 
 For `jaxdl.fit` (in `jaxdl.training.trainer`) this module also compiles steps
 repeated: a whole epoch over in-memory data as one `jax.lax.scan`, and K
@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jaxdl import data
+from jaxdl.data import arrays
 from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr, resolve_train_flag
 from jaxdl.models.mobilenet_v2 import apply_in_chunks
 from jaxdl.runtime import compiler, sharding
@@ -194,7 +194,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
 
 
-def _checked_metric_names(metrics: Sequence[str]) -> tuple[str, ...]:
+def checked_metric_names(metrics: Sequence[str]) -> tuple[str, ...]:
     """The metric names, each looked up now so that a typo fails before anything compiles."""
     names = tuple(metrics)
     for name in names:
@@ -203,7 +203,7 @@ def _checked_metric_names(metrics: Sequence[str]) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class StepContract:
+class StepSpec:
     """How a step reads a batch and calls a model: plain data, so that equal contracts give equal steps.
 
     The model is called as `apply_fn(variables, batch[input_key], **{train_flag: True}, rngs=...)`,
@@ -283,7 +283,7 @@ class StepContract:
         return {name: key if i == 0 else jax.random.fold_in(key, i) for i, name in enumerate(self.rng_streams)}
 
 
-def _guarded_train_step(contract: StepContract) -> Callable:
+def _guarded_train_step(contract: StepSpec) -> Callable:
     """`step(state, batch, rng=None) -> (state, sums, finite)`: one update, and whether it kept every number finite.
 
     `finite` covers the loss, the gradients and the updated parameters and
@@ -359,7 +359,7 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
 
     The step computes the loss and its gradients, applies the optimizer and
     returns the new state with the batch's sums (loss and metrics, summed over
-    its examples, and `count`; `summarize` turns them into means). Unlike
+    its examples, and `count`; `metrics_from_sums` turns them into means). Unlike
     `fit`, it does not refuse a non-finite update: check the sums yourself.
     With float16's dynamic loss scale, an overflowing step is skipped and the
     scale lowered. It works with jaxdl's `TrainState` and with Flax's own
@@ -378,7 +378,7 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
       input_key: the batch key holding the model's input; default "x".
       label_key: the batch key holding the labels; default "y".
       train_flag: the model's training keyword, passed True here; "auto"
-        (default) reads it from the model's `__call__` (see `StepContract`).
+        (default) reads it from the model's `__call__` (see `StepSpec`).
       rng_streams: the random streams the model draws from in training, each
         given a key folded from the state's dropout key (or `rng`) and the
         step; default ("dropout", "augment").
@@ -399,18 +399,18 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
         `train_flag`; from the step, for a batch without `input_key` or
         `label_key`, a padded batch (with `mask`) given to a model with
         BatchNorm statistics (padding would enter them: give it unpadded
-        batches, `data.batches(..., pad=False)`), a model that draws random
+        batches, `jaxdl.data.batches(..., pad=False)`), a model that draws random
         numbers without a key, or a state an earlier compiled step donated.
     """
-    contract = StepContract(loss, _checked_metric_names(metrics), input_key, label_key, train_flag,
+    contract = StepSpec(loss, checked_metric_names(metrics), input_key, label_key, train_flag,
                             tuple(rng_streams), mesh)
     guarded_step = _guarded_train_step(contract)
 
     def train_step(state, batch: dict, rng=None):
         if getattr(state, "batch_stats", None) and "mask" in batch:
             raise ValueError("this model keeps BatchNorm statistics, and a padded batch (one with 'mask') would "
-                             "let its padding rows into them; pass unpadded batches (data.batches(..., pad=False) "
-                             "or drop_remainder=True)")
+                             "let its padding rows into them; pass unpadded batches "
+                             "(jaxdl.data.batches(..., pad=False) or drop_remainder=True)")
         new_state, sums, _ = guarded_step(state, batch, rng)
         return new_state, sums
 
@@ -425,7 +425,7 @@ def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = 
 
     The model runs in inference mode (dropout off, BatchNorm on its running
     statistics); the step returns the batch's sums of loss and metrics and
-    `count`, which add up over batches and `summarize` turns into means.
+    `count`, which add up over batches and `metrics_from_sums` turns into means.
     Padding rows (`mask` 0) are left out of the sums.
 
     Args:
@@ -450,7 +450,7 @@ def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = 
         `train_flag`; from the step, for a batch without `input_key` or
         `label_key`, or a state an earlier compiled train step donated.
     """
-    contract = StepContract(loss, _checked_metric_names(metrics), input_key, label_key, train_flag, (), mesh)
+    contract = StepSpec(loss, checked_metric_names(metrics), input_key, label_key, train_flag, (), mesh)
     loss_fn = contract.loss_fn()
 
     def eval_step(state, batch: dict):
@@ -472,7 +472,7 @@ def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = 
     return call
 
 
-def summarize(sums: dict, prefix: str = "") -> dict[str, float]:
+def metrics_from_sums(sums: dict, prefix: str = "") -> dict[str, float]:
     """Means from step sums (fetched to the host), with each metric's finalizer applied."""
     sums = jax.device_get(sums)
     count = max(float(sums["count"]), 1.0)
@@ -485,7 +485,7 @@ def summarize(sums: dict, prefix: str = "") -> dict[str, float]:
 
 def _scan_batches(num_examples: int, batch_size: int, drop_remainder: bool, order=None):
     """Per-batch example indices and masks, built inside a compiled function."""
-    index, mask = data.padded_indices(np.arange(num_examples), batch_size, drop_remainder)
+    index, mask = arrays.padded_indices(np.arange(num_examples), batch_size, drop_remainder)
     if order is not None:  # a permutation computed on the device
         index = jnp.resize(order, index.size).reshape(index.shape)
     return index, jnp.asarray(mask, jnp.float32)
@@ -507,7 +507,7 @@ def _cached_by_arguments(factory: Callable) -> Callable:
     return call
 
 
-def _guarded_scan_body(contract: StepContract) -> Callable:
+def _guarded_scan_body(contract: StepSpec) -> Callable:
     """`body((state, previous, healthy), batch) -> (carry, sums)`: one guarded step, for `lax.scan`.
 
     An update whose gradients or new parameters are not finite is refused,
@@ -534,7 +534,7 @@ def _guarded_scan_body(contract: StepContract) -> Callable:
     return guarded_body
 
 
-def _unselected_scan_body(contract: StepContract) -> Callable:
+def _unselected_scan_body(contract: StepSpec) -> Callable:
     """`_guarded_scan_body` without its selections: the carry moves on whether or not a step was accepted.
 
     While every step is accepted it computes what the guarded body does. It
@@ -655,7 +655,7 @@ def compiled_epoch(loss, metrics: tuple, batch_size: int, shuffle: bool | str, d
     models with BatchNorm statistics, where padding rows would enter the
     statistics: there it runs as its own smaller batch, as Keras's last batch does.
     """
-    contract = StepContract(loss, metrics, train_flag=train_flag, rng_streams=rng_streams, mesh=mesh)
+    contract = StepSpec(loss, metrics, train_flag=train_flag, rng_streams=rng_streams, mesh=mesh)
     return GuardedEpoch(
         compiler.jit(_epoch_of(_unselected_scan_body(contract), batch_size, shuffle, drop_remainder,
                                previous_each_step=False)),
@@ -677,7 +677,7 @@ def compiled_steps(loss, metrics: tuple, mesh=None, train_flag: str | None = "tr
     adds up the sums and `accepted_steps` on the device, so an epoch never
     waits for the host between dispatches.
     """
-    guarded_body = _guarded_scan_body(StepContract(loss, metrics, train_flag=train_flag, rng_streams=rng_streams,
+    guarded_body = _guarded_scan_body(StepSpec(loss, metrics, train_flag=train_flag, rng_streams=rng_streams,
                                                    mesh=mesh))
 
     def steps(state, previous, healthy, totals, batches):
@@ -750,7 +750,7 @@ def compiled_evaluate(loss, metrics: tuple, batch_size: int, mesh=None, train_fl
 
 
 @functools.partial(compiler.jit, static_argnames=("apply_fn", "batch_size", "chunked", "mesh", "train_flag"))
-def _predict_all(apply_fn, variables, x, batch_size, chunked, mesh=None, train_flag="train"):
+def predict_all(apply_fn, variables, x, batch_size, chunked, mesh=None, train_flag="train"):
     """The model's outputs on every row of `x`, in batches of `batch_size`, in inference mode."""
     index, _ = _scan_batches(x.shape[0], batch_size, False)
     forward_fn = inference(apply_fn, train_flag)

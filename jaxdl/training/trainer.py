@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxdl import data
+from jaxdl.data import arrays, prefetch, sources
 from jaxdl.models import FineTuneModel, MobileNetV2
 from jaxdl.models.contract import AUTO, resolve_train_flag, traced_outputs
 from jaxdl.models.heads import fast_inference
@@ -35,20 +35,20 @@ from jaxdl.training.adapters import ArrayInput, SourceInput, example_weights
 from jaxdl.training.callbacks import Callback, FitRun, injected_learning_rates
 from jaxdl.training.epoch_loop import ScannedEpochs, StreamedEpochs
 from jaxdl.training.precision import with_precision
-from jaxdl.training.run_checkpoint import RunCheckpoints, TrainingCheckpoints, run_config
+from jaxdl.training.run_checkpoint import CheckpointStore, RunCheckpoints, run_config
 from jaxdl.training.steps import (
     TrainState,
-    _checked_metric_names,
-    _predict_all,
     canonical,
+    checked_metric_names,
     compiled_epoch,
     compiled_eval_step,
     compiled_evaluate,
     compiled_steps,
     create_train_state,
     loops_are_slow,
+    metrics_from_sums,
+    predict_all,
     seed_rngs,
-    summarize,
     zero_totals,
 )
 
@@ -60,11 +60,11 @@ DEFAULT_OPTIMIZER = optax.adam(1e-3)
 
 def _read_source(x, what: str, *, batch_size: int, features, transform, input_shape, needs_labels: bool,
                  y=None, shuffle: bool = False, **options):
-    """`data.as_batches` for `evaluate`/`predict`/`fit`, refusing a `y` beside a source."""
+    """`sources.as_batches` for `evaluate`/`predict`/`fit`, refusing a `y` beside a source."""
     if y is not None:
         raise ValueError(f"{what} was given a {type(x).__name__} as x and labels as y: a source carries its labels; "
                          "name them with features=(input, label) or a transform, and leave y out")
-    return data.as_batches(x, batch_size=batch_size, features=features, transform=transform,
+    return sources.as_batches(x, batch_size=batch_size, features=features, transform=transform,
                            input_shape=input_shape, shuffle=shuffle, needs_labels=needs_labels, **options)
 
 
@@ -77,7 +77,7 @@ def _check_array_arguments(x, features, transform) -> None:
 def _evaluate_batches(state: TrainState, batches, eval_step, put: Callable) -> dict:
     """Sums of `eval_step` over host batches, each placed by `put`."""
     totals = None
-    for batch in data.to_device(batches, put=put):
+    for batch in prefetch.to_device(batches, put=put):
         sums = eval_step(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
@@ -129,23 +129,24 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
         beside a source, `features` or `transform` with array `x`, or a
         source that yields no batches.
     """
-    batch_size = data.check_batch_size(batch_size)
-    metrics = _checked_metric_names(metrics)
+    batch_size = arrays.check_batch_size(batch_size)
+    metrics = checked_metric_names(metrics)
     mesh = sharding.resolve_mesh(mesh)
     sharding.check_global_batch(batch_size, mesh)
-    whole_limit = data.device_data_limit(mesh.devices.flat, device_data_bytes)
+    whole_limit = prefetch.device_data_limit(mesh.devices.flat, device_data_bytes)
     train_flag = resolve_train_flag(state.apply_fn, train_flag)
     state = sharding.put_replicated(state, mesh)
-    if data.is_source(x):
+    if sources.is_source(x):
         batches = _read_source(x, "evaluate", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=state.input_shape, needs_labels=True, **_split_over(batch_size))
         _check_outputs_fit_the_loss(state, loss, train_flag, {"the labels of the source": SourceInput(batches).labels})
         eval_step = compiled_eval_step(loss, metrics, mesh, train_flag)
-        return summarize(_evaluate_batches(state, batches.epoch(0), eval_step, _batch_placer(mesh, batches)))
+        return metrics_from_sums(_evaluate_batches(state, batches.epoch(0), eval_step, _batch_placer(mesh, batches)))
     _check_array_arguments(x, features, transform)
-    x, y = data.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
+    x, y = arrays.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
     _check_outputs_fit_the_loss(state, loss, train_flag, {"y": y})
-    return summarize(_array_evaluator(state, x, y, loss, metrics, batch_size, mesh, train_flag, whole_limit)(state))
+    evaluate_all = _array_evaluator(state, x, y, loss, metrics, batch_size, mesh, train_flag, whole_limit)
+    return metrics_from_sums(evaluate_all(state))
 
 
 def _split_over(pad_to: int, masked: bool = True) -> dict:
@@ -159,7 +160,7 @@ def _split_over(pad_to: int, masked: bool = True) -> dict:
 
 def _batch_placer(mesh, batches=None, stacked: bool = False) -> Callable:
     """`put(host batch)` onto the mesh: a source's batches are this process's part already, arrays' are whole."""
-    if isinstance(batches, (data.SourceBatches, data.IterableBatches)):
+    if isinstance(batches, (sources.SourceBatches, sources.IterableBatches)):
         return lambda batch: sharding.put_batch(batch, mesh, stacked)
     return lambda batch: sharding.put_global_batch(batch, mesh, stacked)
 
@@ -219,9 +220,9 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
         non-positive `batch_size`; ill-shaped or empty `x`; `features` or
         `transform` with array `x`; a source that yields no batches.
     """
-    batch_size = data.check_batch_size(batch_size)
+    batch_size = arrays.check_batch_size(batch_size)
     mesh = sharding.resolve_mesh(mesh)
-    whole_limit = data.device_data_limit(mesh.devices.flat, device_data_bytes)
+    whole_limit = prefetch.device_data_limit(mesh.devices.flat, device_data_bytes)
     if isinstance(model_or_state, TrainState):
         input_shape = model_or_state.input_shape
         model = getattr(model_or_state.apply_fn, "__self__", None)
@@ -248,26 +249,26 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
 
     def outputs_of(images, size=None):  # size: the batch compiled for, the images' own rounded up by default
         size = size or -(-len(images) // parts) * parts
-        return np.asarray(_predict_all(apply_fn, variables, images, size, chunked, mesh, train_flag=train_flag),
+        return np.asarray(predict_all(apply_fn, variables, images, size, chunked, mesh, train_flag=train_flag),
                           np.float32)
 
     put = functools.partial(sharding.put_replicated, mesh=mesh)
-    if data.is_source(x):
+    if sources.is_source(x):
         batches = _read_source(x, "predict", batch_size=batch_size, features=features, transform=transform,
                                input_shape=input_shape, needs_labels=False)
-        outputs = [outputs_of(batch["x"]) for batch in data.to_device(batches.epoch(0), put=put)]
+        outputs = [outputs_of(batch["x"]) for batch in prefetch.to_device(batches.epoch(0), put=put)]
         if not outputs:
             raise ValueError("the source yielded no batches to predict")
         return np.concatenate(outputs)
     _check_array_arguments(x, features, transform)
-    x = data.check_dataset(x, input_shape=input_shape, purpose="predicting")
+    x = arrays.check_dataset(x, input_shape=input_shape, purpose="predicting")
     size = prediction_batch_size(len(x), batch_size, parts)
     if len(x) > size and (x.nbytes > whole_limit or (
             not chunked and loops_are_slow(apply_fn, variables, x.shape[1:], train_flag))):
         # Batch by batch, each of one compiled shape (the last filled up and its extra outputs dropped).
-        batches = ({"x": batch["x"]} for batch in data.ordered_batches({"x": x}, np.arange(len(x)), size,
+        batches = ({"x": batch["x"]} for batch in arrays.ordered_batches({"x": x}, np.arange(len(x)), size,
                                                                        multiple=size))
-        outputs = [outputs_of(batch["x"], size) for batch in data.to_device(batches, put=put)]
+        outputs = [outputs_of(batch["x"], size) for batch in prefetch.to_device(batches, put=put)]
         return np.concatenate(outputs)[:len(x)]
     return outputs_of(put(x), size)
 
@@ -388,7 +389,7 @@ def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remain
     """`(adapter, validation_data)`: the training input checked and read, with a validation split taken off."""
     if validation_split is not None and validation_data is not None:
         raise ValueError("pass validation_split or validation_data, not both")
-    if data.is_source(x):
+    if sources.is_source(x):
         if validation_split is not None:
             raise ValueError("validation_split holds out the end of in-memory arrays; with a source, pass "
                              "validation_data=(another source), e.g. tfds_source(name, 'test')")
@@ -406,10 +407,10 @@ def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remain
                          "ceil(len(x) / batch_size) steps per epoch")
     if y is None:
         raise ValueError("fit(model, x, y) needs labels y for in-memory arrays (a source carries its own)")
-    x, y = data.check_dataset(x, y, input_shape=input_shape)
+    x, y = arrays.check_dataset(x, y, input_shape=input_shape)
     weights = example_weights(y, class_weight, sample_weight)
     if validation_split is not None:
-        (x, y), validation_data = data.split_validation(x, y, validation_split)
+        (x, y), validation_data = arrays.split_validation(x, y, validation_split)
         weights = weights[:len(x)]
     if drop_remainder and len(x) < batch_size:
         raise ValueError(f"drop_remainder with batch_size={batch_size} drops all {len(x)} examples")
@@ -417,7 +418,7 @@ def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remain
         validation_data
 
 
-def _epoch_loop(inputs, state: TrainState, contract: dict, *, mesh, steps_per_dispatch: int, stream: bool,
+def _epoch_loop(inputs, state: TrainState, contract: dict, *, mesh, steps_per_execution: int, stream: bool,
                 whole_limit: int):
     """The epoch loop for this input: a scanned epoch over arrays on the device, or streamed host batches.
 
@@ -437,7 +438,7 @@ def _epoch_loop(inputs, state: TrainState, contract: dict, *, mesh, steps_per_di
                                             mesh, flag, streams), inputs.batches_per_epoch, orders=inputs.order)
     placer = _batch_placer(mesh, getattr(inputs, "batches", None), stacked=True)
     return StreamedEpochs(inputs.host_batches, compiled_steps(loss, metrics, mesh, flag, streams), metrics,
-                          steps_per_dispatch, placer, functools.partial(sharding.put_replicated, mesh=mesh),
+                          steps_per_execution, placer, functools.partial(sharding.put_replicated, mesh=mesh),
                           bool(state.batch_stats))
 
 
@@ -447,7 +448,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         drop_remainder: bool = False, callbacks: Sequence[Callback] = (), state: TrainState | None = None,
         initial_epoch: int = 0, class_weight: dict | None = None, sample_weight=None,
         features: Sequence[str] | None = None, transform: Callable | None = None,
-        steps_per_epoch: int | None = None, steps_per_dispatch: int = 1,
+        steps_per_epoch: int | None = None, steps_per_execution: int = 1,
         checkpoint_dir=None, checkpoint_every: int | str = "epoch", keep: int = 3,
         mesh=None, precision: str | None = None, train_flag: str | None = AUTO,
         rng_streams: Sequence[str] = ("dropout", "augment"), cache: bool | int | str = "auto",
@@ -531,7 +532,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         cached). None (default) reads `features`.
       steps_per_epoch: for an iterable of batches, the batches that make an
         epoch; None (default) is one pass of the iterable.
-      steps_per_dispatch: K train steps run per compiled call when batches
+      steps_per_execution: K train steps run per compiled call when batches
         are fed from the host, cutting the per-step dispatch cost; default 1.
       checkpoint_dir: a directory where orbax saves the whole run after every
         epoch (or every `checkpoint_every` steps), and from which the same
@@ -578,10 +579,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       device_data_bytes: the bytes per device that in-memory data (x, y and
         the weights, validation arrays, a source cached after mapping) may
         take to go to each device whole; larger data stream batch by batch,
-        at most `data.PREFETCH_DEPTH + 2` batches on a device at once. "auto"
+        at most `jaxdl.data.PREFETCH_DEPTH + 2` batches on a device at once. "auto"
         (default): on CPU a quarter of the memory available over this
         process's devices, on a GPU or TPU an eighth of a device's memory
-        (`data.device_data_limit`); 0 always streams.
+        (`jaxdl.data.device_data_limit`); 0 always streams.
       verbose: 0 silent, 1 a progress bar, 2 one line per epoch; "auto"
         (default) and True are 1 on a terminal, 2 otherwise.
 
@@ -593,7 +594,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     Raises:
       ValueError: for bad input, naming the argument at fault: mismatched
         `x`/`y` lengths, a wrong example shape, empty data, NaN, a
-        non-positive `batch_size` or `steps_per_dispatch`, `epochs` or
+        non-positive `batch_size` or `steps_per_execution`, `epochs` or
         `initial_epoch` out of range, `validation_split` outside (0, 1) or
         with a source or beside `validation_data`, labels that do not fit the
         loss or the model's outputs, `y`, `sample_weight`, `features`,
@@ -607,17 +608,17 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
     """
-    batch_size, metrics, verbosity = data.check_batch_size(batch_size), _checked_metric_names(metrics), \
+    batch_size, metrics, verbosity = arrays.check_batch_size(batch_size), checked_metric_names(metrics), \
         _verbosity(verbose)
     mesh = sharding.resolve_mesh(mesh)
     sharding.check_global_batch(batch_size, mesh)
     parts = sharding.data_parallelism(mesh)
-    steps_per_dispatch = data.positive_int("steps_per_dispatch", steps_per_dispatch)
-    whole_limit = data.device_data_limit(mesh.devices.flat, device_data_bytes)
+    steps_per_execution = arrays.positive_int("steps_per_execution", steps_per_execution)
+    whole_limit = prefetch.device_data_limit(mesh.devices.flat, device_data_bytes)
     _non_negative_epochs(epochs, initial_epoch)
     every_steps = None
     if checkpoint_dir is not None and checkpoint_every != "epoch":
-        every_steps = data.positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
+        every_steps = arrays.positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
     init_rng, shuffle_rng = seed_rngs(seed)
 
     # The model's contract, then the input adapter, then the state.
@@ -646,21 +647,21 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     _check_outputs_fit_the_loss(state, loss, train_flag, labels)
 
     stream = every_steps is not None or loops_are_slow(state.apply_fn, state.variables, state.input_shape, train_flag)
-    loop = _epoch_loop(inputs, state, contract, mesh=mesh, steps_per_dispatch=steps_per_dispatch, stream=stream,
+    loop = _epoch_loop(inputs, state, contract, mesh=mesh, steps_per_execution=steps_per_execution, stream=stream,
                        whole_limit=whole_limit)
     trained_model = getattr(state.apply_fn, "__self__", None) or model
     run = FitRun(state=state, history={}, model=trained_model, verbose=verbosity)
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = _run_checkpoints(checkpoint_dir, keep, run, inputs, callbacks, contract, batch_size=batch_size,
-                                       seed=seed, every_steps=every_steps, steps_per_dispatch=steps_per_dispatch)
+                                       seed=seed, every_steps=every_steps, steps_per_execution=steps_per_execution)
     return _run_epochs(run, loop, checkpoints, callbacks, validate, mesh=mesh, epochs=epochs,
                        initial_epoch=initial_epoch, metrics=metrics, verbosity=verbosity,
                        steps_per_epoch=steps_per_epoch)
 
 
 def _run_checkpoints(directory, keep, run: FitRun, inputs, callbacks, contract: dict, *, batch_size, seed,
-                     every_steps, steps_per_dispatch) -> RunCheckpoints:
+                     every_steps, steps_per_execution) -> RunCheckpoints:
     """The run checkpoint of this call, described once (`run_checkpoint.run_config`)."""
     if not inputs.resumable:
         raise ValueError("checkpoint_dir needs in-memory arrays or a random-access source: an iterable of "
@@ -671,8 +672,8 @@ def _run_checkpoints(directory, keep, run: FitRun, inputs, callbacks, contract: 
         data_kind=inputs.kind, examples=inputs.num_examples, batches_per_epoch=inputs.batches_per_epoch,
         validation_split=inputs.validation_split,
         fingerprint=inputs.fingerprint(), callbacks=callbacks, train_flag=contract["train_flag"])
-    return RunCheckpoints(TrainingCheckpoints(directory, keep), callbacks, contract["metrics"], every_steps,
-                          steps_per_dispatch, inputs.batches_per_epoch, config)
+    return RunCheckpoints(CheckpointStore(directory, keep), callbacks, contract["metrics"], every_steps,
+                          steps_per_execution, inputs.batches_per_epoch, config)
 
 
 def _say(verbosity: int, message: str) -> None:
@@ -744,9 +745,9 @@ def _epochs(run: FitRun, loop, checkpoints, callbacks, validate, resume, previou
                           "whose loss, gradients and parameters were all finite (lower the learning rate or check "
                           "the data)", RuntimeWarning, stacklevel=4)
             break
-        logs = summarize(sums)
+        logs = metrics_from_sums(sums)
         if validate is not None:
-            logs.update(summarize(validate(run.state), prefix="val_"))
+            logs.update(metrics_from_sums(validate(run.state), prefix="val_"))
         rate = learning_rate_of(run.state.opt_state)
         if rate is not None:
             logs["learning_rate"] = rate
@@ -776,11 +777,11 @@ def _epochs(run: FitRun, loop, checkpoints, callbacks, validate, resume, previou
 def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_size: int, features, transform,
                mesh, train_flag, cache, whole_limit: int):
     """`(validate(state) -> sums, labels to check)` for validation arrays `(x_val, y_val)` or a source."""
-    if data.is_source(validation_data):
+    if sources.is_source(validation_data):
         batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
                                features=features, transform=transform, input_shape=state.input_shape,
                                needs_labels=True, cache=cache, **_split_over(batch_size))
-        if isinstance(batches, data.IterableBatches) and batches.one_shot:
+        if isinstance(batches, sources.IterableBatches) and batches.one_shot:
             raise ValueError(f"validation_data is a one-shot {type(validation_data).__name__}: it would run out "
                              "after the first epoch's validation; pass a random-access source or an iterable "
                              "that can be iterated again")
@@ -789,7 +790,7 @@ def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_s
             SourceInput(batches).labels
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val) or a source")
-    x_val, y_val = data.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
+    x_val, y_val = arrays.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
     return _array_evaluator(state, x_val, y_val, loss, metrics, batch_size, mesh, train_flag, whole_limit), y_val
 
 
@@ -799,10 +800,10 @@ def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metr
     per device), or batch by batch where they are larger or loops are slow."""
     if x.nbytes + y.nbytes > whole_limit or loops_are_slow(state.apply_fn, state.variables, state.input_shape,
                                                            train_flag):
-        eval_step, put, arrays = compiled_eval_step(loss, metrics, mesh, train_flag), _batch_placer(mesh), \
+        eval_step, put, columns = compiled_eval_step(loss, metrics, mesh, train_flag), _batch_placer(mesh), \
             {"x": x, "y": y}
         return lambda trained: _evaluate_batches(
-            trained, data.ordered_batches(arrays, np.arange(len(x)), batch_size, multiple=batch_size, masked=True),
+            trained, arrays.ordered_batches(columns, np.arange(len(x)), batch_size, multiple=batch_size, masked=True),
             eval_step, put)
     evaluate_all = compiled_evaluate(loss, metrics, batch_size, mesh, train_flag)
     x_device, y_device = sharding.put_replicated((x, y), mesh)
