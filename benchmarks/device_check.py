@@ -67,7 +67,7 @@ def mobilenet():
 
 def images_per_second(model, variables, batch: int, size: int, precision: str, calls: int) -> float:
     """The forward pass as `jaxdl.predict` runs it (in chunks where that is faster), compiled once."""
-    from jaxdl.models.mobilenet_v2 import apply_in_chunks
+    from jaxdl.runtime.inference import apply_in_chunks
     from jaxdl.training import with_precision
 
     model = with_precision(model, precision)

@@ -36,15 +36,15 @@ import jax
 import numpy as np
 
 from benchmarks import report
-from jaxdl.models.mobilenet_v2 import (
+from jaxdl.models.mobilenet_v2 import layer_plan
+from jaxdl.pretrained import ImageClassifier
+from jaxdl.runtime.inference import (
     CPU_DEVICE_CHUNK,
     CPU_DEVICE_STREAMS,
     inference_chunk,
     inference_mesh,
-    layer_plan,
     predict_in_chunks,
 )
-from jaxdl.pretrained import ImageClassifier
 
 BATCHES = (1, 32)
 

@@ -90,7 +90,7 @@ def one_cpu_device_per_core() -> None:
     """Gives JAX a CPU device per core this process may run on, as `jaxdl classify` runs best.
 
     MobileNetV2 inference then splits a batch over the devices
-    (`jaxdl.models.mobilenet_v2.inference_mesh`), each running its share on a
+    (`jaxdl.runtime.inference.inference_mesh`), each running its share on a
     core of its own, faster than one device using both cores
     (docs/numerics.md#mobilenetv2-inference-on-cpu; not measured on more than 2). Left as it
     is where the user chose the CPU devices (a device count in XLA_FLAGS, or

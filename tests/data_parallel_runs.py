@@ -154,8 +154,8 @@ def chunked_inference(arrays: dict, facts: dict, mesh) -> None:
     import jax.numpy as jnp
 
     from jaxdl.models import ConvNet
-    from jaxdl.models.mobilenet_v2 import apply_in_chunks
     from jaxdl.pretrained.classifier import ImageClassifier
+    from jaxdl.runtime.inference import apply_in_chunks
 
     model = ConvNet(layers=(("conv", 4, 3), ("batchnorm",), ("maxpool", 2), ("flatten",), ("dense", 10)))
     images = jnp.asarray(np.random.default_rng(0).normal(size=(7, 8, 8, 3)), jnp.float32)

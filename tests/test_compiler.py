@@ -110,8 +110,9 @@ def test_inference_programs_compile_their_dots_as_xlas_own(tmp_path):
     on the default options (its dot in a YNNPACK fusion)."""
     from flax import linen as nn
 
-    from jaxdl.models.mobilenet_v2 import body_and_top, predict_in_chunks
+    from jaxdl.models.mobilenet_v2 import body_and_top
     from jaxdl.runtime import program_cache as aot
+    from jaxdl.runtime.inference import predict_in_chunks
 
     model = nn.Dense(64)
     x = jnp.ones((8, 32))

@@ -94,7 +94,7 @@ def test_only_the_head_is_differentiated_and_optimised(head_runs):
 def test_every_run_on_cached_features_shares_one_feature_program(cats, pretrained_model, head_runs):
     """The backbone's features come from one compiled program for every run and split of the same backbone
     (each run makes its own folded copy of it, equal but not the same object)."""
-    from jaxdl.models.mobilenet_v2 import predict_in_chunks
+    from jaxdl.runtime.inference import predict_in_chunks
 
     compiled = predict_in_chunks._cache_size()  # head_runs' cached run has compiled it
     images, labels = cats

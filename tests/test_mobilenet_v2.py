@@ -177,7 +177,7 @@ def test_row_strips_are_for_inference_and_name_real_blocks():
 def test_a_mesh_for_chunked_inference_needs_a_data_axis():
     from jax.sharding import Mesh
 
-    from jaxdl.models.mobilenet_v2 import apply_in_chunks
+    from jaxdl.runtime.inference import apply_in_chunks
 
     with pytest.raises(ValueError, match="the mesh has axes \\('model',\\) but no 'data' axis"):
         apply_in_chunks(lambda v, x: x, {}, jnp.zeros((2, 3)), mesh=Mesh(np.asarray(jax.devices()), ("model",)))
@@ -187,7 +187,7 @@ def test_chunked_inference_equals_one_piece():
     """Chunking is model-agnostic (each image's output depends on that image alone in inference):
     a small conv net checks its padding and reassembly in seconds, where MobileNetV2 took half a minute."""
     from jaxdl.models import ConvNet
-    from jaxdl.models.mobilenet_v2 import apply_in_chunks
+    from jaxdl.runtime.inference import apply_in_chunks
 
     model = ConvNet(layers=(("conv", 4, 3), ("batchnorm",), ("maxpool", 2), ("flatten",), ("dense", 10)))
     images = jnp.asarray(np.random.default_rng(0).normal(size=(5, 8, 8, 3)), jnp.float32)

@@ -12,8 +12,8 @@ from PIL import Image
 
 from experiments import classify as classify_experiment
 from jaxdl.data import images
-from jaxdl.models.mobilenet_v2 import predict_in_chunks
 from jaxdl.pretrained.imagenet_classes import CAT_CLASSES, decode_predictions
+from jaxdl.runtime.inference import predict_in_chunks
 from tests import tolerance
 
 # Golden outputs of torchvision's ImageNet MobileNetV2 on scikit-image's sample photos, through

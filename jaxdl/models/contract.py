@@ -1,4 +1,4 @@
-"""How jaxdl calls a user's model: the train flag's name, read once from the model's own signature.
+"""How jaxdl calls a user's model: its train flag, read once from its own signature, and its inference form.
 
 Flax models say "training mode" in three ways: `train: bool` (flax's
 examples), `training: bool` (Keras's habit) and `deterministic: bool`
@@ -14,9 +14,16 @@ random streams (`StepSpec.rng_streams`), and the loss (`jaxdl.training.losses`);
 it also tells, from a model's traced operations, whether its outputs are
 already probabilities (a final sigmoid or softmax), which the named losses
 would read as logits.
+
+A model that runs inference in a faster form of its own (MobileNetV2: its
+BatchNorm folded into the convs, its batches in chunks) says so through one
+hook, `model.inference_form(variables) -> InferenceForm`; `inference_form`
+asks it, and gives every other model back as it is. Generic code (`predict`)
+asks this module, never which model it holds.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable
@@ -26,6 +33,40 @@ import jax
 
 AUTO = "auto"
 TRAIN_FLAGS = ("train", "training", "deterministic")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceForm:
+    """A model as inference runs it: the module and variables to call, and how its batches run.
+
+    Attributes:
+      model: the module to call (the model itself, or an equivalent faster
+        one, e.g. with BatchNorm folded into its convs).
+      variables: the variables of `model`.
+      chunked: True when the form is inference-only and runs through the CPU
+        inference engine (`jaxdl.runtime.inference.apply_in_chunks`), called
+        without a train flag; False (default) for a model called as in
+        training, with its flag set to inference.
+    """
+
+    model: Any
+    variables: Any
+    chunked: bool = False
+
+
+def inference_form(model, variables) -> InferenceForm:
+    """The form `model` runs inference in: its own `inference_form(variables)` hook, else the model as it is.
+
+    Args:
+      model: a Flax Linen module.
+      variables: its variables (`{"params": ..., ...}`).
+
+    Returns:
+      An `InferenceForm`; for a model without the hook, `InferenceForm(model,
+      variables)`.
+    """
+    hook = getattr(model, "inference_form", None)
+    return InferenceForm(model, variables) if hook is None else hook(variables)
 
 
 def _signature_target(model_or_apply) -> tuple[Callable, int, str]:

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdl.models.mobilenet_v2 import MobileNetV2, folded
+from jaxdl.models.contract import InferenceForm
+from jaxdl.models.mobilenet_v2 import MobileNetV2
 from jaxdl.models.small import activation, keras_batch_norm, kernel_init
 
 
@@ -51,27 +52,29 @@ class FineTuneModel(nn.Module):
     def __call__(self, images, train: bool = False):
         return self.head(self.backbone(images, train=False), train=train)
 
+    @nn.nowrap  # not a Flax method: it takes the variables, not a scope
+    def inference_form(self, variables) -> InferenceForm:
+        """The backbone's fast inference form (`MobileNetV2.inference_form`) under the same head, run in chunks.
+
+        Args:
+          variables: this model's variables (`params` and `batch_stats` of
+            `backbone` and `head`).
+
+        Returns:
+          An `InferenceForm` with the backbone's BatchNorm folded (where it
+          still has statistics) and the head's variables as they are.
+        """
+        if "backbone" not in variables.get("batch_stats", {}):
+            return InferenceForm(self, variables, chunked=True)
+        fast = self.backbone.inference_form({"params": variables["params"]["backbone"],
+                                             "batch_stats": variables["batch_stats"]["backbone"]})
+        result = {"params": {"backbone": fast.variables["params"], "head": variables["params"]["head"]}}
+        if "head" in variables.get("batch_stats", {}):
+            result["batch_stats"] = {"head": variables["batch_stats"]["head"]}
+        return InferenceForm(self.clone(backbone=fast.model), result, chunked=True)
+
 
 def feature_backbone(model: MobileNetV2, variables: dict) -> tuple[MobileNetV2, dict]:
     """The pretrained network without its classifier, returning average-pooled features."""
     params = {k: v for k, v in variables["params"].items() if k != "predictions"}
     return model.clone(include_top=False, pooling="avg"), {**variables, "params": params}
-
-
-def fast_inference(model, variables: dict) -> tuple[Any, dict]:
-    """The same model with MobileNetV2's BatchNorm folded into its convs (exact, inference only).
-
-    Takes a MobileNetV2 or a FineTuneModel; a model already folded, or any
-    other model, comes back unchanged.
-    """
-    if isinstance(model, MobileNetV2):
-        return folded(model, variables) if "batch_stats" in variables else (model, variables)
-    if not isinstance(model, FineTuneModel) or "backbone" not in variables.get("batch_stats", {}):
-        return model, variables
-    backbone_variables = {"params": variables["params"]["backbone"],
-                          "batch_stats": variables["batch_stats"]["backbone"]}
-    fast_backbone, fast_variables = folded(model.backbone, backbone_variables)
-    result = {"params": {"backbone": fast_variables["params"], "head": variables["params"]["head"]}}
-    if "head" in variables.get("batch_stats", {}):
-        result["batch_stats"] = {"head": variables["batch_stats"]["head"]}
-    return model.clone(backbone=fast_backbone), result

@@ -20,9 +20,11 @@ Two speed options change how, not what, the network computes:
   fast at them; "auto" picks per backend (see `Conv`).
 - `fold_bn`: each BatchNorm folded into the conv before it (see
   `fold_batch_norm`), giving conv -> bias -> ReLU6; inference only.
-And `apply_in_chunks` runs a batch the way XLA:CPU runs it fastest (in chunks,
-over a CPU device per core where there are several, the network's top once per
-batch), with the blocks `CPU_ROW_STRIPS` names computed a few rows at a time.
+`jaxdl.runtime.inference.apply_in_chunks` runs a batch the way XLA:CPU runs it
+fastest (in chunks, over a CPU device per core where there are several), the
+network's top once per batch (`body_and_top`), with the blocks `CPU_ROW_STRIPS`
+names computed a few rows at a time. `MobileNetV2.inference_form` is the
+network as generic code runs it for inference (`jaxdl.models.contract`).
 """
 from __future__ import annotations
 
@@ -34,9 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
 
-from jaxdl.runtime import compiler, sharding
+from jaxdl.models.contract import InferenceForm
 
 ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIN_INPUT_SIZE = 32
@@ -235,6 +236,20 @@ class MobileNetV2(nn.Module):
             return ((1, 1), (1, 1))
         return correct_pad(x.shape[1:3])
 
+    @nn.nowrap  # not a Flax method: it takes the variables, not a scope
+    def inference_form(self, variables) -> InferenceForm:
+        """The network with its BatchNorm folded into the convs (exact, inference only), run in chunks on CPU.
+
+        Args:
+          variables: this model's variables; without `batch_stats` (folded
+            already) they are used as they are.
+
+        Returns:
+          An `InferenceForm` of the folded network, `chunked`.
+        """
+        model, variables = folded(self, variables) if "batch_stats" in variables else (self, variables)
+        return InferenceForm(model, variables, chunked=True)
+
     @nn.compact
     def __call__(self, x, train: bool = False, part: str = "all", row_strips: tuple = ()):
         """The network on images `x`; `part` runs one side of the split before `Conv_1`.
@@ -242,7 +257,7 @@ class MobileNetV2(nn.Module):
         "body" maps images to block 16's output, and "top" maps that to what the
         whole network returns (the last conv, then the pooling or the head), so
         that the weight-heavy top can run on a whole batch while the body runs
-        in chunks (`apply_in_chunks`). "all" is both.
+        in chunks (`jaxdl.runtime.inference.apply_in_chunks`). "all" is both.
         `row_strips`, pairs (block, rows), computes those blocks (in inference)
         `rows` output rows at a time, each strip from its expansion to its
         projection, so that a large block's expanded activations stay in cache
@@ -333,96 +348,23 @@ class MobileNetV2(nn.Module):
         return x
 
 
-# How XLA:CPU runs MobileNetV2 inference fastest (the figures: docs/numerics.md#mobilenetv2-inference-on-cpu).
-# On one CPU device (JAX's default): forward passes of CPU_CHUNK images (a pair's expanded
-# activations stay in cache), CPU_STREAMS of them independent in each step so that XLA runs
-# them on both cores at once.
-# With a CPU device per core (as `jaxdl classify` sets up, see `jaxdl.cli`), each device takes
-# its share of the batch in passes of CPU_DEVICE_CHUNK images, CPU_DEVICE_STREAMS at a time, and
-# runs the top (`part="top"`) once on its share: an AMD EPYC's two cores then stay busier than one
-# device's scheduler keeps them. With XLA's own dots (`compiler.INFERENCE_CPU_OPTIONS`) two-image
-# passes one at a time beat one-image passes two at a time.
-# GPUs and TPUs take whole batches.
 # On CPU, block 1 (the widest expanded activations: 112x112x96 at 224) runs in strips of 14 of its
 # 56 output rows (`row_strips`), each strip from its expansion to its projection; strips elsewhere,
-# or of other heights, were slower.
-CPU_CHUNK = 2
-CPU_STREAMS = 2
-CPU_DEVICE_CHUNK = 2
-CPU_DEVICE_STREAMS = 1
+# or of other heights, were slower (docs/numerics.md#mobilenetv2-inference-on-cpu). The chunks and
+# streams a batch runs in are the runtime's (`jaxdl.runtime.inference`).
 CPU_ROW_STRIPS = ((1, 14),)
-
-
-def inference_chunk() -> tuple[int, int] | None:
-    """(images per forward pass, independent passes per step) on CPU; None (whole batches) elsewhere."""
-    return (CPU_CHUNK, CPU_STREAMS) if jax.default_backend() == "cpu" else None
-
-
-def inference_mesh() -> Mesh | None:
-    """A mesh over this process's CPU devices where there are several and JAX runs on CPU; else None."""
-    if jax.default_backend() != "cpu" or jax.device_count() < 2:
-        return None
-    return sharding.data_mesh(jax.devices())
-
-
-def apply_in_chunks(apply, variables, images: jnp.ndarray, chunk: int | None = None,
-                    streams: int | None = None, *, top=None, mesh: Mesh | None = None) -> jnp.ndarray:
-    """`apply(variables, images)`, computed `chunk` images per pass and `streams` passes per step.
-
-    With `top`, `top(variables, apply(variables, images))`, the top taking the
-    whole batch at once: it must treat each image on its own, as inference does.
-    With a `mesh` of several devices, each takes an equal share of the batch
-    (padded) and runs it as above, `CPU_DEVICE_CHUNK`-image passes by default; the variables
-    should be replicated over the mesh, and a batch smaller than the mesh is
-    better run without one (the padding is computed too).
-    The result is the same as one `apply` on the whole batch (which `chunk=len(images)` gives).
-    """
-    n = images.shape[0]
-    mesh = None if mesh is None else sharding.resolve_mesh(mesh)  # it splits the batch over its `data` axis
-    if mesh is not None and mesh.size > 1:
-        parts = sharding.data_parallelism(mesh)
-        images = jnp.pad(images, ((0, -n % parts),) + ((0, 0),) * (images.ndim - 1))
-        share = functools.partial(apply_in_chunks, apply, chunk=chunk or CPU_DEVICE_CHUNK,
-                                  streams=streams or CPU_DEVICE_STREAMS, top=top)
-        spec = PartitionSpec(sharding.DATA_AXIS)
-        return jax.shard_map(share, mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=spec)(variables, images)[:n]
-    default_chunk, default_streams = inference_chunk() or (n, 1)
-    chunk, streams = chunk or default_chunk, streams or default_streams
-    if n <= chunk:
-        outputs = apply(variables, images)
-    else:
-        group = chunk * streams
-        padded = -(-n // group) * group
-        images = jnp.pad(images, ((0, padded - n),) + ((0, 0),) * (images.ndim - 1))
-
-        def step(part):  # `streams` passes with no data between them: XLA may run them concurrently
-            return jnp.concatenate([apply(variables, part[i * chunk:(i + 1) * chunk]) for i in range(streams)])
-
-        outputs = jax.lax.map(step, images.reshape(padded // group, group, *images.shape[1:]))
-        outputs = outputs.reshape(padded, *outputs.shape[2:])[:n]
-    return outputs if top is None else top(variables, outputs)
 
 
 @functools.cache
 def body_and_top(model) -> tuple:
-    """`apply_in_chunks`'s `apply` and `top` for `model`: a MobileNetV2 split before `Conv_1` (`part`), its
-    body in row strips on CPU; any other model whole (no top). Cached: each model's pair is one jit cache key."""
+    """`jaxdl.runtime.inference.apply_in_chunks`'s `apply` and `top` for `model`: a MobileNetV2 split before
+    `Conv_1` (`part`), its body in row strips on CPU; any other model whole (no top). Cached: each model's pair
+    is one jit cache key."""
     if isinstance(model, MobileNetV2):
         strips = CPU_ROW_STRIPS if jax.default_backend() == "cpu" else ()
         return (functools.partial(model.apply, part="body", row_strips=strips),
                 functools.partial(model.apply, part="top"))
     return model.apply, None
-
-
-@functools.partial(compiler.jit, static_argnums=0, static_argnames=("top", "mesh"),
-                   cpu_options=compiler.INFERENCE_CPU_OPTIONS)
-def predict_in_chunks(apply, variables, images: jnp.ndarray, top=None, mesh: Mesh | None = None) -> jnp.ndarray:
-    """`apply_in_chunks` compiled: inference on a whole array of images.
-
-    `apply` and `top` key the compiled program: take them from `body_and_top(model)`, which equal models
-    share. A bound `model.apply` is a new key for every model object, equal or not (bound methods compare
-    their object by identity), so each copy of a model would be traced and compiled again."""
-    return apply_in_chunks(apply, variables, images, top=top, mesh=mesh)
 
 
 def layer_plan(include_top: bool = True) -> list[tuple[str, str]]:

@@ -14,12 +14,13 @@ import jax
 import numpy as np
 
 from jaxdl.data import images
-from jaxdl.models.heads import fast_inference
-from jaxdl.models.mobilenet_v2 import MobileNetV2, apply_in_chunks, body_and_top, inference_mesh, predict_in_chunks
+from jaxdl.models.contract import inference_form
+from jaxdl.models.mobilenet_v2 import MobileNetV2, body_and_top
 from jaxdl.models.saving import VARIABLES_DIR, load_variables, read_model, save_model
 from jaxdl.pretrained import imagenet_classes, weights as pretrained
 from jaxdl.pretrained.convert import from_keras, from_torchvision
 from jaxdl.runtime import compiler, program_cache as aot, sharding
+from jaxdl.runtime.inference import apply_in_chunks, inference_mesh, predict_in_chunks
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity: its variables are arrays
@@ -123,7 +124,8 @@ class ImageClassifier:
             self.materialize()
             model, variables = self.model, self.variables
             if self.fast:
-                model, variables = fast_inference(model, variables)
+                fast = inference_form(model, variables)
+                model, variables = fast.model, fast.variables
             # On the device once, so that no forward pass copies the weights from the host again.
             self._inference = (model, jax.device_put(variables))
         return self._inference

@@ -24,16 +24,8 @@ import optax
 
 from jaxdl.data import images as image_io
 from jaxdl.models.heads import ClassifierHead, FineTuneModel, feature_backbone
-from jaxdl.models.mobilenet_v2 import (
-    BLOCKS,
-    MobileNetV2,
-    apply_in_chunks,
-    block_prefix,
-    body_and_top,
-    folded,
-    layer_plan,
-    predict_in_chunks,
-)
+from jaxdl.models.mobilenet_v2 import BLOCKS, MobileNetV2, block_prefix, body_and_top, folded, layer_plan
+from jaxdl.runtime.inference import apply_in_chunks, predict_in_chunks
 from jaxdl.training.callbacks import Callback
 from jaxdl.training.steps import create_train_state, new_train_state, seed_rngs
 from jaxdl.training.trainer import fit

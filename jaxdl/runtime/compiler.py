@@ -15,7 +15,7 @@ No option is passed on GPU or TPU, and none where this jax's XLA does not
 accept it (a newer jax may rename an experimental option): one small compile
 finds that out, once per process.
 
-Inference programs (`jaxdl.models.mobilenet_v2.predict_in_chunks`, the
+Inference programs (`jaxdl.runtime.inference.predict_in_chunks`, the
 programs `jaxdl classify` caches) take `INFERENCE_CPU_OPTIONS` instead.
 MobileNetV2's CPU forward pass is nothing but dots and elementwise loops, its
 dots small (one or two images at a time), and it ran faster (same machine,

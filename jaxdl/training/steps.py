@@ -33,8 +33,8 @@ from flax.training import train_state
 
 from jaxdl.data import arrays
 from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr, resolve_train_flag
-from jaxdl.models.mobilenet_v2 import apply_in_chunks
 from jaxdl.runtime import compiler, sharding
+from jaxdl.runtime.inference import apply_in_chunks
 from jaxdl.training import losses
 from jaxdl.training.precision import loss_scale, with_precision
 
@@ -711,8 +711,8 @@ def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: 
 
     See `compiled_steps`: there `fit` runs its steps unrolled, K per call, and
     keeps the one-`lax.scan`-per-epoch form for the models and backends where
-    it is the fast one (dense layers; MobileNetV2, whose CPU form has no
-    convolution op). Decided from the model's traced operations.
+    it is the fast one (dense layers, and convolutional models whose CPU form
+    has no convolution op). Decided from the model's traced operations.
     """
     if jax.default_backend() != "cpu":
         return False

@@ -27,9 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxdl.data import arrays, prefetch, sources
-from jaxdl.models import FineTuneModel, MobileNetV2
-from jaxdl.models.contract import AUTO, resolve_train_flag, traced_outputs
-from jaxdl.models.heads import fast_inference
+from jaxdl.models.contract import AUTO, inference_form, resolve_train_flag, traced_outputs
 from jaxdl.runtime import sharding
 from jaxdl.training.adapters import ArrayInput, SourceInput, example_weights
 from jaxdl.training.callbacks import Callback, FitRun, injected_learning_rates
@@ -183,10 +181,11 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
 
     The examples are run in batches of one compiled shape: `batch_size`, or
     the power of two that holds a smaller input (`prediction_batch_size`), the
-    last batch filled up and its extra outputs dropped. MobileNetV2 models
-    (and fine-tuned ones) run their fast inference form, BatchNorm folded and
-    images in chunks, as `jaxdl.pretrained.classifier` does. Every process gets all
-    outputs.
+    last batch filled up and its extra outputs dropped. A model with an
+    inference form of its own (`jaxdl.models.contract.inference_form`; the
+    pretrained image models fold their BatchNorm and run images in chunks,
+    as `jaxdl.pretrained.classifier` does) runs in that form. Every process
+    gets all outputs.
 
     Args:
       model_or_state: a `TrainState`, or a Flax Linen module together with
@@ -238,11 +237,13 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
                              "create_train_state, or pass the module and its variables")
         model = canonical(with_precision(model, precision))
         apply_fn = model.apply
-    chunked = isinstance(model, (MobileNetV2, FineTuneModel))
-    if chunked:
-        model, variables = fast_inference(model, variables)
-        model = canonical(model)
-        apply_fn = model.apply
+    chunked = False
+    if model is not None:  # the model's own inference form, where it has one
+        form = inference_form(model, variables)
+        chunked = form.chunked
+        if form.model is not model:
+            model, variables = canonical(form.model), form.variables
+            apply_fn = model.apply
     train_flag = None if chunked else resolve_train_flag(apply_fn, train_flag)
     variables = sharding.put_replicated(variables, mesh)
     parts = sharding.data_parallelism(mesh)

@@ -14,7 +14,7 @@ stream. Applying the model with `train=True` instead would normalise each
 batch by its own statistics (and update them): predictions would then
 depend on which other examples share the batch. The interceptor needs no
 flag on the models, so it works for any Linen module built from
-`nn.Dropout` (jaxdl's `MLP`, `ConvNet` and MobileNetV2, or your own),
+`nn.Dropout` (jaxdl's models, or your own),
 whether the module sets `deterministic` when constructed or when called.
 
 The samples are one compiled `jax.vmap` over `n_samples` keys (no Python loop
