@@ -12,21 +12,22 @@ restore; and the data's identity, which a resumed run compares.
   `MapDataset`, a list of example dicts) or an iterable of batch dicts,
   through `jaxdl.data.sources`.
 
-Nothing outside this module asks what kind of input it has: the epoch loop
-takes `host_batches(epoch, start_step, skip)`, the run reads the counts and
-the identity. Device placement, steps and checkpoints belong to others.
+Both implement one `typing.Protocol`, `InputAdapter`, and nothing outside
+this module asks what kind of input it has: the epoch loop takes
+`host_batches(epoch, start_step, skip)` or the adapter's `whole()` data, the
+run reads the counts, the labels and the identity. Device placement, steps
+and checkpoints belong to others.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 import jax
 import numpy as np
 
 from jaxdl.data import arrays, sources
-from jaxdl.training.run_checkpoint import data_fingerprint
 
 
 def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> np.ndarray:
@@ -55,6 +56,62 @@ def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> 
     return weights
 
 
+class WholeData(NamedTuple):
+    """An adapter's data as arrays for epochs scanned on the device: every example, and how epochs order them.
+
+    `shuffle` is True/False (the order drawn on the device from
+    `shuffle_rng` and the step), or "given": `orders(epoch)` gives it.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    weights: np.ndarray
+    shuffle_rng: Any
+    shuffle: bool | str
+    orders: Callable[[int], np.ndarray] | None = None
+
+
+class InputAdapter(Protocol):
+    """What the run reads of a training input, whatever its kind."""
+
+    kind: str  # "arrays" or "source", recorded in a run checkpoint
+    labels_name: str  # how an error names the labels ("y", "the labels of the source")
+    per_process: bool  # batches are this process's part (sources), or global (arrays)
+    validation_split: float | None
+
+    @property
+    def shuffle(self) -> bool: ...
+
+    @property
+    def drop_remainder(self) -> bool: ...
+
+    @property
+    def resumable(self) -> bool: ...
+
+    @property
+    def num_examples(self) -> int | None: ...
+
+    @property
+    def batches_per_epoch(self) -> int | None: ...
+
+    @property
+    def input_shape(self) -> tuple: ...
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    @property
+    def nbytes(self) -> int | None: ...
+
+    def fingerprint(self) -> str: ...
+
+    def use_padding(self, pad_to: int, masked: bool) -> None: ...
+
+    def host_batches(self, epoch: int, start_step: int, skip: int = 0) -> Iterator[dict]: ...
+
+    def whole(self) -> WholeData | None: ...
+
+
 @dataclasses.dataclass
 class ArrayInput:
     """In-memory arrays: whole on the device for the scanned epoch (within a byte bound), or read as host batches.
@@ -75,6 +132,8 @@ class ArrayInput:
     pad_to: int = 1
     masked: bool = False
     kind = "arrays"
+    labels_name = "y"
+    per_process = False
     resumable = True
 
     @property
@@ -100,10 +159,10 @@ class ArrayInput:
         return self.x.nbytes + self.y.nbytes + self.weights.nbytes
 
     def fingerprint(self) -> str:
-        return data_fingerprint(self.x, self.y, self.weights)
+        return arrays.data_fingerprint(self.x, self.y, self.weights)
 
     def use_padding(self, pad_to: int, masked: bool) -> None:
-        """How host batches fill up a last batch the devices cannot split (see `driver._split_over`)."""
+        """How host batches fill up a last batch the devices cannot split (see `trainer._split_over`)."""
         self.pad_to, self.masked = pad_to, masked
 
     def order(self, step: int) -> np.ndarray:
@@ -118,6 +177,10 @@ class ArrayInput:
         return itertools.islice(arrays.ordered_batches(columns, self.order(start_step), self.batch_size,
                                                      self.drop_remainder, self.pad_to, self.masked), skip, None)
 
+    def whole(self) -> WholeData:
+        """The arrays, their order drawn on the device from `shuffle_rng` and the step."""
+        return WholeData(self.x, self.y, self.weights, self.shuffle_rng, self.shuffle)
+
 
 @dataclasses.dataclass
 class SourceInput:
@@ -125,6 +188,8 @@ class SourceInput:
 
     batches: sources.SourceBatches | sources.IterableBatches
     kind = "source"
+    labels_name = "the labels of the source"
+    per_process = True
 
     validation_split = None  # a source has no split: its validation data is another source
 
@@ -175,10 +240,10 @@ class SourceInput:
         class_weight = self.batches.features.class_weight
         if class_weight is not None:  # left out without them: the fingerprints of earlier runs stay the same
             identity.append(np.asarray(sorted((float(c), float(w)) for c, w in class_weight.items()), np.float64))
-        return data_fingerprint(*identity)
+        return arrays.data_fingerprint(*identity)
 
     def use_padding(self, pad_to: int, masked: bool) -> None:
-        """How a last batch the devices cannot split is filled up (see `driver._split_over`)."""
+        """How a last batch the devices cannot split is filled up (see `trainer._split_over`)."""
         if self.resumable:
             self.batches = dataclasses.replace(self.batches, multiple=pad_to, masked=masked)
 
@@ -204,3 +269,8 @@ class SourceInput:
         if whole is None:
             return None
         return whole["x"], whole["y"], whole.get("weight", np.ones(len(whole["x"]), np.float32))
+
+    def whole(self) -> WholeData | None:
+        """A cached source read whole, in the source's own orders; None where it streams (not cached)."""
+        in_memory = self.in_memory()
+        return None if in_memory is None else WholeData(*in_memory, None, "given", self.order)

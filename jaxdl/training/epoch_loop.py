@@ -1,32 +1,51 @@
 """The epoch loop: runs the compiled, guarded steps over one epoch of any input adapter's batches.
 
-Two forms, one contract: `run(state, previous, epoch, resume, after_dispatch)
--> (state, previous, sums, steps run, steps accepted)`.
+Two forms, one `typing.Protocol` (`EpochLoop`): `run(state, previous, epoch,
+resume, after_dispatch) -> (state, previous, sums, steps run, steps accepted)`.
 
 - `ScannedEpochs`: in-memory arrays live on the device and an epoch is one
-  compiled `lax.scan` (`train.compiled_epoch`), which removes the per-step
+  compiled `lax.scan` (`steps.compiled_epoch`), which removes the per-step
   dispatch that dominates small models;
 - `StreamedEpochs`: host batches from an adapter, put on the device(s) two
-  ahead (`prefetch.to_device`), `steps_per_execution` steps per compiled call
-  (`train.compiled_steps`): sources, and arrays where a compiled loop is slow
-  (`train.loops_are_slow`) or checkpointed within epochs.
+  ahead (`jaxdl.data.prefetch.to_device`), `steps_per_execution` steps per compiled call
+  (`steps.compiled_steps`): sources, and arrays where a compiled loop is slow
+  (`steps.loops_are_slow`) or checkpointed within epochs.
 
 The divergence guard's decision comes back as the number of accepted steps.
 This module knows nothing of callbacks, logs or files: `after_dispatch` is
-how the run checkpoints inside an epoch.
+how the run checkpoints inside an epoch, and `Resume` where a checkpoint
+taken inside an epoch left it.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.data import prefetch
-from jaxdl.training.run_checkpoint import Resume
 from jaxdl.training.steps import zero_totals
+
+
+@dataclasses.dataclass
+class Resume:
+    """Where a checkpoint taken inside an epoch stood: batches done, the epoch's first step, its running sums."""
+
+    batches_done: int
+    start_step: int
+    totals: dict
+    totals_accepted: int = 0
+
+
+class EpochLoop(Protocol):
+    """One epoch of compiled steps, whatever the input's path to the device."""
+
+    def run(self, state, previous, epoch: int, resume: Resume | None = None,
+            after_dispatch: Callable | None = None) -> tuple:
+        """`(state, previous, sums, steps run, steps accepted)` of one epoch (see the module's docstring)."""
+        ...
 
 
 @dataclasses.dataclass

@@ -24,18 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import time
 import warnings
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.data.arrays import positive_int
+from jaxdl.training.epoch_loop import Resume
+
+if TYPE_CHECKING:
+    from jaxdl.training.adapters import InputAdapter
+    from jaxdl.training.plan import RunPlan
 
 
 class CheckpointSaveError(RuntimeError):
@@ -61,18 +65,6 @@ def as_path(directory):
 # --- what is compared -------------------------------------------------------------------------
 
 
-def data_fingerprint(*arrays: np.ndarray, rows: int = 64) -> str:
-    """A cheap identity of a dataset: its shapes and dtypes, and the bytes of up to `rows` evenly spaced rows."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        array = np.asarray(array)
-        digest.update(f"{array.shape} {array.dtype}".encode())
-        if len(array):
-            picked = np.unique(np.linspace(0, len(array) - 1, min(rows, len(array))).astype(np.int64))
-            digest.update(np.ascontiguousarray(array[picked]).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def callback_description(callback) -> dict:
     """A callback's class and settings (`Callback.settings()`): saved, and compared on resume.
 
@@ -86,10 +78,13 @@ def callback_description(callback) -> dict:
     return {"class": name, "settings": json.loads(json.dumps(settings, default=str))}
 
 
-def run_config(model, state, *, loss, metrics, batch_size: int, seed: int, shuffle: bool, drop_remainder: bool,
-               every_steps: int | None, data_kind: str, examples: int, batches_per_epoch: int,
-               validation_split: float | None, fingerprint: str, callbacks: Sequence, train_flag) -> dict:
-    """What must be equal for a checkpoint to continue this run (JSON): a difference is named, not loaded."""
+def run_config(model, state, plan: RunPlan, inputs: InputAdapter, callbacks: Sequence) -> dict:
+    """What must be equal for a checkpoint to continue this run (JSON): a difference is named, not loaded.
+
+    Read from the model and state, the run's plan (loss, metrics, batch size,
+    seed, ...), the input adapter (its kind, size, order and identity) and
+    the callbacks' settings.
+    """
     from jaxdl.models import model_config
 
     try:
@@ -100,12 +95,12 @@ def run_config(model, state, *, loss, metrics, batch_size: int, seed: int, shuff
     return {"model": json.loads(json.dumps(described, default=str)),
             "parameters": [list(np.shape(leaf)) for leaf in jax.tree.leaves(state.params)],
             "optimizer": f"{jax.tree.structure(state.opt_state)} {shapes}",
-            "input_shape": list(state.input_shape), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
-            "drop_remainder": drop_remainder, "loss": loss if isinstance(loss, str) else getattr(
-                loss, "__qualname__", repr(loss)), "metrics": list(metrics), "checkpoint_every": every_steps,
-            "train_flag": train_flag, "data": data_kind, "examples": examples,
-            "batches_per_epoch": batches_per_epoch, "validation_split": validation_split,
-            "data_fingerprint": fingerprint, "callbacks": [callback_description(c) for c in callbacks],
+            "input_shape": list(state.input_shape), "batch_size": plan.batch_size, "seed": plan.seed,
+            "shuffle": inputs.shuffle, "drop_remainder": inputs.drop_remainder, "loss": plan.loss_description(),
+            "metrics": list(plan.metrics), "checkpoint_every": plan.every_steps, "train_flag": plan.train_flag,
+            "data": inputs.kind, "examples": inputs.num_examples, "batches_per_epoch": inputs.batches_per_epoch,
+            "validation_split": inputs.validation_split, "data_fingerprint": inputs.fingerprint(),
+            "callbacks": [callback_description(c) for c in callbacks],
             "prng_impl": str(jax.random.key_impl(state.dropout_rng))}
 
 
@@ -157,16 +152,6 @@ def _difference(saved, now) -> str:
 
 
 # --- what is held -----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Resume:
-    """Where a checkpoint taken inside an epoch stood: batches done, the epoch's first step, its running sums."""
-
-    batches_done: int
-    start_step: int
-    totals: dict
-    totals_accepted: int = 0
 
 
 def arrays_of(state) -> dict:
@@ -427,9 +412,7 @@ class RunCheckpoints:
 
     saver: CheckpointStore
     callbacks: Sequence
-    metrics: tuple
-    every_steps: int | None
-    steps_per_execution: int
+    plan: RunPlan
     batches_per_epoch: int
     config: dict
     restored: tuple | None = None
@@ -488,11 +471,12 @@ class RunCheckpoints:
         that epoch's end, unsaved), and none at the epoch's last batch, whose
         place the end-of-epoch checkpoint takes.
         """
-        if self.every_steps is None:
+        every, per_call = self.plan.every_steps, self.plan.steps_per_execution
+        if every is None:
             return None
 
         def after_dispatch(state, previous, totals, batches_done, start_step):
-            crossed = batches_done // self.every_steps > (batches_done - self.steps_per_execution) // self.every_steps
+            crossed = batches_done // every > (batches_done - per_call) // every
             if not crossed or batches_done >= self.batches_per_epoch:
                 return
             if int(totals["accepted_steps"]) < batches_done:

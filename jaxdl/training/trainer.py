@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from jaxdl.data import arrays, prefetch, sources
 from jaxdl.models.contract import AUTO, inference_form, resolve_train_flag, traced_outputs
 from jaxdl.runtime import sharding
-from jaxdl.training.adapters import ArrayInput, SourceInput, example_weights
+from jaxdl.training.adapters import ArrayInput, InputAdapter, SourceInput, example_weights
 from jaxdl.training.callbacks import Callback, FitRun, injected_learning_rates
-from jaxdl.training.epoch_loop import ScannedEpochs, StreamedEpochs
+from jaxdl.training.epoch_loop import EpochLoop, ScannedEpochs, StreamedEpochs
+from jaxdl.training.plan import RunPlan
 from jaxdl.training.precision import with_precision
 from jaxdl.training.run_checkpoint import CheckpointStore, RunCheckpoints, run_config
 from jaxdl.training.steps import (
@@ -128,23 +129,23 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
         source that yields no batches.
     """
     batch_size = arrays.check_batch_size(batch_size)
-    metrics = checked_metric_names(metrics)
     mesh = sharding.resolve_mesh(mesh)
     sharding.check_global_batch(batch_size, mesh)
-    whole_limit = prefetch.device_data_limit(mesh.devices.flat, device_data_bytes)
-    train_flag = resolve_train_flag(state.apply_fn, train_flag)
+    plan = RunPlan(loss=loss, metrics=checked_metric_names(metrics), batch_size=batch_size, mesh=mesh,
+                   whole_limit=prefetch.device_data_limit(mesh.devices.flat, device_data_bytes),
+                   train_flag=resolve_train_flag(state.apply_fn, train_flag), features=features, transform=transform)
     state = sharding.put_replicated(state, mesh)
     if sources.is_source(x):
         batches = _read_source(x, "evaluate", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=state.input_shape, needs_labels=True, **_split_over(batch_size))
-        _check_outputs_fit_the_loss(state, loss, train_flag, {"the labels of the source": SourceInput(batches).labels})
-        eval_step = compiled_eval_step(loss, metrics, mesh, train_flag)
-        return metrics_from_sums(_evaluate_batches(state, batches.epoch(0), eval_step, _batch_placer(mesh, batches)))
+        inputs = SourceInput(batches)
+        _check_outputs_fit_the_loss(state, plan, {inputs.labels_name: inputs.labels})
+        eval_step = compiled_eval_step(plan.loss, plan.metrics, mesh, plan.train_flag)
+        return metrics_from_sums(_evaluate_batches(state, batches.epoch(0), eval_step, _batch_placer(mesh, True)))
     _check_array_arguments(x, features, transform)
     x, y = arrays.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
-    _check_outputs_fit_the_loss(state, loss, train_flag, {"y": y})
-    evaluate_all = _array_evaluator(state, x, y, loss, metrics, batch_size, mesh, train_flag, whole_limit)
-    return metrics_from_sums(evaluate_all(state))
+    _check_outputs_fit_the_loss(state, plan, {"y": y})
+    return metrics_from_sums(_array_evaluator(state, x, y, plan)(state))
 
 
 def _split_over(pad_to: int, masked: bool = True) -> dict:
@@ -156,9 +157,10 @@ def _split_over(pad_to: int, masked: bool = True) -> dict:
     return {"multiple": pad_to, "process": (jax.process_index(), jax.process_count()), "masked": masked}
 
 
-def _batch_placer(mesh, batches=None, stacked: bool = False) -> Callable:
-    """`put(host batch)` onto the mesh: a source's batches are this process's part already, arrays' are whole."""
-    if isinstance(batches, (sources.SourceBatches, sources.IterableBatches)):
+def _batch_placer(mesh, per_process: bool = False, stacked: bool = False) -> Callable:
+    """`put(host batch)` onto the mesh: a source's batches are this process's part already (`per_process`),
+    arrays' are whole."""
+    if per_process:
         return lambda batch: sharding.put_batch(batch, mesh, stacked)
     return lambda batch: sharding.put_global_batch(batch, mesh, stacked)
 
@@ -290,7 +292,7 @@ def learning_rate_of(opt_state) -> float | None:
 _CLASS_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
 
 
-def _check_outputs_fit_the_loss(state: TrainState, loss, train_flag, labels: dict[str, np.ndarray]) -> None:
+def _check_outputs_fit_the_loss(state: TrainState, plan: RunPlan, labels: dict[str, np.ndarray]) -> None:
     """Labels shaped and valued as the loss reads them, and outputs that are logits: checked before compiling.
 
     `labels` maps each argument's name to its labels; the model is traced
@@ -298,9 +300,10 @@ def _check_outputs_fit_the_loss(state: TrainState, loss, train_flag, labels: dic
     model whose outputs come out of a sigmoid or softmax gets a warning:
     jaxdl's named losses take logits, as Keras's do with `from_logits=True`.
     """
+    loss = plan.loss
     if not isinstance(loss, str) or loss not in _CLASS_LOSSES:
         return
-    activation, output_shape = traced_outputs(state.apply_fn, state.variables, state.input_shape, train_flag)
+    activation, output_shape = traced_outputs(state.apply_fn, state.variables, state.input_shape, plan.train_flag)
     if activation is not None:
         warnings.warn(f"the model's outputs come out of a {activation} (probabilities), but loss={loss!r} takes "
                       f"logits (it applies the {'sigmoid' if loss.startswith('binary') else 'softmax'} itself, as "
@@ -384,9 +387,8 @@ def _non_negative_epochs(epochs, initial_epoch) -> None:
         raise ValueError(f"initial_epoch must be an integer from 0 to epochs={epochs}, got {initial_epoch!r}")
 
 
-def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remainder, validation_split,
-                    validation_data, class_weight, sample_weight, features, transform, steps_per_epoch, parts,
-                    shuffle_rng, cache):
+def _training_input(x, y, plan: RunPlan, *, input_shape, validation_split, validation_data, class_weight,
+                    sample_weight, shuffle_rng) -> tuple[InputAdapter, object]:
     """`(adapter, validation_data)`: the training input checked and read, with a validation split taken off."""
     if validation_split is not None and validation_data is not None:
         raise ValueError("pass validation_split or validation_data, not both")
@@ -397,13 +399,14 @@ def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remain
         if sample_weight is not None:
             raise ValueError("sample_weight is for in-memory arrays; a source's batches may carry a 'weight' "
                              "entry, or pass class_weight")
-        batches = _read_source(x, "fit", y=y, batch_size=batch_size, features=features, transform=transform,
-                               input_shape=input_shape, needs_labels=True, seed=seed, shuffle=shuffle,
-                               drop_remainder=drop_remainder, steps_per_epoch=steps_per_epoch,
-                               class_weight=class_weight, cache=cache, **_split_over(parts, masked=False))
+        batches = _read_source(x, "fit", y=y, batch_size=plan.batch_size, features=plan.features,
+                               transform=plan.transform, input_shape=input_shape, needs_labels=True, seed=plan.seed,
+                               shuffle=plan.shuffle, drop_remainder=plan.drop_remainder,
+                               steps_per_epoch=plan.steps_per_epoch, class_weight=class_weight, cache=plan.cache,
+                               **_split_over(sharding.data_parallelism(plan.mesh), masked=False))
         return SourceInput(batches), validation_data
-    _check_array_arguments(x, features, transform)
-    if steps_per_epoch is not None:
+    _check_array_arguments(x, plan.features, plan.transform)
+    if plan.steps_per_epoch is not None:
         raise ValueError("steps_per_epoch is for iterable sources; in-memory arrays make "
                          "ceil(len(x) / batch_size) steps per epoch")
     if y is None:
@@ -413,34 +416,31 @@ def _training_input(x, y, *, input_shape, batch_size, seed, shuffle, drop_remain
     if validation_split is not None:
         (x, y), validation_data = arrays.split_validation(x, y, validation_split)
         weights = weights[:len(x)]
-    if drop_remainder and len(x) < batch_size:
-        raise ValueError(f"drop_remainder with batch_size={batch_size} drops all {len(x)} examples")
-    return ArrayInput(x, y, weights, batch_size, shuffle, drop_remainder, shuffle_rng, validation_split), \
-        validation_data
+    if plan.drop_remainder and len(x) < plan.batch_size:
+        raise ValueError(f"drop_remainder with batch_size={plan.batch_size} drops all {len(x)} examples")
+    return ArrayInput(x, y, weights, plan.batch_size, plan.shuffle, plan.drop_remainder, shuffle_rng,
+                      validation_split), validation_data
 
 
-def _epoch_loop(inputs, state: TrainState, contract: dict, *, mesh, steps_per_execution: int, stream: bool,
-                whole_limit: int):
-    """The epoch loop for this input: a scanned epoch over arrays on the device, or streamed host batches.
+def _epoch_loop(inputs: InputAdapter, state: TrainState, plan: RunPlan, *, stream: bool) -> EpochLoop:
+    """The epoch loop for this input: a scanned epoch over data placed whole on the device, or streamed batches.
 
-    Data go to the devices whole only within `whole_limit` bytes (see `fit`'s `device_data_bytes`).
+    Data go to the devices whole only within `plan.whole_limit` bytes (see `fit`'s `device_data_bytes`), and only
+    where the adapter has them whole (`InputAdapter.whole`: arrays, a cached source).
     """
-    loss, metrics, flag, streams = contract["loss"], contract["metrics"], contract["train_flag"], \
-        contract["rng_streams"]
-    stream = stream or inputs.nbytes is None or inputs.nbytes > whole_limit
-    if isinstance(inputs, ArrayInput) and not stream:
-        return ScannedEpochs(*sharding.put_replicated((inputs.x, inputs.y, inputs.weights), mesh), inputs.shuffle_rng,
-                             compiled_epoch(loss, metrics, inputs.batch_size, inputs.shuffle, inputs.drop_remainder,
-                                            mesh, flag, streams), inputs.batches_per_epoch)
-    in_memory = None if stream or not isinstance(inputs, SourceInput) else inputs.in_memory()
-    if in_memory is not None:  # a cached source, read whole: scanned epochs, as arrays, in the source's orders
-        return ScannedEpochs(*sharding.put_replicated(in_memory, mesh), None,
-                             compiled_epoch(loss, metrics, inputs.batches.batch_size, "given", inputs.drop_remainder,
-                                            mesh, flag, streams), inputs.batches_per_epoch, orders=inputs.order)
-    placer = _batch_placer(mesh, getattr(inputs, "batches", None), stacked=True)
-    return StreamedEpochs(inputs.host_batches, compiled_steps(loss, metrics, mesh, flag, streams), metrics,
-                          steps_per_execution, placer, functools.partial(sharding.put_replicated, mesh=mesh),
-                          bool(state.batch_stats))
+    mesh = plan.mesh
+    stream = stream or inputs.nbytes is None or inputs.nbytes > plan.whole_limit
+    whole = None if stream else inputs.whole()
+    if whole is not None:
+        run_epoch = compiled_epoch(plan.loss, plan.metrics, plan.batch_size, whole.shuffle, inputs.drop_remainder,
+                                   mesh, plan.train_flag, plan.rng_streams)
+        return ScannedEpochs(*sharding.put_replicated((whole.x, whole.y, whole.weights), mesh), whole.shuffle_rng,
+                             run_epoch, inputs.batches_per_epoch, orders=whole.orders)
+    return StreamedEpochs(inputs.host_batches,
+                          compiled_steps(plan.loss, plan.metrics, mesh, plan.train_flag, plan.rng_streams),
+                          plan.metrics, plan.steps_per_execution,
+                          _batch_placer(mesh, inputs.per_process, stacked=True),
+                          functools.partial(sharding.put_replicated, mesh=mesh), bool(state.batch_stats))
 
 
 def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | None = None,
@@ -613,7 +613,6 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         _verbosity(verbose)
     mesh = sharding.resolve_mesh(mesh)
     sharding.check_global_batch(batch_size, mesh)
-    parts = sharding.data_parallelism(mesh)
     steps_per_execution = arrays.positive_int("steps_per_execution", steps_per_execution)
     whole_limit = prefetch.device_data_limit(mesh.devices.flat, device_data_bytes)
     _non_negative_epochs(epochs, initial_epoch)
@@ -621,60 +620,53 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     if checkpoint_dir is not None and checkpoint_every != "epoch":
         every_steps = arrays.positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
     init_rng, shuffle_rng = seed_rngs(seed)
+    plan = RunPlan(
+        loss=loss, metrics=metrics, batch_size=batch_size, mesh=mesh, whole_limit=whole_limit,
+        train_flag=resolve_train_flag(model if state is None else state.apply_fn, train_flag),
+        rng_streams=tuple(rng_streams), features=features, transform=transform, cache=cache, epochs=epochs,
+        initial_epoch=initial_epoch, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder,
+        steps_per_epoch=steps_per_epoch, steps_per_execution=steps_per_execution, every_steps=every_steps,
+        verbosity=verbosity)
 
-    # The model's contract, then the input adapter, then the state.
-    train_flag = resolve_train_flag(model if state is None else state.apply_fn, train_flag)
+    # The model's contract (in the plan), then the input adapter, then the state.
     inputs, validation_data = _training_input(
-        x, y, input_shape=None if state is None else state.input_shape, batch_size=batch_size, seed=seed,
-        shuffle=shuffle, drop_remainder=drop_remainder, validation_split=validation_split,
-        validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight, features=features,
-        transform=transform, steps_per_epoch=steps_per_epoch, parts=parts, shuffle_rng=shuffle_rng, cache=cache)
+        x, y, plan, input_shape=None if state is None else state.input_shape, validation_split=validation_split,
+        validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight,
+        shuffle_rng=shuffle_rng)
     if state is None:
         state = create_train_state(model, optimizer or DEFAULT_OPTIMIZER, inputs.input_shape, init_rng,
-                                   precision=precision, train_flag=train_flag)
+                                   precision=precision, train_flag=plan.train_flag)
     else:
         state = _state_to_continue(model, optimizer, state, precision)
     state = sharding.put_replicated(state, mesh)
+    parts = sharding.data_parallelism(mesh)
     if state.batch_stats and not drop_remainder and parts > 1:
         _check_last_batch_splits(inputs.num_examples, batch_size, parts)
     pad_to, masked = (parts, False) if state.batch_stats else (batch_size, True)  # see `_split_over`
     inputs.use_padding(pad_to, masked)
-    contract = {"loss": loss, "metrics": metrics, "train_flag": train_flag, "rng_streams": tuple(rng_streams)}
-    validate, labels = None, {"y" if isinstance(inputs, ArrayInput) else "the labels of the source": inputs.labels}
+    validate, labels = None, {inputs.labels_name: inputs.labels}
     if validation_data is not None:
-        validate, labels["labels of validation_data"] = _validator(
-            state, validation_data, loss, metrics, batch_size, features, transform, mesh, train_flag, cache,
-            whole_limit)
-    _check_outputs_fit_the_loss(state, loss, train_flag, labels)
+        validate, labels["labels of validation_data"] = _validator(state, validation_data, plan)
+    _check_outputs_fit_the_loss(state, plan, labels)
 
-    stream = every_steps is not None or loops_are_slow(state.apply_fn, state.variables, state.input_shape, train_flag)
-    loop = _epoch_loop(inputs, state, contract, mesh=mesh, steps_per_execution=steps_per_execution, stream=stream,
-                       whole_limit=whole_limit)
+    stream = every_steps is not None or loops_are_slow(state.apply_fn, state.variables, state.input_shape,
+                                                       plan.train_flag)
+    loop = _epoch_loop(inputs, state, plan, stream=stream)
     trained_model = getattr(state.apply_fn, "__self__", None) or model
-    run = FitRun(state=state, history={}, model=trained_model, verbose=verbosity)
+    run = FitRun(state=state, history={}, model=trained_model, verbose=plan.verbosity)
     checkpoints = None
     if checkpoint_dir is not None:
-        checkpoints = _run_checkpoints(checkpoint_dir, keep, run, inputs, callbacks, contract, batch_size=batch_size,
-                                       seed=seed, every_steps=every_steps, steps_per_execution=steps_per_execution)
-    return _run_epochs(run, loop, checkpoints, callbacks, validate, mesh=mesh, epochs=epochs,
-                       initial_epoch=initial_epoch, metrics=metrics, verbosity=verbosity,
-                       steps_per_epoch=steps_per_epoch)
+        checkpoints = _run_checkpoints(checkpoint_dir, keep, run, inputs, callbacks, plan)
+    return _run_epochs(run, loop, checkpoints, callbacks, validate, plan)
 
 
-def _run_checkpoints(directory, keep, run: FitRun, inputs, callbacks, contract: dict, *, batch_size, seed,
-                     every_steps, steps_per_execution) -> RunCheckpoints:
+def _run_checkpoints(directory, keep, run: FitRun, inputs: InputAdapter, callbacks, plan: RunPlan) -> RunCheckpoints:
     """The run checkpoint of this call, described once (`run_checkpoint.run_config`)."""
     if not inputs.resumable:
         raise ValueError("checkpoint_dir needs in-memory arrays or a random-access source: an iterable of "
                          "batches cannot be rewound to where a checkpoint stood")
-    config = run_config(
-        run.model, run.state, loss=contract["loss"], metrics=contract["metrics"], batch_size=batch_size, seed=seed,
-        shuffle=inputs.shuffle, drop_remainder=inputs.drop_remainder, every_steps=every_steps,
-        data_kind=inputs.kind, examples=inputs.num_examples, batches_per_epoch=inputs.batches_per_epoch,
-        validation_split=inputs.validation_split,
-        fingerprint=inputs.fingerprint(), callbacks=callbacks, train_flag=contract["train_flag"])
-    return RunCheckpoints(CheckpointStore(directory, keep), callbacks, contract["metrics"], every_steps,
-                          steps_per_execution, inputs.batches_per_epoch, config)
+    config = run_config(run.model, run.state, plan, inputs, callbacks)
+    return RunCheckpoints(CheckpointStore(directory, keep), callbacks, plan, inputs.batches_per_epoch, config)
 
 
 def _say(verbosity: int, message: str) -> None:
@@ -682,18 +674,18 @@ def _say(verbosity: int, message: str) -> None:
         print(message, flush=True)
 
 
-def _run_epochs(run: FitRun, loop, checkpoints: RunCheckpoints | None, callbacks, validate, *, mesh, epochs: int,
-                initial_epoch: int, metrics: tuple, verbosity: int, steps_per_epoch):
+def _run_epochs(run: FitRun, loop: EpochLoop, checkpoints: RunCheckpoints | None, callbacks, validate,
+                plan: RunPlan):
     """Epochs, validation, logs, callbacks and saves; on any exit the checkpoint being written is finished."""
     previous = jax.tree.map(jnp.copy, run.state)  # the fallback when a state's own loss is not finite
-    resume = None
+    resume, initial_epoch = None, plan.initial_epoch
     try:
         if checkpoints is not None:
-            previous, resume = checkpoints.restore(run, previous, zero_totals(metrics))
-            run.state, previous = sharding.put_replicated((run.state, previous), mesh)
+            previous, resume = checkpoints.restore(run, previous, zero_totals(plan.metrics))
+            run.state, previous = sharding.put_replicated((run.state, previous), plan.mesh)
             if run.resumed_epoch is not None:
                 initial_epoch = run.resumed_epoch
-                finished = run.stop_training or (initial_epoch >= epochs and resume is None)
+                finished = run.stop_training or (initial_epoch >= plan.epochs and resume is None)
                 _say(run.verbose, f"the run in {checkpoints.directory} had already finished (epoch {initial_epoch} "
                                   "of its epochs); returning its result" if finished else
                      f"resumed from epoch {initial_epoch + 1}, step {run.resumed_batches} of "
@@ -702,8 +694,7 @@ def _run_epochs(run: FitRun, loop, checkpoints: RunCheckpoints | None, callbacks
             callback.on_train_begin(run)
         if checkpoints is not None:
             checkpoints.restore_callbacks(run)
-        _epochs(run, loop, checkpoints, callbacks, validate, resume, previous, mesh=mesh, epochs=epochs,
-                initial_epoch=initial_epoch, metrics=metrics, verbosity=verbosity, steps_per_epoch=steps_per_epoch)
+        _epochs(run, loop, checkpoints, callbacks, validate, resume, previous, plan, initial_epoch)
     except KeyboardInterrupt:
         if checkpoints is not None:
             checkpoints.saver.close_quietly()
@@ -723,10 +714,12 @@ def _run_epochs(run: FitRun, loop, checkpoints: RunCheckpoints | None, callbacks
     return run.state, run.history
 
 
-def _epochs(run: FitRun, loop, checkpoints, callbacks, validate, resume, previous, *, mesh, epochs, initial_epoch,
-            metrics, verbosity, steps_per_epoch) -> None:
-    """Each epoch: run it, validate, log, call back, save; stop on a callback's word or a refused step."""
-    progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=verbosity != 1, leave=True)
+def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resume, previous, plan: RunPlan,
+            initial_epoch: int) -> None:
+    """Each epoch from `initial_epoch` (the plan's, or a resumed run's): run it, validate, log, call back, save;
+    stop on a callback's word or a refused step."""
+    epochs, steps_per_epoch = plan.epochs, plan.steps_per_epoch
+    progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=plan.verbosity != 1, leave=True)
     for epoch in progress:
         if run.stop_training:
             break
@@ -756,15 +749,15 @@ def _epochs(run: FitRun, loop, checkpoints, callbacks, validate, resume, previou
             run.history.setdefault(key, []).append(value)
         run.epoch = epoch
         progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
-        if verbosity == 2:
+        if plan.verbosity == 2:
             print(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
         trained = run.state
         for callback in callbacks:
             callback.on_epoch_end(run, epoch, logs)
         if run.state is not trained:  # a callback replaced it (a learning rate): placed as the steps expect
-            run.state = sharding.put_replicated(run.state, mesh)
+            run.state = sharding.put_replicated(run.state, plan.mesh)
         if checkpoints is not None:
-            checkpoints.save(run, previous, zero_totals(metrics), epoch + 1, 0, int(run.state.step))
+            checkpoints.save(run, previous, zero_totals(plan.metrics), epoch + 1, 0, int(run.state.step))
         if steps_per_epoch is not None and steps < steps_per_epoch:
             warnings.warn(f"fit stopped: the iterable ran out of batches in epoch {epoch + 1} ({steps} of "
                           f"steps_per_epoch={steps_per_epoch}); make it yield steps_per_epoch * epochs batches",
@@ -775,37 +768,37 @@ def _epochs(run: FitRun, loop, checkpoints, callbacks, validate, resume, previou
     progress.close()
 
 
-def _validator(state: TrainState, validation_data, loss, metrics: tuple, batch_size: int, features, transform,
-               mesh, train_flag, cache, whole_limit: int):
+def _validator(state: TrainState, validation_data, plan: RunPlan):
     """`(validate(state) -> sums, labels to check)` for validation arrays `(x_val, y_val)` or a source."""
     if sources.is_source(validation_data):
-        batches = _read_source(validation_data, "fit's validation_data", batch_size=batch_size,
-                               features=features, transform=transform, input_shape=state.input_shape,
-                               needs_labels=True, cache=cache, **_split_over(batch_size))
+        batches = _read_source(validation_data, "fit's validation_data", batch_size=plan.batch_size,
+                               features=plan.features, transform=plan.transform, input_shape=state.input_shape,
+                               needs_labels=True, cache=plan.cache, **_split_over(plan.batch_size))
         if isinstance(batches, sources.IterableBatches) and batches.one_shot:
             raise ValueError(f"validation_data is a one-shot {type(validation_data).__name__}: it would run out "
                              "after the first epoch's validation; pass a random-access source or an iterable "
                              "that can be iterated again")
-        eval_step, put = compiled_eval_step(loss, metrics, mesh, train_flag), _batch_placer(mesh, batches)
-        return (lambda trained: _evaluate_batches(trained, batches.epoch(0), eval_step, put)), \
-            SourceInput(batches).labels
+        inputs = SourceInput(batches)
+        eval_step = compiled_eval_step(plan.loss, plan.metrics, plan.mesh, plan.train_flag)
+        put = _batch_placer(plan.mesh, inputs.per_process)
+        return (lambda trained: _evaluate_batches(trained, batches.epoch(0), eval_step, put)), inputs.labels
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
         raise ValueError("validation_data must be a pair (x_val, y_val) or a source")
     x_val, y_val = arrays.check_dataset(*validation_data, name="validation_data", input_shape=state.input_shape)
-    return _array_evaluator(state, x_val, y_val, loss, metrics, batch_size, mesh, train_flag, whole_limit), y_val
+    return _array_evaluator(state, x_val, y_val, plan), y_val
 
 
-def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, loss, metrics: tuple, batch_size: int, mesh,
-                     train_flag, whole_limit: int):
-    """`evaluate(state) -> sums` over arrays: one compiled scan over them placed whole (within `whole_limit` bytes
-    per device), or batch by batch where they are larger or loops are slow."""
-    if x.nbytes + y.nbytes > whole_limit or loops_are_slow(state.apply_fn, state.variables, state.input_shape,
-                                                           train_flag):
-        eval_step, put, columns = compiled_eval_step(loss, metrics, mesh, train_flag), _batch_placer(mesh), \
-            {"x": x, "y": y}
+def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, plan: RunPlan):
+    """`evaluate(state) -> sums` over arrays: one compiled scan over them placed whole (within the plan's
+    `whole_limit` bytes per device), or batch by batch where they are larger or loops are slow."""
+    mesh, batch_size = plan.mesh, plan.batch_size
+    if x.nbytes + y.nbytes > plan.whole_limit or loops_are_slow(state.apply_fn, state.variables, state.input_shape,
+                                                                plan.train_flag):
+        eval_step = compiled_eval_step(plan.loss, plan.metrics, mesh, plan.train_flag)
+        put, columns = _batch_placer(mesh), {"x": x, "y": y}
         return lambda trained: _evaluate_batches(
             trained, arrays.ordered_batches(columns, np.arange(len(x)), batch_size, multiple=batch_size, masked=True),
             eval_step, put)
-    evaluate_all = compiled_evaluate(loss, metrics, batch_size, mesh, train_flag)
+    evaluate_all = compiled_evaluate(plan.loss, plan.metrics, batch_size, mesh, plan.train_flag)
     x_device, y_device = sharding.put_replicated((x, y), mesh)
     return lambda trained: evaluate_all(trained, x_device, y_device)
