@@ -67,7 +67,7 @@ def checkpointing(args) -> Callable[[str], dict]:
     environment describes one (`jaxdl.runtime.distributed.initialize`): every
     training experiment runs the same way on one host or several.
     """
-    from jaxdl.models.saving import run_directory
+    from jaxdl.cli import run_directory
     from jaxdl.runtime import distributed
 
     distributed.initialize()

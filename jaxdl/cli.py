@@ -197,11 +197,31 @@ def convert(args) -> int:
 HISTORY_FILE = "history.json"  # in a fine-tuned model's folder: {"loss": [...], "accuracy": [...], ...}
 
 
+def run_directory(directory: str | os.PathLike | None, resume: bool) -> Path | None:
+    """The checkpoint directory of a command-line run (`--checkpoint-dir`, `--resume`), checked.
+
+    A directory that already holds checkpoints is resumed only with
+    `--resume`, so a new run never picks up an old one by accident; `--resume`
+    without checkpoints to resume from is an error too.
+    """
+    if directory is None:
+        if resume:
+            raise ValueError("--resume needs --checkpoint-dir, the directory of the run to resume")
+        return None
+    path = Path(directory)
+    holds_checkpoints = path.is_dir() and any(path.iterdir())
+    if holds_checkpoints and not resume:
+        raise ValueError(f"--checkpoint-dir {path} already holds checkpoints; pass --resume to continue that run, "
+                         "or choose another directory")
+    if resume and not holds_checkpoints:
+        raise ValueError(f"--resume: {path} holds no checkpoint to resume from")
+    return path
+
+
 def finetune(args) -> int:
     import numpy as np
 
     from jaxdl.data import images as image_io
-    from jaxdl.models.saving import run_directory
     from jaxdl.pretrained import finetune as ft, weights as pretrained
     from jaxdl.pretrained.classifier import ImageClassifier
     from jaxdl.training.callbacks import Callback

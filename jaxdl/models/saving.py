@@ -264,25 +264,3 @@ def fingerprint(directory: str | os.PathLike) -> str:
     entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                      for p in root.rglob("*") if p.is_file())
     return json.dumps([str(root.absolute()), entries])
-
-
-def run_directory(directory: str | os.PathLike | None, resume: bool) -> Path | None:
-    """The checkpoint directory of a command-line run (`--checkpoint-dir`, `--resume`), checked.
-
-    A directory that already holds checkpoints is resumed only with
-    `--resume`, so a new run never picks up an old one by accident; `--resume`
-    without checkpoints to resume from is an error too.
-    """
-    if directory is None:
-        if resume:
-            raise ValueError("--resume needs --checkpoint-dir, the directory of the run to resume")
-        return None
-    path = Path(directory)
-    holds_checkpoints = path.is_dir() and any(path.iterdir())
-    if holds_checkpoints and not resume:
-        raise ValueError(f"--checkpoint-dir {path} already holds checkpoints; pass --resume to continue that run, "
-                         "or choose another directory")
-    if resume and not holds_checkpoints:
-        raise ValueError(f"--resume: {path} holds no checkpoint to resume from")
-    return path
-

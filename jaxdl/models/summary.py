@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl.models.contract import AUTO, flag_kwargs, resolve_train_flag
+from jaxdl.models.contract import AUTO, flag_kwargs, model_family, resolve_train_flag
 
 TRAINABLE = "params"
 # Values a module records with `sow` (or `capture_intermediates`): outputs, not parameters.
@@ -73,9 +73,12 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[
       The totals: `{"total": ..., "trainable": ..., "non_trainable": ...}`.
 
     Raises:
+      TypeError: `model` is not a Flax Linen module
+        (`jaxdl.models.contract.model_family`).
       ValueError: the train flag cannot be told from the signature (several
         flags, or only `**kwargs`) or `train_flag` is not a keyword name.
     """
+    model_family(model, "summary(model, ...)")
     if isinstance(input_shape, int):
         input_shape = (input_shape,)
     inference = flag_kwargs(resolve_train_flag(model, train_flag), train=False)

@@ -32,7 +32,7 @@ import optax
 from flax.training import train_state
 
 from jaxdl.data import arrays
-from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr, resolve_train_flag
+from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr, model_family, resolve_train_flag
 from jaxdl.runtime import compiler, sharding
 from jaxdl.runtime.inference import apply_in_chunks
 from jaxdl.training import losses
@@ -98,12 +98,15 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
       `input_shape` recorded and `step` 0.
 
     Raises:
+      TypeError: `model` is not a Flax Linen module (a function, a class, a
+        Flax NNX module; see `jaxdl.models.contract.model_family`).
       ValueError: if the model cannot take examples of `input_shape` (the
         message names the shape and, for a 2-D example given to a
         convolutional model, the missing channel axis); if `precision` or
         `train_flag` is not one jaxdl knows, or the flag cannot be read from
         the model's signature.
     """
+    model_family(model, "create_train_state(model, ...)")
     model = canonical(with_precision(model, precision))
     train_flag = resolve_train_flag(model, train_flag)
     init_rng, dropout_rng = jax.random.split(rng)

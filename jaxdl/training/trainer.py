@@ -27,7 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxdl.data import arrays, prefetch, sources
-from jaxdl.models.contract import AUTO, inference_form, resolve_train_flag, traced_outputs
+from jaxdl.models.contract import AUTO, inference_form, model_family, resolve_train_flag, traced_outputs
 from jaxdl.runtime import sharding
 from jaxdl.training.adapters import ArrayInput, InputAdapter, SourceInput, example_weights
 from jaxdl.training.callbacks import Callback, FitRun, injected_learning_rates
@@ -216,6 +216,9 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
       its order.
 
     Raises:
+      TypeError: `model_or_state` is neither a `TrainState` nor a Flax Linen
+        module (a function, a class, a Flax NNX module; see
+        `jaxdl.models.contract.model_family`).
       ValueError: a module given without `variables`; `precision` with a
         state whose model is unknown (not built by `create_train_state`); a
         non-positive `batch_size`; ill-shaped or empty `x`; `features` or
@@ -229,6 +232,7 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
         model = getattr(model_or_state.apply_fn, "__self__", None)
         apply_fn, variables = model_or_state.apply_fn, model_or_state.variables
     else:
+        model_family(model_or_state, "predict(model, x, variables=...)")
         if variables is None:
             raise ValueError("predict(model, x) needs variables=...; or pass a TrainState")
         input_shape, model = None, canonical(model_or_state)
@@ -242,9 +246,9 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     chunked = False
     if model is not None:  # the model's own inference form, where it has one
         form = inference_form(model, variables)
-        chunked = form.chunked
+        chunked, variables = form.chunked, form.variables
         if form.model is not model:
-            model, variables = canonical(form.model), form.variables
+            model = canonical(form.model)
             apply_fn = model.apply
     train_flag = None if chunked else resolve_train_flag(apply_fn, train_flag)
     variables = sharding.put_replicated(variables, mesh)
@@ -593,6 +597,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       and their `val_` counterparts.
 
     Raises:
+      TypeError: `model` is not a Flax Linen module (a function, a class, a
+        Flax NNX module; see `jaxdl.models.contract.model_family`).
       ValueError: for bad input, naming the argument at fault: mismatched
         `x`/`y` lengths, a wrong example shape, empty data, NaN, a
         non-positive `batch_size` or `steps_per_execution`, `epochs` or
@@ -609,6 +615,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
     """
+    if state is None:
+        model_family(model, "fit(model, ...)")
     batch_size, metrics, verbosity = arrays.check_batch_size(batch_size), checked_metric_names(metrics), \
         _verbosity(verbose)
     mesh = sharding.resolve_mesh(mesh)
