@@ -41,10 +41,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# The five-seed bands of trained metrics (tests/test_seed_bands.py) and the bfloat16 digits run they band
-# (tests/test_precision.py), marked slow: `make test` leaves them out.
+# The five-seed bands of trained metrics (tests/project/test_seed_bands.py) and the bfloat16 digits run they band
+# (tests/training/test_precision.py), marked slow: `make test` leaves them out.
 bands: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m slow tests/test_seed_bands.py tests/test_precision.py
+	$(PY) -m pytest -q -n 2 -m slow tests/project/test_seed_bands.py tests/training/test_precision.py
 
 bench: $(STAMP)
 	$(call install,-e '.[bench]')

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # XLA:CPU compiles the suite's programs with LLVM's optimizations off: compiling, not running, is
 # what the suite's time goes to (its programs are small), and the flag cut the CPU time of
-# test_train + test_contract by 34% and of test_finetune + test_pretrained by 19% (jax 0.10.2). The
+# training/test_steps + training/test_step_contract by 34% and of pretrained/test_finetune +
+# pretrained/test_classifier by 19% (jax 0.10.2). The
 # code it generates rounds as other CPUs' code does, which the tolerance policy already covers.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
@@ -29,6 +31,7 @@ if _OWN_XLA_CACHE:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+TESTS = Path(__file__).parent
 CATS = shared_data_dir() / "cats"
 MNIST = shared_data_dir() / "mnist"  # the four original IDX files (its README has their checksums)
 
@@ -56,35 +59,40 @@ def pytest_configure(config):
 # 8 s): `make test`'s --dist loadfile hands each worker whole files in queue order, and a long file started
 # last keeps the other worker idle at the end. Longest first, the light files after them fill in whichever
 # worker frees first (longest-processing-time order).
-HEAVY_FIRST = ("test_experiments.py",  # 69
-               "test_finetune.py",  # 62
-               "test_mobilenet_v2.py",  # 57
-               "test_sharding.py",  # 46
-               "test_resume.py",  # 32
-               "test_train.py",  # 32
-               "test_layers.py",  # 31
-               "test_data_sources.py",  # 26
-               "test_pretrained.py",  # 25
-               "test_docs.py",  # 20
-               "test_contract.py",  # 18
-               "test_audit_regressions.py",  # 14
-               "test_model_conventions.py",  # 13
-               "test_convert.py",  # 13
-               "test_callbacks.py",  # 13
-               "test_aot.py",  # 13
-               "test_run_checkpoint.py",  # 12
-               "test_benchmarks.py",  # 11
-               "test_fit_front_door.py",  # 10
-               "test_default_compiler_flags.py",  # 9
-               "test_precision.py",  # 9
-               "test_requires_cats.py",  # 7
-               "test_weather.py",  # 6
-               "test_source_cache.py")  # 6; the rest under 6 s each
+HEAVY_FIRST = ("project/test_experiments.py",  # 69
+               "pretrained/test_finetune.py",  # 62
+               "models/test_mobilenet_v2.py",  # 57
+               "runtime/test_sharding.py",  # 46
+               "training/test_resume.py",  # 32
+               "training/test_steps.py",  # 32
+               "models/test_layers.py",  # 31
+               "data/test_sources.py",  # 26
+               "pretrained/test_classifier.py",  # 25
+               "project/test_docs.py",  # 20
+               "training/test_step_contract.py",  # 18
+               "training/test_audit_regressions.py",  # 14
+               "models/test_model_conventions.py",  # 13
+               "pretrained/test_convert.py",  # 13
+               "training/test_callbacks.py",  # 13
+               "runtime/test_program_cache.py",  # 13
+               "training/test_run_checkpoint.py",  # 12
+               "project/test_benchmarks.py",  # 11
+               "training/test_fit_front_door.py",  # 10
+               "pretrained/test_default_compiler_flags.py",  # 9
+               "training/test_precision.py",  # 9
+               "project/test_requires_cats.py",  # 7
+               "project/test_weather.py",  # 6
+               "data/test_source_cache.py")  # 6; the rest under 6 s each
 
 
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: position for position, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+
+    def position(item):  # by the file's path under tests/ (a test file elsewhere, e.g. a tmp_path's, comes last)
+        name = item.path.relative_to(TESTS).as_posix() if item.path.is_relative_to(TESTS) else None
+        return rank.get(name, len(rank))
+
+    items.sort(key=position)  # stable: each file's own order is kept
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -148,7 +156,7 @@ def converted_models(tmp_path_factory):
     import numpy as np
 
     from jaxdl.pretrained.convert import from_keras
-    from tests.keras_reference import BLOCK_ENDS, CONFIGS, build, save_legacy_h5
+    from tests.support.keras_reference import BLOCK_ENDS, CONFIGS, build, save_legacy_h5
 
     def convert(name: str):
         if name not in done:
@@ -192,7 +200,7 @@ def imagenet_classifier(jaxdl_cache):
 
 def pytest_terminal_summary(terminalreporter):
     """Per comparison kind, the difference that came closest to its tolerance: how much room the policy leaves."""
-    from tests import tolerance
+    from tests.support import tolerance
 
     if tolerance.margins:
         terminalreporter.section("tolerance margins: per kind, the tightest comparison (difference / allowed)")
@@ -203,7 +211,7 @@ def pytest_terminal_summary(terminalreporter):
 
 def pytest_sessionfinish(session):
     """On a pytest-xdist worker: hand this worker's tolerance margins to the controller, which prints them."""
-    from tests import tolerance
+    from tests.support import tolerance
 
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["tolerance_margins"] = json.dumps(tolerance.margins)
@@ -212,7 +220,7 @@ def pytest_sessionfinish(session):
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     """On the pytest-xdist controller: merge a finished worker's margins into this process's table."""
-    from tests import tolerance
+    from tests.support import tolerance
 
     for kind, (seen, allowed) in json.loads(getattr(node, "workeroutput", {}).get("tolerance_margins", "{}")).items():
         tolerance.record(kind, seen, allowed)
@@ -220,7 +228,7 @@ def pytest_testnodedown(node, error):
 
 @pytest.hookimpl(specname="pytest_terminal_summary")
 def pytest_terminal_summary_of_doc_blocks(terminalreporter):
-    """How many python blocks of README.md and docs/*.md tests/test_docs.py ran and skipped, and why.
+    """How many python blocks of README.md and docs/*.md tests/project/test_docs.py ran and skipped, and why.
 
     Counted from the reports (tagged `doc_block` by each block's test), which
     pytest-xdist's workers send to the controller, so the count is whole.
@@ -238,6 +246,6 @@ def pytest_terminal_summary_of_doc_blocks(terminalreporter):
                 reasons[str(report.longrepr[-1]).removeprefix("Skipped: ")] += 1
     if outcomes:
         why = "; ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items()))
-        terminalreporter.section("python blocks of README.md and docs/*.md (tests/test_docs.py)")
+        terminalreporter.section("python blocks of README.md and docs/*.md (tests/project/test_docs.py)")
         terminalreporter.write_line(f"{outcomes['passed'] + outcomes['failed']} run ({outcomes['failed']} failed), "
                                     f"{outcomes['skipped']} skipped" + (f" ({why})" if why else ""))

@@ -198,7 +198,7 @@ def from_keras(path: str | os.PathLike, **model_kwargs):
                 layers = _keras_layers(file)
     except ConversionError:
         raise
-    # h5py raises ValueError and TypeError too for damaged type descriptions (found by tests/test_fuzz_loaders)
+    # h5py raises ValueError and TypeError too for damaged type descriptions (found by tests/project/test_fuzz_loaders)
     except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError) as error:
         raise ConversionError(f"{path}: not a readable Keras weight file (truncated or corrupt?): {error}") from error
     return assemble(layers, _keras_to_flax, path, "keras", **model_kwargs)

@@ -22,7 +22,7 @@ which cannot reach outside the storage, never by `as_strided`.
 
 `torch.load(weights_only=True)` is the bar to beat. Read in torch 2.13's
 `torch/_weights_only_unpickler.py`, and tried on the crafted files of
-tests/test_torchfile.py, this is what this loader refuses and that one accepts:
+tests/pretrained/test_torchfile.py, this is what this loader refuses and that one accepts:
 - globals: torch allows twelve `torch._utils._rebuild_*` functions (quantized,
   sparse, nested, meta, wrapper-subclass and numpy-backed tensors among them),
   `torch._tensor._rebuild_from_type_v2`, `torch.Tensor` and the tensor and
@@ -368,7 +368,7 @@ def _read_zip(path: Path, select) -> dict[str, _TensorRef]:
         return tensors
     # zipfile raises BadZipFile, EOFError or zlib.error for damaged data, NotImplementedError for an
     # unknown compression method, RuntimeError for an encrypted member, and UnicodeDecodeError for a
-    # member name flagged UTF-8 that is not (found by tests/test_fuzz_loaders.py).
+    # member name flagged UTF-8 that is not (found by tests/project/test_fuzz_loaders.py).
     except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError, OSError,
             UnicodeDecodeError) as error:
         raise WeightFileError(f"{path}: damaged zip archive (truncated download?): {error}") from error
