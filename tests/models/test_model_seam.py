@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxdl import count_params, create_train_state, fit, predict, summary
 from jaxdl.models.contract import InferenceForm, inference_form, model_family
-from tests import tolerance
+from tests.support import tolerance
 
 
 class Doubled(nn.Module):
