@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.models.contract import AUTO, flag_kwargs, resolve_train_flag
+from jaxdl.models.nnx_modules import NNXApply, is_nnx_module
 from jaxdl.runtime import compiler
 
 
@@ -174,6 +175,11 @@ def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, ba
         state = variables
         model = model if model is not None else getattr(state.apply_fn, "__self__", None)
         variables = state.variables
+    if is_nnx_module(model) or isinstance(getattr(variables, "apply_fn", None), NNXApply):
+        raise ValueError("mc_predict switches a Linen module's nn.Dropout on by a method interceptor, which a "
+                         "Flax NNX module does not go through: it is not available for NNX modules yet; run the "
+                         "module yourself with its nnx.Dropout layers in training mode (module.train()) and "
+                         "average the passes")
     if not isinstance(model, nn.Module):
         raise ValueError(f"mc_predict needs the Linen module (got {type(model).__name__}); pass it, or a "
                          "TrainState built by create_train_state, whose apply_fn is its module's")
