@@ -200,10 +200,22 @@ def test_summary_counts_an_nnx_modules_parameters_as_keras_does():
     assert lines[-3:] == ["Total params: 195", "Trainable params: 163", "Non-trainable params: 32"]
 
 
+@pytest.mark.parametrize("precision, dtype", [("bfloat16", jnp.bfloat16), ("float16", jnp.float16)])
+def test_half_precision_computes_in_it_and_keeps_float32_parameters(precision, dtype):
+    x, y = _data()
+    model = Net(nnx.Rngs(0))
+    state, history = fit(model, x, y, loss=CE, epochs=2, batch_size=32, verbose=0, precision=precision)
+    computing = trained_module(state)
+    assert (computing.hidden.dtype, computing.norm.dtype, computing.out.dtype) == (dtype, dtype, dtype)
+    assert model.hidden.dtype is None  # the user's module keeps its own dtype; it gets the trained variables
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert (state.dynamic_scale is not None) == (precision == "float16")  # float16 alone scales its loss
+    assert np.isfinite(history["loss"]).all()
+    assert predict(state, x[:4]).dtype == np.float32
+
+
 def test_what_nnx_modules_cannot_do_yet_is_one_clear_error():
     x, y = _data()
-    with pytest.raises(ValueError, match="precision='bfloat16' with a Flax NNX module"):
-        fit(Net(nnx.Rngs(0)), x, y, loss=CE, precision="bfloat16", verbose=0)
     with pytest.raises(ValueError, match="train_flag='training' with a Flax NNX module"):
         fit(Net(nnx.Rngs(0)), x, y, loss=CE, train_flag="training", verbose=0)
     with pytest.raises(ValueError, match="mc_predict .* not available for NNX modules yet"):

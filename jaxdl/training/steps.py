@@ -151,17 +151,14 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
 
 def _nnx_train_state(model, optimizer, input_shape, rng, *, input_dtype, precision, train_flag, wrt) -> TrainState:
     """A `TrainState` of an NNX module, initialised already: split once (`jaxdl.models.nnx_modules`)."""
-    if precision is not None:
-        raise ValueError(f"precision={precision!r} with a Flax NNX module: an NNX module's computation dtype is "
-                         "set when it is built (dtype=..., param_dtype=... of its layers), which jaxdl cannot "
-                         "change afterwards; build the module with the dtype you want")
     nnx_train_flag(train_flag)
+    model = with_precision(model, precision)
     apply, trained, carried = split_module(model, nnx_param_filter(wrt))
     if input_shape is not None:
         _check_nnx_takes(apply, trained, carried, tuple(input_shape), input_dtype, type(model).__name__)
     dropout_rng = jax.random.split(rng)[1] if rng is not None else jax.random.key(0)
     return new_train_state(apply, trained, optimizer, batch_stats=carried, dropout_rng=dropout_rng,
-                           input_shape=input_shape)
+                           input_shape=input_shape, dynamic_scale=loss_scale(precision))
 
 
 def _check_nnx_takes(apply, trained, carried, input_shape: tuple, input_dtype, name: str) -> None:
