@@ -270,3 +270,29 @@ def test_four_simulated_devices_train_an_nnx_module_as_one_does(tmp_path):
     differences, one = arrays[:len(arrays) // 2], arrays[len(arrays) // 2:]
     for difference, reference in zip(differences, one, strict=True):
         tolerance.assert_close(reference + difference, reference, tolerance.DATA_PARALLEL)
+
+
+def test_sources_weights_callbacks_and_validation_take_an_nnx_module(tmp_path):
+    """The input, weighting and callback machinery does not look at the model: an NNX module gets all of it."""
+    import grain
+
+    from jaxdl import CSVLogger, EarlyStopping, ReduceLROnPlateau
+
+    x, y = _data(128)
+    source = grain.MapDataset.source([{"features": a, "label": b} for a, b in zip(x[:96], y[:96])])
+    log = tmp_path / "log.csv"
+    model = Net(nnx.Rngs(0))
+    state, history = fit(model, source, features=("features", "label"), loss=CE, epochs=4, batch_size=32,
+                         verbose=0, class_weight={0: 1.0, 1: 2.0, 2: 0.5}, validation_data=(x[96:], y[96:]),
+                         optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+                         callbacks=[EarlyStopping(patience=10), ReduceLROnPlateau(patience=1, factor=0.5),
+                                    CSVLogger(str(log))])
+    assert sorted(history) == ["accuracy", "learning_rate", "loss", "val_accuracy", "val_loss"]
+    assert len(log.read_text().splitlines()) == 1 + len(history["loss"])
+    unweighted, _ = fit(Net(nnx.Rngs(0)), source, features=("features", "label"), loss=CE, epochs=1,
+                        batch_size=32, verbose=0)
+    weighted, _ = fit(Net(nnx.Rngs(0)), source, features=("features", "label"), loss=CE, epochs=1,
+                      batch_size=32, verbose=0, class_weight={0: 1.0, 1: 2.0, 2: 0.5})
+    assert not np.array_equal(np.asarray(unweighted.params["out"]["bias"][...]),
+                              np.asarray(weighted.params["out"]["bias"][...]))
+    np.testing.assert_array_equal(np.asarray(model.out.kernel[...]), np.asarray(state.params["out"]["kernel"][...]))
