@@ -250,6 +250,10 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
         else:
             input_shape, model = None, canonical(model_or_state)
             apply_fn = model.apply
+    if precision is not None and isinstance(apply_fn, NNXApply):  # an NNX module's copy in `precision`
+        module = with_precision(apply_fn.module(variables), precision)
+        apply_fn, trained, carried = split_module(module, apply_fn.wrt)
+        variables, precision = {"params": trained, "batch_stats": carried}, None
     if precision is not None:
         if model is None:
             raise ValueError("predict(..., precision=...) needs the state's model: build the state with "
