@@ -225,12 +225,33 @@ def test_half_precision_computes_in_it_and_keeps_float32_parameters(precision, d
     assert 0 < np.abs(halved - predict(float32_state, x)).max() < 0.1
 
 
+def test_mc_predict_on_an_nnx_module_drops_in_evaluation_mode_reproducibly():
+    """Monte-Carlo dropout on an NNX module: its nnx.Dropout layers drop, its BatchNorm stays on its running
+    averages, each pass's masks from the key alone; the mean over many passes nears the deterministic prediction
+    of a network whose dropout feeds a linear layer."""
+    x, y = _data()
+    model = Net(nnx.Rngs(0), dropout=0.5)
+    state, _ = fit(model, x, y, loss=CE, epochs=2, batch_size=32, verbose=0)
+    mean, std = mc_predict(None, state, x[:8], 64, 7)
+    again, _ = mc_predict(model, None, x[:8], 64, 7)
+    np.testing.assert_array_equal(mean, again)  # the same key: the same masks, from a state or the module
+    assert mean.shape == std.shape == (8, 3) and (std > 0).all()
+    other, _ = mc_predict(None, state, x[:8], 64, 8)
+    assert not np.array_equal(mean, other)
+    copy = nnx.clone(model)
+    copy.eval()
+    # Logits (loss=None): inverted dropout keeps each unit's expectation, and the layer after it is linear, so the
+    # mean of 2,048 passes nears the deterministic logits; measured 0.024 at most, against logits up to 2.1.
+    wide, _ = mc_predict(model, None, x[:8], 2048, 0)
+    assert np.abs(wide - np.asarray(copy(x[:8]))).max() < 0.1
+    probabilities, _ = mc_predict(model, None, x[:8], 16, 0, loss=CE)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)  # probabilities averaged: they sum to 1
+
+
 def test_what_nnx_modules_cannot_do_yet_is_one_clear_error():
     x, y = _data()
     with pytest.raises(ValueError, match="train_flag='training' with a Flax NNX module"):
         fit(Net(nnx.Rngs(0)), x, y, loss=CE, train_flag="training", verbose=0)
-    with pytest.raises(ValueError, match="mc_predict .* not available for NNX modules yet"):
-        mc_predict(Net(nnx.Rngs(0)), None, x, 3, 0)
     from jaxdl import save_model
     with pytest.raises(TypeError, match="Net is a Flax NNX module, which has no config"):
         save_model("unused", Net(nnx.Rngs(0)), {})
