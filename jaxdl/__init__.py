@@ -1,6 +1,6 @@
 """jaxdl: functional deep learning on JAX (Flax Linen models, Optax optimizers, jit-compiled steps)."""
 from jaxdl.data import tfds_source
-from jaxdl.models import MLP, ConvNet, count_params
+from jaxdl.models import MLP, ConvNet, count_params, trained_module
 from jaxdl.models.saving import load_model, save_model
 from jaxdl.models.summary import summary
 from jaxdl.training import (
@@ -28,7 +28,7 @@ __version__ = "0.2.0"
 # The names `from jaxdl import ...` offers (each module's others are reached through the module).
 __all__ = [
     "load_model", "save_model",
-    "ConvNet", "MLP", "count_params", "summary",
+    "ConvNet", "MLP", "count_params", "summary", "trained_module",
     "Callback", "CSVLogger", "EarlyStopping", "FitRun", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
     "TrainState", "create_train_state", "make_eval_step", "make_train_step", "metrics_from_sums",
     "evaluate", "fit", "predict", "tfds_source", "mc_predict", "sweep",

@@ -17,6 +17,7 @@ import numpy as np
 from jaxdl.models.heads import ClassifierHead, FineTuneModel
 from jaxdl.models.layers import Conv, max_pool
 from jaxdl.models.mobilenet_v2 import MobileNetV2
+from jaxdl.models.nnx_modules import is_nnx_module, trained_module
 from jaxdl.models.small import MLP, ConvNet
 
 
@@ -68,6 +69,11 @@ def model_config(model) -> dict:
     path, and loading it back needs the class itself (`custom_classes`).
     """
     cls = type(model)
+    if is_nnx_module(model):
+        raise TypeError(f"{cls.__name__} is a Flax NNX module, which has no config jaxdl can rebuild it from (its "
+                        "constructor's arguments are not kept): save_model and ModelCheckpoint take Linen modules; "
+                        "for an NNX module, fit's checkpoint_dir keeps and resumes the whole run, and "
+                        "jaxdl.models.saving.save_variables(directory, nnx.state(module)) its variables")
     if not isinstance(model, nn.Module):
         raise TypeError(f"{cls.__name__} is not a Linen module; only Linen modules are saved by config")
     name = cls.__name__ if model_classes().get(cls.__name__) is cls else class_path(cls)
@@ -92,4 +98,4 @@ def model_from_config(config: dict, custom_classes=()):
 
 
 __all__ = ["MLP", "ConvNet", "MobileNetV2", "ClassifierHead", "FineTuneModel", "Conv", "max_pool", "model_classes",
-           "count_params", "model_config", "model_from_config", "class_path"]
+           "count_params", "model_config", "model_from_config", "class_path", "trained_module"]

@@ -30,20 +30,22 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+from flax import nnx
 
 AUTO = "auto"
 TRAIN_FLAGS = ("train", "training", "deterministic")
-FAMILIES = ("linen",)
+FAMILIES = ("linen", "nnx")
 
 
 def model_family(model, where: str) -> str:
-    """The family of Flax model `model` belongs to, as jaxdl's entry points take it: "linen".
+    """The family of Flax model `model` belongs to, as jaxdl's entry points take it: "linen" or "nnx".
 
     The one place where a model's kind is decided: every entry point that
     takes a model (`fit`, `predict`, `create_train_state`, `summary`) asks
     here first, so a model jaxdl cannot train is refused by name before any
-    data is read, and a second family (Flax NNX) adds its branch here and its
-    implementation of this contract beside Linen's.
+    data is read. A Linen module is called through its own `apply`; an NNX
+    module is split once into a pure `apply` over its graph
+    (`jaxdl.models.nnx_modules`).
 
     Args:
       model: the model an entry point was given.
@@ -51,24 +53,22 @@ def model_family(model, where: str) -> str:
         "fit(model, ...)").
 
     Returns:
-      "linen" for a Flax Linen module.
+      "linen" for a Flax Linen module, "nnx" for a Flax NNX module instance.
 
     Raises:
-      TypeError: for a Flax NNX module (not taken yet, said as such) or
-        anything that is not a Flax module (a function, a class rather than
-        an instance), naming what was given.
+      TypeError: for anything else (a function, a module class rather than
+        an instance, another library's module), naming what was given and
+        what jaxdl takes.
     """
     if isinstance(model, nn.Module):
         return "linen"
-    cls = model if isinstance(model, type) else type(model)
-    if any(c.__module__.startswith("flax.nnx") for c in cls.__mro__):
-        raise TypeError(f"{where} was given a Flax NNX module ({cls.__name__}); jaxdl's steps take Flax Linen "
-                        "modules (flax.linen.Module) so far: write the model as a Linen module")
-    if isinstance(model, type) and issubclass(model, nn.Module):
+    if isinstance(model, nnx.Module):
+        return "nnx"
+    if isinstance(model, type) and issubclass(model, (nn.Module, nnx.Module)):
         raise TypeError(f"{where} was given the class {model.__name__}, not a module: pass an instance, "
                         f"e.g. {model.__name__}(...)")
-    raise TypeError(f"{where} takes a Flax Linen module (flax.linen.Module) as its model; got "
-                    f"{type(model).__name__} ({model!r:.80})")
+    raise TypeError(f"{where} takes a Flax module instance as its model (a flax.linen.Module, or a flax.nnx.Module "
+                    f"built with its nnx.Rngs); got {type(model).__name__} ({model!r:.80})")
 
 
 @dataclasses.dataclass(frozen=True)

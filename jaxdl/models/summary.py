@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxdl.models.contract import AUTO, flag_kwargs, model_family, resolve_train_flag
 
@@ -43,6 +44,30 @@ def count_by_kind(variables: Mapping[str, Any]) -> dict:
     return {"total": trainable + non_trainable, "trainable": trainable, "non_trainable": non_trainable}
 
 
+def _nnx_summary(model, input_shape: tuple, *, print_fn, depth, console_kwargs) -> dict:
+    """`summary` of a Flax NNX module: Flax's own `nnx.tabulate` table, in evaluation mode, and Keras's totals.
+
+    Trainable: its `nnx.Param`s; non-trainable: its other variables (batch
+    statistics, a user's own) but not its random streams' keys and counts,
+    which are not parameters.
+    """
+    def size(tree) -> int:
+        return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(tree)))
+
+    _, trainable, _, others = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    totals = {"trainable": size(trainable), "non_trainable": size(others)}
+    totals = {"total": totals["trainable"] + totals["non_trainable"], **totals}
+    copy = nnx.clone(model)  # tabulate calls the module: its own one stays as it was (mode, random counts)
+    copy.eval()
+    table = nnx.tabulate(copy, jnp.zeros((1, *input_shape), jnp.float32), depth=depth,
+                         console_kwargs={"force_terminal": False, "width": 160, **(console_kwargs or {})})
+    print_fn(table.strip("\n"))
+    print_fn(f"Total params: {totals['total']:,}")
+    print_fn(f"Trainable params: {totals['trainable']:,}")
+    print_fn(f"Non-trainable params: {totals['non_trainable']:,}")
+    return totals
+
+
 def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[[str], Any] = print,
             depth: int | None = 1, console_kwargs: Mapping[str, Any] | None = None,
             train_flag: str | None = AUTO) -> dict:
@@ -58,7 +83,8 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[
     backbone's), not the model's, so a frozen backbone still counts here.
 
     Args:
-      model: a Linen module.
+      model: a Linen module, or an NNX module instance (its table is Flax's
+        `nnx.tabulate`; random streams' keys and counts are not counted).
       input_shape: one example's shape (a tuple, or an int for a vector),
         without the batch axis.
       print_fn: called with the table, then each total's line.
@@ -73,14 +99,16 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[
       The totals: `{"total": ..., "trainable": ..., "non_trainable": ...}`.
 
     Raises:
-      TypeError: `model` is not a Flax Linen module
+      TypeError: `model` is not a Flax module instance
         (`jaxdl.models.contract.model_family`).
       ValueError: the train flag cannot be told from the signature (several
         flags, or only `**kwargs`) or `train_flag` is not a keyword name.
     """
-    model_family(model, "summary(model, ...)")
+    family = model_family(model, "summary(model, ...)")
     if isinstance(input_shape, int):
         input_shape = (input_shape,)
+    if family == "nnx":
+        return _nnx_summary(model, input_shape, print_fn=print_fn, depth=depth, console_kwargs=console_kwargs)
     inference = flag_kwargs(resolve_train_flag(model, train_flag), train=False)
     inputs = jnp.zeros((1, *input_shape), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(_rngs(), x, **inference), inputs)

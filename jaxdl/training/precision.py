@@ -14,6 +14,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax import nnx
 from flax.training.dynamic_scale import DynamicScale
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -27,14 +28,28 @@ def compute_dtype(precision: str):
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}") from None
 
 
-def with_precision(model: nn.Module, precision: str | None) -> nn.Module:
+def with_precision(model, precision: str | None):
     """`model` computing in `precision`: its `dtype` field, or its submodules' (a backbone and a head).
 
-    None leaves the model as it is.
+    A Flax NNX module is copied (`nnx.clone`) and every layer of the copy
+    that has a `dtype` attribute computes in `precision` (its `param_dtype`,
+    float32, unchanged), as Flax's layers take `dtype=` when built; the
+    user's module stays as it is. None leaves the model as it is.
     """
     if precision is None:
         return model
     dtype = compute_dtype(precision)
+    if isinstance(model, nnx.Module):
+        copy = nnx.clone(model)
+        layers = [module for _, module in nnx.iter_graph(copy) if isinstance(module, nnx.Module)
+                  and hasattr(module, "dtype")]
+        if not layers:
+            raise ValueError(f"precision={precision!r} sets the layers' computation dtype, but "
+                             f"{type(model).__name__} has no layer with a `dtype` attribute (as Flax's nnx.Linear, "
+                             "nnx.Conv and nnx.BatchNorm have); leave precision out")
+        for module in layers:
+            module.dtype = dtype
+        return copy
     fields = [field.name for field in dataclasses.fields(model) if field.name not in ("parent", "name")]
     if "dtype" in fields:
         return model.clone(dtype=dtype)

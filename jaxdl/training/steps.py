@@ -33,6 +33,7 @@ from flax.training import train_state
 
 from jaxdl.data import arrays
 from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr, model_family, resolve_train_flag
+from jaxdl.models.nnx_modules import nnx_param_filter, nnx_train_flag, split_module
 from jaxdl.runtime import compiler, sharding
 from jaxdl.runtime.inference import apply_in_chunks
 from jaxdl.training import losses
@@ -65,9 +66,9 @@ class TrainState(train_state.TrainState):
         return variables
 
 
-def create_train_state(model, optimizer: optax.GradientTransformation, input_shape: Sequence[int],
-                       rng: jax.Array, *, input_dtype=jnp.float32, precision: str | None = None,
-                       train_flag: str | None = AUTO) -> TrainState:
+def create_train_state(model, optimizer: optax.GradientTransformation, input_shape: Sequence[int] | None = None,
+                       rng: jax.Array | None = None, *, input_dtype=jnp.float32, precision: str | None = None,
+                       train_flag: str | None = AUTO, wrt=None) -> TrainState:
     """Initialises `model` for examples of `input_shape` and pairs it with `optimizer` in a `TrainState`.
 
     The model is initialised in inference mode on one zero example (compiled
@@ -76,14 +77,22 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
     parameters, BatchNorm statistics, frozen collections, a dropout key and,
     for float16, a dynamic loss scale.
 
+    A Flax NNX module is initialised already: it is split once
+    (`nnx.split(model, wrt, ...)`) into the state's `apply_fn` (its graph),
+    `params` (the variables trained) and `batch_stats` (every other variable
+    it carries), and neither `input_shape` nor `rng` is needed.
+
     Args:
-      model: a Flax Linen module (jaxdl's or your own).
+      model: a Flax Linen module (jaxdl's or your own), or a Flax NNX module
+        instance.
       optimizer: an optax `GradientTransformation`; its state is initialised
         from the parameters.
       input_shape: one example's shape, without the batch axis (e.g.
-        `(28, 28, 1)`).
+        `(28, 28, 1)`); required for a Linen module, optional for an NNX one
+        (given, the module is traced on it here, to fail early).
       rng: a `jax.random` key, split into the initialisation key and the
-        state's dropout key.
+        state's dropout key; required for a Linen module, optional for an
+        NNX one (which draws from its own `nnx.Rngs`).
       input_dtype: the dtype of the zero example the model is initialised on;
         float32 by default.
       precision: the model's computation dtype ("float32", "bfloat16",
@@ -91,22 +100,34 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
         None (default) keeps the model's own dtype.
       train_flag: the model's training keyword ("train", "training",
         "deterministic" or None). The default "auto" reads it from the
-        model's `__call__` (see `jaxdl.models.contract`).
+        model's `__call__` (see `jaxdl.models.contract`). An NNX module is put
+        in its modes by `model.train()` / `model.eval()`: leave it "auto".
+      wrt: for an NNX module, the filter of the variables trained
+        (`nnx.Optimizer(wrt=...)`'s); None (default) is `nnx.Param`.
 
     Returns:
       A `jaxdl.training.steps.TrainState` whose `apply_fn` is the model's `apply`, with
       `input_shape` recorded and `step` 0.
 
     Raises:
-      TypeError: `model` is not a Flax Linen module (a function, a class, a
-        Flax NNX module; see `jaxdl.models.contract.model_family`).
+      TypeError: `model` is not a Flax module instance (a function, a module
+        class, another library's module; see
+        `jaxdl.models.contract.model_family`).
       ValueError: if the model cannot take examples of `input_shape` (the
         message names the shape and, for a 2-D example given to a
         convolutional model, the missing channel axis); if `precision` or
         `train_flag` is not one jaxdl knows, or the flag cannot be read from
         the model's signature.
     """
-    model_family(model, "create_train_state(model, ...)")
+    if model_family(model, "create_train_state(model, ...)") == "nnx":
+        return _nnx_train_state(model, optimizer, input_shape, rng, input_dtype=input_dtype, precision=precision,
+                                train_flag=train_flag, wrt=wrt)
+    if input_shape is None or rng is None:
+        raise ValueError(f"create_train_state({type(model).__name__}(...), optimizer, input_shape, rng): a Linen "
+                         "module is initialised here, which needs one example's shape and a jax.random key")
+    if wrt is not None:
+        raise ValueError("wrt= chooses the trained variables of a Flax NNX module; a Linen module trains its "
+                         "'params' collection")
     model = canonical(with_precision(model, precision))
     train_flag = resolve_train_flag(model, train_flag)
     init_rng, dropout_rng = jax.random.split(rng)
@@ -126,6 +147,28 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
                          "its last axis was read as channels; add a channel axis (x[..., None])")
     return new_train_state(model.apply, variables["params"], optimizer, batch_stats=variables.get("batch_stats", {}),
                            dropout_rng=dropout_rng, input_shape=input_shape, dynamic_scale=loss_scale(precision))
+
+
+def _nnx_train_state(model, optimizer, input_shape, rng, *, input_dtype, precision, train_flag, wrt) -> TrainState:
+    """A `TrainState` of an NNX module, initialised already: split once (`jaxdl.models.nnx_modules`)."""
+    nnx_train_flag(train_flag)
+    model = with_precision(model, precision)
+    apply, trained, carried = split_module(model, nnx_param_filter(wrt))
+    if input_shape is not None:
+        _check_nnx_takes(apply, trained, carried, tuple(input_shape), input_dtype, type(model).__name__)
+    dropout_rng = jax.random.split(rng)[1] if rng is not None else jax.random.key(0)
+    return new_train_state(apply, trained, optimizer, batch_stats=carried, dropout_rng=dropout_rng,
+                           input_shape=input_shape, dynamic_scale=loss_scale(precision))
+
+
+def _check_nnx_takes(apply, trained, carried, input_shape: tuple, input_dtype, name: str) -> None:
+    """An NNX module that cannot take examples of `input_shape` fails here, traced (nothing computed)."""
+    sample = jax.ShapeDtypeStruct((1, *input_shape), input_dtype)
+    try:
+        jax.eval_shape(lambda v, x: apply(v, x, train=False), {"params": trained, "batch_stats": carried}, sample)
+    except (TypeError, ValueError, ZeroDivisionError, IndexError) as error:
+        raise ValueError(f"{name} cannot take examples of shape {input_shape} (a batch of shape "
+                         f"{sample.shape}): {type(error).__name__}: {error}") from error
 
 
 def canonical(model):
@@ -164,7 +207,8 @@ def new_train_state(apply_fn, params, optimizer: optax.GradientTransformation, *
                     input_shape: Sequence[int], frozen: dict | None = None, dynamic_scale=None) -> TrainState:
     """A TrainState at step 0 from already initialised variables."""
     state = TrainState.create(apply_fn=apply_fn, params=params, tx=optimizer, batch_stats=batch_stats,
-                              dropout_rng=dropout_rng, input_shape=tuple(int(d) for d in input_shape),
+                              dropout_rng=dropout_rng,
+                              input_shape=None if input_shape is None else tuple(int(d) for d in input_shape),
                               frozen=frozen or {}, dynamic_scale=dynamic_scale)
     # TrainState.create starts from the Python int 0, a weakly typed scalar: the second
     # call of a compiled step would see int32 instead and compile again.

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from jaxdl.data import arrays, prefetch, sources
 from jaxdl.models.contract import AUTO, inference_form, model_family, resolve_train_flag, traced_outputs
+from jaxdl.models.nnx_modules import NNXApply, is_nnx_module, nnx_train_flag, split_module, update_module
 from jaxdl.runtime import sharding
 from jaxdl.training.adapters import ArrayInput, InputAdapter, SourceInput, example_weights
 from jaxdl.training.callbacks import Callback, FitRun, injected_learning_rates
@@ -139,13 +140,21 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
         batches = _read_source(x, "evaluate", y=y, batch_size=batch_size, features=features, transform=transform,
                                input_shape=state.input_shape, needs_labels=True, **_split_over(batch_size))
         inputs = SourceInput(batches)
+        state = _with_input_shape(state, inputs.input_shape)
         _check_outputs_fit_the_loss(state, plan, {inputs.labels_name: inputs.labels})
         eval_step = compiled_eval_step(plan.loss, plan.metrics, mesh, plan.train_flag)
         return metrics_from_sums(_evaluate_batches(state, batches.epoch(0), eval_step, _batch_placer(mesh, True)))
     _check_array_arguments(x, features, transform)
     x, y = arrays.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
+    state = _with_input_shape(state, x.shape[1:])
     _check_outputs_fit_the_loss(state, plan, {"y": y})
     return metrics_from_sums(_array_evaluator(state, x, y, plan)(state))
+
+
+def _with_input_shape(state: TrainState, input_shape) -> TrainState:
+    """`state`, its example shape taken from the data where it has none (an NNX module's state built without
+    an example: the module was initialised already)."""
+    return state if state.input_shape is not None else state.replace(input_shape=tuple(input_shape))
 
 
 def _split_over(pad_to: int, masked: bool = True) -> dict:
@@ -190,8 +199,9 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     gets all outputs.
 
     Args:
-      model_or_state: a `TrainState`, or a Flax Linen module together with
-        its `variables`.
+      model_or_state: a `TrainState`, a Flax Linen module together with
+        its `variables`, or a Flax NNX module instance (which holds its
+        variables; run in evaluation mode).
       x: an array of inputs, or a source read in order (only its input
         feature, `features[0]`, is read; see `fit`).
       variables: the module's variables (`{"params": ..., ...}`), needed
@@ -216,9 +226,8 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
       its order.
 
     Raises:
-      TypeError: `model_or_state` is neither a `TrainState` nor a Flax Linen
-        module (a function, a class, a Flax NNX module; see
-        `jaxdl.models.contract.model_family`).
+      TypeError: `model_or_state` is neither a `TrainState` nor a Flax
+        module instance (see `jaxdl.models.contract.model_family`).
       ValueError: a module given without `variables`; `precision` with a
         state whose model is unknown (not built by `create_train_state`); a
         non-positive `batch_size`; ill-shaped or empty `x`; `features` or
@@ -232,11 +241,19 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
         model = getattr(model_or_state.apply_fn, "__self__", None)
         apply_fn, variables = model_or_state.apply_fn, model_or_state.variables
     else:
-        model_family(model_or_state, "predict(model, x, variables=...)")
-        if variables is None:
+        if model_family(model_or_state, "predict(model, x, variables=...)") == "nnx":
+            # An NNX module holds its variables: split once, run through its pure apply (`variables` ignored).
+            apply_fn, trained, carried = split_module(model_or_state)
+            input_shape, model, variables = None, None, {"params": trained, "batch_stats": carried}
+        elif variables is None:
             raise ValueError("predict(model, x) needs variables=...; or pass a TrainState")
-        input_shape, model = None, canonical(model_or_state)
-        apply_fn = model.apply
+        else:
+            input_shape, model = None, canonical(model_or_state)
+            apply_fn = model.apply
+    if precision is not None and isinstance(apply_fn, NNXApply):  # an NNX module's copy in `precision`
+        module = with_precision(apply_fn.module(variables), precision)
+        apply_fn, trained, carried = split_module(module, apply_fn.wrt)
+        variables, precision = {"params": trained, "batch_stats": carried}, None
     if precision is not None:
         if model is None:
             raise ValueError("predict(..., precision=...) needs the state's model: build the state with "
@@ -457,7 +474,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         checkpoint_dir=None, checkpoint_every: int | str = "epoch", keep: int = 3,
         mesh=None, precision: str | None = None, train_flag: str | None = AUTO,
         rng_streams: Sequence[str] = ("dropout", "augment"), cache: bool | int | str = "auto",
-        device_data_bytes: int | str = "auto",
+        device_data_bytes: int | str = "auto", wrt=None,
         verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
     """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
 
@@ -475,9 +492,15 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     (sources, transforms, the cache), docs/checkpoints.md (resuming),
     docs/scale.md (devices, processes, half precision).
 
+    A Flax NNX module is split once (`nnx.split`), trained by the same
+    compiled steps in training mode (`model.train()`, its own `nnx.Rngs`
+    streams drawing the dropout masks) and evaluated in evaluation mode; when
+    `fit` returns, the module holds the trained variables (`nnx.update`), as
+    `nnx.Optimizer.update` leaves it (docs/training.md#flax-nnx-modules).
+
     Args:
-      model: the Flax Linen module to train; None (or the same model) when
-        `state` is given.
+      model: the Flax Linen module, or Flax NNX module instance, to train;
+        None (or the same model) when `state` is given.
       x: the inputs: an array of examples (with labels `y`), or a source that
         carries its own labels: a random-access source
         (`jaxdl.data.tfds_source(...)`, a grain `MapDataset`, or anything with
@@ -588,6 +611,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         (default): on CPU a quarter of the memory available over this
         process's devices, on a GPU or TPU an eighth of a device's memory
         (`jaxdl.data.device_data_limit`); 0 always streams.
+      wrt: for an NNX `model`, the filter of the variables trained, as
+        `nnx.Optimizer(wrt=...)` takes it; None (default) is `nnx.Param`.
+        Every other variable (batch statistics, random streams, your own
+        `nnx.Variable`s) is carried, updated and saved, not trained.
       verbose: 0 silent, 1 a progress bar, 2 one line per epoch; "auto"
         (default) and True are 1 on a terminal, 2 otherwise.
 
@@ -597,8 +624,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       and their `val_` counterparts.
 
     Raises:
-      TypeError: `model` is not a Flax Linen module (a function, a class, a
-        Flax NNX module; see `jaxdl.models.contract.model_family`).
+      TypeError: `model` is not a Flax module instance (a function, a module
+        class, another library's module; see
+        `jaxdl.models.contract.model_family`).
       ValueError: for bad input, naming the argument at fault: mismatched
         `x`/`y` lengths, a wrong example shape, empty data, NaN, a
         non-positive `batch_size` or `steps_per_execution`, `epochs` or
@@ -615,8 +643,13 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
     """
-    if state is None:
-        model_family(model, "fit(model, ...)")
+    family = model_family(model, "fit(model, ...)") if state is None else \
+        ("nnx" if isinstance(state.apply_fn, NNXApply) else "linen")
+    if family == "nnx" and state is None:
+        train_flag = nnx_train_flag(train_flag)
+    elif wrt is not None:
+        raise ValueError("wrt= chooses the trained variables of a Flax NNX module given as fit's model; a Linen "
+                         "module trains its 'params' collection, and a state keeps what it was built with")
     batch_size, metrics, verbosity = arrays.check_batch_size(batch_size), checked_metric_names(metrics), \
         _verbosity(verbose)
     mesh = sharding.resolve_mesh(mesh)
@@ -643,9 +676,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         shuffle_rng=shuffle_rng)
     if state is None:
         state = create_train_state(model, optimizer or DEFAULT_OPTIMIZER, inputs.input_shape, init_rng,
-                                   precision=precision, train_flag=plan.train_flag)
+                                   precision=precision, train_flag=plan.train_flag, wrt=wrt)
     else:
         state = _state_to_continue(model, optimizer, state, precision)
+        state = _with_input_shape(state, inputs.input_shape)
     state = sharding.put_replicated(state, mesh)
     parts = sharding.data_parallelism(mesh)
     if state.batch_stats and not drop_remainder and parts > 1:
@@ -665,7 +699,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = _run_checkpoints(checkpoint_dir, keep, run, inputs, callbacks, plan)
-    return _run_epochs(run, loop, checkpoints, callbacks, validate, plan)
+    state, history = _run_epochs(run, loop, checkpoints, callbacks, validate, plan)
+    if family == "nnx" and is_nnx_module(model):  # trained in place, as nnx.Optimizer.update leaves a module
+        update_module(model, state)
+    return state, history
 
 
 def _run_checkpoints(directory, keep, run: FitRun, inputs: InputAdapter, callbacks, plan: RunPlan) -> RunCheckpoints:

@@ -29,8 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxdl.models.contract import AUTO, flag_kwargs, resolve_train_flag
+from jaxdl.models.nnx_modules import NNXApply, is_nnx_module, split_module
 from jaxdl.runtime import compiler
 
 
@@ -83,9 +85,12 @@ def _moments(model, variables, x, rng, n_samples: int, train_flag: str | None, o
         outputs = outputs.astype(jnp.float32)
         return {"softmax": jax.nn.softmax, "sigmoid": jax.nn.sigmoid}.get(output, lambda o: o)(outputs)
 
-    samples = jax.vmap(one_pass)(jax.random.split(rng, n_samples))
-    # Moments around the first sample (the shifted-data algorithm): no cancellation between two large
-    # sums, and samples that are all equal (no dropout, or rate 0) give a spread of exactly 0.
+    return _sample_moments(jax.vmap(one_pass)(jax.random.split(rng, n_samples)))
+
+
+def _sample_moments(samples):
+    """`(mean, std)` over the first axis, around the first sample (the shifted-data algorithm): no cancellation
+    between two large sums, and samples that are all equal (no dropout, or rate 0) give a spread of exactly 0."""
     shifted = samples - samples[0]
     mean_shift = shifted.mean(axis=0)
     variance = jnp.maximum((shifted ** 2).mean(axis=0) - mean_shift ** 2, 0.0)
@@ -104,6 +109,43 @@ def _sampler(model):
     except TypeError:
         return compiler.jit(functools.partial(_moments, model),
                             static_argnames=("n_samples", "train_flag", "output"))
+
+
+def _nnx_dropping(apply: NNXApply, variables, key):
+    """An NNX module rebuilt in evaluation mode but with every `nnx.Dropout` dropping, its random streams drawn
+    from `key` (one stream each), so a pass depends on `key` alone."""
+    module = apply.module(variables)
+    module.eval()
+    streams = 0
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Dropout):
+            node.deterministic = False
+        elif isinstance(node, nnx.RngStream):
+            node.key[...] = jax.random.fold_in(key, streams)
+            node.count[...] = jnp.zeros_like(node.count[...])
+            streams += 1
+    return module
+
+
+def _nnx_dropout_rates(apply: NNXApply, variables, example_shape, dtype) -> tuple[list[float], int]:
+    """The rate of every `nnx.Dropout` of an NNX module, and its outputs per example (nothing computed)."""
+    rates = [float(node.rate) for _, node in nnx.iter_graph(apply.module(variables)) if isinstance(node, nnx.Dropout)]
+    outputs = jax.eval_shape(lambda v, x: apply(v, x, train=False), variables,
+                             jax.ShapeDtypeStruct((1, *example_shape), dtype))
+    return rates, int(outputs.shape[-1]) if outputs.ndim else 1
+
+
+def _nnx_moments(apply: NNXApply, variables, x, rng, n_samples: int, output: str):
+    """`_moments` for an NNX module: each pass its own dropping copy (`_nnx_dropping`), one vmap."""
+    def one_pass(key):
+        outputs = _nnx_dropping(apply, variables, key)(x).astype(jnp.float32)
+        return {"softmax": jax.nn.softmax, "sigmoid": jax.nn.sigmoid}.get(output, lambda o: o)(outputs)
+
+    return _sample_moments(jax.vmap(one_pass)(jax.random.split(rng, n_samples)))
+
+
+# Compiled once per module graph (hashable), input shape and sample count.
+_nnx_mc_moments = compiler.jit(_nnx_moments, static_argnames=("apply", "n_samples", "output"))
 
 
 _CLASSIFIER_OUTPUTS = {"sparse_categorical_crossentropy": "softmax", "categorical_crossentropy": "softmax",
@@ -170,14 +212,20 @@ def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, ba
         non-empty batch `(N, ...)`; if the train flag cannot be read from the
         model.
     """
+    nnx_apply = None
     if hasattr(variables, "apply_fn") and hasattr(variables, "params"):  # a TrainState
         state = variables
+        if isinstance(state.apply_fn, NNXApply):
+            nnx_apply = state.apply_fn
         model = model if model is not None else getattr(state.apply_fn, "__self__", None)
         variables = state.variables
-    if not isinstance(model, nn.Module):
+    if is_nnx_module(model):  # an NNX module holds its variables
+        nnx_apply, trained, carried = split_module(model)
+        variables = {"params": trained, "batch_stats": carried}
+    if nnx_apply is None and not isinstance(model, nn.Module):
         raise ValueError(f"mc_predict needs the Linen module (got {type(model).__name__}); pass it, or a "
                          "TrainState built by create_train_state, whose apply_fn is its module's")
-    train_flag = resolve_train_flag(model, train_flag)
+    train_flag = None if nnx_apply is not None else resolve_train_flag(model, train_flag)
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
@@ -188,15 +236,23 @@ def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, ba
     x = jnp.asarray(x)
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch of inputs, shape (N, ...); got shape {tuple(x.shape)}")
-    rates, num_outputs = _dropout_rates(model, variables, x.shape[1:], x.dtype, train_flag)
+    if nnx_apply is not None:
+        rates, num_outputs = _nnx_dropout_rates(nnx_apply, variables, x.shape[1:], x.dtype)
+        name = type(nnx_apply.module(variables)).__name__
+    else:
+        rates, num_outputs = _dropout_rates(model, variables, x.shape[1:], x.dtype, train_flag)
+        name = type(model).__name__
     if not any(rates):
-        warnings.warn(f"{type(model).__name__} has no nn.Dropout layer with a rate above 0: every Monte-Carlo "
+        warnings.warn(f"{name} has no Dropout layer with a rate above 0: every Monte-Carlo "
                       "sample is the same prediction, and the standard deviation is 0 (give the model dropout, "
                       "e.g. MLP(..., dropout_rate=0.2))", UserWarning, stacklevel=2)
     output = _output_kind(loss, probabilities, num_outputs)
-    sampler = _sampler(model)
-    moments = functools.partial(sampler, model) if sampler is _mc_moments else sampler
-    moments = functools.partial(moments, n_samples=int(n_samples), train_flag=train_flag, output=output)
+    if nnx_apply is not None:
+        moments = functools.partial(_nnx_mc_moments, nnx_apply, n_samples=int(n_samples), output=output)
+    else:
+        sampler = _sampler(model)
+        moments = functools.partial(sampler, model) if sampler is _mc_moments else sampler
+        moments = functools.partial(moments, n_samples=int(n_samples), train_flag=train_flag, output=output)
     if batch_size is None or batch_size >= x.shape[0]:
         mean, std = moments(variables, x, rng)
         return np.asarray(mean), np.asarray(std)

@@ -2,7 +2,7 @@
 
 A model's own `inference_form(variables)` hook is how model-specific inference
 (MobileNetV2's folded BatchNorm and chunks) reaches `predict`; `model_family`
-is the one place an entry point decides whether it can take a model at all.
+is the one place an entry point decides which family a model is of (Linen or NNX), or refuses it by name.
 """
 import flax.linen as nn
 import jax
@@ -53,16 +53,24 @@ class NNXLinear(nnx.Module):
         return self.linear(x)
 
 
+class NotAFlaxModule:
+    """What another library's module looks like to jaxdl: callable, with parameters, but no Flax module."""
+
+    def __call__(self, x):
+        return x
+
+
 def _plain_function(x):
     return x
 
 
 @pytest.mark.parametrize("given, says", [
-    (NNXLinear(nnx.Rngs(0)), "Flax NNX module \\(NNXLinear\\)"),
-    (_plain_function, "takes a Flax Linen module .* got function"),
+    (NotAFlaxModule(), "takes a Flax module instance as its model .*got NotAFlaxModule"),
+    (_plain_function, "takes a Flax module instance as its model .*got function"),
     (nn.Dense, "the class Dense, not a module: pass an instance"),
+    (NNXLinear, "the class NNXLinear, not a module: pass an instance"),
 ])
-def test_every_entry_point_refuses_what_is_not_a_linen_module_by_name(given, says):
+def test_every_entry_point_refuses_what_is_not_a_flax_module_instance_by_name(given, says):
     x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int32)
     with pytest.raises(TypeError, match=f"fit\\(model, ...\\) .*{says}|fit\\(model, ...\\) {says}"):
         fit(given, x, y, loss="sparse_categorical_crossentropy", verbose=0)
@@ -74,6 +82,7 @@ def test_every_entry_point_refuses_what_is_not_a_linen_module_by_name(given, say
         summary(given, (4,), print_fn=lambda _: None)
 
 
-def test_a_linen_module_is_of_the_linen_family():
+def test_each_family_is_named_by_the_seam():
     assert model_family(nn.Dense(2), "fit(model, ...)") == "linen"
+    assert model_family(NNXLinear(nnx.Rngs(0)), "fit(model, ...)") == "nnx"
     assert count_params({"params": {"kernel": jnp.ones((3, 2))}}) == 6

@@ -117,3 +117,18 @@ def test_bfloat16_digits_cnn_gap_band(seed):
     assert total == 360
     assert DIGITS_FLOAT32_BAND[0] <= float32 <= DIGITS_FLOAT32_BAND[1], f"seed {seed}: float32 {float32}/360"
     assert abs(bfloat16 - float32) <= BFLOAT16_GAP_BAND, f"seed {seed}: bfloat16 {bfloat16} vs float32 {float32}"
+
+
+@pytest.mark.requires_mnist
+@pytest.mark.parametrize("seed", SEEDS)
+def test_flax_nnx_tutorials_cnn_band_on_the_real_mnist(tmp_path, seed):
+    """Flax's NNX MNIST tutorial's CNN, its recipe (AdamW 0.005, b1 0.9, batch 32), one epoch of the 60,000
+    images through `fit` (`python -m experiments.mnist --models nnx_cnn`): test accuracy in
+    `experiments.mnist.BANDS[("nnx_cnn", 1)]`, the band measured over these seeds."""
+    from experiments import mnist
+
+    metrics = mnist.run(["--quiet", "--out", str(tmp_path), "--data", str(mnist.shared_mnist()), "--models",
+                         "nnx_cnn", "--seed", str(seed)])
+    low, high, _ = mnist.BANDS[("nnx_cnn", 1)]
+    assert metrics["nnx_cnn_params"] == mnist.NNX_CNN_PARAMS
+    assert low <= metrics["nnx_cnn_test_accuracy"] <= high, f"seed {seed}: {metrics['nnx_cnn_test_accuracy']}"
