@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxdl import create_train_state, evaluate, fit, make_eval_step, make_train_step, predict, summary, trained_module
 from jaxdl.training import mc_predict
-from tests import tolerance
+from tests.support import tolerance
 
 CE = "sparse_categorical_crossentropy"
 
@@ -264,7 +264,7 @@ from flax import nnx
 from jaxdl import fit
 from jaxdl.runtime import data_mesh
 sys.path.insert(0, sys.argv[2])
-from tests.test_nnx import CE, Net, _data, _leaves
+from tests.training.test_nnx import CE, Net, _data, _leaves
 
 x, y = _data(64)
 runs = {}
