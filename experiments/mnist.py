@@ -71,12 +71,11 @@ class NNXCNN(nnx.Module):
         return self.linear2(nnx.relu(self.linear1(x)))
 
 
+MODELS = {"mlp": MLP_MODEL, "mlp_dropout": MLP_DROPOUT_MODEL, "cnn": CNN_MODEL}
 # An NNX module holds its variables, so each run builds its own from the run's seed.
-MODELS = {"mlp": MLP_MODEL, "mlp_dropout": MLP_DROPOUT_MODEL, "cnn": CNN_MODEL,
-          "nnx_cnn": lambda seed: NNXCNN(nnx.Rngs(seed))}
+NNX_MODELS = {"nnx_cnn": lambda seed: NNXCNN(nnx.Rngs(seed))}
 # The NNX tutorial's recipe: AdamW (learning rate 0.005, b1 0.9), batch 32. The others: Adam 1e-3, --batch-size.
 RECIPES = {"nnx_cnn": (lambda: optax.adamw(0.005, b1=0.9), 32)}
-LINEN_MODELS = ["mlp", "mlp_dropout", "cnn"]  # `--models`' default; `make demo` adds nnx_cnn
 NNX_CNN_PARAMS = 824_458
 MLP_PARAMS, CNN_PARAMS = 101_770, 34_826
 # The full recipe: the blogs' MLP 20 epochs, keras.io's convnet 15, the NNX tutorial's CNN 1 (1,875 steps of 32,
@@ -143,7 +142,8 @@ def checks(metrics: dict) -> tuple[Check, ...]:
         counts += (Check("nnx_cnn_params", f"{NNX_CNN_PARAMS:,}", lambda v: v == NNX_CNN_PARAMS),)
     if metrics.get("data") == "mock" or metrics.get("train_samples") != TRAIN_EXAMPLES:
         return counts
-    bands = (_band_check(name, metrics.get(f"{name}_epochs")) for name in MODELS if f"{name}_test_accuracy" in metrics)
+    bands = (_band_check(name, metrics.get(f"{name}_epochs")) for name in (*MODELS, *NNX_MODELS)
+             if f"{name}_test_accuracy" in metrics)
     return counts + tuple(check for check in bands if check is not None)
 
 
@@ -189,7 +189,7 @@ def suite_args() -> tuple[list[str], list[tuple[str, str, str]]]:
     saying why the real-data checks were skipped.
     """
     short = ["--mlp-epochs", str(SHORT_EPOCHS["mlp"]), "--cnn-epochs", str(SHORT_EPOCHS["cnn"]),
-             "--nnx-cnn-epochs", str(SHORT_EPOCHS["nnx_cnn"]), "--models", *MODELS]
+             "--nnx-cnn-epochs", str(SHORT_EPOCHS["nnx_cnn"]), "--models", *MODELS, *NNX_MODELS]
     try:
         find_data(None, os.environ.get("TFDS_DATA_DIR"), fallback=False)
         return short, []
@@ -235,7 +235,7 @@ def run(argv=None) -> dict:
     cli.add_argument("--cnn-epochs", type=int, default=FULL_EPOCHS["cnn"])
     cli.add_argument("--nnx-cnn-epochs", type=int, default=FULL_EPOCHS["nnx_cnn"])
     cli.add_argument("--batch-size", type=int, default=128, help="the batch of all but nnx_cnn (its recipe's: 32)")
-    cli.add_argument("--models", nargs="+", choices=list(MODELS), default=LINEN_MODELS,
+    cli.add_argument("--models", nargs="+", choices=[*MODELS, *NNX_MODELS], default=list(MODELS),
                      help="which models to train (default: all but nnx_cnn, which `make demo` adds)")
     args = cli.parse_args(argv)
     out = run_dir("mnist", args.out)
@@ -249,7 +249,8 @@ def run(argv=None) -> dict:
         args.mlp_epochs, args.cnn_epochs = min(args.mlp_epochs, 1), min(args.cnn_epochs, 1)
     # The mock run checks the pipeline, which the plain MLP already covers: the dropout MLP only trains on
     # real images.
-    models = {name: MODELS[name] for name in args.models if not (args.mock and name == "mlp_dropout")}
+    models = {name: {**MODELS, **NNX_MODELS}[name] for name in args.models
+              if not (args.mock and name == "mlp_dropout")}
     with mocking:
         # An explicit --data-dir without mnist is an error, not a quiet switch to the shared files.
         train, test, description = find_data(args.data, args.data_dir, fallback=not args.mock and not args.data_dir)
@@ -259,7 +260,7 @@ def run(argv=None) -> dict:
         runs = {}
         for name, model in models.items():
             optimizer, batch_size = RECIPES.get(name, (None, args.batch_size))
-            runs[name] = train_and_test(model(args.seed) if name == "nnx_cnn" else model, train, test,
+            runs[name] = train_and_test(model(args.seed) if name in NNX_MODELS else model, train, test,
                                         epochs=epochs.get(name, args.mlp_epochs), batch_size=batch_size,
                                         seed=args.seed, verbose=not args.quiet, checkpoint=checkpoints(name),
                                         optimizer=optimizer and optimizer())

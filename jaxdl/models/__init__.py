@@ -71,9 +71,8 @@ def model_config(model) -> dict:
     cls = type(model)
     if is_nnx_module(model):
         raise TypeError(f"{cls.__name__} is a Flax NNX module, which has no config jaxdl can rebuild it from (its "
-                        "constructor's arguments are not kept): save_model and ModelCheckpoint take Linen modules; "
-                        "for an NNX module, fit's checkpoint_dir keeps and resumes the whole run, and "
-                        "jaxdl.models.saving.save_variables(directory, nnx.state(module)) its variables")
+                        "constructor's arguments are not kept): save_model saves its state, and "
+                        "load_model(directory, into=...) fills a module your code builds")
     if not isinstance(model, nn.Module):
         raise TypeError(f"{cls.__name__} is not a Linen module; only Linen modules are saved by config")
     name = cls.__name__ if model_classes().get(cls.__name__) is cls else class_path(cls)

@@ -20,7 +20,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxdl.models import model_config, model_from_config
+from jaxdl.models import class_path, model_config, model_from_config
+from jaxdl.models.nnx_modules import is_nnx_module, load_into, saved_variables
 
 CONFIG_FILE = "model.json"
 VARIABLES_DIR = "variables"
@@ -174,7 +175,7 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def save_model(directory: str | os.PathLike, model, variables, *, metadata: dict | None = None,
+def save_model(directory: str | os.PathLike, model, variables=None, *, metadata: dict | None = None,
                overwrite: bool = False) -> Path:
     """Saves a trained model, its config and variables, as one directory that `load_model` reads back.
 
@@ -184,15 +185,22 @@ def save_model(directory: str | os.PathLike, model, variables, *, metadata: dict
     reader finds the whole directory or none, and an existing one is never
     replaced unless asked (docs/checkpoints.md). A Linen module of your own
     is saved by its import path; `load_model` then needs the class
-    (`custom_classes=[MyModel]`).
+    (`custom_classes=[MyModel]`). A Flax NNX module is saved by its class's
+    import path and its whole state (`nnx.state`: parameters, batch
+    statistics, random streams, your own variables); its constructor's
+    arguments are not kept, so `load_model(directory, into=MyModule(...))`
+    fills a module your code builds, as Flax's checkpointing guide restores
+    into an abstract module.
 
     Args:
       directory: the model directory to write; its parent is created if
         needed.
       model: the Flax Linen module (jaxdl's or your own) whose fields are
-        plain numbers, strings, tuples, dtypes or modules.
+        plain numbers, strings, tuples, dtypes or modules; or a Flax NNX
+        module instance.
       variables: the model's variables, e.g. `state.variables` (not a whole
-        `TrainState`).
+        `TrainState`); for an NNX module, None (default) saves the module's
+        own state, and a state's `variables` save those instead.
       metadata: JSON-serializable entries saved with the config (class
         names, preprocessing, ...) and returned by `load_model`; None
         (default) saves none.
@@ -210,7 +218,14 @@ def save_model(directory: str | os.PathLike, model, variables, *, metadata: dict
         cannot hold; `variables` is a whole training state or holds a
         random key.
     """
-    config = {**model_config(model), "metadata": metadata or {}}
+    if is_nnx_module(model):
+        config = {"class": class_path(type(model)), "family": "nnx", "config": None, "metadata": metadata or {}}
+        variables = saved_variables(model if variables is None else variables)
+    else:
+        if variables is None:
+            raise TypeError(f"save_model(directory, {type(model).__name__}(...), variables): a Linen module holds no "
+                            "variables; pass them (e.g. state.variables)")
+        config = {**model_config(model), "metadata": metadata or {}}
 
     def write(path: Path):
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -227,12 +242,16 @@ def read_model(directory: str | os.PathLike, custom_classes=()):
         raise FileNotFoundError(f"{path} is not a saved jaxdl model: {CONFIG_FILE} is missing")
     try:
         config = json.loads(config_path.read_text())
+        if config.get("family") == "nnx":
+            raise TypeError(f"it holds a Flax NNX module ({config['class']}), which jaxdl cannot build (its "
+                            "constructor's arguments are not saved): load it into one your code builds, "
+                            "load_model(directory, into=YourModule(rngs=nnx.Rngs(0)))")
         return model_from_config(config, custom_classes), config.get("metadata", {})
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{config_path} is not a valid jaxdl model config: {error}") from error
 
 
-def load_model(directory: str | os.PathLike, custom_classes=()):
+def load_model(directory: str | os.PathLike, custom_classes=(), *, into=None):
     """Loads a model saved by `save_model`: the module rebuilt from its config, and its variables.
 
     It works in any process: nothing of the saving process is needed beyond
@@ -243,19 +262,47 @@ def load_model(directory: str | os.PathLike, custom_classes=()):
       directory: a directory written by `save_model`.
       custom_classes: the Linen classes of your own that the saved model may
         name (including nested modules); default none.
+      into: for a saved Flax NNX module, an instance of its class to fill
+        (built by your code, e.g. `MyModule(rngs=nnx.Rngs(0))`): its
+        variables are replaced in place by the saved ones. None (default)
+        for a Linen model.
 
     Returns:
-      `(model, variables, metadata)`: the Linen module, its variables as
-      numpy arrays, and the metadata dict saved with it.
+      `(model, variables, metadata)`: the Linen module (or the NNX module
+      `into`, filled), its variables as numpy arrays, and the metadata dict
+      saved with it.
 
     Raises:
       FileNotFoundError: `directory` has no `model.json` or no variables
         checkpoint.
       ValueError: `model.json` is not a valid config, or names a class that
-        is neither jaxdl's nor among `custom_classes`.
+        is neither jaxdl's nor among `custom_classes`; a saved NNX module
+        without `into`, or `into` of another class or other variables; `into`
+        with a saved Linen model.
     """
+    path = Path(directory)
+    config_path = path / CONFIG_FILE
+    saved_nnx = config_path.is_file() and json.loads(config_path.read_text()).get("family") == "nnx"
+    if into is not None or saved_nnx:
+        return _load_nnx(path, into)
     model, metadata = read_model(directory, custom_classes)
-    return model, load_variables(Path(directory) / VARIABLES_DIR), metadata
+    return model, load_variables(path / VARIABLES_DIR), metadata
+
+
+def _load_nnx(path: Path, into):
+    """`load_model` of a saved NNX module: its variables written into `into`."""
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if config.get("family") != "nnx":
+        raise ValueError(f"load_model(..., into=...) fills a Flax NNX module, but {path} holds a Linen model "
+                         f"({config.get('class')}); leave into out")
+    if into is None:
+        raise ValueError(f"{path} holds a Flax NNX module ({config['class']}), which jaxdl cannot build (its "
+                         "constructor's arguments are not saved): pass one your code builds to fill, "
+                         "load_model(directory, into=YourModule(rngs=nnx.Rngs(0)))")
+    if not is_nnx_module(into) or class_path(type(into)) != config["class"]:
+        raise ValueError(f"{path} holds a {config['class']}, but into= is a {class_path(type(into))}")
+    variables = load_variables(path / VARIABLES_DIR)
+    return load_into(into, variables, str(path)), variables, config.get("metadata", {})
 
 
 def fingerprint(directory: str | os.PathLike) -> str:

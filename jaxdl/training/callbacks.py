@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from jaxdl.models import model_config, saving as checkpoint
+from jaxdl.models.nnx_modules import is_nnx_module
 
 
 @dataclasses.dataclass
@@ -183,7 +184,8 @@ class ModelCheckpoint(Callback):
             raise ValueError("ModelCheckpoint saves the model by its config, but this fit has no Linen module: "
                              "the state's apply_fn is not a module's apply (a state built by new_train_state from "
                              "a plain function). Pass the model to fit, or build the state with create_train_state")
-        model_config(run.model)  # the TypeError save_model would raise for a class it cannot save, before training
+        if not is_nnx_module(run.model):  # an NNX module saves its state; a Linen one needs a config
+            model_config(run.model)  # the TypeError save_model would raise for a class it cannot save
 
     def on_epoch_end(self, run, epoch, logs):
         value = logs.get(self.monitor)

@@ -238,12 +238,12 @@ def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, ba
         raise ValueError(f"x must be a non-empty batch of inputs, shape (N, ...); got shape {tuple(x.shape)}")
     if nnx_apply is not None:
         rates, num_outputs = _nnx_dropout_rates(nnx_apply, variables, x.shape[1:], x.dtype)
-        name = type(nnx_apply.module(variables)).__name__
+        name, layer = type(nnx_apply.module(variables)).__name__, "nnx.Dropout"
     else:
         rates, num_outputs = _dropout_rates(model, variables, x.shape[1:], x.dtype, train_flag)
-        name = type(model).__name__
+        name, layer = type(model).__name__, "nn.Dropout"
     if not any(rates):
-        warnings.warn(f"{name} has no Dropout layer with a rate above 0: every Monte-Carlo "
+        warnings.warn(f"{name} has no {layer} layer with a rate above 0: every Monte-Carlo "
                       "sample is the same prediction, and the standard deviation is 0 (give the model dropout, "
                       "e.g. MLP(..., dropout_rate=0.2))", UserWarning, stacklevel=2)
     output = _output_kind(loss, probabilities, num_outputs)

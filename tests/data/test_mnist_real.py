@@ -63,7 +63,7 @@ def test_flax_nnx_tutorials_cnn_trained_by_fit_on_6400_real_images_reaches_its_m
     """
     (x_train, y_train), (x_test, y_test), _ = real_mnist
     optimizer, batch_size = mnist.RECIPES["nnx_cnn"]
-    model = mnist.MODELS["nnx_cnn"](0)
+    model = mnist.NNX_MODELS["nnx_cnn"](0)
     state, history = fit(model, x_train[:6400], y_train[:6400], loss="sparse_categorical_crossentropy",
                          optimizer=optimizer(), epochs=1, batch_size=batch_size, seed=0, verbose=False)
     accuracy = evaluate(state, x_test, y_test, loss="sparse_categorical_crossentropy", batch_size=512)["accuracy"]

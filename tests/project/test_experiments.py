@@ -120,7 +120,8 @@ def test_the_suite_runs_mnist_on_mock_data_and_lists_the_real_run_as_skipped(tmp
 def test_the_suite_runs_the_short_recipe_on_tfds_mnist_first_then_on_the_shared_files(tmp_path, monkeypatch):
     from experiments import mnist
 
-    short = ["--mlp-epochs", "5", "--cnn-epochs", "1"]
+    short = ["--mlp-epochs", "5", "--cnn-epochs", "1", "--nnx-cnn-epochs", "1", "--models", "mlp", "mlp_dropout",
+             "cnn", "nnx_cnn"]
     monkeypatch.setenv("JAXDL_SHARED_DATA", str(tmp_path))
     (tmp_path / "mnist").mkdir()
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))

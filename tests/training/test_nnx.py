@@ -248,13 +248,10 @@ def test_mc_predict_on_an_nnx_module_drops_in_evaluation_mode_reproducibly():
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)  # probabilities averaged: they sum to 1
 
 
-def test_what_nnx_modules_cannot_do_yet_is_one_clear_error():
+def test_a_train_flag_with_an_nnx_module_is_one_clear_error():
     x, y = _data()
     with pytest.raises(ValueError, match="train_flag='training' with a Flax NNX module"):
         fit(Net(nnx.Rngs(0)), x, y, loss=CE, train_flag="training", verbose=0)
-    from jaxdl import save_model
-    with pytest.raises(TypeError, match="Net is a Flax NNX module, which has no config"):
-        save_model("unused", Net(nnx.Rngs(0)), {})
 
 
 _FOUR_DEVICES = """
@@ -323,3 +320,62 @@ def test_sources_weights_callbacks_and_validation_take_an_nnx_module(tmp_path):
     assert not np.array_equal(np.asarray(unweighted.params["out"]["bias"][...]),
                               np.asarray(weighted.params["out"]["bias"][...]))
     np.testing.assert_array_equal(np.asarray(model.out.kernel[...]), np.asarray(state.params["out"]["kernel"][...]))
+
+
+def test_save_model_and_load_model_into_a_module_your_code_builds(tmp_path):
+    """An NNX module's whole state saved (parameters, statistics, random streams, a variable of your own) and
+    loaded into a module your code builds, as Flax's checkpointing guide restores into an abstract module."""
+    from jaxdl import load_model, save_model
+
+    x, y = _data()
+    model = Counting(nnx.Rngs(0))
+    fit(model, x, y, loss=CE, epochs=1, batch_size=32, verbose=0)
+    save_model(tmp_path / "counting", model, metadata={"note": "one epoch"})
+    fresh = Counting(nnx.Rngs(5))
+    loaded, _, metadata = load_model(tmp_path / "counting", into=fresh)
+    assert loaded is fresh and metadata == {"note": "one epoch"} and int(fresh.calls[...]) == 3
+    np.testing.assert_array_equal(predict(fresh, x), predict(model, x))
+    dropping = Net(nnx.Rngs(0))
+    state, _ = fit(dropping, x, y, loss=CE, epochs=1, batch_size=32, verbose=0)
+    save_model(tmp_path / "net", dropping, state.variables)  # a state's variables: the same module state
+    back, _, _ = load_model(tmp_path / "net", into=Net(nnx.Rngs(9)))
+    for a, b in zip(_leaves(nnx.state(back)), _leaves(nnx.state(dropping)), strict=True):
+        np.testing.assert_array_equal(a, b)  # random streams' keys and counts included
+    with pytest.raises(ValueError, match="holds a Flax NNX module .*pass one your code builds to fill"):
+        load_model(tmp_path / "net")
+    with pytest.raises(ValueError, match="holds a .*:Net, but into= is a .*:Counting"):
+        load_model(tmp_path / "net", into=Counting(nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="of another module than the Net given"):
+        save_model(tmp_path / "other", Counting(nnx.Rngs(0)))
+        (tmp_path / "other" / "model.json").write_text((tmp_path / "net" / "model.json").read_text())
+        load_model(tmp_path / "other", into=Net(nnx.Rngs(0)))
+
+
+def test_model_checkpoint_saves_an_nnx_module_every_epoch(tmp_path):
+    from jaxdl import ModelCheckpoint, load_model
+
+    x, y = _data()
+    state, _ = fit(Net(nnx.Rngs(0)), x[:64], y[:64], loss=CE, epochs=3, batch_size=32, verbose=0,
+                   validation_data=(x[64:], y[64:]),
+                   callbacks=[ModelCheckpoint(tmp_path / "last", save_best_only=False)])
+    saved, _, metadata = load_model(tmp_path / "last", into=Net(nnx.Rngs(1)))
+    assert metadata["epoch"] == 2  # the last epoch's save: the module the trained state holds
+    np.testing.assert_array_equal(predict(saved, x), predict(state, x))
+
+
+class NeedsAMask(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x, mask):
+        return self.dense(x) * mask
+
+
+def test_an_nnx_module_whose_call_needs_more_than_the_inputs_is_refused_before_tracing():
+    x, y = _data()
+    for call in (lambda: fit(NeedsAMask(nnx.Rngs(0)), x, y, loss=CE, verbose=0),
+                 lambda: create_train_state(NeedsAMask(nnx.Rngs(0)), optax.sgd(0.1)),
+                 lambda: predict(NeedsAMask(nnx.Rngs(0)), x)):
+        with pytest.raises(TypeError, match=r"NeedsAMask.__call__ takes \(x, mask\), but jaxdl calls an NNX module "
+                                            r"with the batch's inputs alone"):
+            call()
