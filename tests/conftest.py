@@ -63,12 +63,11 @@ HEAVY_FIRST = ("project/test_experiments.py",  # 69
                "pretrained/test_finetune.py",  # 62
                "models/test_mobilenet_v2.py",  # 57
                "runtime/test_sharding.py",  # 46
-               "training/test_nnx.py",  # 45 (new, 2026-12-07: -n 2 run, summed per file)
+               "training/test_nnx.py",  # 30 (new; 2026-12-07, alone: 30 s with its two neighbours)
                "training/test_resume.py",  # 32
                "training/test_steps.py",  # 32
                "models/test_layers.py",  # 31
                "data/test_sources.py",  # 26
-               "data/test_mnist_real.py",  # 22 (new, as test_nnx)
                "pretrained/test_classifier.py",  # 25
                "project/test_docs.py",  # 20
                "training/test_step_contract.py",  # 18

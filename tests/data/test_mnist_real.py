@@ -52,19 +52,20 @@ def test_one_epoch_of_the_mlp_on_10000_real_images_reaches_its_measured_band(rea
     assert 0.8788 <= accuracy <= 0.9083, accuracy
 
 
-def test_flax_nnx_tutorials_cnn_trained_by_fit_on_6400_real_images_reaches_its_measured_band(real_mnist):
-    """Flax's NNX MNIST tutorial's CNN (an `nnx.Module`), its recipe (AdamW 0.005, b1 0.9, batch 32), 200 steps
-    on the first 6,400 training images through `fit`, tested on all 10,000.
+def test_flax_nnx_tutorials_cnn_trained_by_fit_on_3200_real_images_reaches_its_measured_band(real_mnist):
+    """Flax's NNX MNIST tutorial's CNN (an `nnx.Module`), its recipe (AdamW 0.005, b1 0.9, batch 32), 100 steps
+    on the first 3,200 training images through `fit`, tested on all 10,000.
 
-    Test accuracy over seeds 0-4 (the module's nnx.Rngs seed and fit's) was 0.9654, 0.9609, 0.9642, 0.9676,
-    0.9549 (AMD EPYC, AVX-512, jax 0.10.2, flax 0.12.8, this suite's XLA flags); the band is that range
-    widened by 0.01 on each side, as the MLP's above. The full recipe's band (one epoch, 60,000 images) is
-    `experiments.mnist.BANDS[("nnx_cnn", 1)]`, checked for seeds 0-4 by `make bands`.
+    Test accuracy over seeds 0-4 (the module's nnx.Rngs seed and fit's) was 0.9399, 0.9497, 0.9453, 0.9484,
+    0.9477 (AMD EPYC, AVX-512, jax 0.10.2, flax 0.12.8); the band is that range widened by 0.01 on each side, as
+    the MLP's above. 3,200 images, not 6,400 (0.9549-0.9676 over the same seeds): 3.6 s here rather than 10 s.
+    The full recipe's band (one epoch, 60,000 images) is `experiments.mnist.BANDS[("nnx_cnn", 1)]`, checked for
+    seeds 0-4 by `make bands`.
     """
     (x_train, y_train), (x_test, y_test), _ = real_mnist
     optimizer, batch_size = mnist.RECIPES["nnx_cnn"]
     model = mnist.NNX_MODELS["nnx_cnn"](0)
-    state, history = fit(model, x_train[:6400], y_train[:6400], loss="sparse_categorical_crossentropy",
+    state, history = fit(model, x_train[:3200], y_train[:3200], loss="sparse_categorical_crossentropy",
                          optimizer=optimizer(), epochs=1, batch_size=batch_size, seed=0, verbose=False)
     accuracy = evaluate(state, x_test, y_test, loss="sparse_categorical_crossentropy", batch_size=512)["accuracy"]
-    assert 0.9449 <= accuracy <= 0.9776, accuracy
+    assert 0.9299 <= accuracy <= 0.9597, accuracy
