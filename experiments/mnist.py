@@ -114,8 +114,8 @@ BANDS = {
                                           "at batch 32"),
     # CNN 1 epoch seeds 0-4: 0.9754 0.9778 0.9741 0.9749 0.9749; one epoch in, seeds differ more: +-0.005
     ("cnn", 1): (0.9691, 0.9828, "short run, seeds 0-4 0.9741..0.9778 +-0.005"),
-    # Flax's NNX tutorial's CNN, its recipe, one epoch (full and short run alike; flax 0.12.8): seeds 0-4:
-    # 0.9846 0.9862 0.9834 0.9887 0.9830; 53-89 s a seed here
+    # Flax's NNX tutorial's CNN, its recipe, one epoch (full and short run alike; flax 0.12.8), measured on an
+    # Intel Xeon (AVX-512, 2 cores): seeds 0-4: 0.9846 0.9862 0.9834 0.9887 0.9830; 53-89 s a seed there
     ("nnx_cnn", 1): (0.9800, 0.9917, "seeds 0-4 0.9830..0.9887 +-0.003; peer: Flax's NNX tutorial (1,200 steps)"),
 }
 REAL_DATA_TARGETS = "measured bands (BANDS in experiments/mnist.py)"

@@ -57,7 +57,7 @@ def test_flax_nnx_tutorials_cnn_trained_by_fit_on_3200_real_images_reaches_its_m
     on the first 3,200 training images through `fit`, tested on all 10,000.
 
     Test accuracy over seeds 0-4 (the module's nnx.Rngs seed and fit's) was 0.9399, 0.9497, 0.9453, 0.9484,
-    0.9477 (AMD EPYC, AVX-512, jax 0.10.2, flax 0.12.8); the band is that range widened by 0.01 on each side, as
+    0.9477 (Intel Xeon, AVX-512, jax 0.10.2, flax 0.12.8); the band is that range widened by 0.01 on each side, as
     the MLP's above. 3,200 images, not 6,400 (0.9549-0.9676 over the same seeds): 3.6 s here rather than 10 s.
     The full recipe's band (one epoch, 60,000 images) is `experiments.mnist.BANDS[("nnx_cnn", 1)]`, checked for
     seeds 0-4 by `make bands`.

@@ -220,7 +220,7 @@ def test_half_precision_computes_in_it_and_keeps_float32_parameters(precision, d
     float32_state, _ = fit(Net(nnx.Rngs(0)), x, y, loss=CE, epochs=1, batch_size=32, verbose=0)
     halved = predict(float32_state, x, precision=precision)  # a float32 state predicting in half precision
     # Half precision's rounding, not float32's: measured 0.0161 (bfloat16) and 0.0035 (float16) at most on logits
-    # up to 2.68 (AMD EPYC, jax 0.10.2); 0.1 leaves 6x room for other processors, and a run left in float32
+    # up to 2.68 (Intel Xeon, jax 0.10.2); 0.1 leaves 6x room for other processors, and a run left in float32
     # (difference 0) fails.
     assert 0 < np.abs(halved - predict(float32_state, x)).max() < 0.1
 
