@@ -72,7 +72,13 @@ class NNXApply:
     wrt: Any = nnx.Param
 
     def module(self, variables) -> nnx.Module:
-        """A module rebuilt from the graph and `variables` (`nnx.merge`)."""
+        """A module rebuilt from the graph and `variables` (`nnx.merge`).
+
+        `copy=True`: inside a step, `variables` come from an outer trace (the
+        scan over an epoch, the gradient), and Flax refuses to update a
+        variable made at another trace level (`TraceContextError`, seen with
+        BatchNorm's statistics); copies are made at this one.
+        """
         return nnx.merge(self.graphdef, variables["params"], variables.get("batch_stats", nnx.State({})), copy=True)
 
     def __call__(self, variables, x, train: bool = False, rngs=None, mutable=False):
