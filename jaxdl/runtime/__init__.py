@@ -2,16 +2,18 @@
 
 `compiler` (`jit`, the per-backend XLA options), `program_cache` (compiled
 programs kept on disk for later processes), `sharding` (the `data` mesh and
-how batches and variables are placed on it) and `distributed` (joining a
-multi-process run). Nothing here imports the models or the training code.
+how batches and variables are placed on it), `distributed` (joining a
+multi-process run) and `inference` (the CPU inference engine: a batch in
+chunks, over a CPU device per core). Nothing here imports the models or the
+training code.
 """
-from jaxdl.runtime import compiler, distributed, program_cache, sharding
+from jaxdl.runtime import compiler, distributed, inference, program_cache, sharding
 from jaxdl.runtime.compiler import INFERENCE_CPU_OPTIONS, compiler_options, jit
 from jaxdl.runtime.program_cache import UntrustedCacheError, cached_program, open_compilation_cache, program_key
 from jaxdl.runtime.sharding import DATA_AXIS, data_mesh, put_batch, put_global_batch, put_replicated
 
 __all__ = [
-    "compiler", "distributed", "program_cache", "sharding",
+    "compiler", "distributed", "inference", "program_cache", "sharding",
     "INFERENCE_CPU_OPTIONS", "compiler_options", "jit",
     "UntrustedCacheError", "cached_program", "open_compilation_cache", "program_key",
     "DATA_AXIS", "data_mesh", "put_batch", "put_global_batch", "put_replicated",
