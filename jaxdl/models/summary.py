@@ -44,6 +44,15 @@ def count_by_kind(variables: Mapping[str, Any]) -> dict:
     return {"total": trainable + non_trainable, "trainable": trainable, "non_trainable": non_trainable}
 
 
+def _printed(table: str, totals: dict, print_fn) -> dict:
+    """The table, then Keras's three totals' lines, through `print_fn`; returns the totals."""
+    print_fn(table.strip("\n"))
+    print_fn(f"Total params: {totals['total']:,}")
+    print_fn(f"Trainable params: {totals['trainable']:,}")
+    print_fn(f"Non-trainable params: {totals['non_trainable']:,}")
+    return totals
+
+
 def _nnx_summary(model, input_shape: tuple, *, print_fn, depth, console_kwargs) -> dict:
     """`summary` of a Flax NNX module: Flax's own `nnx.tabulate` table, in evaluation mode, and Keras's totals.
 
@@ -61,11 +70,7 @@ def _nnx_summary(model, input_shape: tuple, *, print_fn, depth, console_kwargs) 
     copy.eval()
     table = nnx.tabulate(copy, jnp.zeros((1, *input_shape), jnp.float32), depth=depth,
                          console_kwargs={"force_terminal": False, "width": 160, **(console_kwargs or {})})
-    print_fn(table.strip("\n"))
-    print_fn(f"Total params: {totals['total']:,}")
-    print_fn(f"Trainable params: {totals['trainable']:,}")
-    print_fn(f"Non-trainable params: {totals['non_trainable']:,}")
-    return totals
+    return _printed(table, totals, print_fn)
 
 
 def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[[str], Any] = print,
@@ -115,8 +120,4 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[
     totals = count_by_kind(variables)
     table = model.tabulate(_rngs(), inputs, **inference, depth=depth, compute_flops=False,
                            console_kwargs={"force_terminal": False, "width": 160, **(console_kwargs or {})})
-    print_fn(table.strip("\n"))
-    print_fn(f"Total params: {totals['total']:,}")
-    print_fn(f"Trainable params: {totals['trainable']:,}")
-    print_fn(f"Non-trainable params: {totals['non_trainable']:,}")
-    return totals
+    return _printed(table, totals, print_fn)
