@@ -1,9 +1,11 @@
-"""Linen models and what every model needs: a parameter count and a plain-data config.
+"""Models and what every model needs: a parameter count, a plain-data config, the seam generic code calls them by.
 
-The models (`small`: MLP and ConvNet; `mobilenet_v2`; `heads`: a classifier
-head and a backbone with its head), their layers (`layers`: `Conv` and
-`max_pool` in the forms XLA:CPU trains fast), how a model is called (`contract`:
-its train flag), its per-layer table (`summary`) and its export to a directory
+jaxdl's Linen models (`small`: MLP and ConvNet; `mobilenet_v2`; `heads`: a
+classifier head and a backbone with its head), their layers (`layers`: `Conv`
+and `max_pool` in the forms XLA:CPU trains fast), how a model is called
+(`contract`: its family, its train flag, its inference form), Flax NNX modules
+as pure functions (`nnx_modules`: `trained_module` gives one back from a
+state), the per-layer table (`summary`) and the export to a directory
 (`saving`: `save_model`, `load_model`, reached as `jaxdl.save_model`).
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Training: `fit`, `evaluate` and `predict`, and the parts they are made of.
 
-`trainer` (fit, evaluate, predict), `steps` (the train state and the compiled
-step factories), `epoch_loop` (the loops over one epoch's batches),
+`trainer` (fit, evaluate, predict), `plan` (a run's checked settings, one
+frozen value), `steps` (the train state and the compiled step factories),
+`epoch_loop` (the loops over one epoch's batches),
 `adapters` (arrays and sources as batches), `callbacks`, `losses` (losses and
 metrics), `precision` (mixed precision), `run_checkpoint` (a run's
 checkpoints and resuming), `uncertainty` (Monte-Carlo dropout) and `sweeps`
