@@ -25,9 +25,6 @@ import dataclasses
 import inspect
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 # The keyword `NNXApply` takes for training mode: jaxdl's steps pass it as they pass a Linen module's flag.
@@ -151,64 +148,6 @@ def trained_module(state) -> nnx.Module:
     model = apply.module({"params": state.params, "batch_stats": state.batch_stats})
     model.eval()
     return model
-
-
-def _path_keys(tree) -> dict:
-    """`{"a/b/c": leaf}` of a nested dict, its keys as strings (a checkpoint gives list indices back as strings)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path): leaf for path, leaf in flat}
-
-
-def _is_key(leaf) -> bool:
-    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
-
-
-def saved_variables(module_or_variables) -> dict:
-    """An NNX module's variables as one nested dict of arrays (random keys as their raw data), as `save_model`
-    writes them: from the module itself (`nnx.state`), or from a state's `variables` (its trained and carried
-    parts, which together are the module's whole state)."""
-    if is_nnx_module(module_or_variables):
-        parts = [nnx.state(module_or_variables)]
-    else:
-        parts = [module_or_variables["params"], module_or_variables.get("batch_stats", nnx.State({}))]
-    merged: dict = {}
-    for part in parts:
-        _merge_into(merged, nnx.to_pure_dict(part))
-    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, merged)
-
-
-def _merge_into(target: dict, source: dict) -> None:
-    for key, value in source.items():
-        if isinstance(value, dict):
-            _merge_into(target.setdefault(key, {}), value)
-        else:
-            target[key] = value
-
-
-def load_into(module: nnx.Module, saved: dict, where: str) -> nnx.Module:
-    """Writes `saved` (as `saved_variables` gives them, read back from a checkpoint) into `module` in place.
-
-    Raises:
-      ValueError: the saved variables are not this module's (another
-        structure, or another shape), naming what differs and `where`.
-    """
-    state = nnx.state(module)
-    like = _path_keys(nnx.to_pure_dict(state))
-    found = _path_keys(saved)
-    if set(like) != set(found):
-        missing, extra = sorted(set(like) - set(found)), sorted(set(found) - set(like))
-        raise ValueError(f"{where} holds the variables of another module than the {type(module).__name__} given: "
-                         f"missing {missing[:5]}, not in the module {extra[:5]}")
-    for path, leaf in like.items():
-        expected = jax.random.key_data(leaf).shape if _is_key(leaf) else np.shape(leaf)
-        if np.shape(found[path]) != expected:
-            raise ValueError(f"{where}: {path} has shape {np.shape(found[path])}, the module's {expected}")
-    values = iter([jax.random.wrap_key_data(jnp.asarray(found[path]), impl=jax.random.key_impl(leaf))
-                   if _is_key(leaf) else jnp.asarray(found[path], leaf.dtype) for path, leaf in like.items()])
-    flat_like, treedef = jax.tree_util.tree_flatten(nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, [next(values) for _ in flat_like]))
-    nnx.update(module, state)
-    return module
 
 
 def update_module(module: nnx.Module, state) -> None:

@@ -18,13 +18,91 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxdl.models import class_path, model_config, model_from_config
-from jaxdl.models.nnx_modules import is_nnx_module, load_into, saved_variables
+from jaxdl.models.nnx_modules import is_nnx_module
 
 CONFIG_FILE = "model.json"
 VARIABLES_DIR = "variables"
+
+
+def is_key(leaf) -> bool:
+    """Whether `leaf` is a typed random key (a `jax.random.key` array), which orbax cannot write as it is."""
+    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+
+
+def keys_as_data(tree):
+    """`tree` with its typed random keys as their raw data (`jax.random.key_data`), which a checkpoint can hold:
+    an NNX module's `nnx.Rngs` streams carry keys among its variables."""
+    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if is_key(leaf) else leaf, tree)
+
+
+def keys_like(template, tree):
+    """`tree` read back from a checkpoint, as arrays, its raw key data wrapped as keys (of the same
+    implementation) wherever `template` holds a key; `keys_as_data`'s inverse."""
+    return jax.tree.map(
+        lambda like, leaf: jax.random.wrap_key_data(jnp.asarray(leaf), impl=jax.random.key_impl(like))
+        if is_key(like) else jnp.asarray(leaf), template, tree)
+
+
+# --- Flax NNX modules: their whole state as one nested dict of arrays ---------------------------
+
+
+def _path_keys(tree) -> dict:
+    """`{"a/b/c": leaf}` of a nested dict, its keys as strings (a checkpoint gives list indices back as strings)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path): leaf for path, leaf in flat}
+
+
+def _nnx_saved_variables(module_or_variables) -> dict:
+    """An NNX module's variables as one nested dict of arrays (random keys as their raw data), as `save_model`
+    writes them: from the module itself (`nnx.state`), or from a state's `variables` (its trained and carried
+    parts, which together are the module's whole state)."""
+    if is_nnx_module(module_or_variables):
+        parts = [nnx.state(module_or_variables)]
+    else:
+        parts = [module_or_variables["params"], module_or_variables.get("batch_stats", nnx.State({}))]
+    merged: dict = {}
+    for part in parts:
+        _merge_into(merged, nnx.to_pure_dict(part))
+    return keys_as_data(merged)
+
+
+def _merge_into(target: dict, source: dict) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict):
+            _merge_into(target.setdefault(key, {}), value)
+        else:
+            target[key] = value
+
+
+def _load_into(module, saved: dict, where: str):
+    """Writes `saved` (as `_nnx_saved_variables` gives them, read back from a checkpoint) into `module` in place.
+
+    Raises:
+      ValueError: the saved variables are not this module's (another
+        structure, or another shape), naming what differs and `where`.
+    """
+    state = nnx.state(module)
+    like_tree = nnx.to_pure_dict(state)
+    like, found = _path_keys(like_tree), _path_keys(saved)
+    if set(like) != set(found):
+        missing, extra = sorted(set(like) - set(found)), sorted(set(found) - set(like))
+        raise ValueError(f"{where} holds the variables of another module than the {type(module).__name__} given: "
+                         f"missing {missing[:5]}, not in the module {extra[:5]}")
+    for path, leaf in like.items():
+        expected = jax.random.key_data(leaf).shape if is_key(leaf) else np.shape(leaf)
+        if np.shape(found[path]) != expected:
+            raise ValueError(f"{where}: {path} has shape {np.shape(found[path])}, the module's {expected}")
+    # In the module's own order and dtypes, then its keys wrapped back.
+    aligned = [found[path] if is_key(leaf) else np.asarray(found[path], leaf.dtype) for path, leaf in like.items()]
+    aligned = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like_tree), aligned)
+    nnx.replace_by_pure_dict(state, keys_like(like_tree, aligned))
+    nnx.update(module, state)
+    return module
 
 
 def save_variables(directory: str | os.PathLike, variables) -> None:
@@ -40,8 +118,7 @@ def save_variables(directory: str | os.PathLike, variables) -> None:
         raise TypeError(f"{type(variables).__name__} is a whole training state; jaxdl saves model variables "
                         "(save_variables(directory, state.variables) or save_model), and cannot yet save a "
                         "training state to resume from (optimizer state, step and keys)")
-    if any(jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
-           for leaf in jax.tree.leaves(variables)):
+    if any(is_key(leaf) for leaf in jax.tree.leaves(variables)):
         raise TypeError("the variables hold a random key (a jax.random.key array), which a checkpoint of model "
                         "variables does not store; save state.variables, or jax.random.key_data(key) if needed")
 
@@ -220,7 +297,7 @@ def save_model(directory: str | os.PathLike, model, variables=None, *, metadata:
     """
     if is_nnx_module(model):
         config = {"class": class_path(type(model)), "family": "nnx", "config": None, "metadata": metadata or {}}
-        variables = saved_variables(model if variables is None else variables)
+        variables = _nnx_saved_variables(model if variables is None else variables)
     else:
         if variables is None:
             raise TypeError(f"save_model(directory, {type(model).__name__}(...), variables): a Linen module holds no "
@@ -302,7 +379,7 @@ def _load_nnx(path: Path, into):
     if not is_nnx_module(into) or class_path(type(into)) != config["class"]:
         raise ValueError(f"{path} holds a {config['class']}, but into= is a {class_path(type(into))}")
     variables = load_variables(path / VARIABLES_DIR)
-    return load_into(into, variables, str(path)), variables, config.get("metadata", {})
+    return _load_into(into, variables, str(path)), variables, config.get("metadata", {})
 
 
 def fingerprint(directory: str | os.PathLike) -> str:

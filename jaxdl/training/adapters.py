@@ -263,14 +263,11 @@ class SourceInput:
         weight = 0 if "weight" in self.batches.first_example else np.dtype(np.float32).itemsize
         return len(self.batches.source) * (self.batches.mapped_bytes + weight)
 
-    def in_memory(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """`(x, y, weights)` of every example, read now, where the source is cached (`SourceBatches.in_memory`)."""
-        whole = self.batches.in_memory() if self.resumable else None
-        if whole is None:
-            return None
-        return whole["x"], whole["y"], whole.get("weight", np.ones(len(whole["x"]), np.float32))
-
     def whole(self) -> WholeData | None:
-        """A cached source read whole, in the source's own orders; None where it streams (not cached)."""
-        in_memory = self.in_memory()
-        return None if in_memory is None else WholeData(*in_memory, None, "given", self.order)
+        """A cached source's every example, read now (`SourceBatches.in_memory`), in the source's own orders;
+        None where it streams (not cached)."""
+        examples = self.batches.in_memory() if self.resumable else None
+        if examples is None:
+            return None
+        weights = examples.get("weight", np.ones(len(examples["x"]), np.float32))
+        return WholeData(examples["x"], examples["y"], weights, None, "given", self.order)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdl.data.arrays import positive_int
+from jaxdl.models.saving import keys_as_data, keys_like
 from jaxdl.training.epoch_loop import Resume
 
 if TYPE_CHECKING:
@@ -154,26 +155,9 @@ def _difference(saved, now) -> str:
 # --- what is held -----------------------------------------------------------------------------
 
 
-def _is_key(leaf) -> bool:
-    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
-
-
-def _key_data(tree):
-    """`tree` with its typed random keys as their raw data (an NNX module's `nnx.Rngs` carry keys), which
-    orbax can write."""
-    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
-
-
-def _keys_like(template, tree):
-    """`tree` read back, its raw key data wrapped as keys wherever `template` holds one."""
-    return jax.tree.map(
-        lambda like, leaf: jax.random.wrap_key_data(jnp.asarray(leaf), impl=jax.random.key_impl(like))
-        if _is_key(like) else jnp.asarray(leaf), template, tree)
-
-
 def arrays_of(state) -> dict:
     """What a checkpoint keeps of a train state: everything training changes (keys as their raw data)."""
-    arrays = {"params": state.params, "opt_state": state.opt_state, "batch_stats": _key_data(state.batch_stats),
+    arrays = {"params": state.params, "opt_state": state.opt_state, "batch_stats": keys_as_data(state.batch_stats),
               "step": state.step, "dropout_key": jax.random.key_data(state.dropout_rng)}
     if state.dynamic_scale is not None:  # float16's loss scale and its count of finite steps
         arrays["loss_scale"] = {"scale": state.dynamic_scale.scale, "fin_steps": state.dynamic_scale.fin_steps}
@@ -191,7 +175,7 @@ def with_arrays(state, arrays: dict):
     if scale is not None:
         scale = scale.replace(**as_device(arrays["loss_scale"]))
     return state.replace(params=as_device(arrays["params"]), opt_state=as_device(arrays["opt_state"]),
-                         batch_stats=_keys_like(state.batch_stats, arrays["batch_stats"]),
+                         batch_stats=keys_like(state.batch_stats, arrays["batch_stats"]),
                          step=jnp.asarray(arrays["step"], jnp.int32),
                          dropout_rng=key, dynamic_scale=scale)
 

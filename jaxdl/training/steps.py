@@ -450,7 +450,7 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
         numbers without a key, or a state an earlier compiled step donated.
     """
     contract = StepSpec(loss, checked_metric_names(metrics), input_key, label_key, train_flag,
-                            tuple(rng_streams), mesh)
+                        tuple(rng_streams), mesh)
     guarded_step = _guarded_train_step(contract)
 
     def train_step(state, batch: dict, rng=None):
@@ -725,7 +725,7 @@ def compiled_steps(loss, metrics: tuple, mesh=None, train_flag: str | None = "tr
     waits for the host between dispatches.
     """
     guarded_body = _guarded_scan_body(StepSpec(loss, metrics, train_flag=train_flag, rng_streams=rng_streams,
-                                                   mesh=mesh))
+                                              mesh=mesh))
 
     def steps(state, previous, healthy, totals, batches):
         carry = (state, previous, healthy)

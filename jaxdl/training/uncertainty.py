@@ -82,10 +82,15 @@ def _moments(model, variables, x, rng, n_samples: int, train_flag: str | None, o
     def one_pass(key):
         with nn.intercept_methods(_dropout_always_on):
             outputs = model.apply(variables, x, rngs={"dropout": key}, **flag_kwargs(train_flag, False))
-        outputs = outputs.astype(jnp.float32)
-        return {"softmax": jax.nn.softmax, "sigmoid": jax.nn.sigmoid}.get(output, lambda o: o)(outputs)
+        return _as_output(outputs, output)
 
     return _sample_moments(jax.vmap(one_pass)(jax.random.split(rng, n_samples)))
+
+
+def _as_output(outputs, output: str):
+    """One pass's outputs in float32, as "logits" (kept), or turned into "softmax"/"sigmoid" probabilities."""
+    outputs = outputs.astype(jnp.float32)
+    return {"softmax": jax.nn.softmax, "sigmoid": jax.nn.sigmoid}.get(output, lambda o: o)(outputs)
 
 
 def _sample_moments(samples):
@@ -127,19 +132,20 @@ def _nnx_dropping(apply: NNXApply, variables, key):
     return module
 
 
-def _nnx_dropout_rates(apply: NNXApply, variables, example_shape, dtype) -> tuple[list[float], int]:
-    """The rate of every `nnx.Dropout` of an NNX module, and its outputs per example (nothing computed)."""
-    rates = [float(node.rate) for _, node in nnx.iter_graph(apply.module(variables)) if isinstance(node, nnx.Dropout)]
+def _nnx_dropout_rates(apply: NNXApply, variables, example_shape, dtype) -> tuple[list[float], int, str]:
+    """The rate of every `nnx.Dropout` of an NNX module, its outputs per example (nothing computed), and its
+    class's name."""
+    module = apply.module(variables)
+    rates = [float(node.rate) for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Dropout)]
     outputs = jax.eval_shape(lambda v, x: apply(v, x, train=False), variables,
                              jax.ShapeDtypeStruct((1, *example_shape), dtype))
-    return rates, int(outputs.shape[-1]) if outputs.ndim else 1
+    return rates, int(outputs.shape[-1]) if outputs.ndim else 1, type(module).__name__
 
 
 def _nnx_moments(apply: NNXApply, variables, x, rng, n_samples: int, output: str):
     """`_moments` for an NNX module: each pass its own dropping copy (`_nnx_dropping`), one vmap."""
     def one_pass(key):
-        outputs = _nnx_dropping(apply, variables, key)(x).astype(jnp.float32)
-        return {"softmax": jax.nn.softmax, "sigmoid": jax.nn.sigmoid}.get(output, lambda o: o)(outputs)
+        return _as_output(_nnx_dropping(apply, variables, key)(x), output)
 
     return _sample_moments(jax.vmap(one_pass)(jax.random.split(rng, n_samples)))
 
@@ -237,8 +243,8 @@ def mc_predict(model: nn.Module | None, variables, x, n_samples: int, rng, *, ba
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch of inputs, shape (N, ...); got shape {tuple(x.shape)}")
     if nnx_apply is not None:
-        rates, num_outputs = _nnx_dropout_rates(nnx_apply, variables, x.shape[1:], x.dtype)
-        name, layer = type(nnx_apply.module(variables)).__name__, "nnx.Dropout"
+        rates, num_outputs, name = _nnx_dropout_rates(nnx_apply, variables, x.shape[1:], x.dtype)
+        layer = "nnx.Dropout"
     else:
         rates, num_outputs = _dropout_rates(model, variables, x.shape[1:], x.dtype, train_flag)
         name, layer = type(model).__name__, "nn.Dropout"
