@@ -5,7 +5,7 @@ classifier head and a backbone with its head), their layers (`layers`: `Conv`
 and `max_pool` in the forms XLA:CPU trains fast), how a model is called
 (`contract`: its family, its train flag, its inference form), Flax NNX modules
 as pure functions (`nnx_modules`: `trained_module` gives one back from a
-state), the per-layer table (`summary`) and the export to a directory
+state), MobileNetV2 as an NNX module (`nnx_mobilenet_v2`), the per-layer table (`summary`) and the export to a directory
 (`saving`: `save_model`, `load_model`, reached as `jaxdl.save_model`).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from jaxdl.models.heads import ClassifierHead, FineTuneModel
 from jaxdl.models.layers import Conv, max_pool
 from jaxdl.models.mobilenet_v2 import MobileNetV2
+from jaxdl.models.nnx_mobilenet_v2 import MobileNetV2NNX
 from jaxdl.models.nnx_modules import is_nnx_module, trained_module
 from jaxdl.models.small import MLP, ConvNet
 
@@ -98,5 +99,5 @@ def model_from_config(config: dict, custom_classes=()):
     return known[name](**kwargs)
 
 
-__all__ = ["MLP", "ConvNet", "MobileNetV2", "ClassifierHead", "FineTuneModel", "Conv", "max_pool", "model_classes",
-           "count_params", "model_config", "model_from_config", "class_path", "trained_module"]
+__all__ = ["MLP", "ConvNet", "MobileNetV2", "MobileNetV2NNX", "ClassifierHead", "FineTuneModel", "Conv", "max_pool",
+           "model_classes", "count_params", "model_config", "model_from_config", "class_path", "trained_module"]

@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import strategies as st
 
-from jaxdl.models import MobileNetV2, count_params
+from jaxdl.models import MobileNetV2, MobileNetV2NNX, count_params
 from jaxdl.models.mobilenet_v2 import MobileNetConv, correct_pad, folded, layer_plan, make_divisible
 from jaxdl.pretrained.convert import ConversionError, from_keras
 from tests.project.test_fuzz_loaders import THOROUGH, assert_names_the_file, damage, fuzz, mutated, write
@@ -75,6 +76,18 @@ def test_folded_batchnorm_and_both_conv_implementations_match_keras(converted_mo
         body = jax.jit(lambda v, x: fast_model.apply(v, x, part="body", row_strips=((1, 5), (2, 7))))
         ours = np.asarray(jax.jit(lambda v, x: fast_model.apply(v, x, part="top"))(
             fast_variables, body(fast_variables, images)))
+    tolerance.assert_close(ours, expected, keras_tolerance(expected))
+
+
+def test_keras_weights_as_an_nnx_module_give_the_linen_ports_logits(converted_models):
+    """Keras's weights through `MobileNetV2NNX` (tests/models/test_nnx_mobilenet_v2.py has torchvision's)."""
+    config, model, variables, images, expected, _, _ = converted_models("a0.35-96-top-legacy")
+    logits_model = model.clone(classifier_activation=None)
+    module = MobileNetV2NNX(logits_model, variables)
+    module.eval()
+    ours = np.asarray(nnx.jit(lambda m, x: m(x))(module, images))
+    # Bitwise: the bridge runs the Linen module's own apply on the same variables.
+    np.testing.assert_array_equal(ours, np.asarray(jax.jit(logits_model.apply)(variables, images)))
     tolerance.assert_close(ours, expected, keras_tolerance(expected))
 
 
