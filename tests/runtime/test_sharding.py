@@ -17,7 +17,7 @@ import pytest
 from tests.support import tolerance
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-RUNS = [f"{name}/{kind}" for name in ("mlp", "bn_cnn") for kind in ("arrays", "source")]
+RUNS = [f"{name}/{kind}" for name in ("mlp", "bn_cnn", "nnx") for kind in ("arrays", "source")]
 
 
 def run_in_subprocess(out: Path, devices: int, *arguments) -> tuple[dict, dict]:
@@ -144,7 +144,7 @@ def test_a_mesh_must_be_a_jax_mesh():
         fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, mesh=["cpu:0"], verbose=0)
 
 
-@pytest.mark.parametrize("run", ["mlp/source", "bn_cnn/arrays"])
+@pytest.mark.parametrize("run", ["mlp/source", "bn_cnn/arrays", "nnx/source"])
 def test_two_processes_train_as_one_process_does(two_processes, four_devices, run):
     """Each process reads its half of every batch of a source; the global batch, and the training, are the same."""
     arrays, facts = two_processes

@@ -293,48 +293,6 @@ def test_the_arguments_that_belong_to_one_family_are_refused_for_the_other_by_na
         fit(NoDtype(), x, y, loss="mse", precision="bfloat16", verbose=0)
 
 
-_FOUR_DEVICES = """
-import sys
-import jax, numpy as np
-from flax import nnx
-from jaxdl import fit
-from jaxdl.runtime import data_mesh
-sys.path.insert(0, sys.argv[2])
-from tests.training.test_nnx import CE, Net, _data, _leaves
-
-x, y = _data(64)
-runs = {}
-for name, devices in (("four", jax.devices()), ("one", jax.devices()[:1])):
-    state, history = fit(Net(nnx.Rngs(0), bias=False), x, y, loss=CE, epochs=2, batch_size=16, shuffle=False, verbose=0,
-                         mesh=data_mesh(devices))
-    runs[name] = _leaves((state.params, state.batch_stats)) + [np.asarray(history["loss"])]
-np.savez(sys.argv[1], *[a - b for a, b in zip(runs["four"], runs["one"], strict=True)],
-         *runs["one"])
-"""
-
-
-def test_four_simulated_devices_train_an_nnx_module_as_one_does(tmp_path):
-    """The batch split over 4 CPU devices (BatchNorm statistics over the global batch, dropout masks drawn for the
-    global batch from the module's own stream) against the same run on 1 device."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent
-    while not (root / "jaxdl").is_dir():
-        root = root.parent
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    out = tmp_path / "runs.npz"
-    done = subprocess.run([sys.executable, "-c", _FOUR_DEVICES, str(out), str(root)], cwd=root, timeout=600,
-                          env={**os.environ, "XLA_FLAGS": flags.strip()}, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    arrays = list(np.load(out).values())
-    differences, one = arrays[:len(arrays) // 2], arrays[len(arrays) // 2:]
-    for difference, reference in zip(differences, one, strict=True):
-        tolerance.assert_close(reference + difference, reference, tolerance.DATA_PARALLEL)
-
-
 def test_sources_weights_callbacks_and_validation_take_an_nnx_module(tmp_path):
     """The input, weighting and callback machinery does not look at the model: an NNX module gets all of it."""
     import grain
@@ -418,3 +376,21 @@ def test_an_nnx_module_whose_call_needs_more_than_the_inputs_is_refused_before_t
         with pytest.raises(TypeError, match=r"NeedsAMask.__call__ takes \(x, mask\), but jaxdl calls an NNX module "
                                             r"with the batch's inputs alone"):
             call()
+
+
+def test_a_sweep_trains_a_new_nnx_module_per_configuration():
+    """Each configuration builds its own module (an NNX module is trained in place), and each row is the metric
+    of the same run made alone."""
+    from jaxdl import sweep
+
+    x, y = _data()
+
+    def train(learning_rate):
+        _, history = fit(Net(nnx.Rngs(0)), x, y, loss=CE, optimizer=optax.adam(learning_rate),
+                         epochs=2, batch_size=32, verbose=0, validation_split=0.25)
+        return {"val_loss": history["val_loss"][-1]}
+
+    table = sweep(train, {"learning_rate": [0.05, 1e-4]}, verbose=False)
+    assert [row["error"] for row in table.rows] == ["", ""]
+    assert table.best_config == {"learning_rate": 0.05}  # 1e-4 barely moves in 2 epochs
+    assert table.rows[1]["val_loss"] == train(1e-4)["val_loss"]  # bitwise: the module is new each time

@@ -11,16 +11,23 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxdl import MLP, CSVLogger, EarlyStopping, fit, load_model
 from jaxdl.training.callbacks import ModelCheckpoint, ReduceLROnPlateau
-from tests.support.toy_data import CE, blobs
+from tests.support.toy_data import CE, NNXNet, blobs
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def params_equal(a, b) -> bool:
-    return all(np.array_equal(p, q) for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    """Every array of `a` equals `b`'s bitwise (random keys by their data)."""
+    def arrays(tree):
+        return [jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+                for leaf in jax.tree.leaves(tree)]
+
+    a, b = arrays(a), arrays(b)
+    return len(a) == len(b) and all(np.array_equal(p, q) for p, q in zip(a, b))
 
 
 def checkpoint_ids(directory) -> list[int]:
@@ -146,7 +153,7 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_one_before_with_a_warni
 CHILD = """
 import asyncio, sys, time
 sys.path.insert(0, {repository!r})
-from tests.support.toy_data import CE, blobs
+from tests.support.toy_data import CE, NNXNet, blobs
 from jaxdl import MLP, fit
 
 mode, directory = sys.argv[1:3]
@@ -160,7 +167,7 @@ class Slow:  # a source slow enough for the parent to catch the run inside an ep
         time.sleep(0.02)
         return {{"image": x[index], "label": y[index]}}
 
-if mode == "arrays":  # in-memory arrays, their host batches slowed as the source's examples are
+if mode in ("arrays", "nnx"):  # in-memory arrays, their host batches slowed as the source's examples are
     from jaxdl.training.adapters import ArrayInput
     batches_of = ArrayInput.host_batches
 
@@ -179,8 +186,13 @@ if mode == "slow-save":  # a save that takes a second between writing and commit
         return await commit(self, *args, **kwargs)
 
     atomicity.AtomicRenameTemporaryPath.finalize = slow_commit
-fit(MLP(features=(8,), num_outputs=3, dropout_rate=0.2), *((x, y) if mode == "arrays" else (Slow(),)), loss=CE,
-    epochs=3, batch_size=8, verbose=0, seed=3, checkpoint_dir=directory, checkpoint_every=2)
+if mode == "nnx":  # a Flax NNX module: its BatchNorm statistics and dropout stream resume too
+    from flax import nnx
+    model = NNXNet(nnx.Rngs(3))
+else:
+    model = MLP(features=(8,), num_outputs=3, dropout_rate=0.2)
+fit(model, *((x, y) if mode in ("arrays", "nnx") else (Slow(),)), loss=CE, epochs=3, batch_size=8, verbose=0,
+    seed=3, checkpoint_dir=directory, checkpoint_every=2)
 """
 
 
@@ -208,7 +220,8 @@ def kill_when(runs: dict) -> None:
 
 
 def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
-    """Sources killed inside an epoch and inside a save, and in-memory arrays killed inside an epoch.
+    """Sources killed inside an epoch and inside a save, and in-memory arrays killed inside an epoch, training a
+    Linen module and a Flax NNX one.
 
     The arrays' run was seen failing on a variant whose resumed epoch draws its shuffle order from the step
     it resumed at rather than the step the epoch started at (the source runs, ordered by epoch, passed on it).
@@ -220,18 +233,22 @@ def test_runs_killed_inside_an_epoch_and_inside_a_save_resume_bitwise(tmp_path):
     inputs = {"source": (source,), "arrays": (x, y)}
     expected = {kind: fit(model, *data, **options, checkpoint_dir=tmp_path / f"uninterrupted-{kind}")
                 for kind, data in inputs.items()}
+    expected["nnx"] = fit(NNXNet(nnx.Rngs(3)), x, y, **options, checkpoint_dir=tmp_path / "uninterrupted-nnx")
 
     inside_epoch = lambda d: any(i % 6 and i > 6 for i in checkpoint_ids(d))  # inside epoch 2
     in_a_save = lambda d: checkpoint_ids(d) and any("tmp" in name for name in os.listdir(d))
     kill_when({tmp_path / "killed-in-epoch": ("slow-steps", inside_epoch),
                tmp_path / "killed-in-save": ("slow-save", in_a_save),
-               tmp_path / "arrays-killed-in-epoch": ("arrays", inside_epoch)})
+               tmp_path / "arrays-killed-in-epoch": ("arrays", inside_epoch),
+               tmp_path / "nnx-killed-in-epoch": ("nnx", inside_epoch)})
     assert any("tmp" in name for name in os.listdir(tmp_path / "killed-in-save"))  # killed mid-save indeed
 
     for run, kind in (("killed-in-epoch", "source"), ("killed-in-save", "source"),
-                      ("arrays-killed-in-epoch", "arrays")):
-        state, history = fit(model, *inputs[kind], **options, checkpoint_dir=tmp_path / run)
+                      ("arrays-killed-in-epoch", "arrays"), ("nnx-killed-in-epoch", "nnx")):
+        state, history = fit(NNXNet(nnx.Rngs(3)) if kind == "nnx" else model, *inputs.get(kind, (x, y)), **options,
+                             checkpoint_dir=tmp_path / run)
         assert params_equal(state.params, expected[kind][0].params), run
+        assert params_equal(state.batch_stats, expected[kind][0].batch_stats), run  # NNX: statistics, RNG counts
         assert history == expected[kind][1], run
         assert json.dumps(history)  # the history is plain data
 
