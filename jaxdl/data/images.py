@@ -9,6 +9,7 @@ import csv
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what image_datas
 # Pillow's default `Image.MAX_IMAGE_PIXELS` (about 89.5 megapixels), written out so that it does not depend on
 # whatever a program has set that global to.
 MAX_PIXELS = 89_478_485
+# A photo enlarged more than this many times in a side before it reaches the network is mostly interpolation:
+# `load_batch` warns, naming it.
+MAX_UPSCALE = 2.0
 
 
 class ImageError(ValueError):
@@ -128,13 +132,36 @@ def preprocess(image: Image.Image, preprocessing: dict) -> np.ndarray:
     raise ValueError(f"unknown preprocessing kind {preprocessing['kind']!r} (torchvision or keras)")
 
 
+def upscale_factor(width: int, height: int, preprocessing: dict) -> float:
+    """How many times `preprocess` enlarges a `width` x `height` photo along a side (below 1: it shrinks it).
+
+    torchvision's preprocessing scales the short side to `resize`; Keras's
+    stretches the photo to `size` x `size`, so its larger factor counts.
+    """
+    if preprocessing["kind"] == "torchvision":
+        return int(preprocessing["resize"]) / min(width, height)
+    size = int(preprocessing["size"])
+    return max(size / width, size / height)
+
+
 def load_batch(paths, preprocessing: dict,
                max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str], list[str]]:
-    """Preprocessed images stacked, the paths that loaded, and an error line for each that did not."""
+    """Preprocessed images stacked, the paths that loaded, and an error line for each that did not.
+
+    A photo that preprocessing enlarges more than `MAX_UPSCALE` times along
+    a side is used, with a `UserWarning` naming it and its size: the network
+    then sees mostly interpolated pixels.
+    """
     arrays, loaded, errors = [], [], []
     for path in paths:
         try:
-            arrays.append(preprocess(load_image(path, max_pixels), preprocessing))
+            image = load_image(path, max_pixels)
+            factor = upscale_factor(*image.size, preprocessing)
+            if factor > MAX_UPSCALE:
+                warnings.warn(f"{path}: a {image.size[0]}x{image.size[1]} photo, enlarged {factor:.1f}x to reach "
+                              f"the network's {preprocessing['size']}x{preprocessing['size']} input (more than "
+                              f"{MAX_UPSCALE:g}x: mostly interpolated pixels)", UserWarning, stacklevel=2)
+            arrays.append(preprocess(image, preprocessing))
             loaded.append(str(path))
         except ImageError as error:
             errors.append(str(error))

@@ -252,6 +252,21 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+# Suffixes of single-file model formats: a `save_model` path ending in one would make a directory that looks
+# like a file of that format.
+FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".pt", ".pth", ".pkl", ".pickle", ".msgpack", ".npz", ".onnx",
+                 ".safetensors", ".json", ".zip")
+
+
+def _check_directory_name(directory) -> None:
+    """Refuses a model directory named like a model file, before anything is written."""
+    suffix = Path(directory).suffix.lower()
+    if suffix in FILE_SUFFIXES:
+        raise ValueError(f"save_model writes a directory (model.json and an orbax checkpoint), not a single file: "
+                         f"{str(directory)!r} ends in {suffix!r}, so the directory would look like a {suffix} file; "
+                         f"name it without the suffix, e.g. {str(Path(directory).with_suffix(''))!r}")
+
+
 def save_model(directory: str | os.PathLike, model, variables=None, *, metadata: dict | None = None,
                overwrite: bool = False) -> Path:
     """Saves a trained model, its config and variables, as one directory that `load_model` reads back.
@@ -294,7 +309,10 @@ def save_model(directory: str | os.PathLike, model, variables=None, *, metadata:
       TypeError: `model` is not a Linen module or has a field a config
         cannot hold; `variables` is a whole training state or holds a
         random key.
+      ValueError: `directory` ends in a file suffix (`m.keras`, `m.h5`):
+        jaxdl writes a directory, not Keras's single file.
     """
+    _check_directory_name(directory)
     if is_nnx_module(model):
         config = {"class": class_path(type(model)), "family": "nnx", "config": None, "metadata": metadata or {}}
         variables = _nnx_saved_variables(model if variables is None else variables)

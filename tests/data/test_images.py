@@ -1,5 +1,6 @@
 """Loading photos: oversized and high-bit-depth files, torchvision's resize and crop, image folders, augmentation."""
 import struct
+import warnings
 import zlib
 
 import jax
@@ -141,3 +142,20 @@ def test_augmentation_is_seeded_and_only_flips_when_it_does_not_pad():
     augmented = np.asarray(images.augment_images(jax.random.key(1), batch, pad=2))
     assert augmented.shape == batch.shape
     np.testing.assert_array_equal(augmented, np.asarray(images.augment_images(jax.random.key(1), batch, pad=2)))
+
+
+def test_a_photo_enlarged_more_than_twice_is_used_with_a_warning_naming_it(tmp_path):
+    """The issue's 20x15 photo, under both preprocessings, and photos at the limit, which load silently."""
+    small, at_limit = tmp_path / "small.png", tmp_path / "at-limit.png"
+    Image.new("RGB", (20, 15)).save(small)
+    Image.new("RGB", (128, 112)).save(at_limit)  # torchvision: short side 112 -> 256 (2.29x); Keras: 2.0x
+    with pytest.warns(UserWarning, match=rf"{small}: a 20x15 photo, enlarged 17.1x to reach the network's 224x224"):
+        batch, _, _ = images.load_images([small], [0], images.TORCHVISION)
+    assert batch.shape == (1, 224, 224, 3)  # used all the same
+    with pytest.warns(UserWarning, match=r"a 20x15 photo, enlarged 14.9x"):
+        images.load_images([small], [0], images.KERAS)
+    with pytest.warns(UserWarning, match=r"a 128x112 photo, enlarged 2.3x"):
+        images.load_images([at_limit], [0], images.TORCHVISION)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images.load_images([at_limit], [0], images.KERAS)  # 224/112 = 2.0x: not more than twice

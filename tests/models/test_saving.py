@@ -56,6 +56,19 @@ def test_what_cannot_be_saved_by_config_points_to_saving_variables(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("name", ["m.keras", "m.h5", "model.PTH"])
+def test_a_path_named_like_a_model_file_is_refused_before_anything_is_written(tmp_path, name):
+    """Keras's `model.save("m.keras")` writes one file; jaxdl writes a directory, which must not pass for one."""
+    model = UserCNN()
+    variables = model.init(jax.random.key(0), np.zeros((1, 5, 5, 1), np.float32))
+    stem = name.rsplit(".", 1)[0]
+    with pytest.raises(ValueError, match=rf"save_model writes a directory .*not a single file: .*{name}' ends in "
+                                         rf"'\.{name.rsplit('.', 1)[1].lower()}'.* e\.g\. '.*{stem}'"):
+        save_model(tmp_path / name, model, variables)
+    assert os.listdir(tmp_path) == []
+    assert save_model(tmp_path / stem, model, variables).is_dir()
+
+
 def test_a_whole_train_state_is_refused_with_what_to_save_instead(tmp_path):
     _, state = trained(UserCNN(), (5, 5, 1))
     with pytest.raises(TypeError, match=r"TrainState is a whole training state.*state.variables"):
