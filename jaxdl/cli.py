@@ -195,6 +195,7 @@ def convert(args) -> int:
 
 
 HISTORY_FILE = "history.json"  # in a fine-tuned model's folder: {"loss": [...], "accuracy": [...], ...}
+HISTORY_FIGURE, CONFUSION_FIGURE = "history.png", "confusion_matrix.png"  # beside it
 
 
 def run_directory(directory: str | os.PathLike | None, resume: bool) -> Path | None:
@@ -265,12 +266,29 @@ def finetune(args) -> int:
                                 source=f"fine-tuned on {args.data_dir}")
         history = saved / HISTORY_FILE
         history.write_text(json.dumps(result.history, indent=1) + "\n")
+        figures = _finetune_figures(classifier, result.history, validation or (images, labels), saved,
+                                    "validation" if validation else "training")
     except (OSError, ValueError) as error:
         print(f"jaxdl finetune: {error}", file=sys.stderr)
         return 1
     print(f"history: {history}")
+    print(f"figures: {', '.join(str(path) for path in figures)}")
     print(f"saved to {saved}")
     return 0
+
+
+def _finetune_figures(classifier, history: dict, data: tuple, out: Path, which: str) -> list[Path]:
+    """The history's curves and the confusion matrix on `data` (the validation images, else the training ones),
+    as the experiments draw them."""
+    from jaxdl import plots
+    from jaxdl.training import confusion_matrix
+
+    images, labels = data
+    predicted = classifier.probabilities(images).argmax(axis=-1)
+    matrix = confusion_matrix(labels, predicted, len(classifier.class_names))
+    return [plots.plot_history(history, out / HISTORY_FIGURE, "fine-tuning"),
+            plots.plot_confusion_matrix(matrix, list(classifier.class_names), out / CONFUSION_FIGURE,
+                                        f"confusion matrix, {which} images")]
 
 
 def prepare(args) -> int:
@@ -317,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", metavar="DATA_DIR")
     p.add_argument("--out", required=True,
                    help=f"folder to save the fine-tuned model in; the training history (per-epoch loss and "
-                        f"metrics, as JSON) goes to OUT/{HISTORY_FILE}")
+                        f"metrics, as JSON) goes to OUT/{HISTORY_FILE}, its curves to "
+                        f"OUT/{HISTORY_FIGURE} and the confusion matrix (on the validation images, or the training "
+                        f"ones without --val-split) to OUT/{CONFUSION_FIGURE}")
     labelling = p.add_mutually_exclusive_group()
     labelling.add_argument("--labels-from-name", metavar="REGEX", type=class_regex,
                            help="DATA_DIR is a flat folder of images; REGEX, searched in each file name, has one "

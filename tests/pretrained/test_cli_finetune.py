@@ -162,7 +162,7 @@ def test_the_two_labelling_options_exclude_each_other(tmp_path, capsys):
 
 
 @pytest.mark.requires_cats
-def test_finetune_on_the_flat_cat_folder_labels_by_name_and_writes_the_history_file(tmp_path, jaxdl_cache, capsys):
+def test_finetune_labels_a_flat_folder_by_name_and_writes_the_history_and_its_figures(tmp_path, jaxdl_cache, capsys):
     from tests.conftest import CATS
 
     out = tmp_path / "cats-model"
@@ -177,7 +177,12 @@ def test_finetune_on_the_flat_cat_folder_labels_by_name_and_writes_the_history_f
     lines = printed.out.splitlines()
     assert lines[0] == "40 training images, 0 validation, classes ['f', 'm']"
     assert lines[1].startswith("epoch 1/1: loss ") and "accuracy" in lines[1]
-    assert lines[-2:] == [f"history: {out.absolute() / 'history.json'}", f"saved to {out.absolute()}"]
+    figures = [out.absolute() / "history.png", out.absolute() / "confusion_matrix.png"]
+    assert lines[-3:] == [f"history: {out.absolute() / 'history.json'}", f"figures: {figures[0]}, {figures[1]}",
+                          f"saved to {out.absolute()}"]
+    for figure in figures:  # PNG files of a figure's size (dpi 100), not empty ones
+        with Image.open(figure) as image:
+            assert image.format == "PNG" and min(image.size) >= 300
     history = json.loads((out / "history.json").read_text())
     assert list(history) == ["loss", "accuracy"] and len(history["loss"]) == 1
     _, metadata = read_model(out)
