@@ -5,85 +5,44 @@
     jaxdl finetune DATA_DIR --out DIR [--labels-from-name REGEX | --labels-csv FILE] [--epochs 20]
                    [--val-split F] [--unfreeze N] [--augment]
     jaxdl prepare NAME [--data-dir DIR] [--manual-dir M]
+    jaxdl cache info|clear
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import jax
 
-# The most $JAXDL_CACHE/xla may hold: JAX deletes its least recently used entries beyond it (docs/reliability.md).
-COMPILATION_CACHE_MAX_BYTES = 1 << 30
-
 
 def enable_compilation_cache() -> None:
-    """Keeps compiled XLA programs on disk in $JAXDL_CACHE/xla, so the next process skips compilation.
+    """Keeps compiled XLA programs on disk, so the next process skips compilation (`jaxdl.runtime.compilation_cache`).
 
-    There every program is kept, however quick its compile, and the least
-    recently used are deleted beyond `COMPILATION_CACHE_MAX_BYTES` (entries
-    written without a size bound, which JAX's eviction cannot account for,
-    are deleted first). Where JAX_COMPILATION_CACHE_DIR names a directory, the
-    user chose JAX's cache: that one is used instead, as their JAX options say
-    (`jax_persistent_cache_min_compile_time_secs`,
-    `jax_compilation_cache_max_size`), so `jaxdl` shares the programs of
-    their other JAX processes.
-    JAX loads native code from that cache, so it is used only where
-    `jaxdl.runtime.program_cache` would keep its own programs: a directory this user owns that
-    no one else can write in, holding only this user's files
-    (`aot.open_compilation_cache`). Otherwise one line on stderr names the
-    directory and why, and JAX's persistent cache is turned off for the whole
-    process: neither read nor written, whatever JAX_COMPILATION_CACHE_DIR says.
-    JAX is given the checked directory through its descriptor where
-    /proc/self/fd exists, so a path swapped later leads nowhere else.
+    jaxdl's own directory ($JAXDL_CACHE/xla/TAG) unless JAX_COMPILATION_CACHE_DIR
+    names one, which is then used as the user's JAX options say, so `jaxdl`
+    shares the programs of their other JAX processes. Either must pass the
+    cache's trust check (a directory this user owns that no one else can
+    write in, holding only this user's files); otherwise one line on stderr
+    names the directory and why, and JAX's persistent cache is off for the
+    whole process: neither read nor written, whatever
+    JAX_COMPILATION_CACHE_DIR says. `JAXDL_COMPILATION_CACHE=0` leaves JAX's
+    cache as the environment sets it.
     """
-    from jax.experimental.compilation_cache import compilation_cache
-
-    from jaxdl.pretrained.weights import cache_dir
-    from jaxdl.runtime import program_cache as aot
+    from jaxdl.runtime import compilation_cache
 
     chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    directory = Path(chosen) if chosen else cache_dir() / "xla"
-    try:
-        if not chosen and importlib.util.find_spec("filelock") is None:
-            raise OSError("JAX bounds its size through the filelock package, which is not installed")
-        directory_fd = aot.open_compilation_cache(directory)
-    except OSError as error:
-        print(f"jaxdl: {directory} is not used as a compilation cache: {error}", file=sys.stderr)
-        # JAX read JAX_COMPILATION_CACHE_DIR itself when it started: turned off here, for the whole process.
-        jax.config.update("jax_compilation_cache_dir", None)
-        jax.config.update("jax_enable_compilation_cache", False)
-        compilation_cache.reset_cache()  # where JAX had already set its cache up in this process
-        return
-    # Left open for the life of the process: JAX opens its entries through it.
-    through_descriptor = f"/proc/self/fd/{directory_fd}"
-    path = through_descriptor if os.path.isdir(through_descriptor) else str(directory)
-    if not chosen:
-        _drop_entries_without_access_times(path)
-        if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no limit
-            jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_dir", path)
-
-
-def _drop_entries_without_access_times(directory: str) -> None:
-    """Deletes JAX's cache entries in `directory` (NAME-cache) that lack the access time JAX records beside them
-    (NAME-atime) once its cache has a size bound. Entries written without a bound have none, and JAX's eviction
-    fails on them (FileNotFoundError), refusing every later write with a warning. Done under JAX's own lock."""
-    import filelock
-
-    with filelock.FileLock(os.path.join(directory, ".lockfile")):
-        names = set(os.listdir(directory))
-        for name in names:
-            if name.endswith("-cache") and name.removesuffix("-cache") + "-atime" not in names:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, name))
+    with warnings.catch_warnings(record=True) as refused:
+        warnings.simplefilter("always", RuntimeWarning)
+        if chosen:
+            compilation_cache.enable_users_directory(chosen)
+        elif not compilation_cache.switched_off():
+            compilation_cache.enable()
+    for warning in refused:
+        print(str(warning.message), file=sys.stderr)
 
 
 def one_cpu_device_per_core() -> None:
@@ -367,14 +326,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the dataset's files from this directory instead of downloading them (for mnist: "
                         "the four IDX .gz files, as in ../shared/data/mnist)")
     p.set_defaults(run=prepare)
+
+    p = commands.add_parser("cache", help="what jaxdl's compilation cache holds, or empty it",
+                            description="jaxdl keeps every program it compiles in $JAXDL_CACHE/xla (default "
+                                        "~/.cache/jaxdl/xla), so a second process compiles nothing. 'info' reports "
+                                        "its entries and size, 'clear' deletes them. JAXDL_COMPILATION_CACHE=0 turns "
+                                        "the cache off.")
+    p.add_argument("action", choices=["info", "clear"])
+    p.set_defaults(run=cache)
     return parser
+
+
+def cache(args) -> int:
+    from jaxdl.runtime import compilation_cache
+
+    if args.action == "clear":
+        print(f"deleted {compilation_cache.clear()} compiled programs from {compilation_cache.cache_root() / 'xla'}")
+        return 0
+    held = compilation_cache.info()
+    print(f"{held['directory']}: {held['entries']} compiled programs, {held['bytes'] / 2**20:.1f} MiB "
+          f"(at most {held['max_bytes'] / 2**20:.0f} MiB, least recently used deleted beyond)")
+    print(f"this jax and CPU use {held['in_use']}"
+          + ("; turned off by JAXDL_COMPILATION_CACHE" if compilation_cache.switched_off() else ""))
+    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.run is classify:
         one_cpu_device_per_core()
-    enable_compilation_cache()
+    if args.run is not cache:
+        enable_compilation_cache()
     return args.run(args)
 
 

@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
+from jaxdl.runtime import compilation_cache
+
 AUTO = "auto"
 TRAIN_FLAGS = ("train", "training", "deterministic")
 FAMILIES = ("linen", "nnx")
@@ -60,6 +62,9 @@ def model_family(model, where: str) -> str:
         an instance, another library's module), naming what was given and
         what jaxdl takes.
     """
+    # Before the entry point's first computation, even its eager ones (keys, staging), so that a second
+    # process finds every program of the run in the cache.
+    compilation_cache.ensure_enabled()
     if isinstance(model, nn.Module):
         return "linen"
     if isinstance(model, nnx.Module):

@@ -24,6 +24,7 @@ from jaxdl.data import images
 from jaxdl.models.saving import load_model, read_model, save_model
 from jaxdl.pretrained import imagenet_classes
 from jaxdl.pretrained.convert import from_keras, from_torchvision
+from jaxdl.runtime import compilation_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +64,8 @@ class ChecksumError(ValueError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("JAXDL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxdl"
-    return Path(root)
+    """jaxdl's cache folder (`jaxdl.runtime.compilation_cache.cache_root`): converted weights, downloads, programs."""
+    return compilation_cache.cache_root()
 
 
 def sha256_of(path: Path) -> str:

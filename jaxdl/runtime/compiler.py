@@ -77,6 +77,9 @@ class jit:  # noqa: N801 -- used as jax.jit is: a decorator or a call
 
     @functools.cached_property
     def _jitted(self):
+        from jaxdl.runtime import compilation_cache  # it imports program_cache, which imports this module
+
+        compilation_cache.ensure_enabled()  # once per process: every jaxdl program is kept on disk
         return jax.jit(self._fun, compiler_options=compiler_options(self._cpu_options), **self._jit_kwargs)
 
     @functools.cached_property

@@ -82,7 +82,8 @@ def _processor_description(cpuinfo: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _processor() -> list[str]:
+def processor_description() -> list[str]:
+    """This machine's type and its CPU's instruction-set features (`_processor_description`)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -109,7 +110,7 @@ def program_key(*parts, cpu_options: dict | None = None) -> str:
     environment = [jax.__version__, jaxlib.__version__, jax.default_backend(), *_devices(),
                    {name: str(getattr(jax.config, name)) for name in _CONFIG_OPTIONS},
                    {name: os.environ.get(name) for name in _ENVIRONMENT_VARIABLES},
-                   compiler.compiler_options(cpu_options), _processor()]
+                   compiler.compiler_options(cpu_options), processor_description()]
     text = json.dumps([environment, *map(str, parts)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from jaxdl import cli
+from jaxdl.runtime import compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,18 +60,19 @@ def test_a_refused_compilation_cache_is_neither_read_nor_written(tmp_path):
     assert listing(directory) == []
 
 
-def test_jaxdls_own_compilation_cache_is_bounded(tmp_path):
-    """$JAXDL_CACHE/xla is kept under `cli.COMPILATION_CACHE_MAX_BYTES` (JAX evicts the least recently used
+def test_jaxdls_own_compilation_cache_is_bounded(tmp_path, monkeypatch):
+    """$JAXDL_CACHE/xla/TAG is kept under `compilation_cache.DEFAULT_MAX_BYTES` (JAX evicts the least recently used
     entries beyond it); before, JAX's default, -1 (no limit), was left (seen failing: max_size -1). An entry
     written before there was a bound (no NAME-atime beside it) is deleted, else JAX's eviction would fail on it
     and refuse every write with a warning on stderr (seen: "Error writing persistent compilation cache entry")."""
-    directory = tmp_path / "jaxdl" / "xla"
+    monkeypatch.setenv("JAXDL_CACHE", str(tmp_path / "jaxdl"))
+    directory = compilation_cache.default_directory()  # this jax's and CPU's folder, as in the process below
     directory.mkdir(parents=True, mode=0o700)
     unbounded = directory / "jit_old-0123-cache"
     unbounded.write_bytes(b"compiled without a bound")
     used, stderr = run_command_setup({"JAXDL_CACHE": str(tmp_path / "jaxdl")})
     assert stderr == "" and used["requests"] == 1
-    assert used["max_size"] == cli.COMPILATION_CACHE_MAX_BYTES > 0
+    assert used["max_size"] == compilation_cache.DEFAULT_MAX_BYTES > 0
     assert os.path.samefile(used["directory"], directory)
     written = listing(directory)
     assert not unbounded.exists()

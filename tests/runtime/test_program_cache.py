@@ -16,7 +16,7 @@ import pytest
 
 from jaxdl import MLP, cli, create_train_state, save_model
 from jaxdl.models.saving import fingerprint
-from jaxdl.runtime import program_cache as aot
+from jaxdl.runtime import compilation_cache, program_cache as aot
 from tests.support import tolerance
 
 WEIGHTS = np.arange(6, dtype=np.float32).reshape(3, 2)
@@ -274,7 +274,7 @@ def add_to_environment(name):
     add_to_environment("LIBTPU_INIT_ARGS"),
     lambda monkeypatch: monkeypatch.setattr(aot, "_devices", lambda: ("TPU v4", jax.device_count())),
     lambda monkeypatch: monkeypatch.setattr(aot, "_devices", lambda: (jax.devices()[0].device_kind, 64)),
-    lambda monkeypatch: monkeypatch.setattr(aot, "_processor", lambda: ["x86_64", "sse2"]),
+    lambda monkeypatch: monkeypatch.setattr(aot, "processor_description", lambda: ["x86_64", "sse2"]),
     lambda monkeypatch: monkeypatch.setattr(jax, "default_backend", lambda: "gpu"),
     lambda monkeypatch: monkeypatch.setattr(jax, "__version__", "0.0.1"),
     lambda monkeypatch: monkeypatch.setattr(aot.jaxlib, "__version__", "0.0.1"),
@@ -322,6 +322,7 @@ def enable_cli_cache(monkeypatch, cache):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the test session's own cache
     options = {}
     monkeypatch.setattr(jax.config, "update", lambda name, value: options.__setitem__(name, value))
+    monkeypatch.setattr(compilation_cache, "_install", lambda cache: options.__setitem__("installed", cache))
     cli.enable_compilation_cache()
     path = options.get("jax_compilation_cache_dir") or ""
     if path.startswith("/proc/self/fd/"):  # the checked directory, through its descriptor
@@ -330,9 +331,14 @@ def enable_cli_cache(monkeypatch, cache):
     return options
 
 
+def cli_cache_directory(cache):
+    """The folder of $JAXDL_CACHE=`cache` the CLI keeps its programs in (`compilation_cache.default_directory`)."""
+    return cache / "xla" / compilation_cache.default_directory().name
+
+
 def make_cache(tmp_path, directory_mode, entry_mode):
-    """$JAXDL_CACHE with an `xla` directory of `directory_mode` holding one entry of `entry_mode`."""
-    directory = tmp_path / "cache" / "xla"
+    """$JAXDL_CACHE with the compilation cache's directory of `directory_mode` holding one entry of `entry_mode`."""
+    directory = cli_cache_directory(tmp_path / "cache")
     directory.mkdir(parents=True)
     entry = directory / "jit_f-0123-cache"
     entry.write_bytes(b"compiled")
@@ -347,12 +353,13 @@ def test_the_cli_uses_a_private_compilation_cache(tmp_path, monkeypatch, capsys,
     """A new $JAXDL_CACHE/xla is made private; one that others can read but not write is used, as is one whose
     group-writable entries (umask 002) no one else can reach."""
     if directory_mode is None:
-        directory = tmp_path / "cache" / "xla"
+        directory = cli_cache_directory(tmp_path / "cache")
     else:
         directory, _ = make_cache(tmp_path, directory_mode, entry_mode)
     options = enable_cli_cache(monkeypatch, tmp_path / "cache")
     assert os.path.samefile(options["jax_compilation_cache_dir"], directory)
     assert options["jax_persistent_cache_min_compile_time_secs"] == 0.0
+    assert isinstance(options["installed"], compilation_cache.VerifiedCache)  # entries checked when read back
     assert stat.S_IMODE(directory.stat().st_mode) == (directory_mode or 0o700)
     assert capsys.readouterr().err == ""
 
@@ -363,10 +370,12 @@ def test_the_cli_uses_the_compilation_cache_jax_was_given_and_checks_it(tmp_path
     monkeypatch.setenv("JAXDL_CACHE", str(tmp_path / "cache"))
     options = {}
     monkeypatch.setattr(jax.config, "update", lambda name, value: options.__setitem__(name, value))
+    monkeypatch.setattr(compilation_cache, "_install", lambda cache: options.__setitem__("installed", cache))
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(chosen))
     cli.enable_compilation_cache()
     path = options["jax_compilation_cache_dir"]
     assert os.path.samefile(path, chosen) and not (tmp_path / "cache" / "xla").exists()
+    assert "installed" not in options  # JAX's own cache reads the user's directory: its entries are JAX's format
     if path.startswith("/proc/self/fd/"):
         os.close(int(path.rsplit("/", 1)[1]))
     assert "jax_persistent_cache_min_compile_time_secs" not in options  # the user's JAX options, not jaxdl's
