@@ -45,9 +45,12 @@ def load_text() -> str:
 def run_once(name: str, quick: bool, folder: str, repeat: int, timeout: float) -> dict:
     """One repeat of one benchmark in a new process: its `measure` result, or a skip saying why it failed."""
     out = Path(folder) / f"{name}-{repeat}.json"
+    # Every repeat compiles afresh: jaxdl's compilation cache off (benchmarks.convnet_training measures it, in
+    # processes of its own).
+    env = {**os.environ, "JAXDL_COMPILATION_CACHE": "0"}
     command = [sys.executable, "-m", f"benchmarks.{name}", "--json", str(out)] + (["--quick"] if quick else [])
     try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return report.result(name, "", skipped=f"`{' '.join(command[1:])}` ran over {timeout:.0f} s")
     if done.returncode or not out.exists():

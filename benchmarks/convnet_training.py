@@ -24,6 +24,7 @@ Run: `python -m benchmarks.convnet_training [--quick] [--json PATH]`.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -70,6 +71,36 @@ def time_jaxdl(x, y, epochs: int) -> tuple[float, float]:
         batch_size=BATCH, callbacks=[timer], verbose=0)
     timer.times[0] = started  # the first epoch's time includes what fit does before its first step
     return first_and_steady(timer.times)
+
+
+# Run in a new process by `first_epoch_in_new_processes`: the convnet's `fit` on the same images, its first epoch
+# (from the start of `fit`, compile included) and steady epoch as JSON.
+_NEW_PROCESS = """
+import json, sys
+from benchmarks.convnet_training import images, time_jaxdl
+x, y, _ = images(int(sys.argv[1]))
+print(json.dumps(time_jaxdl(x, y, int(sys.argv[2]))))
+"""
+
+
+def first_epoch_in_new_processes(examples: int, epochs: int) -> list[tuple[float, float]]:
+    """`(first epoch, steady epoch)` seconds of `fit` in a first and a second new process sharing an empty
+    compilation cache: the first compiles every program and writes it, the second reads them back."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="jaxdl-bench-cache-") as cache:
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAXDL_COMPILATION_CACHE"))}
+        env["JAXDL_CACHE"] = cache
+        runs = []
+        for _ in range(2):
+            done = subprocess.run([sys.executable, "-c", _NEW_PROCESS, str(examples), str(epochs)], env=env,
+                                  capture_output=True, text=True, check=True,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            runs.append(tuple(json.loads(done.stdout.strip().splitlines()[-1])))
+    return runs
 
 
 def time_keras(x, y, epochs: int) -> tuple[float, float, str]:
@@ -223,6 +254,12 @@ def measure(quick: bool) -> dict:
     figures = {f"{ours}: steady epoch": report.figure(len(x) / each, "img/s"),
                f"{ours}: first epoch, compile included": report.figure(first, "s")}
     ratios, notes = [], [f"data: the first {len(x):,} images of {source}"]
+    (cold, _), (warm, warm_each) = first_epoch_in_new_processes(examples, epochs)
+    figures[f"{ours}: first epoch, empty compilation cache (new process)"] = report.figure(cold, "s")
+    figures[f"{ours}: first epoch, second process (programs read back)"] = report.figure(warm, "s")
+    figures[f"{ours}: steady epoch, second process"] = report.figure(warm_each, "s")
+    ratios.append(report.ratio(f"{ours}: first epoch, second process (programs read back)",
+                               f"{ours}: steady epoch, second process", readme=True))
     for peer, timer in (("Keras", time_keras), ("PyTorch", time_torch)):
         try:
             peer_first, peer_each, version = timer(x, y, epochs)
@@ -235,6 +272,9 @@ def measure(quick: bool) -> dict:
         ratios.append(report.ratio(f"{ours}: steady epoch", f"{name}: steady epoch", readme=True))
         ratios.append(report.ratio(f"{ours}: first epoch, compile included", f"{name}: first epoch, compile included",
                                    readme=True))
+        if peer == "PyTorch":
+            ratios.append(report.ratio(f"{ours}: first epoch, second process (programs read back)",
+                                       f"{name}: first epoch, compile included", readme=True))
     for part, value in breakdown(x, y, 5 if quick else 20).items():
         figures[f"jaxdl step breakdown, {part}"] = report.figure(value, "ms/batch")
     try:
