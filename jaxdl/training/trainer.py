@@ -104,7 +104,8 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
       y: the labels of array `x`; None for a source.
       loss: a loss name from `jaxdl.training.losses` or a function
         `(outputs, batch) -> per-example loss`. Required.
-      metrics: metric names from `jaxdl.training.losses`; default accuracy.
+      metrics: metrics as `fit` takes them (names, `Metric`s, your
+        functions); default accuracy.
       batch_size: examples per compiled step; it must split evenly over the
         `mesh`'s devices. Default 256.
       features: for a source, the `(input, label)` feature names (see `fit`).
@@ -513,8 +514,13 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         `(outputs, batch) -> per-example loss`. Required.
       optimizer: an optax `GradientTransformation`; None (default) is
         Adam(1e-3), or the state's own optimizer when `state` is given.
-      metrics: metric names from `jaxdl.training.losses`, reported for training and
-        validation; default accuracy.
+      metrics: the metrics reported for training and validation: names
+        ("accuracy", "mae", "mse", "rmse", "sparse_top_k_categorical_accuracy",
+        "top_k_categorical_accuracy", "precision", "recall", "auc"), `Metric`s
+        of `jaxdl.training.metrics` (`sparse_top_k_categorical_accuracy(k=3)`)
+        or your own functions `(outputs, batch) -> per-example values` (or a
+        pair `(sums, counts)` per example, for a ratio of totals), logged under
+        their `__name__`; default accuracy.
       epochs: the epoch number to stop before (training runs epochs
         `initial_epoch` to `epochs - 1`); default 1.
       batch_size: the global batch size; it must split evenly over the
