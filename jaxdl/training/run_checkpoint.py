@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import time
+import types
 import warnings
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -36,6 +39,7 @@ import numpy as np
 
 from jaxdl.data.arrays import positive_int
 from jaxdl.models.saving import keys_as_data, keys_like
+from jaxdl.training import metrics as metric_sums
 from jaxdl.training.epoch_loop import Resume
 
 if TYPE_CHECKING:
@@ -79,6 +83,95 @@ def callback_description(callback) -> dict:
     return {"class": name, "settings": json.loads(json.dumps(settings, default=str))}
 
 
+def _plain_values(value, path: str, found: list, seen: set, depth: int = 0) -> None:
+    """Appends `(path, value)` for every plain value reachable from `value` through closures, partials, tuples,
+    lists and dicts: numbers, strings, dtypes and small arrays, each under a path naming where it was found
+    (`scale.step_size`: the `step_size` a function made by optax's `scale` closes over). Other objects are
+    recorded by their type's name, never by their `repr` (which may hold an address)."""
+    if len(found) >= 256 or depth > 12:
+        return
+    if value is None or isinstance(value, (bool, int, float, str)):
+        found.append((path, value))
+    elif isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        array = np.asarray(value)
+        found.append((path, array.tolist() if array.size <= 16 else f"{array.dtype} array of shape {array.shape}"))
+    elif isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        found.append((path, str(np.dtype(value))))
+    elif isinstance(value, type) and isinstance(getattr(value, "dtype", None), np.dtype):  # jnp.bfloat16
+        found.append((path, str(value.dtype)))
+    elif id(value) in seen:
+        return
+    elif isinstance(value, types.FunctionType):
+        seen.add(id(value))
+        owner = value.__qualname__.split(".")[0]  # the factory that made it: `scale` for optax.scale's update
+        for name, cell in zip(value.__code__.co_freevars, value.__closure__ or ()):
+            with contextlib.suppress(ValueError):  # a cell not filled yet
+                _plain_values(cell.cell_contents, f"{owner}.{name}", found, seen, depth + 1)
+    elif isinstance(value, functools.partial):
+        seen.add(id(value))
+        _plain_values((value.func, value.args, value.keywords), path, found, seen, depth + 1)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple: optax's GradientTransformation
+        seen.add(id(value))
+        for field in value._fields:
+            _plain_values(getattr(value, field), path, found, seen, depth + 1)
+    elif isinstance(value, (tuple, list)):
+        seen.add(id(value))
+        for index, item in enumerate(value):
+            _plain_values(item, f"{path}[{index}]", found, seen, depth + 1)
+    elif isinstance(value, dict):
+        seen.add(id(value))
+        for key, item in value.items():
+            _plain_values(item, f"{path}[{key!r}]", found, seen, depth + 1)
+    else:
+        found.append((path, type(value).__qualname__))
+
+
+def _named_values(value) -> dict:
+    """`_plain_values` as `{path: value}` (JSON): a path met again with another value gets a number."""
+    found: list = []
+    _plain_values(value, "", found, set())
+    named: dict = {}
+    for path, item in found:
+        key, number = path, 1
+        while key in named and named[key] != item:
+            number += 1
+            key = f"{path} ({number})"
+        named[key] = item
+    return json.loads(json.dumps(named, default=str))
+
+
+def function_description(function) -> dict:
+    """A function of yours as a run checkpoint records it: its name, module and qualified name, and a digest of
+    its code and of the plain values it closes over (a threshold given to a factory of metrics), so that the
+    same function defined again in another process is the same, and another one of the same name is not."""
+    digest = hashlib.sha256()
+    code = getattr(function, "__code__", None)
+
+    def feed(code, doc=None):
+        digest.update(code.co_code + repr(code.co_names).encode())
+        for constant in code.co_consts:
+            if isinstance(constant, types.CodeType):
+                feed(constant)
+            elif isinstance(constant, frozenset):  # a set's order depends on the process's string hashing
+                digest.update(repr(sorted(map(repr, constant))).encode())
+            elif doc is None or constant is not doc:  # its docstring may change
+                digest.update(repr(constant).encode())
+
+    if code is not None:
+        feed(code, function.__doc__)
+    closed_over = _named_values((function, getattr(function, "__defaults__", None)))
+    digest.update(json.dumps(closed_over, sort_keys=True).encode())
+    return {"name": metric_sums.name_of(function),
+            "function": f"{getattr(function, '__module__', None)}.{getattr(function, '__qualname__', None)}",
+            "code": digest.hexdigest()[:16]}
+
+
+def metric_description(metric):
+    """A metric as a run checkpoint records it: a built-in's name (with its settings), a function's description."""
+    found = metric_sums.get_metric(metric)
+    return function_description(metric) if found.reads_batch else found.description()
+
+
 def run_config(model, state, plan: RunPlan, inputs: InputAdapter, callbacks: Sequence) -> dict:
     """What must be equal for a checkpoint to continue this run (JSON): a difference is named, not loaded.
 
@@ -98,7 +191,8 @@ def run_config(model, state, plan: RunPlan, inputs: InputAdapter, callbacks: Seq
             "optimizer": f"{jax.tree.structure(state.opt_state)} {shapes}",
             "input_shape": list(state.input_shape), "batch_size": plan.batch_size, "seed": plan.seed,
             "shuffle": inputs.shuffle, "drop_remainder": inputs.drop_remainder, "loss": plan.loss_description(),
-            "metrics": list(plan.metrics), "checkpoint_every": plan.every_steps, "train_flag": plan.train_flag,
+            "metrics": [metric_description(metric) for metric in plan.metrics],
+            "checkpoint_every": plan.every_steps, "train_flag": plan.train_flag,
             "data": inputs.kind, "examples": inputs.num_examples, "batches_per_epoch": inputs.batches_per_epoch,
             "validation_split": inputs.validation_split, "data_fingerprint": inputs.fingerprint(),
             "callbacks": [callback_description(c) for c in callbacks],
@@ -134,9 +228,30 @@ def check_same_run(saved: dict | None, current: dict, directory) -> None:
     differences = [key for key in current if saved.get(key) != current[key]
                    and (key != "prng_impl" or saved_impl is not None)]
     if differences:
-        named = "; ".join(f"{key}: {_difference(saved.get(key), current[key])}" for key in differences)
+        named = "; ".join(f"{key}: {_described_difference(key, saved.get(key), current[key])}"
+                          for key in differences)
         raise ValueError(f"the checkpoint in {directory} is of another run ({named}); pass another "
                          "checkpoint_dir, or delete it to start afresh")
+
+
+def _described_difference(key: str, saved, now) -> str:
+    """One key's difference: the metrics named one by one, else the JSON around where it starts."""
+    if key == "metrics" and isinstance(saved, list):
+        return _metrics_difference(saved, now)
+    return _difference(saved, now)
+
+
+def _metrics_difference(saved: list, now: list) -> str:
+    """Which metrics differ, by name: added, removed, or of another function or setting under one name."""
+    def by_name(entries):
+        return {entry if isinstance(entry, str) else entry.get("name"): entry for entry in entries}
+
+    before, after = by_name(saved), by_name(now)
+    named = [f"{name!r} is another metric than the saved run's ({_difference(before[name], after[name])})"
+             for name in after if name in before and before[name] != after[name]]
+    named += [f"{name!r} is new" for name in after if name not in before]
+    named += [f"{name!r} is gone" for name in before if name not in after]
+    return "; ".join(named) or f"the same metrics in another order (saved {list(before)}, now {list(after)})"
 
 
 def _difference(saved, now) -> str:

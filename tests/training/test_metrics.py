@@ -179,3 +179,31 @@ def test_auc_is_the_exact_auc_of_the_probabilities_rounded_to_their_buckets():
     # Integer counts, exact in float32; the area in float64 on the host as scikit-learn's: float64 roundings only.
     tolerance.assert_close(found["auc"], expected, tolerance.ONE_OP)
 
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def margin_over(threshold: float):
+    """A metric made by a factory: the same code, told apart by the value it closes over."""
+
+    def margin(outputs, batch):
+        return (outputs[:, 0] * (2 * batch["y"] - 1) > threshold).astype(jnp.float32)
+
+    return margin
+
+
+def test_a_resume_takes_the_same_metric_function_built_again_and_refuses_another_by_name(tmp_path):
+    logits, y = binary_data(n=40)
+    x = logits[:, None]
+
+    def train(metric, epochs):
+        return fit(MLP(features=(4,), num_outputs=1), x, y, loss=BCE, metrics=["auc", metric], epochs=epochs,
+                   batch_size=16, verbose=0, checkpoint_dir=tmp_path)
+
+    _, first = train(margin_over(0.5), 1)
+    with pytest.raises(ValueError, match=r"metrics: 'margin' is another metric than the saved run's"):
+        train(margin_over(0.25), 2)
+    state, history = train(margin_over(0.5), 2)  # the function built again: another object, the same metric
+    assert int(state.step) == 6 and history["margin"][0] == first["margin"][0] and len(history["margin"]) == 2
+    description = metrics.get_metric(margin_over(0.5))
+    assert description.name == "margin" and description.reads_batch
