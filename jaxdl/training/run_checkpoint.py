@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxdl.data.arrays import positive_int
 from jaxdl.models.saving import keys_as_data, keys_like
@@ -140,6 +141,33 @@ def _named_values(value) -> dict:
     return json.loads(json.dumps(named, default=str))
 
 
+def optimizer_probe(optimizer) -> list[float] | None:
+    """Where three steps of `optimizer` take a probe's two parameters (on the CPU), or None where it cannot.
+
+    Optax keeps a learning rate and the like in closures, not in the
+    optimizer state: the steps on a fixed probe show them (Adam(1e-3) and
+    Adam(1e-1) go apart from the first step, SGD and SGD with momentum from
+    the second), and the same optimizer built again in another process steps
+    alike. An optimizer that cannot take a one-leaf tree (labels or a mask
+    per parameter, extra arguments) gives None: its hyperparameters are
+    compared as `_named_values` reads them.
+    """
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend in this process: the default device
+        cpu = None
+    try:
+        with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
+            params = {"probe": np.asarray([0.5, -1.5], np.float32)}
+            state = optimizer.init(params)
+            for gradient in ([0.25, -0.5], [-1.0, 0.75], [0.5, 0.5]):
+                updates, state = optimizer.update({"probe": np.asarray(gradient, np.float32)}, state, params)
+                params = optax.apply_updates(params, updates)
+            return [float(value) for value in np.asarray(params["probe"])]
+    except Exception:  # noqa: BLE001 - any optimizer may refuse the probe, in its own way
+        return None
+
+
 def function_description(function) -> dict:
     """A function of yours as a run checkpoint records it: its name, module and qualified name, and a digest of
     its code and of the plain values it closes over (a threshold given to a factory of metrics), so that the
@@ -175,9 +203,10 @@ def metric_description(metric):
 def run_config(model, state, plan: RunPlan, inputs: InputAdapter, callbacks: Sequence) -> dict:
     """What must be equal for a checkpoint to continue this run (JSON): a difference is named, not loaded.
 
-    Read from the model and state, the run's plan (loss, metrics, batch size,
-    seed, ...), the input adapter (its kind, size, order and identity) and
-    the callbacks' settings.
+    Read from the model and state (the optimizer: its state's structure, the
+    hyperparameters its functions close over, its steps on a probe), the
+    run's plan (loss, metrics, batch size, seed, ...), the input adapter (its
+    kind, size, order and identity) and the callbacks' settings.
     """
     from jaxdl.models import model_config
 
@@ -196,22 +225,43 @@ def run_config(model, state, plan: RunPlan, inputs: InputAdapter, callbacks: Seq
             "data": inputs.kind, "examples": inputs.num_examples, "batches_per_epoch": inputs.batches_per_epoch,
             "validation_split": inputs.validation_split, "data_fingerprint": inputs.fingerprint(),
             "callbacks": [callback_description(c) for c in callbacks],
-            "prng_impl": str(jax.random.key_impl(state.dropout_rng))}
+            "prng_impl": str(jax.random.key_impl(state.dropout_rng)),
+            "optimizer_hyperparameters": _named_values(state.tx), "optimizer_probe": optimizer_probe(state.tx)}
 
 
-def check_same_run(saved: dict | None, current: dict, directory) -> None:
+# The optimizer's hyperparameters: what `resume_with_new_optimizer=True` lets differ.
+OPTIMIZER_HYPERPARAMETERS = ("optimizer_hyperparameters", "optimizer_probe")
+# Recorded by later versions of jaxdl: a checkpoint written before one was recorded is not compared on it.
+_RECORDED_LATER = ("prng_impl", *OPTIMIZER_HYPERPARAMETERS)
+
+
+def _same(key: str, saved, now) -> bool:
+    if key == "optimizer_probe" and saved is not None and now is not None:
+        # The same steps computed on another processor differ by a few roundings (a square root, a division,
+        # FMA contraction); 1e-5 relative is ~80 float32 eps, and another hyperparameter moves them far more.
+        return len(saved) == len(now) and bool(np.allclose(saved, now, rtol=1e-5, atol=1e-7, equal_nan=True))
+    return saved == now
+
+
+def check_same_run(saved: dict | None, current: dict, directory, new_optimizer: bool = False) -> bool:
     """Refuses a checkpoint whose config differs from this call's, naming every difference.
 
     Keys of another PRNG implementation (`jax_default_prng_impl`) are
     refused first, by name: their data has another shape, and the run's
     random numbers (dropout, shuffling) would not be those of the saved run.
-    A checkpoint written before jaxdl recorded the implementation is not
-    compared on it.
+    A checkpoint written before jaxdl recorded the implementation (or the
+    optimizer's hyperparameters) is not compared on it.
 
     Args:
         saved: the config saved in the checkpoint (None when it has none).
         current: this call's (`run_config`).
         directory: the checkpoint directory, for the messages.
+        new_optimizer: accept other optimizer hyperparameters (a learning
+            rate); the structure of its state must still be the same.
+
+    Returns:
+        Whether the optimizer's hyperparameters differ (accepted with
+        `new_optimizer`).
 
     Raises:
         ValueError: naming the PRNG implementations, or every difference.
@@ -225,17 +275,36 @@ def check_same_run(saved: dict | None, current: dict, directory) -> None:
                          f"{impl} (jax_default_prng_impl): to resume it, call "
                          f"jax.config.update('jax_default_prng_impl', '{saved_impl}') (or set "
                          f"JAX_DEFAULT_PRNG_IMPL={saved_impl}) before fit; or pass another checkpoint_dir")
-    differences = [key for key in current if saved.get(key) != current[key]
-                   and (key != "prng_impl" or saved_impl is not None)]
+    differences = [key for key in current if (saved.get(key) is not None or key not in _RECORDED_LATER)
+                   and not _same(key, saved.get(key), current[key])]
+    optimizer_differs = any(key in OPTIMIZER_HYPERPARAMETERS for key in differences)
+    if new_optimizer:
+        differences = [key for key in differences if key not in OPTIMIZER_HYPERPARAMETERS]
     if differences:
+        if "optimizer_hyperparameters" in differences and "optimizer_probe" in differences:
+            differences.remove("optimizer_probe")  # the named hyperparameters say it
         named = "; ".join(f"{key}: {_described_difference(key, saved.get(key), current[key])}"
                           for key in differences)
+        accept = (", or pass resume_with_new_optimizer=True to go on from the saved state with this call's "
+                  "optimizer" if set(differences) <= set(OPTIMIZER_HYPERPARAMETERS) else "")
         raise ValueError(f"the checkpoint in {directory} is of another run ({named}); pass another "
-                         "checkpoint_dir, or delete it to start afresh")
+                         f"checkpoint_dir, or delete it to start afresh{accept}")
+    return optimizer_differs
 
 
 def _described_difference(key: str, saved, now) -> str:
-    """One key's difference: the metrics named one by one, else the JSON around where it starts."""
+    """One key's difference: named entries for the optimizer's hyperparameters and the metrics, else the JSON."""
+    if key == "optimizer_hyperparameters":
+        absent = "(absent)"
+        changed = [f"{name} saved {saved.get(name, absent)}, now {now.get(name, absent)}"
+                   + (" (minus the learning rate)" if name.endswith("step_size") else "")
+                   for name in [*now, *(name for name in saved if name not in now)]
+                   if saved.get(name, absent) != now.get(name, absent)]
+        more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
+        return "; ".join(changed[:6]) + more
+    if key == "optimizer_probe":
+        return (f"its steps on a probe go elsewhere (saved {saved}, now {now}): another learning rate or "
+                "hyperparameter")
     if key == "metrics" and isinstance(saved, list):
         return _metrics_difference(saved, now)
     return _difference(saved, now)
@@ -293,6 +362,19 @@ def with_arrays(state, arrays: dict):
                          batch_stats=keys_like(state.batch_stats, arrays["batch_stats"]),
                          step=jnp.asarray(arrays["step"], jnp.int32),
                          dropout_rng=key, dynamic_scale=scale)
+
+
+def with_hyperparameters_of(state, opt_state):
+    """`state` whose `optax.inject_hyperparams` states hold the hyperparameters of `opt_state` (same structure)."""
+    injected = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+    def is_injected(node) -> bool:
+        return isinstance(node, injected)
+
+    def take(restored, fresh):
+        return restored._replace(hyperparams=fresh.hyperparams) if is_injected(restored) else restored
+
+    return state.replace(opt_state=jax.tree.map(take, state.opt_state, opt_state, is_leaf=is_injected))
 
 
 def _tree_like(state, totals: dict, meta: dict) -> dict:
@@ -524,7 +606,10 @@ class RunCheckpoints:
     `config` (see `run_config`) is saved with every checkpoint and compared
     before one is restored. Callbacks' saved states are matched by their
     place in a list whose classes and settings the config has already
-    checked to be the same.
+    checked to be the same. With `new_optimizer`, a checkpoint whose
+    optimizer had other hyperparameters is resumed with this call's: its
+    state (moments, step count) is restored, and the hyperparameters that
+    `optax.inject_hyperparams` keeps in the state are this call's.
     """
 
     saver: CheckpointStore
@@ -533,6 +618,7 @@ class RunCheckpoints:
     batches_per_epoch: int
     config: dict
     restored: tuple | None = None
+    new_optimizer: bool = False
 
     @property
     def directory(self):
@@ -540,13 +626,20 @@ class RunCheckpoints:
 
     def restore(self, run, previous, zero_totals: dict):
         """Puts the newest readable checkpoint into `run`; returns `(previous, Resume or None)`."""
-        self.restored = self.saver.restore(lambda meta: _tree_like(run.state, zero_totals, meta),
-                                           lambda meta: check_same_run(meta.get("config"), self.config,
-                                                                       self.saver.directory))
+        optimizer_differs = []
+
+        def check(meta):
+            optimizer_differs.append(check_same_run(meta.get("config"), self.config, self.saver.directory,
+                                                    self.new_optimizer))
+
+        self.restored = self.saver.restore(lambda meta: _tree_like(run.state, zero_totals, meta), check)
         if self.restored is None:
             return previous, None
         meta, tree = self.restored
+        fresh = run.state.opt_state
         run.state, previous = with_arrays(run.state, tree["state"]), with_arrays(run.state, tree["previous"])
+        if optimizer_differs[-1]:  # resumed with a new optimizer: its own injected hyperparameters
+            run.state, previous = (with_hyperparameters_of(state, fresh) for state in (run.state, previous))
         run.history, run.resumed_epoch, run.stop_training = meta["history"], meta["epoch"], meta["stop_training"]
         run.resumed_batches = meta["batches_done"]
         if not meta["batches_done"]:
