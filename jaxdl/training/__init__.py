@@ -3,13 +3,14 @@
 `trainer` (fit, evaluate, predict), `plan` (a run's checked settings, one
 frozen value), `steps` (the train state and the compiled step factories),
 `epoch_loop` (the loops over one epoch's batches),
-`adapters` (arrays and sources as batches), `callbacks`, `losses` (losses and
-metrics), `precision` (mixed precision), `run_checkpoint` (a run's
+`adapters` (arrays and sources as batches), `callbacks`, `losses` (losses),
+`metrics` (metrics: names, your functions, top-k, precision, recall, AUC),
+`precision` (mixed precision), `run_checkpoint` (a run's
 checkpoints and resuming), `uncertainty` (Monte-Carlo dropout) and `sweeps`
 (grid sweeps). Training builds on `jaxdl.models`, `jaxdl.runtime` and
 `jaxdl.data`; none of those imports it.
 """
-from jaxdl.training import losses
+from jaxdl.training import losses, metrics
 from jaxdl.training.callbacks import (
     Callback,
     CSVLogger,
@@ -31,6 +32,6 @@ __all__ = [
     "fit", "evaluate", "predict",
     "TrainState", "create_train_state", "make_eval_step", "make_train_step", "metrics_from_sums",
     "Callback", "CSVLogger", "EarlyStopping", "FitRun", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
-    "CheckpointSaveError", "with_precision", "losses", "confusion_matrix",
+    "CheckpointSaveError", "with_precision", "losses", "metrics", "confusion_matrix",
     "mc_predict", "SweepTable", "configurations", "sweep",
 ]

@@ -70,9 +70,10 @@ class Callback:
 
 
 def _direction(owner: str, monitor: str, mode: str) -> str:
-    """'min' or 'max'. 'auto' maximises accuracies and AUCs and minimises everything else (losses, errors)."""
+    """'min' or 'max'. 'auto' maximises accuracies, AUCs, precisions and recalls and minimises everything else
+    (losses, errors, your own metrics: give those a mode)."""
     if mode == "auto":
-        mode = "max" if ("acc" in monitor or monitor.endswith("auc")) else "min"
+        mode = "max" if ("acc" in monitor or monitor.endswith(("auc", "precision", "recall"))) else "min"
     if mode not in ("min", "max"):
         raise ValueError(f"{owner} mode must be 'min', 'max' or 'auto', got {mode!r}")
     return mode

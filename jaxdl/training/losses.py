@@ -1,13 +1,13 @@
-"""Per-example losses and metrics, built on optax.
+"""Per-example losses, and the per-example values of some metrics, built on optax.
 
 Every function here maps a batch of model outputs and labels to one value per
 example, so that a train step can mask padded examples and `fit` can average
 exactly over the real ones. Models return logits; the softmax or sigmoid
-lives in the loss, as with Keras's `from_logits=True`.
+lives in the loss, as with Keras's `from_logits=True`. The metrics themselves
+(their names, your own functions, precision, AUC) are `jaxdl.training.metrics`.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax.numpy as jnp
@@ -86,33 +86,6 @@ def correct(logits, labels):
 
 def absolute_error(outputs, targets):
     return _per_example_mean(jnp.abs(outputs - _as_output_shape(outputs, targets)))
-
-
-@dataclasses.dataclass(frozen=True)
-class Metric:
-    """A metric as a per-example value averaged over the data, then `finalize`d.
-
-    RMSE, for instance, averages squared errors and takes the root at the end,
-    so that it stays exact when batches are combined.
-    """
-
-    per_example: PerExample
-    finalize: Callable[[float], float] = lambda mean: mean
-
-
-METRICS: dict[str, Metric] = {
-    "accuracy": Metric(correct),
-    "mae": Metric(absolute_error),
-    "mse": Metric(mean_squared_error),
-    "rmse": Metric(mean_squared_error, finalize=lambda mean: mean ** 0.5),
-}
-
-
-def get_metric(name: str) -> Metric:
-    try:
-        return METRICS[name]
-    except KeyError:
-        raise ValueError(f"unknown metric {name!r}; choose from {sorted(METRICS)}") from None
 
 
 def confusion_matrix(labels, predictions, num_classes: int) -> jnp.ndarray:

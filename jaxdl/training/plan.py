@@ -22,7 +22,8 @@ class RunPlan:
     Attributes:
       loss: a loss name from `jaxdl.training.losses` or a function
         `(outputs, batch) -> per-example loss`.
-      metrics: the metric names, checked.
+      metrics: the metrics (names, `Metric`s, functions), checked
+        (`jaxdl.training.metrics.checked`).
       batch_size: examples per step over all devices.
       mesh: the `jax.sharding.Mesh` whose `data` axis splits each batch.
       whole_limit: the bytes per device that in-memory data may take to be
@@ -47,7 +48,7 @@ class RunPlan:
     """
 
     loss: Any
-    metrics: tuple[str, ...]
+    metrics: tuple
     batch_size: int
     mesh: Any
     whole_limit: int

@@ -24,18 +24,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import time
+import types
 import warnings
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxdl.data.arrays import positive_int
 from jaxdl.models.saving import keys_as_data, keys_like
+from jaxdl.training import metrics as metric_sums
 from jaxdl.training.epoch_loop import Resume
 
 if TYPE_CHECKING:
@@ -79,12 +84,129 @@ def callback_description(callback) -> dict:
     return {"class": name, "settings": json.loads(json.dumps(settings, default=str))}
 
 
+def _plain_values(value, path: str, found: list, seen: set, depth: int = 0) -> None:
+    """Appends `(path, value)` for every plain value reachable from `value` through closures, partials, tuples,
+    lists and dicts: numbers, strings, dtypes and small arrays, each under a path naming where it was found
+    (`scale.step_size`: the `step_size` a function made by optax's `scale` closes over). Other objects are
+    recorded by their type's name, never by their `repr` (which may hold an address)."""
+    if len(found) >= 256 or depth > 12:
+        return
+    if value is None or isinstance(value, (bool, int, float, str)):
+        found.append((path, value))
+    elif isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        array = np.asarray(value)
+        found.append((path, array.tolist() if array.size <= 16 else f"{array.dtype} array of shape {array.shape}"))
+    elif isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        found.append((path, str(np.dtype(value))))
+    elif isinstance(value, type) and isinstance(getattr(value, "dtype", None), np.dtype):  # jnp.bfloat16
+        found.append((path, str(value.dtype)))
+    elif id(value) in seen:
+        return
+    elif isinstance(value, types.FunctionType):
+        seen.add(id(value))
+        owner = value.__qualname__.split(".")[0]  # the factory that made it: `scale` for optax.scale's update
+        for name, cell in zip(value.__code__.co_freevars, value.__closure__ or ()):
+            with contextlib.suppress(ValueError):  # a cell not filled yet
+                _plain_values(cell.cell_contents, f"{owner}.{name}", found, seen, depth + 1)
+    elif isinstance(value, functools.partial):
+        seen.add(id(value))
+        _plain_values((value.func, value.args, value.keywords), path, found, seen, depth + 1)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple: optax's GradientTransformation
+        seen.add(id(value))
+        for field in value._fields:
+            _plain_values(getattr(value, field), path, found, seen, depth + 1)
+    elif isinstance(value, (tuple, list)):
+        seen.add(id(value))
+        for index, item in enumerate(value):
+            _plain_values(item, f"{path}[{index}]", found, seen, depth + 1)
+    elif isinstance(value, dict):
+        seen.add(id(value))
+        for key, item in value.items():
+            _plain_values(item, f"{path}[{key!r}]", found, seen, depth + 1)
+    else:
+        found.append((path, type(value).__qualname__))
+
+
+def _named_values(value) -> dict:
+    """`_plain_values` as `{path: value}` (JSON): a path met again with another value gets a number."""
+    found: list = []
+    _plain_values(value, "", found, set())
+    named: dict = {}
+    for path, item in found:
+        key, number = path, 1
+        while key in named and named[key] != item:
+            number += 1
+            key = f"{path} ({number})"
+        named[key] = item
+    return json.loads(json.dumps(named, default=str))
+
+
+def optimizer_probe(optimizer) -> list[float] | None:
+    """Where three steps of `optimizer` take a probe's two parameters (on the CPU), or None where it cannot.
+
+    Optax keeps a learning rate and the like in closures, not in the
+    optimizer state: the steps on a fixed probe show them (Adam(1e-3) and
+    Adam(1e-1) go apart from the first step, SGD and SGD with momentum from
+    the second), and the same optimizer built again in another process steps
+    alike. An optimizer that cannot take a one-leaf tree (labels or a mask
+    per parameter, extra arguments) gives None: its hyperparameters are
+    compared as `_named_values` reads them.
+    """
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend in this process: the default device
+        cpu = None
+    try:
+        with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
+            params = {"probe": np.asarray([0.5, -1.5], np.float32)}
+            state = optimizer.init(params)
+            for gradient in ([0.25, -0.5], [-1.0, 0.75], [0.5, 0.5]):
+                updates, state = optimizer.update({"probe": np.asarray(gradient, np.float32)}, state, params)
+                params = optax.apply_updates(params, updates)
+            return [float(value) for value in np.asarray(params["probe"])]
+    except Exception:  # noqa: BLE001 - any optimizer may refuse the probe, in its own way
+        return None
+
+
+def function_description(function) -> dict:
+    """A function of yours as a run checkpoint records it: its name, module and qualified name, and a digest of
+    its code and of the plain values it closes over (a threshold given to a factory of metrics), so that the
+    same function defined again in another process is the same, and another one of the same name is not."""
+    digest = hashlib.sha256()
+    code = getattr(function, "__code__", None)
+
+    def feed(code, doc=None):
+        digest.update(code.co_code + repr(code.co_names).encode())
+        for constant in code.co_consts:
+            if isinstance(constant, types.CodeType):
+                feed(constant)
+            elif isinstance(constant, frozenset):  # a set's order depends on the process's string hashing
+                digest.update(repr(sorted(map(repr, constant))).encode())
+            elif doc is None or constant is not doc:  # its docstring may change
+                digest.update(repr(constant).encode())
+
+    if code is not None:
+        feed(code, function.__doc__)
+    closed_over = _named_values((function, getattr(function, "__defaults__", None)))
+    digest.update(json.dumps(closed_over, sort_keys=True).encode())
+    return {"name": metric_sums.name_of(function),
+            "function": f"{getattr(function, '__module__', None)}.{getattr(function, '__qualname__', None)}",
+            "code": digest.hexdigest()[:16]}
+
+
+def metric_description(metric):
+    """A metric as a run checkpoint records it: a built-in's name (with its settings), a function's description."""
+    found = metric_sums.get_metric(metric)
+    return function_description(metric) if found.reads_batch else found.description()
+
+
 def run_config(model, state, plan: RunPlan, inputs: InputAdapter, callbacks: Sequence) -> dict:
     """What must be equal for a checkpoint to continue this run (JSON): a difference is named, not loaded.
 
-    Read from the model and state, the run's plan (loss, metrics, batch size,
-    seed, ...), the input adapter (its kind, size, order and identity) and
-    the callbacks' settings.
+    Read from the model and state (the optimizer: its state's structure, the
+    hyperparameters its functions close over, its steps on a probe), the
+    run's plan (loss, metrics, batch size, seed, ...), the input adapter (its
+    kind, size, order and identity) and the callbacks' settings.
     """
     from jaxdl.models import model_config
 
@@ -98,26 +220,48 @@ def run_config(model, state, plan: RunPlan, inputs: InputAdapter, callbacks: Seq
             "optimizer": f"{jax.tree.structure(state.opt_state)} {shapes}",
             "input_shape": list(state.input_shape), "batch_size": plan.batch_size, "seed": plan.seed,
             "shuffle": inputs.shuffle, "drop_remainder": inputs.drop_remainder, "loss": plan.loss_description(),
-            "metrics": list(plan.metrics), "checkpoint_every": plan.every_steps, "train_flag": plan.train_flag,
+            "metrics": [metric_description(metric) for metric in plan.metrics],
+            "checkpoint_every": plan.every_steps, "train_flag": plan.train_flag,
             "data": inputs.kind, "examples": inputs.num_examples, "batches_per_epoch": inputs.batches_per_epoch,
             "validation_split": inputs.validation_split, "data_fingerprint": inputs.fingerprint(),
             "callbacks": [callback_description(c) for c in callbacks],
-            "prng_impl": str(jax.random.key_impl(state.dropout_rng))}
+            "prng_impl": str(jax.random.key_impl(state.dropout_rng)),
+            "optimizer_hyperparameters": _named_values(state.tx), "optimizer_probe": optimizer_probe(state.tx)}
 
 
-def check_same_run(saved: dict | None, current: dict, directory) -> None:
+# The optimizer's hyperparameters: what `resume_with_new_optimizer=True` lets differ.
+OPTIMIZER_HYPERPARAMETERS = ("optimizer_hyperparameters", "optimizer_probe")
+# Recorded by later versions of jaxdl: a checkpoint written before one was recorded is not compared on it.
+_RECORDED_LATER = ("prng_impl", *OPTIMIZER_HYPERPARAMETERS)
+
+
+def _same(key: str, saved, now) -> bool:
+    if key == "optimizer_probe" and saved is not None and now is not None:
+        # The same steps computed on another processor differ by a few roundings (a square root, a division,
+        # FMA contraction); 1e-5 relative is ~80 float32 eps, and another hyperparameter moves them far more.
+        return len(saved) == len(now) and bool(np.allclose(saved, now, rtol=1e-5, atol=1e-7, equal_nan=True))
+    return saved == now
+
+
+def check_same_run(saved: dict | None, current: dict, directory, new_optimizer: bool = False) -> bool:
     """Refuses a checkpoint whose config differs from this call's, naming every difference.
 
     Keys of another PRNG implementation (`jax_default_prng_impl`) are
     refused first, by name: their data has another shape, and the run's
     random numbers (dropout, shuffling) would not be those of the saved run.
-    A checkpoint written before jaxdl recorded the implementation is not
-    compared on it.
+    A checkpoint written before jaxdl recorded the implementation (or the
+    optimizer's hyperparameters) is not compared on it.
 
     Args:
         saved: the config saved in the checkpoint (None when it has none).
         current: this call's (`run_config`).
         directory: the checkpoint directory, for the messages.
+        new_optimizer: accept other optimizer hyperparameters (a learning
+            rate); the structure of its state must still be the same.
+
+    Returns:
+        Whether the optimizer's hyperparameters differ (accepted with
+        `new_optimizer`).
 
     Raises:
         ValueError: naming the PRNG implementations, or every difference.
@@ -131,12 +275,52 @@ def check_same_run(saved: dict | None, current: dict, directory) -> None:
                          f"{impl} (jax_default_prng_impl): to resume it, call "
                          f"jax.config.update('jax_default_prng_impl', '{saved_impl}') (or set "
                          f"JAX_DEFAULT_PRNG_IMPL={saved_impl}) before fit; or pass another checkpoint_dir")
-    differences = [key for key in current if saved.get(key) != current[key]
-                   and (key != "prng_impl" or saved_impl is not None)]
+    differences = [key for key in current if (saved.get(key) is not None or key not in _RECORDED_LATER)
+                   and not _same(key, saved.get(key), current[key])]
+    optimizer_differs = any(key in OPTIMIZER_HYPERPARAMETERS for key in differences)
+    if new_optimizer:
+        differences = [key for key in differences if key not in OPTIMIZER_HYPERPARAMETERS]
     if differences:
-        named = "; ".join(f"{key}: {_difference(saved.get(key), current[key])}" for key in differences)
+        if "optimizer_hyperparameters" in differences and "optimizer_probe" in differences:
+            differences.remove("optimizer_probe")  # the named hyperparameters say it
+        named = "; ".join(f"{key}: {_described_difference(key, saved.get(key), current[key])}"
+                          for key in differences)
+        accept = (", or pass resume_with_new_optimizer=True to go on from the saved state with this call's "
+                  "optimizer" if set(differences) <= set(OPTIMIZER_HYPERPARAMETERS) else "")
         raise ValueError(f"the checkpoint in {directory} is of another run ({named}); pass another "
-                         "checkpoint_dir, or delete it to start afresh")
+                         f"checkpoint_dir, or delete it to start afresh{accept}")
+    return optimizer_differs
+
+
+def _described_difference(key: str, saved, now) -> str:
+    """One key's difference: named entries for the optimizer's hyperparameters and the metrics, else the JSON."""
+    if key == "optimizer_hyperparameters":
+        absent = "(absent)"
+        changed = [f"{name} saved {saved.get(name, absent)}, now {now.get(name, absent)}"
+                   + (" (minus the learning rate)" if name.endswith("step_size") else "")
+                   for name in [*now, *(name for name in saved if name not in now)]
+                   if saved.get(name, absent) != now.get(name, absent)]
+        more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
+        return "; ".join(changed[:6]) + more
+    if key == "optimizer_probe":
+        return (f"its steps on a probe go elsewhere (saved {saved}, now {now}): another learning rate or "
+                "hyperparameter")
+    if key == "metrics" and isinstance(saved, list):
+        return _metrics_difference(saved, now)
+    return _difference(saved, now)
+
+
+def _metrics_difference(saved: list, now: list) -> str:
+    """Which metrics differ, by name: added, removed, or of another function or setting under one name."""
+    def by_name(entries):
+        return {entry if isinstance(entry, str) else entry.get("name"): entry for entry in entries}
+
+    before, after = by_name(saved), by_name(now)
+    named = [f"{name!r} is another metric than the saved run's ({_difference(before[name], after[name])})"
+             for name in after if name in before and before[name] != after[name]]
+    named += [f"{name!r} is new" for name in after if name not in before]
+    named += [f"{name!r} is gone" for name in before if name not in after]
+    return "; ".join(named) or f"the same metrics in another order (saved {list(before)}, now {list(after)})"
 
 
 def _difference(saved, now) -> str:
@@ -178,6 +362,19 @@ def with_arrays(state, arrays: dict):
                          batch_stats=keys_like(state.batch_stats, arrays["batch_stats"]),
                          step=jnp.asarray(arrays["step"], jnp.int32),
                          dropout_rng=key, dynamic_scale=scale)
+
+
+def with_hyperparameters_of(state, opt_state):
+    """`state` whose `optax.inject_hyperparams` states hold the hyperparameters of `opt_state` (same structure)."""
+    injected = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+    def is_injected(node) -> bool:
+        return isinstance(node, injected)
+
+    def take(restored, fresh):
+        return restored._replace(hyperparams=fresh.hyperparams) if is_injected(restored) else restored
+
+    return state.replace(opt_state=jax.tree.map(take, state.opt_state, opt_state, is_leaf=is_injected))
 
 
 def _tree_like(state, totals: dict, meta: dict) -> dict:
@@ -409,7 +606,10 @@ class RunCheckpoints:
     `config` (see `run_config`) is saved with every checkpoint and compared
     before one is restored. Callbacks' saved states are matched by their
     place in a list whose classes and settings the config has already
-    checked to be the same.
+    checked to be the same. With `new_optimizer`, a checkpoint whose
+    optimizer had other hyperparameters is resumed with this call's: its
+    state (moments, step count) is restored, and the hyperparameters that
+    `optax.inject_hyperparams` keeps in the state are this call's.
     """
 
     saver: CheckpointStore
@@ -418,6 +618,7 @@ class RunCheckpoints:
     batches_per_epoch: int
     config: dict
     restored: tuple | None = None
+    new_optimizer: bool = False
 
     @property
     def directory(self):
@@ -425,13 +626,20 @@ class RunCheckpoints:
 
     def restore(self, run, previous, zero_totals: dict):
         """Puts the newest readable checkpoint into `run`; returns `(previous, Resume or None)`."""
-        self.restored = self.saver.restore(lambda meta: _tree_like(run.state, zero_totals, meta),
-                                           lambda meta: check_same_run(meta.get("config"), self.config,
-                                                                       self.saver.directory))
+        optimizer_differs = []
+
+        def check(meta):
+            optimizer_differs.append(check_same_run(meta.get("config"), self.config, self.saver.directory,
+                                                    self.new_optimizer))
+
+        self.restored = self.saver.restore(lambda meta: _tree_like(run.state, zero_totals, meta), check)
         if self.restored is None:
             return previous, None
         meta, tree = self.restored
+        fresh = run.state.opt_state
         run.state, previous = with_arrays(run.state, tree["state"]), with_arrays(run.state, tree["previous"])
+        if optimizer_differs[-1]:  # resumed with a new optimizer: its own injected hyperparameters
+            run.state, previous = (with_hyperparameters_of(state, fresh) for state in (run.state, previous))
         run.history, run.resumed_epoch, run.stop_training = meta["history"], meta["epoch"], meta["stop_training"]
         run.resumed_batches = meta["batches_done"]
         if not meta["batches_done"]:

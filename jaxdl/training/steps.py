@@ -36,7 +36,7 @@ from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr,
 from jaxdl.models.nnx_modules import nnx_param_filter, nnx_train_flag, split_module
 from jaxdl.runtime import compiler, sharding
 from jaxdl.runtime.inference import apply_in_chunks
-from jaxdl.training import losses
+from jaxdl.training import losses, metrics as metric_sums
 from jaxdl.training.precision import loss_scale, with_precision
 
 
@@ -215,12 +215,13 @@ def new_train_state(apply_fn, params, optimizer: optax.GradientTransformation, *
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
-def _batch_sums(outputs, batch, loss_fn: Callable, metric_names, label_key: str) -> dict:
+def _batch_sums(outputs, batch, loss_fn: Callable, metrics, label_key: str) -> dict:
     """Loss and metric sums over the batch's real examples, and their count.
 
     `mask` (1 real, 0 padding) leaves padding out of everything; `weight`
     scales each example's loss, not its metrics, as Keras's `sample_weight`
-    and `class_weight` do (its `metrics` are unweighted).
+    and `class_weight` do (its `metrics` are unweighted). Each metric's sums
+    take the form its totals take (`jaxdl.training.metrics`).
     """
     outputs = outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))  # half-precision models: float32 loss
     mask = batch.get("mask")
@@ -230,8 +231,8 @@ def _batch_sums(outputs, batch, loss_fn: Callable, metric_names, label_key: str)
     per_example_loss = loss_fn(outputs, batch)
     weighted = per_example_loss * mask if weight is None else per_example_loss * mask * weight
     sums = {"loss": jnp.sum(weighted), "count": jnp.sum(mask)}
-    for name in metric_names:
-        sums[name] = jnp.sum(losses.get_metric(name).per_example(outputs, batch[label_key]) * mask)
+    for metric in metrics:
+        sums[metric_sums.name_of(metric)] = metric_sums.batch_sums(metric, outputs, batch, label_key, mask)
     return sums
 
 
@@ -241,12 +242,10 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
 
 
-def checked_metric_names(metrics: Sequence[str]) -> tuple[str, ...]:
-    """The metric names, each looked up now so that a typo fails before anything compiles."""
-    names = tuple(metrics)
-    for name in names:
-        losses.get_metric(name)
-    return names
+def checked_metric_names(metrics: Sequence) -> tuple:
+    """The metrics (names, functions, `Metric`s), each looked up now so that a typo fails before anything
+    compiles (`jaxdl.training.metrics.checked`)."""
+    return metric_sums.checked(metrics)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,13 +259,15 @@ class StepSpec:
     the step is traced, see `jaxdl.models.contract`), `rng_streams` the random
     streams it draws from in training.
     `loss` is a name from `jaxdl.training.losses` (comparing outputs with
-    `batch[label_key]`) or a function `(outputs, batch) -> per-example loss`.
+    `batch[label_key]`) or a function `(outputs, batch) -> per-example loss`;
+    `metrics` are names, functions `(outputs, batch) -> per-example values`
+    or `Metric`s (`jaxdl.training.metrics`).
     `mesh` (see `jaxdl.runtime.sharding`) splits the batch over its `data` axis and
     keeps the state whole on every device; None leaves placement to JAX.
     """
 
     loss: Any
-    metrics: tuple[str, ...] = ("accuracy",)
+    metrics: tuple = ("accuracy",)
     input_key: str = "x"
     label_key: str = "y"
     train_flag: str | None = AUTO
@@ -282,7 +283,8 @@ class StepSpec:
 
     def check_batch(self, batch) -> None:
         """A clear error when the batch lacks what this contract reads (raised while tracing)."""
-        needed = [self.input_key] + ([self.label_key] if self.metrics or not callable(self.loss) else [])
+        reads_labels = metric_sums.reads_labels(self.metrics) or not callable(self.loss)
+        needed = [self.input_key] + ([self.label_key] if reads_labels else [])
         if not isinstance(batch, dict) or any(key not in batch for key in needed):
             present = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise ValueError(f"the step reads batch[{self.input_key!r}] (the model's input) and batch"
@@ -417,7 +419,9 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
       loss: a loss name from `jaxdl.training.losses` (e.g.
         "sparse_categorical_crossentropy") or a function
         `(outputs, batch) -> per-example loss`.
-      metrics: metric names from `jaxdl.training.losses`, each summed per batch;
+      metrics: metrics, each summed per batch: names ("accuracy", "mae",
+        "precision", "auc", ...), functions `(outputs, batch) -> per-example
+        values` (or `(sums, counts)`) or `Metric`s of `jaxdl.training.metrics`;
         default accuracy.
       jit: True (default) compiles the step with `jaxdl.runtime.compiler.jit`,
         donating the incoming state (pass the returned one on); False returns
@@ -442,7 +446,7 @@ def make_train_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool =
       the state has no `dropout_rng`.
 
     Raises:
-      ValueError: here, for an unknown loss or metric name or a bad
+      ValueError: here, for an unknown loss or metric, a clash of metric names or a bad
         `train_flag`; from the step, for a batch without `input_key` or
         `label_key`, a padded batch (with `mask`) given to a model with
         BatchNorm statistics (padding would enter them: give it unpadded
@@ -478,7 +482,7 @@ def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = 
     Args:
       loss: a loss name from `jaxdl.training.losses` or a function
         `(outputs, batch) -> per-example loss`.
-      metrics: metric names from `jaxdl.training.losses`; default accuracy.
+      metrics: metrics as `make_train_step` takes them; default accuracy.
       jit: True (default) compiles the step (the state is not donated);
         False returns the plain function to compose.
       input_key: the batch key holding the model's input; default "x".
@@ -490,10 +494,10 @@ def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = 
 
     Returns:
       `eval_step(state, batch) -> sums`, a dict of summed `loss`, each metric
-      and `count`.
+      (by name) and `count`.
 
     Raises:
-      ValueError: here, for an unknown loss or metric name or a bad
+      ValueError: here, for an unknown loss or metric, a clash of metric names or a bad
         `train_flag`; from the step, for a batch without `input_key` or
         `label_key`, or a state an earlier compiled train step donated.
     """
@@ -520,13 +524,13 @@ def make_eval_step(loss, metrics: Sequence[str] = ("accuracy",), *, jit: bool = 
 
 
 def metrics_from_sums(sums: dict, prefix: str = "") -> dict[str, float]:
-    """Means from step sums (fetched to the host), with each metric's finalizer applied."""
+    """The loss and metrics from step sums (fetched to the host): the mean loss, each metric read from its
+    totals' form (`jaxdl.training.metrics.metric_value`: means, ratios, ROC counts)."""
     sums = jax.device_get(sums)
     count = max(float(sums["count"]), 1.0)
-    result = {}
-    for name in ["loss"] + sorted(set(sums) - {"loss", "count"}):  # Keras's order: loss first
-        mean = float(sums[name]) / count
-        result[prefix + name] = mean if name == "loss" else float(losses.get_metric(name).finalize(mean))
+    result = {prefix + "loss": float(sums["loss"]) / count}
+    for name in sorted(set(sums) - {"loss", "count"}):  # Keras's order: loss first
+        result[prefix + name] = metric_sums.metric_value(name, sums[name], count)
     return result
 
 
@@ -766,10 +770,10 @@ def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: 
     return _has_convolution(inference_jaxpr(apply_fn, variables, input_shape, train_flag).jaxpr)
 
 
-def zero_totals(metrics: Sequence[str]) -> dict:
+def zero_totals(metrics: Sequence) -> dict:
     """The `totals` a streamed epoch starts from (see `compiled_steps`)."""
-    totals = {name: jnp.zeros((), jnp.float32) for name in ("loss", "count", *metrics)}
-    return {**totals, "accepted_steps": jnp.zeros((), jnp.int32)}
+    totals = {name: jnp.zeros((), jnp.float32) for name in ("loss", "count")}
+    return {**totals, **metric_sums.zeros(metrics), "accepted_steps": jnp.zeros((), jnp.int32)}
 
 
 @_cached_by_arguments

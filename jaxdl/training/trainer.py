@@ -104,7 +104,8 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
       y: the labels of array `x`; None for a source.
       loss: a loss name from `jaxdl.training.losses` or a function
         `(outputs, batch) -> per-example loss`. Required.
-      metrics: metric names from `jaxdl.training.losses`; default accuracy.
+      metrics: metrics as `fit` takes them (names, `Metric`s, your
+        functions); default accuracy.
       batch_size: examples per compiled step; it must split evenly over the
         `mesh`'s devices. Default 256.
       features: for a source, the `(input, label)` feature names (see `fit`).
@@ -472,6 +473,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         features: Sequence[str] | None = None, transform: Callable | None = None,
         steps_per_epoch: int | None = None, steps_per_execution: int = 1,
         checkpoint_dir=None, checkpoint_every: int | str = "epoch", keep: int = 3,
+        resume_with_new_optimizer: bool = False,
         mesh=None, precision: str | None = None, train_flag: str | None = AUTO,
         rng_streams: Sequence[str] = ("dropout", "augment"), cache: bool | int | str = "auto",
         device_data_bytes: int | str = "auto", wrt=None,
@@ -513,8 +515,13 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         `(outputs, batch) -> per-example loss`. Required.
       optimizer: an optax `GradientTransformation`; None (default) is
         Adam(1e-3), or the state's own optimizer when `state` is given.
-      metrics: metric names from `jaxdl.training.losses`, reported for training and
-        validation; default accuracy.
+      metrics: the metrics reported for training and validation: names
+        ("accuracy", "mae", "mse", "rmse", "sparse_top_k_categorical_accuracy",
+        "top_k_categorical_accuracy", "precision", "recall", "auc"), `Metric`s
+        of `jaxdl.training.metrics` (`sparse_top_k_categorical_accuracy(k=3)`)
+        or your own functions `(outputs, batch) -> per-example values` (or a
+        pair `(sums, counts)` per example, for a ratio of totals), logged under
+        their `__name__`; default accuracy.
       epochs: the epoch number to stop before (training runs epochs
         `initial_epoch` to `epochs - 1`); default 1.
       batch_size: the global batch size; it must split evenly over the
@@ -575,6 +582,14 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       checkpoint_every: "epoch" (default) or a number of steps between
         checkpoints.
       keep: how many of the newest checkpoints to keep; default 3.
+      resume_with_new_optimizer: resume a checkpoint whose optimizer had
+        other hyperparameters (a learning rate, a momentum, a schedule's
+        settings), going on from its saved state (moments, step count) with
+        this call's optimizer, whose hyperparameters `optax.inject_hyperparams`
+        keeps in the state replacing the saved ones. False (default) refuses
+        such a checkpoint, naming what differs. Only with `checkpoint_dir`;
+        an optimizer whose state has another structure (Adam against SGD)
+        is refused either way.
       mesh: a `jax.sharding.Mesh` to train data-parallel over its `data`
         axis (each batch split over the devices, state and arrays
         replicated, gradients summed by `jax.jit`). None (default) is
@@ -637,8 +652,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         kind of `x` that does not take them, a batch that does not split over
         the mesh, a bad `verbose`, `cache` or `device_data_bytes`, a `state`
         given with another model, optimizer or a `precision`,
-        `checkpoint_dir` with an iterable of batches, or a checkpoint in
-        `checkpoint_dir` of another run or unreadable altogether.
+        `checkpoint_dir` with an iterable of batches, `resume_with_new_optimizer`
+        without it, or a checkpoint in `checkpoint_dir` of another run
+        (another optimizer's hyperparameters included, unless
+        `resume_with_new_optimizer`) or unreadable altogether.
       jaxdl.training.run_checkpoint.CheckpointSaveError: when saving a checkpoint
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
@@ -660,6 +677,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     every_steps = None
     if checkpoint_dir is not None and checkpoint_every != "epoch":
         every_steps = arrays.positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
+    if resume_with_new_optimizer not in (False, True) or (resume_with_new_optimizer and checkpoint_dir is None):
+        raise ValueError("resume_with_new_optimizer=True resumes the run in checkpoint_dir with another optimizer: "
+                         f"pass it with checkpoint_dir, as True or False (got {resume_with_new_optimizer!r})")
     init_rng, shuffle_rng = seed_rngs(seed)
     plan = RunPlan(
         loss=loss, metrics=metrics, batch_size=batch_size, mesh=mesh, whole_limit=whole_limit,
@@ -698,20 +718,22 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     run = FitRun(state=state, history={}, model=trained_model, verbose=plan.verbosity)
     checkpoints = None
     if checkpoint_dir is not None:
-        checkpoints = _run_checkpoints(checkpoint_dir, keep, run, inputs, callbacks, plan)
+        checkpoints = _run_checkpoints(checkpoint_dir, keep, run, inputs, callbacks, plan, resume_with_new_optimizer)
     state, history = _run_epochs(run, loop, checkpoints, callbacks, validate, plan)
     if family == "nnx" and is_nnx_module(model):  # trained in place, as nnx.Optimizer.update leaves a module
         update_module(model, state)
     return state, history
 
 
-def _run_checkpoints(directory, keep, run: FitRun, inputs: InputAdapter, callbacks, plan: RunPlan) -> RunCheckpoints:
+def _run_checkpoints(directory, keep, run: FitRun, inputs: InputAdapter, callbacks, plan: RunPlan,
+                     new_optimizer: bool = False) -> RunCheckpoints:
     """The run checkpoint of this call, described once (`run_checkpoint.run_config`)."""
     if not inputs.resumable:
         raise ValueError("checkpoint_dir needs in-memory arrays or a random-access source: an iterable of "
                          "batches cannot be rewound to where a checkpoint stood")
     config = run_config(run.model, run.state, plan, inputs, callbacks)
-    return RunCheckpoints(CheckpointStore(directory, keep), callbacks, plan, inputs.batches_per_epoch, config)
+    return RunCheckpoints(CheckpointStore(directory, keep), callbacks, plan, inputs.batches_per_epoch, config,
+                          new_optimizer=new_optimizer)
 
 
 def _say(verbosity: int, message: str) -> None:

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdl.training import losses
+from jaxdl.training import losses, metrics
 from tests.support import tolerance
 
 LOGITS = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
@@ -33,7 +33,7 @@ def test_regression_losses():
     tolerance.assert_close(losses.mean_squared_error(out, target), [1.0, 9.0], tolerance.ONE_OP)
     tolerance.assert_close(losses.huber(out, target), [0.5, 2.5], tolerance.ONE_OP)
     tolerance.assert_close(losses.absolute_error(out, target), [1.0, 3.0], tolerance.ONE_OP)
-    assert losses.get_metric("rmse").finalize(9.0) == 3.0
+    assert metrics.get_metric("rmse").finalize(9.0) == 3.0
 
 
 def test_accuracy_for_integer_one_hot_and_binary_labels():
@@ -51,4 +51,4 @@ def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown loss 'crossentropy'"):
         losses.get_loss("crossentropy")
     with pytest.raises(ValueError, match="unknown metric 'f1'"):
-        losses.get_metric("f1")
+        metrics.get_metric("f1")

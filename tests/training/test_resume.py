@@ -296,3 +296,75 @@ def test_a_resume_under_another_prng_implementation_is_refused_by_name(tmp_path)
     assert checkpoint_ids(tmp_path) == [3]  # nothing moved aside or written
     state, history = fit(MLP(features=(4,), num_outputs=3), x, y, **options)  # threefry again: it resumes
     assert params_equal(state.params, expected.params) and history == expected_history
+
+
+def test_a_resume_with_another_learning_rate_is_refused_by_name_and_taken_when_asked(tmp_path):
+    """Before: adam(1e-1) resumed a run saved with adam(1e-3) unremarked (optax keeps the rate in a closure, not in
+    the optimizer state that the checkpoint compared)."""
+    import optax
+
+    x, y = blobs(n=20)
+
+    def train(optimizer, epochs, **options):
+        return fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=epochs, batch_size=8, verbose=0,
+                   optimizer=optimizer, **{"checkpoint_dir": tmp_path, **options})
+
+    expected, expected_history = train(optax.adam(1e-3), 2, checkpoint_dir=None)
+    after_one, _ = train(optax.adam(1e-3), 1)
+    with pytest.raises(ValueError, match=r"\(optimizer_hyperparameters: scale.step_size saved -0.001, now -0.1 "
+                                         r"\(minus the learning rate\)\);.* or pass resume_with_new_optimizer=True"):
+        train(optax.adam(1e-1), 2)
+    assert checkpoint_ids(tmp_path) == [3]  # nothing written
+    state, history = train(optax.adam(1e-3), 2)  # the same optimizer, built again
+    assert params_equal(state.params, expected.params) and history == expected_history
+    crash_after(tmp_path, 3)
+    state, history = train(optax.adam(1e-1), 2, resume_with_new_optimizer=True)
+    # Asked for: epoch 1 trains on from the saved state (Adam's moments, its step count) with the new rate.
+    by_hand, _ = fit(None, x, y, loss=CE, epochs=2, initial_epoch=1, batch_size=8, verbose=0,
+                     state=after_one.replace(tx=optax.adam(1e-1)))
+    assert params_equal(state.params, by_hand.params) and not params_equal(state.params, expected.params)
+    assert history["loss"][0] == expected_history["loss"][0] != history["loss"][1]
+    with pytest.raises(ValueError, match="resume_with_new_optimizer=True resumes the run in checkpoint_dir"):
+        train(optax.adam(1e-1), 2, checkpoint_dir=None, resume_with_new_optimizer=True)
+
+
+class Scaled:
+    """An optimizer whose rate lives in an object, where only its steps show it: `-rate * gradient`."""
+
+    def __init__(self, rate):
+        self.rate = rate
+
+    def init(self, params):
+        import optax
+
+        return optax.EmptyState()
+
+    def update(self, updates, state, params=None):
+        return jax.tree.map(lambda g: -self.rate * g, updates), state
+
+
+def test_another_momentum_or_a_rate_seen_only_in_the_steps_is_refused_and_a_new_injected_rate_is_taken(tmp_path):
+    import optax
+
+    x, y = blobs(n=20)
+
+    def train(optimizer, directory, epochs, **options):
+        return fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=epochs, batch_size=8, verbose=0,
+                   optimizer=optimizer, checkpoint_dir=tmp_path / directory, **options)
+
+    train(optax.sgd(0.1), "sgd", 1)
+    for asked in (False, True):  # another state's structure: no optimizer can go on from it
+        with pytest.raises(ValueError, match=r"optimizer: saved .*EmptyState.*now .*TraceState.*; "
+                                             r"optimizer_hyperparameters: trace.accumulator_dtype .*trace.decay "
+                                             r"saved \(absent\), now 0.9" if not asked else "optimizer: saved"):
+            train(optax.sgd(0.1, momentum=0.9), "sgd", 2, resume_with_new_optimizer=asked)
+    train(optax.GradientTransformation(Scaled(0.1).init, Scaled(0.1).update), "object", 1)
+    train(optax.GradientTransformation(Scaled(0.1).init, Scaled(0.1).update), "object", 2)  # built again: taken
+    # The probe [0.5, -1.5] after gradients summing to [-0.25, 0.75]: minus 0.1 or 0.05 times them.
+    with pytest.raises(ValueError, match=r"\(optimizer_probe: its steps on a probe go elsewhere \(saved "
+                                         r"\[0.52499.*, -1.575.*\], now \[0.5125.*, -1.5375.*\]\)"):
+        train(optax.GradientTransformation(Scaled(0.05).init, Scaled(0.05).update), "object", 3)
+    train(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), "injected", 1)
+    state, history = train(optax.inject_hyperparams(optax.sgd)(learning_rate=0.5), "injected", 2,
+                           resume_with_new_optimizer=True)
+    assert history["learning_rate"] == [float(np.float32(0.1)), 0.5]  # the new rate, not the saved state's
