@@ -229,35 +229,39 @@ class _Ignored:
 
 
 @functools.lru_cache(maxsize=64)
-def _traced(apply_fn: Callable, input_shape: tuple, variables: _Ignored, train_flag: str | None):
+def _traced(apply_fn: Callable, input_shape: tuple, variables: _Ignored, train_flag: str | None, input_dtype):
     forward = inference(apply_fn, train_flag)
     shapes = jax.eval_shape(lambda: variables.value)
-    return jax.make_jaxpr(forward)(shapes, jax.ShapeDtypeStruct((1, *input_shape), "float32"))
+    return jax.make_jaxpr(forward)(shapes, jax.ShapeDtypeStruct((1, *input_shape), input_dtype))
 
 
-def inference_jaxpr(apply_fn: Callable, variables: Any, input_shape, train_flag: str | None = AUTO):
-    """The model's operations in inference mode on one float32 example of `input_shape` (nothing computed).
+def inference_jaxpr(apply_fn: Callable, variables: Any, input_shape, train_flag: str | None = AUTO,
+                    input_dtype="float32"):
+    """The model's operations in inference mode on one example of `input_shape` and `input_dtype` (nothing
+    computed): the data's dtype, so that a model on integer tokens (`nn.Embed`) is traced on integers.
 
-    Traced once per model, input shape and flag: one model at one input
+    Traced once per model, input shape, dtype and flag: one model at one input
     shape has one set of operations (and one structure of variables), so
     `fit`'s checks (the loop kind, the outputs' activation and shape) share it.
     """
     train_flag = resolve_train_flag(apply_fn, train_flag)
-    arguments = (apply_fn, tuple(input_shape), _Ignored(variables), train_flag)
+    input_dtype = jax.dtypes.canonicalize_dtype(input_dtype)  # int64 data arrive as int32 without jax_enable_x64
+    arguments = (apply_fn, tuple(input_shape), _Ignored(variables), train_flag, input_dtype)
     try:
         return _traced(*arguments)
     except TypeError:  # an unhashable model: trace it uncached
         return _traced.__wrapped__(*arguments)
 
 
-def traced_outputs(apply_fn: Callable, variables: Any, input_shape: tuple,
-                   train_flag: str | None) -> tuple[str | None, tuple]:
-    """`(final activation, output shape)` of the model on one example of `input_shape`, in inference mode.
+def traced_outputs(apply_fn: Callable, variables: Any, input_shape: tuple, train_flag: str | None,
+                   input_dtype="float32") -> tuple[str | None, tuple]:
+    """`(final activation, output shape)` of the model on one example of `input_shape` (and `input_dtype`),
+    in inference mode.
 
     The activation is "sigmoid" or "softmax" when the outputs come out of
     one (probabilities, not logits), else None.
     """
-    closed = inference_jaxpr(apply_fn, variables, input_shape, train_flag)
+    closed = inference_jaxpr(apply_fn, variables, input_shape, train_flag, input_dtype)
     outputs = closed.jaxpr.outvars
     shape = tuple(closed.out_avals[0].shape) if closed.out_avals else ()
     if len(outputs) != 1:

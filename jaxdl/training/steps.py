@@ -93,8 +93,9 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
       rng: a `jax.random` key, split into the initialisation key and the
         state's dropout key; required for a Linen module, optional for an
         NNX one (which draws from its own `nnx.Rngs`).
-      input_dtype: the dtype of the zero example the model is initialised on;
-        float32 by default.
+      input_dtype: the dtype of the examples (`fit` passes its data's: int32
+        for token ids given to an `nn.Embed`), that of the zero example the
+        model is initialised on; float32 by default.
       precision: the model's computation dtype ("float32", "bfloat16",
         "float16"; see `jaxdl.training.precision`), the parameters staying float32.
         None (default) keeps the model's own dtype.
@@ -131,14 +132,15 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
     model = canonical(with_precision(model, precision))
     train_flag = resolve_train_flag(model, train_flag)
     init_rng, dropout_rng = jax.random.split(rng)
-    sample = jnp.zeros((1, *input_shape), input_dtype)
+    sample = jnp.zeros((1, *input_shape), jax.dtypes.canonicalize_dtype(input_dtype))
     try:
         variables = _compiled_init(model, train_flag)(init_rng, sample)
     except (TypeError, ValueError, ZeroDivisionError, IndexError) as error:
         hint = (" Convolutional models take (height, width, channels) per example: add a channel axis "
                 "(x[..., None])." if len(input_shape) == 2 else "")
-        raise ValueError(f"{type(model).__name__} cannot take examples of shape {tuple(input_shape)} (a batch of "
-                         f"shape {sample.shape}): {type(error).__name__}: {error}.{hint}") from error
+        raise ValueError(f"{type(model).__name__} cannot take examples of shape {tuple(input_shape)} and dtype "
+                         f"{sample.dtype} (a batch of shape {sample.shape}): {type(error).__name__}: {error}.{hint}"
+                         ) from error
     kernels = [leaf.shape for leaf in jax.tree.leaves(variables["params"]) if leaf.ndim == 4]
     if len(input_shape) == 2 and kernels and kernels[0][2] == input_shape[-1]:
         # Flax's Conv reads an (N, H, W) batch as one unbatched (H, W, channels) image: no error, wrong model.
@@ -163,12 +165,12 @@ def _nnx_train_state(model, optimizer, input_shape, rng, *, input_dtype, precisi
 
 def _check_nnx_takes(apply, trained, carried, input_shape: tuple, input_dtype, name: str) -> None:
     """An NNX module that cannot take examples of `input_shape` fails here, traced (nothing computed)."""
-    sample = jax.ShapeDtypeStruct((1, *input_shape), input_dtype)
+    sample = jax.ShapeDtypeStruct((1, *input_shape), jax.dtypes.canonicalize_dtype(input_dtype))
     try:
         jax.eval_shape(lambda v, x: apply(v, x, train=False), {"params": trained, "batch_stats": carried}, sample)
     except (TypeError, ValueError, ZeroDivisionError, IndexError) as error:
-        raise ValueError(f"{name} cannot take examples of shape {input_shape} (a batch of shape "
-                         f"{sample.shape}): {type(error).__name__}: {error}") from error
+        raise ValueError(f"{name} cannot take examples of shape {input_shape} and dtype {sample.dtype} (a batch of "
+                         f"shape {sample.shape}): {type(error).__name__}: {error}") from error
 
 
 def canonical(model):
@@ -753,7 +755,8 @@ def _has_convolution(jaxpr) -> bool:
     return False
 
 
-def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: str | None = AUTO) -> bool:
+def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: str | None = AUTO,
+                   input_dtype="float32") -> bool:
     """Whether a compiled loop over steps would be slow for this model here: convolutions on XLA:CPU.
 
     See `compiled_steps`: there `fit` runs its steps unrolled, K per call, and
@@ -763,7 +766,7 @@ def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: 
     """
     if jax.default_backend() != "cpu":
         return False
-    return _has_convolution(inference_jaxpr(apply_fn, variables, input_shape, train_flag).jaxpr)
+    return _has_convolution(inference_jaxpr(apply_fn, variables, input_shape, train_flag, input_dtype).jaxpr)
 
 
 def zero_totals(metrics: Sequence[str]) -> dict:
