@@ -32,7 +32,15 @@ import optax
 from flax.training import train_state
 
 from jaxdl.data import arrays
-from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr, model_family, resolve_train_flag
+from jaxdl.models.contract import (
+    AUTO,
+    apply_binding_axis_names,
+    flag_kwargs,
+    inference,
+    inference_jaxpr,
+    model_family,
+    resolve_train_flag,
+)
 from jaxdl.models.nnx_modules import nnx_param_filter, nnx_train_flag, split_module
 from jaxdl.runtime import compiler, sharding
 from jaxdl.runtime.inference import apply_in_chunks
@@ -265,6 +273,9 @@ class StepSpec:
     `batch[label_key]`) or a function `(outputs, batch) -> per-example loss`.
     `mesh` (see `jaxdl.runtime.sharding`) splits the batch over its `data` axis and
     keeps the state whole on every device; None leaves placement to JAX.
+    An axis name the model's collectives use (flax's `BatchNorm(axis_name="batch")`,
+    written for `jax.pmap`) is bound to the whole global batch
+    (`jaxdl.models.contract.apply_binding_axis_names`).
     """
 
     loss: Any
@@ -304,7 +315,7 @@ class StepSpec:
         if train and stats:
             kwargs["mutable"] = ["batch_stats"]
         try:
-            result = state.apply_fn(variables, batch[self.input_key], **kwargs)
+            result = apply_binding_axis_names(state.apply_fn, variables, batch[self.input_key], **kwargs)
         except TypeError as error:
             if train_flag and f"'{train_flag}'" in str(error):
                 raise ValueError(
