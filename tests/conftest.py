@@ -64,6 +64,7 @@ HEAVY_FIRST = ("project/test_experiments.py",  # 69
                "models/test_mobilenet_v2.py",  # 57
                "runtime/test_sharding.py",  # 46
                "training/test_nnx.py",  # 27 (new; 2026-12-07, its calls summed in a run of its own)
+               "training/test_flax_examples.py",  # 26 (new; its calls and its 4-device subprocess, run alone)
                "training/test_resume.py",  # 32
                "training/test_steps.py",  # 32
                "models/test_layers.py",  # 31

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -179,6 +180,76 @@ def inference(apply_fn: Callable, train_flag: str | None = AUTO) -> Callable:
     return functools.partial(apply_fn, **kwargs) if kwargs else apply_fn
 
 
+# --- collective axis names (models written for jax.pmap) ----------------------------------------
+
+# JAX's NameError for a collective over a name nothing binds: "Found an unbound axis name: batch. ..."
+# (older versions: "unbound axis name: batch. The following axis names ...").
+_UNBOUND_AXIS = re.compile(r"unbound axis name: ([^\s,]+?)\.?(?:\s|$)")
+
+
+def unbound_axis_name(error: NameError) -> str | None:
+    """The axis name in JAX's error for a collective (`lax.pmean(x, name)`) over an unbound name; None for any
+    other NameError."""
+    found = _UNBOUND_AXIS.search(str(error))
+    return found.group(1) if found else None
+
+
+def _with_axes_bound(apply_fn: Callable, names: tuple[str, ...]) -> Callable:
+    """`apply_fn` with each of `names` bound by a `jax.vmap` of size 1 over nothing: the one global batch."""
+    if not names:
+        return apply_fn
+
+    def call(*args, **kwargs):
+        forward = functools.partial(apply_fn, *args, **kwargs)
+        for name in names:  # closed over, nothing is mapped: a collective over a size-1 axis gives its operand back
+            forward = jax.vmap(forward, axis_name=name, axis_size=1)
+        outputs = forward()
+        return jax.tree.map(lambda leaf: leaf.reshape(leaf.shape[len(names):]), outputs)
+
+    return call
+
+
+def apply_binding_axis_names(apply_fn: Callable, variables, x, **kwargs):
+    """`apply_fn(variables, x, **kwargs)`, with the collective axis names the model uses bound to the whole batch.
+
+    A model written for `jax.pmap` names the axis its batch is split over:
+    flax's examples build `nn.BatchNorm(axis_name="batch")`, whose training
+    statistics are `lax.pmean(..., "batch")` of each device's, and JAX
+    refuses the name where nothing binds it (`NameError: Found an unbound
+    axis name: batch`). jaxdl's steps run under `jax.jit`, which sees the
+    global batch (the compiler splits it over the devices), so such a
+    statistic is the whole batch's already: each name the call finds
+    unbound is bound to an axis of size 1 (`jax.vmap(..., axis_name=name,
+    axis_size=1)` over nothing), over which `pmean` and `psum` give their
+    operand back. The model then computes what it computes with
+    `axis_name=None`, which is what flax's pmap examples compute after their
+    `pmean`: statistics over the global batch. A model that uses no axis name
+    is called once, as it is; one that does is traced again with its names
+    bound (nothing is computed twice: this runs while a step is traced).
+
+    Args:
+      apply_fn: the model's `apply(variables, x, ...)`.
+      variables: its variables.
+      x: the batch's inputs.
+      **kwargs: the train flag, `rngs`, `mutable`, as the step passes them.
+
+    Returns:
+      What `apply_fn` returns.
+
+    Raises:
+      NameError: any other than an unbound axis name, as the model raised it.
+    """
+    names: tuple[str, ...] = ()
+    while True:
+        try:
+            return _with_axes_bound(apply_fn, names)(variables, x, **kwargs)
+        except NameError as error:
+            name = unbound_axis_name(error)
+            if name is None or name in names:
+                raise
+            names += (name,)
+
+
 # --- outputs that are probabilities ------------------------------------------------------------
 
 # Operations that pass a value on unchanged in meaning (casts, reshapes): looked through.
@@ -234,35 +305,39 @@ class _Ignored:
 
 
 @functools.lru_cache(maxsize=64)
-def _traced(apply_fn: Callable, input_shape: tuple, variables: _Ignored, train_flag: str | None):
+def _traced(apply_fn: Callable, input_shape: tuple, variables: _Ignored, train_flag: str | None, input_dtype):
     forward = inference(apply_fn, train_flag)
     shapes = jax.eval_shape(lambda: variables.value)
-    return jax.make_jaxpr(forward)(shapes, jax.ShapeDtypeStruct((1, *input_shape), "float32"))
+    return jax.make_jaxpr(forward)(shapes, jax.ShapeDtypeStruct((1, *input_shape), input_dtype))
 
 
-def inference_jaxpr(apply_fn: Callable, variables: Any, input_shape, train_flag: str | None = AUTO):
-    """The model's operations in inference mode on one float32 example of `input_shape` (nothing computed).
+def inference_jaxpr(apply_fn: Callable, variables: Any, input_shape, train_flag: str | None = AUTO,
+                    input_dtype="float32"):
+    """The model's operations in inference mode on one example of `input_shape` and `input_dtype` (nothing
+    computed): the data's dtype, so that a model on integer tokens (`nn.Embed`) is traced on integers.
 
-    Traced once per model, input shape and flag: one model at one input
+    Traced once per model, input shape, dtype and flag: one model at one input
     shape has one set of operations (and one structure of variables), so
     `fit`'s checks (the loop kind, the outputs' activation and shape) share it.
     """
     train_flag = resolve_train_flag(apply_fn, train_flag)
-    arguments = (apply_fn, tuple(input_shape), _Ignored(variables), train_flag)
+    input_dtype = jax.dtypes.canonicalize_dtype(input_dtype)  # int64 data arrive as int32 without jax_enable_x64
+    arguments = (apply_fn, tuple(input_shape), _Ignored(variables), train_flag, input_dtype)
     try:
         return _traced(*arguments)
     except TypeError:  # an unhashable model: trace it uncached
         return _traced.__wrapped__(*arguments)
 
 
-def traced_outputs(apply_fn: Callable, variables: Any, input_shape: tuple,
-                   train_flag: str | None) -> tuple[str | None, tuple]:
-    """`(final activation, output shape)` of the model on one example of `input_shape`, in inference mode.
+def traced_outputs(apply_fn: Callable, variables: Any, input_shape: tuple, train_flag: str | None,
+                   input_dtype="float32") -> tuple[str | None, tuple]:
+    """`(final activation, output shape)` of the model on one example of `input_shape` (and `input_dtype`),
+    in inference mode.
 
     The activation is "sigmoid" or "softmax" when the outputs come out of
     one (probabilities, not logits), else None.
     """
-    closed = inference_jaxpr(apply_fn, variables, input_shape, train_flag)
+    closed = inference_jaxpr(apply_fn, variables, input_shape, train_flag, input_dtype)
     outputs = closed.jaxpr.outvars
     shape = tuple(closed.out_avals[0].shape) if closed.out_avals else ()
     if len(outputs) != 1:

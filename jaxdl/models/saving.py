@@ -288,8 +288,11 @@ def save_model(directory: str | os.PathLike, model, variables=None, *, metadata:
       directory: the model directory to write; its parent is created if
         needed.
       model: the Flax Linen module (jaxdl's or your own) whose fields are
-        plain numbers, strings, tuples, dtypes or modules; or a Flax NNX
-        module instance.
+        plain numbers, strings, tuples, mappings (`FrozenDict`), dtypes,
+        modules, or functions and classes saved by import path (flax's,
+        JAX's and optax's, `act=nn.relu`, or your own defined at the top of
+        a module; see `jaxdl.models.model_config`); or a Flax NNX module
+        instance.
       variables: the model's variables, e.g. `state.variables` (not a whole
         `TrainState`); for an NNX module, None (default) saves the module's
         own state, and a state's `variables` save those instead.
@@ -307,7 +310,8 @@ def save_model(directory: str | os.PathLike, model, variables=None, *, metadata:
         anything is written or because another process saved it meanwhile
         (its directory is kept).
       TypeError: `model` is not a Linen module or has a field a config
-        cannot hold; `variables` is a whole training state or holds a
+        cannot hold (a lambda, a closure, a `functools.partial`: the message
+        names the field); `variables` is a whole training state or holds a
         random key.
       ValueError: `directory` ends in a file suffix (`m.keras`, `m.h5`):
         jaxdl writes a directory, not Keras's single file.
@@ -356,7 +360,8 @@ def load_model(directory: str | os.PathLike, custom_classes=(), *, into=None):
     Args:
       directory: a directory written by `save_model`.
       custom_classes: the Linen classes of your own that the saved model may
-        name (including nested modules); default none.
+        name (including nested modules), and your own functions its fields
+        hold (flax's, JAX's and optax's are found without); default none.
       into: for a saved Flax NNX module, an instance of its class to fill
         (built by your code, e.g. `MyModule(rngs=nnx.Rngs(0))`): its
         variables are replaced in place by the saved ones. None (default)
@@ -370,8 +375,9 @@ def load_model(directory: str | os.PathLike, custom_classes=(), *, into=None):
     Raises:
       FileNotFoundError: `directory` has no `model.json` or no variables
         checkpoint.
-      ValueError: `model.json` is not a valid config, or names a class that
-        is neither jaxdl's nor among `custom_classes`; a saved NNX module
+      ValueError: `model.json` is not a valid config, or names a class or
+        function that is neither jaxdl's, flax's, JAX's, optax's nor among
+        `custom_classes`; a saved NNX module
         without `into`, or `into` of another class or other variables; `into`
         with a saved Linen model.
     """

@@ -98,6 +98,9 @@ class InputAdapter(Protocol):
     def input_shape(self) -> tuple: ...
 
     @property
+    def input_dtype(self) -> np.dtype: ...
+
+    @property
     def labels(self) -> np.ndarray: ...
 
     @property
@@ -147,6 +150,11 @@ class ArrayInput:
     @property
     def input_shape(self) -> tuple:
         return tuple(self.x.shape[1:])
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """The dtype the steps see the examples in (`jax.dtypes.canonicalize_dtype`: int64 tokens as int32)."""
+        return jax.dtypes.canonicalize_dtype(self.x.dtype)
 
     @property
     def labels(self) -> np.ndarray:
@@ -219,6 +227,12 @@ class SourceInput:
         if self.resumable:
             return tuple(np.shape(self.batches.first_example["x"]))
         return tuple(np.shape(self.batches.first_batch()["x"])[1:])
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """The dtype of the input feature as the steps see it (of the first example, or first batch)."""
+        first = self.batches.first_example if self.resumable else self.batches.first_batch()
+        return jax.dtypes.canonicalize_dtype(np.asarray(first["x"]).dtype)
 
     @property
     def labels(self) -> np.ndarray:

@@ -32,7 +32,15 @@ import optax
 from flax.training import train_state
 
 from jaxdl.data import arrays
-from jaxdl.models.contract import AUTO, flag_kwargs, inference, inference_jaxpr, model_family, resolve_train_flag
+from jaxdl.models.contract import (
+    AUTO,
+    apply_binding_axis_names,
+    flag_kwargs,
+    inference,
+    inference_jaxpr,
+    model_family,
+    resolve_train_flag,
+)
 from jaxdl.models.nnx_modules import nnx_param_filter, nnx_train_flag, split_module
 from jaxdl.runtime import compiler, sharding
 from jaxdl.runtime.inference import apply_in_chunks
@@ -93,8 +101,9 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
       rng: a `jax.random` key, split into the initialisation key and the
         state's dropout key; required for a Linen module, optional for an
         NNX one (which draws from its own `nnx.Rngs`).
-      input_dtype: the dtype of the zero example the model is initialised on;
-        float32 by default.
+      input_dtype: the dtype of the examples (`fit` passes its data's: int32
+        for token ids given to an `nn.Embed`), that of the zero example the
+        model is initialised on; float32 by default.
       precision: the model's computation dtype ("float32", "bfloat16",
         "float16"; see `jaxdl.training.precision`), the parameters staying float32.
         None (default) keeps the model's own dtype.
@@ -131,14 +140,15 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
     model = canonical(with_precision(model, precision))
     train_flag = resolve_train_flag(model, train_flag)
     init_rng, dropout_rng = jax.random.split(rng)
-    sample = jnp.zeros((1, *input_shape), input_dtype)
+    sample = jnp.zeros((1, *input_shape), jax.dtypes.canonicalize_dtype(input_dtype))
     try:
         variables = _compiled_init(model, train_flag)(init_rng, sample)
     except (TypeError, ValueError, ZeroDivisionError, IndexError) as error:
         hint = (" Convolutional models take (height, width, channels) per example: add a channel axis "
                 "(x[..., None])." if len(input_shape) == 2 else "")
-        raise ValueError(f"{type(model).__name__} cannot take examples of shape {tuple(input_shape)} (a batch of "
-                         f"shape {sample.shape}): {type(error).__name__}: {error}.{hint}") from error
+        raise ValueError(f"{type(model).__name__} cannot take examples of shape {tuple(input_shape)} and dtype "
+                         f"{sample.dtype} (a batch of shape {sample.shape}): {type(error).__name__}: {error}.{hint}"
+                         ) from error
     kernels = [leaf.shape for leaf in jax.tree.leaves(variables["params"]) if leaf.ndim == 4]
     if len(input_shape) == 2 and kernels and kernels[0][2] == input_shape[-1]:
         # Flax's Conv reads an (N, H, W) batch as one unbatched (H, W, channels) image: no error, wrong model.
@@ -163,12 +173,12 @@ def _nnx_train_state(model, optimizer, input_shape, rng, *, input_dtype, precisi
 
 def _check_nnx_takes(apply, trained, carried, input_shape: tuple, input_dtype, name: str) -> None:
     """An NNX module that cannot take examples of `input_shape` fails here, traced (nothing computed)."""
-    sample = jax.ShapeDtypeStruct((1, *input_shape), input_dtype)
+    sample = jax.ShapeDtypeStruct((1, *input_shape), jax.dtypes.canonicalize_dtype(input_dtype))
     try:
         jax.eval_shape(lambda v, x: apply(v, x, train=False), {"params": trained, "batch_stats": carried}, sample)
     except (TypeError, ValueError, ZeroDivisionError, IndexError) as error:
-        raise ValueError(f"{name} cannot take examples of shape {input_shape} (a batch of shape "
-                         f"{sample.shape}): {type(error).__name__}: {error}") from error
+        raise ValueError(f"{name} cannot take examples of shape {input_shape} and dtype {sample.dtype} (a batch of "
+                         f"shape {sample.shape}): {type(error).__name__}: {error}") from error
 
 
 def canonical(model):
@@ -264,6 +274,9 @@ class StepSpec:
     or `Metric`s (`jaxdl.training.metrics`).
     `mesh` (see `jaxdl.runtime.sharding`) splits the batch over its `data` axis and
     keeps the state whole on every device; None leaves placement to JAX.
+    An axis name the model's collectives use (flax's `BatchNorm(axis_name="batch")`,
+    written for `jax.pmap`) is bound to the whole global batch
+    (`jaxdl.models.contract.apply_binding_axis_names`).
     """
 
     loss: Any
@@ -304,7 +317,7 @@ class StepSpec:
         if train and stats:
             kwargs["mutable"] = ["batch_stats"]
         try:
-            result = state.apply_fn(variables, batch[self.input_key], **kwargs)
+            result = apply_binding_axis_names(state.apply_fn, variables, batch[self.input_key], **kwargs)
         except TypeError as error:
             if train_flag and f"'{train_flag}'" in str(error):
                 raise ValueError(
@@ -757,7 +770,8 @@ def _has_convolution(jaxpr) -> bool:
     return False
 
 
-def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: str | None = AUTO) -> bool:
+def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: str | None = AUTO,
+                   input_dtype="float32") -> bool:
     """Whether a compiled loop over steps would be slow for this model here: convolutions on XLA:CPU.
 
     See `compiled_steps`: there `fit` runs its steps unrolled, K per call, and
@@ -767,7 +781,7 @@ def loops_are_slow(apply_fn, variables, input_shape: Sequence[int], train_flag: 
     """
     if jax.default_backend() != "cpu":
         return False
-    return _has_convolution(inference_jaxpr(apply_fn, variables, input_shape, train_flag).jaxpr)
+    return _has_convolution(inference_jaxpr(apply_fn, variables, input_shape, train_flag, input_dtype).jaxpr)
 
 
 def zero_totals(metrics: Sequence) -> dict:

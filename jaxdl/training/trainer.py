@@ -142,13 +142,13 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
                                input_shape=state.input_shape, needs_labels=True, **_split_over(batch_size))
         inputs = SourceInput(batches)
         state = _with_input_shape(state, inputs.input_shape)
-        _check_outputs_fit_the_loss(state, plan, {inputs.labels_name: inputs.labels})
+        _check_outputs_fit_the_loss(state, plan, {inputs.labels_name: inputs.labels}, inputs.input_dtype)
         eval_step = compiled_eval_step(plan.loss, plan.metrics, mesh, plan.train_flag)
         return metrics_from_sums(_evaluate_batches(state, batches.epoch(0), eval_step, _batch_placer(mesh, True)))
     _check_array_arguments(x, features, transform)
     x, y = arrays.check_dataset(x, y, input_shape=state.input_shape, purpose="evaluating")
     state = _with_input_shape(state, x.shape[1:])
-    _check_outputs_fit_the_loss(state, plan, {"y": y})
+    _check_outputs_fit_the_loss(state, plan, {"y": y}, x.dtype)
     return metrics_from_sums(_array_evaluator(state, x, y, plan)(state))
 
 
@@ -289,7 +289,7 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
     x = arrays.check_dataset(x, input_shape=input_shape, purpose="predicting")
     size = prediction_batch_size(len(x), batch_size, parts)
     if len(x) > size and (x.nbytes > whole_limit or (
-            not chunked and loops_are_slow(apply_fn, variables, x.shape[1:], train_flag))):
+            not chunked and loops_are_slow(apply_fn, variables, x.shape[1:], train_flag, x.dtype))):
         # Batch by batch, each of one compiled shape (the last filled up and its extra outputs dropped).
         batches = ({"x": batch["x"]} for batch in arrays.ordered_batches({"x": x}, np.arange(len(x)), size,
                                                                        multiple=size))
@@ -314,18 +314,21 @@ def learning_rate_of(opt_state) -> float | None:
 _CLASS_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
 
 
-def _check_outputs_fit_the_loss(state: TrainState, plan: RunPlan, labels: dict[str, np.ndarray]) -> None:
+def _check_outputs_fit_the_loss(state: TrainState, plan: RunPlan, labels: dict[str, np.ndarray],
+                                input_dtype) -> None:
     """Labels shaped and valued as the loss reads them, and outputs that are logits: checked before compiling.
 
     `labels` maps each argument's name to its labels; the model is traced
-    once for all of them, through the model's contract (its train flag). A
+    once for all of them, on an example of the data's `input_dtype`, through
+    the model's contract (its train flag). A
     model whose outputs come out of a sigmoid or softmax gets a warning:
     jaxdl's named losses take logits, as Keras's do with `from_logits=True`.
     """
     loss = plan.loss
     if not isinstance(loss, str) or loss not in _CLASS_LOSSES:
         return
-    activation, output_shape = traced_outputs(state.apply_fn, state.variables, state.input_shape, plan.train_flag)
+    activation, output_shape = traced_outputs(state.apply_fn, state.variables, state.input_shape, plan.train_flag,
+                                              input_dtype)
     if activation is not None:
         warnings.warn(f"the model's outputs come out of a {activation} (probabilities), but loss={loss!r} takes "
                       f"logits (it applies the {'sigmoid' if loss.startswith('binary') else 'softmax'} itself, as "
@@ -696,7 +699,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         shuffle_rng=shuffle_rng)
     if state is None:
         state = create_train_state(model, optimizer or DEFAULT_OPTIMIZER, inputs.input_shape, init_rng,
-                                   precision=precision, train_flag=plan.train_flag, wrt=wrt)
+                                   input_dtype=inputs.input_dtype, precision=precision, train_flag=plan.train_flag,
+                                   wrt=wrt)
     else:
         state = _state_to_continue(model, optimizer, state, precision)
         state = _with_input_shape(state, inputs.input_shape)
@@ -709,10 +713,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     validate, labels = None, {inputs.labels_name: inputs.labels}
     if validation_data is not None:
         validate, labels["labels of validation_data"] = _validator(state, validation_data, plan)
-    _check_outputs_fit_the_loss(state, plan, labels)
+    _check_outputs_fit_the_loss(state, plan, labels, inputs.input_dtype)
 
     stream = every_steps is not None or loops_are_slow(state.apply_fn, state.variables, state.input_shape,
-                                                       plan.train_flag)
+                                                       plan.train_flag, inputs.input_dtype)
     loop = _epoch_loop(inputs, state, plan, stream=stream)
     trained_model = getattr(state.apply_fn, "__self__", None) or model
     run = FitRun(state=state, history={}, model=trained_model, verbose=plan.verbosity)
@@ -860,7 +864,7 @@ def _array_evaluator(state: TrainState, x: np.ndarray, y: np.ndarray, plan: RunP
     `whole_limit` bytes per device), or batch by batch where they are larger or loops are slow."""
     mesh, batch_size = plan.mesh, plan.batch_size
     if x.nbytes + y.nbytes > plan.whole_limit or loops_are_slow(state.apply_fn, state.variables, state.input_shape,
-                                                                plan.train_flag):
+                                                                plan.train_flag, x.dtype):
         eval_step = compiled_eval_step(plan.loss, plan.metrics, mesh, plan.train_flag)
         put, columns = _batch_placer(mesh), {"x": x, "y": y}
         return lambda trained: _evaluate_batches(

@@ -1,10 +1,12 @@
 """Saving models: jaxdl's classes and the user's own, and a clear refusal for what cannot be saved."""
+import json
 import os
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax.core import FrozenDict
 
 from jaxdl import fit, load_model, predict, save_model
 from jaxdl.models.saving import save_variables
@@ -30,6 +32,27 @@ class WithAFunction(nn.Module):
         return self.act(nn.Dense(2)(x))
 
 
+class WithOptions(nn.Module):
+    """Keyword arguments of a layer held in a FrozenDict field."""
+
+    options: FrozenDict = FrozenDict({"features": 3, "use_bias": False})
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(2)(nn.Dense(**self.options)(x))
+
+
+def squared_relu(x):
+    """A user's own activation, defined at the top of a module: saved by its import path."""
+    return jax.nn.relu(x) ** 2
+
+
+def scaled_tanh(scale):
+    def act(x):  # a closure: no module holds it by name
+        return scale * jax.numpy.tanh(x)
+    return act
+
+
 def trained(model, shape):
     x = np.random.default_rng(0).normal(size=(8, *shape)).astype(np.float32)
     state, _ = fit(model, x, (x.reshape(8, -1).mean(axis=1) > 0).astype(np.int32),
@@ -48,11 +71,37 @@ def test_a_users_own_module_saves_by_import_path_and_loads_with_its_class(tmp_pa
     np.testing.assert_array_equal(predict(loaded, x, variables=variables), predict(state, x))
 
 
-def test_what_cannot_be_saved_by_config_points_to_saving_variables(tmp_path):
-    model = WithAFunction()
-    _, state = trained(model, (3,))
-    with pytest.raises(TypeError, match=r"WithAFunction.act holds .*save_variables\(directory, state.variables\)"):
-        save_model(tmp_path / "m", model, state.variables)
+X3 = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("model, field, saved_as", [
+    (WithAFunction(act=nn.relu), "act", {"import": "flax.linen:relu"}),
+    (WithAFunction(act=squared_relu), "act", {"import": f"{__name__}:squared_relu"}),
+    (WithOptions(), "options", {"frozen_dict": {"features": 3, "use_bias": False}}),
+], ids=["flax activation", "user's function", "FrozenDict"])
+def test_fields_holding_functions_and_frozen_dicts_save_and_load(tmp_path, model, field, saved_as):
+    variables = model.init(jax.random.key(0), X3)
+    save_model(tmp_path / "m", model, variables)
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["config"][field] == saved_as
+    own = [getattr(model, field)] if getattr(model, field) is squared_relu else []  # flax's need not be given
+    if own:
+        with pytest.raises(ValueError, match=r"names .*:squared_relu, which is neither flax's.*"
+                                             r"custom_classes=\[\.\.\., squared_relu\]"):
+            load_model(tmp_path / "m", custom_classes=[type(model)])
+    loaded, loaded_variables, _ = load_model(tmp_path / "m", custom_classes=[type(model), *own])
+    assert loaded == model and type(getattr(loaded, field)) is type(getattr(model, field))
+    np.testing.assert_array_equal(loaded.apply(loaded_variables, X3), model.apply(variables, X3))
+
+
+@pytest.mark.parametrize("act, held", [
+    (lambda x: x, "a lambda"),
+    (scaled_tanh(2.0), r"a function made inside another \(scaled_tanh.<locals>.act, a closure\)"),
+], ids=["lambda", "closure"])
+def test_what_cannot_be_saved_by_config_is_refused_naming_the_field(tmp_path, act, held):
+    model = WithAFunction(act=act)
+    with pytest.raises(TypeError, match=rf"WithAFunction.act holds {held}.*import path.*"
+                                        r"save_variables\(directory, state.variables\)"):
+        save_model(tmp_path / "m", model, model.init(jax.random.key(0), X3))
     assert not (tmp_path / "m").exists()
 
 

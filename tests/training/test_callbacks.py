@@ -256,8 +256,8 @@ def test_model_checkpoint_needs_a_model_it_can_save_by_config(tmp_path):
         fit(None, x, y, loss=CE, epochs=1, state=plain, callbacks=[ModelCheckpoint(tmp_path / "m", "loss")],
             verbose=False, train_flag="train")  # a **kw function: its flag cannot be read, so it is named
 
-    class Custom(nn.Module):  # a function in a field: no config can hold it
-        act: Callable = nn.relu
+    class Custom(nn.Module):  # a lambda in a field: no config can name it (nn.relu it names by import path)
+        act: Callable = lambda x: x
 
         @nn.compact
         def __call__(self, x, train=False):
