@@ -225,6 +225,40 @@ def new_train_state(apply_fn, params, optimizer: optax.GradientTransformation, *
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
+def adopted_state(state, rng: jax.Array | None = None, where: str = "fit(state=...)") -> TrainState:
+    """jaxdl's `TrainState` holding a state from a loop of your own: Flax's `train_state.TrainState`, or a
+    subclass of it with `batch_stats` (and a dropout key, `dropout_rng` or `key`), as Flax's examples write it.
+
+    The step count, parameters, optimizer and its state carry over as they
+    are, so `fit` continues the run where the loop left it; only the input
+    shape (read from the data) and, for a state without one, the dropout key
+    are new.
+
+    Args:
+      state: jaxdl's `TrainState` (returned as it is) or Flax's.
+      rng: the dropout key for a state without one; `jax.random.key(0)` when None.
+      where: the entry point, for the message.
+
+    Returns:
+      A jaxdl `TrainState`.
+
+    Raises:
+      TypeError: `state` is neither.
+    """
+    if isinstance(state, TrainState):
+        return state
+    if not isinstance(state, train_state.TrainState):
+        raise TypeError(f"{where} takes a TrainState (jaxdl's, or flax.training.train_state.TrainState and its "
+                        f"subclasses); got {type(state).__name__}")
+    dropout_rng = getattr(state, "dropout_rng", None)
+    dropout_rng = getattr(state, "key", None) if dropout_rng is None else dropout_rng
+    if dropout_rng is None:
+        dropout_rng = jax.random.key(0) if rng is None else rng
+    return TrainState(step=jnp.asarray(state.step, jnp.int32), apply_fn=state.apply_fn, params=state.params,
+                      tx=state.tx, opt_state=state.opt_state, batch_stats=getattr(state, "batch_stats", None) or {},
+                      dropout_rng=dropout_rng, input_shape=None)
+
+
 def _batch_sums(outputs, batch, loss_fn: Callable, metrics, label_key: str) -> dict:
     """Loss and metric sums over the batch's real examples, and their count.
 

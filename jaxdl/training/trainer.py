@@ -38,6 +38,7 @@ from jaxdl.training.precision import with_precision
 from jaxdl.training.run_checkpoint import CheckpointStore, RunCheckpoints, run_config
 from jaxdl.training.steps import (
     TrainState,
+    adopted_state,
     canonical,
     checked_metric_names,
     compiled_epoch,
@@ -97,7 +98,8 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
     and the model's outputs as `fit` checks them, before anything compiles.
 
     Args:
-      state: the `TrainState` to evaluate (e.g. the one `fit` returned).
+      state: the `TrainState` to evaluate (e.g. the one `fit` returned, or
+        Flax's `train_state.TrainState` from a loop of your own).
       x: an array of inputs (with labels `y`) or a source carrying its own
         labels (a random-access source or an iterable of batch dicts; see
         `fit`).
@@ -130,6 +132,7 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
         beside a source, `features` or `transform` with array `x`, or a
         source that yields no batches.
     """
+    state = adopted_state(state, where="evaluate(state, ...)")
     batch_size = arrays.check_batch_size(batch_size)
     mesh = sharding.resolve_mesh(mesh)
     sharding.check_global_batch(batch_size, mesh)
@@ -546,7 +549,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       callbacks: `jaxdl.training.callbacks.Callback`s (EarlyStopping, ModelCheckpoint,
         a learning-rate schedule, your own), called as Keras calls them.
       state: a `TrainState` to continue training (its model and optimizer
-        carry on; `model` must be None or that model, `optimizer` None). It
+        carry on; `model` must be None or that model, `optimizer` None):
+        jaxdl's, or Flax's `train_state.TrainState` (with `batch_stats`
+        and a `dropout_rng` or `key` where a subclass has them) from a loop
+        of your own, continued at its step; `fit` returns jaxdl's. It
         is copied, never consumed: two calls (`epochs=2`, then `epochs=5,
         initial_epoch=2` from the returned state) train exactly as one call
         of 5 epochs with the same seed. None (default) builds a new state.
@@ -663,6 +669,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
     """
+    init_rng, shuffle_rng = seed_rngs(seed)
+    if state is not None:  # Flax's own TrainState (a loop of your own) continues as jaxdl's
+        state = adopted_state(state, jax.random.split(init_rng)[1])
     family = model_family(model, "fit(model, ...)") if state is None else \
         ("nnx" if isinstance(state.apply_fn, NNXApply) else "linen")
     if family == "nnx" and state is None:
@@ -683,7 +692,6 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     if resume_with_new_optimizer not in (False, True) or (resume_with_new_optimizer and checkpoint_dir is None):
         raise ValueError("resume_with_new_optimizer=True resumes the run in checkpoint_dir with another optimizer: "
                          f"pass it with checkpoint_dir, as True or False (got {resume_with_new_optimizer!r})")
-    init_rng, shuffle_rng = seed_rngs(seed)
     plan = RunPlan(
         loss=loss, metrics=metrics, batch_size=batch_size, mesh=mesh, whole_limit=whole_limit,
         train_flag=resolve_train_flag(model if state is None else state.apply_fn, train_flag),

@@ -5,8 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.training import train_state
 
-from jaxdl import MLP, ConvNet, EarlyStopping, create_train_state, fit, make_eval_step, make_train_step, mc_predict
+from jaxdl import (
+    MLP,
+    ConvNet,
+    EarlyStopping,
+    create_train_state,
+    evaluate,
+    fit,
+    make_eval_step,
+    make_train_step,
+    mc_predict,
+)
 from jaxdl.training.trainer import example_weights
 from tests.support.toy_data import CE, blobs
 
@@ -127,3 +138,55 @@ def test_an_iterable_of_batches_with_its_own_keys_is_named_by_features():
     assert evaluate(state, named, loss=CE, features=("image", "label")) == evaluate(state, plain, loss=CE)
     with pytest.raises(ValueError, match=r"no entry 'image' \(features=\('image', 'label'\)\); it has \['x', 'y'\]"):
         fit(MLP(features=(4,), num_outputs=3), plain, features=("image", "label"), **options)
+
+
+class BatchNormNet(nn.Module):
+    """Dense -> BatchNorm -> Dense, called as Flax's examples call models."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x)))
+        return nn.Dense(3)(x)
+
+
+class FlaxExamplesState(train_state.TrainState):
+    """The TrainState of Flax's examples for a BatchNorm model."""
+
+    batch_stats: dict
+
+
+@pytest.mark.parametrize("kind", ["plain", "with batch_stats"])
+def test_fit_continues_flaxs_own_train_state_from_a_loop_of_your_own(kind):
+    """Two steps of your own loop on Flax's TrainState, then `fit` continues it: at its step, with its optimizer
+    state, as from jaxdl's own state holding the same (bitwise). Before: AttributeError 'input_shape'."""
+    x, y = blobs(n=64, features=4)
+    model = MLP(features=(8,), num_outputs=3) if kind == "plain" else BatchNormNet()
+    jaxdl_state = create_train_state(model, optax.adam(1e-2), (4,), jax.random.key(0))
+    if kind == "plain":
+        flax_state = train_state.TrainState.create(apply_fn=model.apply, params=jaxdl_state.params,
+                                                   tx=optax.adam(1e-2))
+    else:
+        flax_state = FlaxExamplesState.create(apply_fn=model.apply, params=jaxdl_state.params, tx=optax.adam(1e-2),
+                                              batch_stats=jaxdl_state.batch_stats)
+    step = make_train_step(CE)  # jaxdl's step factories take Flax's state as it is
+    for i in range(2):
+        batch = {"x": x[16 * i:16 * (i + 1)], "y": y[16 * i:16 * (i + 1)]}
+        flax_state, _ = step(flax_state, batch)
+    options = dict(loss=CE, epochs=2, batch_size=16, verbose=0, seed=1)
+    continued, history = fit(None, x, y, state=flax_state, **options)
+    twin = jaxdl_state.replace(step=flax_state.step, params=flax_state.params, opt_state=flax_state.opt_state,
+                               batch_stats=getattr(flax_state, "batch_stats", {}))  # no dropout: its key unused
+    expected, expected_history = fit(None, x, y, state=twin, **options)
+    assert int(continued.step) == 2 + 8  # its two steps, then two epochs of 4
+    assert history == expected_history
+    for a, b in zip(jax.tree.leaves((continued.params, continued.batch_stats)),
+                    jax.tree.leaves((expected.params, expected.batch_stats)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert evaluate(flax_state, x, y, loss=CE) == evaluate(twin, x, y, loss=CE)
+
+
+def test_a_state_of_another_kind_is_named():
+    x, y = blobs(n=16, features=4)
+    with pytest.raises(TypeError, match=r"fit\(state=...\) takes a TrainState \(jaxdl's, or flax.training.train_state"
+                                        r".TrainState and its subclasses\); got dict"):
+        fit(None, x, y, state={"params": {}}, loss=CE, verbose=0)
