@@ -53,7 +53,7 @@ def _printed(table: str, totals: dict, print_fn) -> dict:
     return totals
 
 
-def _nnx_summary(model, input_shape: tuple, *, print_fn, depth, console_kwargs) -> dict:
+def _nnx_summary(model, input_shape: tuple, *, print_fn, depth, console_kwargs, input_dtype) -> dict:
     """`summary` of a Flax NNX module: Flax's own `nnx.tabulate` table, in evaluation mode, and Keras's totals.
 
     Trainable: its `nnx.Param`s; non-trainable: its other variables (batch
@@ -68,18 +68,18 @@ def _nnx_summary(model, input_shape: tuple, *, print_fn, depth, console_kwargs) 
     totals = {"total": totals["trainable"] + totals["non_trainable"], **totals}
     copy = nnx.clone(model)  # tabulate calls the module: its own one stays as it was (mode, random counts)
     copy.eval()
-    table = nnx.tabulate(copy, jnp.zeros((1, *input_shape), jnp.float32), depth=depth,
+    table = nnx.tabulate(copy, jnp.zeros((1, *input_shape), input_dtype), depth=depth,
                          console_kwargs={"force_terminal": False, "width": 160, **(console_kwargs or {})})
     return _printed(table, totals, print_fn)
 
 
 def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[[str], Any] = print,
             depth: int | None = 1, console_kwargs: Mapping[str, Any] | None = None,
-            train_flag: str | None = AUTO) -> dict:
+            train_flag: str | None = AUTO, input_dtype=jnp.float32) -> dict:
     """Prints `model`'s layers and its parameter totals as Keras's `model.summary()` counts them.
 
-    The model is traced (`jax.eval_shape`, nothing is computed) on float32
-    zeros of shape `(1, *input_shape)`, in inference mode, called as `fit`
+    The model is traced (`jax.eval_shape`, nothing is computed) on zeros of
+    shape `(1, *input_shape)` and `input_dtype`, in inference mode, called as `fit`
     calls it (`jaxdl.models.contract`): by its own train flag (`train`, `training`,
     `deterministic`, or none).
 
@@ -99,6 +99,8 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[
         160 columns at most, by default).
       train_flag: "auto" (read from the model's `__call__`), the keyword's
         name, or None for a model that takes none; as in `fit`.
+      input_dtype: the inputs' dtype; float32 by default, an integer type
+        for a model on tokens (`nn.Embed`).
 
     Returns:
       The totals: `{"total": ..., "trainable": ..., "non_trainable": ...}`.
@@ -113,9 +115,10 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, print_fn: Callable[
     if isinstance(input_shape, int):
         input_shape = (input_shape,)
     if family == "nnx":
-        return _nnx_summary(model, input_shape, print_fn=print_fn, depth=depth, console_kwargs=console_kwargs)
+        return _nnx_summary(model, input_shape, print_fn=print_fn, depth=depth, console_kwargs=console_kwargs,
+                            input_dtype=input_dtype)
     inference = flag_kwargs(resolve_train_flag(model, train_flag), train=False)
-    inputs = jnp.zeros((1, *input_shape), jnp.float32)
+    inputs = jnp.zeros((1, *input_shape), input_dtype)
     variables = jax.eval_shape(lambda x: model.init(_rngs(), x, **inference), inputs)
     totals = count_by_kind(variables)
     table = model.tabulate(_rngs(), inputs, **inference, depth=depth, compute_flops=False,

@@ -83,3 +83,14 @@ def test_an_nnx_embedding_module_trains_on_integer_inputs():
     state, history = fit(model, x, y, loss=CE, epochs=2, batch_size=16, verbose=0, optimizer=optax.adam(0.05))
     assert history["loss"][1] < history["loss"][0]
     assert evaluate(state, x, y, loss=CE)["accuracy"] == np.mean(predict(model, x).argmax(axis=1) == y)
+
+
+def test_summary_traces_an_embedding_model_on_integer_inputs():
+    """Keras's count for both families: 20 x 8 embedding weights, then 8 x 3 + 3. Before: float32 zeros only,
+    which nn.Embed refuses."""
+    from jaxdl import summary
+
+    lines = []
+    for model in (TextClassifier(), NNXTextClassifier(nnx.Rngs(0))):
+        totals = summary(model, (12,), input_dtype=jnp.int32, print_fn=lines.append)
+        assert totals == {"total": 20 * 8 + 8 * 3 + 3, "trainable": 20 * 8 + 8 * 3 + 3, "non_trainable": 0}
