@@ -3,11 +3,11 @@
 `trainer` (fit, evaluate, predict), `plan` (a run's checked settings, one
 frozen value), `steps` (the train state and the compiled step factories),
 `epoch_loop` (the loops over one epoch's batches),
-`adapters` (arrays and sources as batches), `callbacks`, `losses` (losses and
-metrics), `precision` (mixed precision), `run_checkpoint` (a run's
-checkpoints and resuming), `uncertainty` (Monte-Carlo dropout) and `sweeps`
-(grid sweeps). Training builds on `jaxdl.models`, `jaxdl.runtime` and
-`jaxdl.data`; none of those imports it.
+`adapters` (arrays and sources as batches), `callbacks`, `progress` (what
+`fit` shows), `losses` (losses and metrics), `precision` (mixed precision),
+`run_checkpoint` (a run's checkpoints and resuming), `uncertainty`
+(Monte-Carlo dropout) and `sweeps` (grid sweeps). Training builds on
+`jaxdl.models`, `jaxdl.runtime` and `jaxdl.data`; none of those imports it.
 """
 from jaxdl.training import losses
 from jaxdl.training.callbacks import (

@@ -24,17 +24,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from jaxdl.data import arrays, prefetch, sources
 from jaxdl.models.contract import AUTO, inference_form, model_family, resolve_train_flag, traced_outputs
 from jaxdl.models.nnx_modules import NNXApply, is_nnx_module, nnx_train_flag, split_module, update_module
 from jaxdl.runtime import sharding
 from jaxdl.training.adapters import ArrayInput, InputAdapter, SourceInput, example_weights
-from jaxdl.training.callbacks import Callback, FitRun, injected_learning_rates
+from jaxdl.training.callbacks import (
+    BATCH_HOOKS,
+    Callback,
+    FitRun,
+    checked_callbacks,
+    defines,
+    injected_learning_rates,
+)
 from jaxdl.training.epoch_loop import EpochLoop, ScannedEpochs, StreamedEpochs
 from jaxdl.training.plan import RunPlan
 from jaxdl.training.precision import with_precision
+from jaxdl.training.progress import EpochLine, Progress, dynamic_display
 from jaxdl.training.run_checkpoint import CheckpointStore, RunCheckpoints, run_config
 from jaxdl.training.steps import (
     TrainState,
@@ -360,9 +367,10 @@ def _check_class_labels(y: np.ndarray, loss: str, num_classes: int, name: str) -
 
 
 def _verbosity(verbose) -> int:
-    """Keras's verbose: 0, 1 or 2; "auto" and True mean 1 on a terminal, 2 when output goes to a file or pipe."""
+    """Keras's verbose: 0, 1 or 2; "auto" and True mean 1 where a bar can be redrawn (a terminal, a notebook's
+    widgets), 2 when output goes to a file or pipe (`jaxdl.training.progress`)."""
     if verbose in ("auto", True):
-        return 1 if sys.stderr.isatty() else 2
+        return 1 if dynamic_display() else 2
     if verbose is False or verbose in (0, 1, 2):
         return int(verbose)
     raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
@@ -534,7 +542,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       drop_remainder: drop each epoch's last smaller batch instead of padding
         it; default False.
       callbacks: `jaxdl.training.callbacks.Callback`s (EarlyStopping, ModelCheckpoint,
-        a learning-rate schedule, your own), called as Keras calls them.
+        a learning-rate schedule, your own), called as Keras calls them;
+        batch hooks once per compiled call of `steps_per_execution` steps
+        (see `Callback`).
       state: a `TrainState` to continue training (its model and optimizer
         carry on; `model` must be None or that model, `optimizer` None). It
         is copied, never consumed: two calls (`epochs=2`, then `epochs=5,
@@ -561,7 +571,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       steps_per_epoch: for an iterable of batches, the batches that make an
         epoch; None (default) is one pass of the iterable.
       steps_per_execution: K train steps run per compiled call when batches
-        are fed from the host, cutting the per-step dispatch cost; default 1.
+        are fed from the host (or when a callback defines a batch hook),
+        cutting the per-step dispatch cost; default 1.
       checkpoint_dir: a directory where orbax saves the whole run after every
         epoch (or every `checkpoint_every` steps), and from which the same
         call resumes, inside an epoch if the checkpoint was taken there,
@@ -615,8 +626,11 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         `nnx.Optimizer(wrt=...)` takes it; None (default) is `nnx.Param`.
         Every other variable (batch statistics, random streams, your own
         `nnx.Variable`s) is carried, updated and saved, not trained.
-      verbose: 0 silent, 1 a progress bar, 2 one line per epoch; "auto"
-        (default) and True are 1 on a terminal, 2 otherwise.
+      verbose: 0 silent; 1 a line per epoch, kept, with a bar over its
+        steps and then its metrics (where a bar can be redrawn: a terminal,
+        a notebook's widgets; elsewhere 2's line); 2 one plain line per
+        epoch; "auto" (default) and True are 1 on a terminal, 2 otherwise
+        (`jaxdl.training.progress`).
 
     Returns:
       `(state, history)`: the trained `TrainState` (the last finite one if
@@ -626,7 +640,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     Raises:
       TypeError: `model` is not a Flax module instance (a function, a module
         class, another library's module; see
-        `jaxdl.models.contract.model_family`).
+        `jaxdl.models.contract.model_family`); `callbacks` that are not a
+        list of `Callback`s.
       ValueError: for bad input, naming the argument at fault: mismatched
         `x`/`y` lengths, a wrong example shape, empty data, NaN, a
         non-positive `batch_size` or `steps_per_execution`, `epochs` or
@@ -638,7 +653,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         the mesh, a bad `verbose`, `cache` or `device_data_bytes`, a `state`
         given with another model, optimizer or a `precision`,
         `checkpoint_dir` with an iterable of batches, or a checkpoint in
-        `checkpoint_dir` of another run or unreadable altogether.
+        `checkpoint_dir` of another run or unreadable altogether; a callback
+        defining an `on_*` method `fit` never calls.
       jaxdl.training.run_checkpoint.CheckpointSaveError: when saving a checkpoint
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
@@ -657,6 +673,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     steps_per_execution = arrays.positive_int("steps_per_execution", steps_per_execution)
     whole_limit = prefetch.device_data_limit(mesh.devices.flat, device_data_bytes)
     _non_negative_epochs(epochs, initial_epoch)
+    callbacks = checked_callbacks(callbacks)
     every_steps = None
     if checkpoint_dir is not None and checkpoint_every != "epoch":
         every_steps = arrays.positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
@@ -691,11 +708,12 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         validate, labels["labels of validation_data"] = _validator(state, validation_data, plan)
     _check_outputs_fit_the_loss(state, plan, labels)
 
-    stream = every_steps is not None or loops_are_slow(state.apply_fn, state.variables, state.input_shape,
-                                                       plan.train_flag)
+    stream = every_steps is not None or defines(callbacks, BATCH_HOOKS) or loops_are_slow(
+        state.apply_fn, state.variables, state.input_shape, plan.train_flag)
     loop = _epoch_loop(inputs, state, plan, stream=stream)
     trained_model = getattr(state.apply_fn, "__self__", None) or model
-    run = FitRun(state=state, history={}, model=trained_model, verbose=plan.verbosity)
+    run = FitRun(state=state, history={}, model=trained_model, verbose=plan.verbosity, epochs=plan.epochs,
+                 steps=inputs.batches_per_epoch)
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = _run_checkpoints(checkpoint_dir, keep, run, inputs, callbacks, plan)
@@ -760,17 +778,21 @@ def _run_epochs(run: FitRun, loop: EpochLoop, checkpoints: RunCheckpoints | None
 
 
 def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resume, previous, plan: RunPlan,
-            initial_epoch: int) -> None:
+            initial_epoch: int) -> int:
     """Each epoch from `initial_epoch` (the plan's, or a resumed run's): run it, validate, log, call back, save;
-    stop on a callback's word or a refused step."""
+    stop on a callback's word or a refused step. Returns the epoch after the last one logged."""
     epochs, steps_per_epoch = plan.epochs, plan.steps_per_epoch
-    progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=plan.verbosity != 1, leave=True)
-    for epoch in progress:
+    display, logged_to = Progress(plan.verbosity, epochs), initial_epoch
+    for epoch in range(initial_epoch, epochs):
         if run.stop_training:
             break
         resumed_here = resume if resume is not None and epoch == initial_epoch else None
-        run.state, previous, sums, steps, accepted = loop.run(
-            run.state, previous, epoch, resumed_here, checkpoints and checkpoints.within_epoch(run, epoch))
+        _call_back(run, callbacks, plan, "on_epoch_begin", epoch)
+        line = display.epoch(epoch, run.steps, 0 if resumed_here is None else resumed_here.batches_done)
+        before_call, after_call = _dispatch_hooks(run, callbacks, line,
+                                                  checkpoints and checkpoints.within_epoch(run, epoch))
+        run.state, previous, sums, steps, accepted = loop.run(run.state, previous, epoch, resumed_here, after_call,
+                                                              before_call)
         if steps == 0 and resumed_here is None:
             warnings.warn(f"fit stopped: the source gave no batches for epoch {epoch + 1} (a generator or "
                           "iterator runs out after one pass: pass steps_per_epoch, or an iterable that can be "
@@ -786,31 +808,73 @@ def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resu
             break
         logs = metrics_from_sums(sums)
         if validate is not None:
-            logs.update(metrics_from_sums(validate(run.state), prefix="val_"))
+            _call_back(run, callbacks, plan, "on_test_begin")
+            validation = metrics_from_sums(validate(run.state))
+            _call_back(run, callbacks, plan, "on_test_end", validation)
+            logs.update({f"val_{name}": value for name, value in validation.items()})
         rate = learning_rate_of(run.state.opt_state)
         if rate is not None:
             logs["learning_rate"] = rate
         for key, value in logs.items():
             run.history.setdefault(key, []).append(value)
-        run.epoch = epoch
-        progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
-        if plan.verbosity == 2:
-            print(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
-        trained = run.state
-        for callback in callbacks:
-            callback.on_epoch_end(run, epoch, logs)
-        if run.state is not trained:  # a callback replaced it (a learning rate): placed as the steps expect
-            run.state = sharding.put_replicated(run.state, plan.mesh)
+        run.epoch, logged_to = epoch, epoch + 1
+        line.end((0 if resumed_here is None else resumed_here.batches_done) + steps, logs)
+        _call_back(run, callbacks, plan, "on_epoch_end", epoch, logs)
         if checkpoints is not None:
             checkpoints.save(run, previous, zero_totals(plan.metrics), epoch + 1, 0, int(run.state.step))
-        if steps_per_epoch is not None and steps < steps_per_epoch:
+        if steps_per_epoch is not None and steps < steps_per_epoch and not run.stop_training:
             warnings.warn(f"fit stopped: the iterable ran out of batches in epoch {epoch + 1} ({steps} of "
                           f"steps_per_epoch={steps_per_epoch}); make it yield steps_per_epoch * epochs batches",
                           RuntimeWarning, stacklevel=4)
             break
         if run.stop_training:
             break
-    progress.close()
+    return logged_to
+
+
+def _call_back(run: FitRun, callbacks, plan: RunPlan, hook: str, *args) -> None:
+    """Calls `hook(run, *args)` of each callback; a state a callback put in its place is placed as the steps
+    expect it."""
+    held = run.state
+    for callback in callbacks:
+        getattr(callback, hook)(run, *args)
+    if run.state is not held:  # a callback replaced it (a learning rate)
+        run.state = sharding.put_replicated(run.state, plan.mesh)
+
+
+def _dispatch_hooks(run: FitRun, callbacks, line: EpochLine, save_within_epoch) -> tuple:
+    """`(before_dispatch, after_dispatch)` for a streamed epoch (`epoch_loop.StreamedEpochs.run`): the batch
+    hooks, the progress bar and the checkpoints within the epoch. The running means are fetched for
+    `on_train_batch_end` only where a callback defines it; `after_dispatch` ends the epoch on
+    `run.stop_training`."""
+    begins = [c for c in callbacks if defines([c], ("on_train_batch_begin",))]
+    ends = [c for c in callbacks if defines([c], ("on_train_batch_end",))]
+
+    def calling(hooks, name: str, *args) -> None:
+        held = run.state
+        for callback in hooks:
+            getattr(callback, name)(run, *args)
+            if run.state is not held:
+                raise ValueError(f"{type(callback).__qualname__}.{name} replaced run.state: a batch hook may read "
+                                 "the state, not replace it, since the epoch's steps go on from their own; "
+                                 "replace it in on_epoch_begin or on_epoch_end")
+
+    def before(done: int, count: int) -> None:
+        if begins:
+            calling(begins, "on_train_batch_begin", done)
+
+    def after(state, previous, totals, done: int, start_step: int) -> bool:
+        if save_within_epoch is not None:
+            save_within_epoch(state, previous, totals, done, start_step)
+        line.advance_to(done)
+        if begins or ends:
+            run.state = state  # what the batch hooks read
+        if ends:
+            calling(ends, "on_train_batch_end", done - 1,
+                    metrics_from_sums({k: v for k, v in totals.items() if k != "accepted_steps"}))
+        return run.stop_training
+
+    return before, after
 
 
 def _validator(state: TrainState, validation_data, plan: RunPlan):
