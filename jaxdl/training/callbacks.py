@@ -1,4 +1,4 @@
-"""What `fit` calls as training goes: Keras-style callbacks.
+"""What `fit` calls as training goes: Keras-style callbacks, and the `History` it returns.
 
 A callback sees a `FitRun` (the current state, the history, the epoch and a
 stop flag) and may replace its state or ask training to stop. `fit` calls
@@ -159,6 +159,25 @@ def defines(callbacks, hooks) -> bool:
     """Whether any of `callbacks` overrides one of `hooks` (names of `Callback`'s methods)."""
     return any(getattr(type(callback), hook) is not getattr(Callback, hook)
                for callback in callbacks for hook in hooks)
+
+
+class History(dict):
+    """What `fit` returns beside the state: a dict of per-epoch lists that also answers as Keras's `History`.
+
+    `history["loss"]` as before; `history.history` is the same dict (Keras's
+    `fit(...).history`), `history.epoch` the epoch numbers the lists hold
+    (0-based, from `initial_epoch`), `history.params` Keras's
+    `{"verbose", "epochs", "steps"}`.
+    """
+
+    def __init__(self, logs: dict | None = None, epoch=(), params: dict | None = None):
+        super().__init__(logs or {})
+        self.epoch, self.params = list(epoch), dict(params or {})
+
+    @property
+    def history(self) -> dict[str, list]:
+        """The per-epoch lists themselves (this dict), as Keras's `History.history`."""
+        return self
 
 
 def _direction(owner: str, monitor: str, mode: str) -> str:

@@ -15,7 +15,9 @@ module of that name would be shadowed by it).
 """
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -34,11 +36,13 @@ from jaxdl.training.callbacks import (
     BATCH_HOOKS,
     Callback,
     FitRun,
+    History,
     checked_callbacks,
     defines,
     injected_learning_rates,
 )
 from jaxdl.training.epoch_loop import EpochLoop, ScannedEpochs, StreamedEpochs
+from jaxdl.training.optimizers import check_fit_can_update, resolve_optimizer
 from jaxdl.training.plan import RunPlan
 from jaxdl.training.precision import with_precision
 from jaxdl.training.progress import EpochLine, Progress, dynamic_display
@@ -472,7 +476,30 @@ def _epoch_loop(inputs: InputAdapter, state: TrainState, plan: RunPlan, *, strea
                           functools.partial(sharding.put_replicated, mesh=mesh), bool(state.batch_stats))
 
 
-def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | None = None,
+# Arguments jaxdl has renamed, and what they are called now.
+_RENAMED = {"steps_per_dispatch": "steps_per_execution"}
+
+
+def _named_arguments(function: Callable) -> Callable:
+    """`function`, refusing an unknown keyword argument with one TypeError naming it and what to pass instead:
+    its new name (`_RENAMED`) or the nearest of the function's own, before anything runs."""
+    parameters = inspect.signature(function).parameters
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        for name in kwargs:
+            if name not in parameters:
+                nearest = difflib.get_close_matches(name, parameters, n=1)
+                hint = (f": it is called {_RENAMED[name]} now, as Keras names it" if name in _RENAMED else
+                        f"; did you mean {nearest[0]}?" if nearest else "")
+                raise TypeError(f"{function.__name__}() got an unexpected keyword argument {name!r}{hint}")
+        return function(*args, **kwargs)
+
+    return call
+
+
+@_named_arguments
+def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | str | None = None,
         metrics: Sequence[str] = ("accuracy",), epochs: int = 1, batch_size: int = 32, seed: int = 0,
         validation_split: float | None = None, validation_data=None, shuffle: bool = True,
         drop_remainder: bool = False, callbacks: Sequence[Callback] = (), state: TrainState | None = None,
@@ -483,7 +510,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         mesh=None, precision: str | None = None, train_flag: str | None = AUTO,
         rng_streams: Sequence[str] = ("dropout", "augment"), cache: bool | int | str = "auto",
         device_data_bytes: int | str = "auto", wrt=None,
-        verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
+        verbose: int | bool | str = "auto") -> tuple[TrainState, History]:
     """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
 
     Each epoch shuffles the data (from `seed` and the state's step count, or
@@ -519,8 +546,11 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       loss: a loss name from `jaxdl.training.losses` (sparse/one-hot softmax
         cross-entropy, binary cross-entropy, MSE, Huber) or a function
         `(outputs, batch) -> per-example loss`. Required.
-      optimizer: an optax `GradientTransformation`; None (default) is
-        Adam(1e-3), or the state's own optimizer when `state` is given.
+      optimizer: an optax `GradientTransformation`, or a Keras optimizer
+        name ("adam", "sgd", "rmsprop", "adamw", "adagrad"): that optax
+        optimizer with Keras's defaults, its learning rate injected
+        (`jaxdl.training.optimizers`). None (default) is Adam(1e-3), or the
+        state's own optimizer when `state` is given.
       metrics: metric names from `jaxdl.training.losses`, reported for training and
         validation; default accuracy.
       epochs: the epoch number to stop before (training runs epochs
@@ -634,14 +664,17 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
 
     Returns:
       `(state, history)`: the trained `TrainState` (the last finite one if
-      training diverged) and a dict of per-epoch lists: `loss`, each metric
-      and their `val_` counterparts.
+      training diverged) and a `History`, a dict of per-epoch lists: `loss`,
+      each metric and their `val_` counterparts; like Keras's `History` it
+      also has `.history` (the same dict), `.epoch` and `.params`.
 
     Raises:
       TypeError: `model` is not a Flax module instance (a function, a module
         class, another library's module; see
-        `jaxdl.models.contract.model_family`); `callbacks` that are not a
-        list of `Callback`s.
+        `jaxdl.models.contract.model_family`); an unknown keyword argument
+        (named with what it is called now, or the nearest name); an
+        `optimizer` that is neither optax's nor a name; `callbacks` that are
+        not a list of `Callback`s.
       ValueError: for bad input, naming the argument at fault: mismatched
         `x`/`y` lengths, a wrong example shape, empty data, NaN, a
         non-positive `batch_size` or `steps_per_execution`, `epochs` or
@@ -653,8 +686,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         the mesh, a bad `verbose`, `cache` or `device_data_bytes`, a `state`
         given with another model, optimizer or a `precision`,
         `checkpoint_dir` with an iterable of batches, or a checkpoint in
-        `checkpoint_dir` of another run or unreadable altogether; a callback
-        defining an `on_*` method `fit` never calls.
+        `checkpoint_dir` of another run or unreadable altogether; an unknown
+        optimizer name; an optimizer whose update needs the loss
+        (`optax.contrib.reduce_on_plateau`); a callback defining an `on_*`
+        method `fit` never calls.
       jaxdl.training.run_checkpoint.CheckpointSaveError: when saving a checkpoint
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
@@ -673,7 +708,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     steps_per_execution = arrays.positive_int("steps_per_execution", steps_per_execution)
     whole_limit = prefetch.device_data_limit(mesh.devices.flat, device_data_bytes)
     _non_negative_epochs(epochs, initial_epoch)
-    callbacks = checked_callbacks(callbacks)
+    callbacks, optimizer = checked_callbacks(callbacks), resolve_optimizer(optimizer)
     every_steps = None
     if checkpoint_dir is not None and checkpoint_every != "epoch":
         every_steps = arrays.positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
@@ -698,6 +733,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         state = _state_to_continue(model, optimizer, state, precision)
         state = _with_input_shape(state, inputs.input_shape)
     state = sharding.put_replicated(state, mesh)
+    check_fit_can_update(state.opt_state)
     parts = sharding.data_parallelism(mesh)
     if state.batch_stats and not drop_remainder and parts > 1:
         _check_last_batch_splits(inputs.num_examples, batch_size, parts)
@@ -757,7 +793,7 @@ def _run_epochs(run: FitRun, loop: EpochLoop, checkpoints: RunCheckpoints | None
             callback.on_train_begin(run)
         if checkpoints is not None:
             checkpoints.restore_callbacks(run)
-        _epochs(run, loop, checkpoints, callbacks, validate, resume, previous, plan, initial_epoch)
+        logged_to = _epochs(run, loop, checkpoints, callbacks, validate, resume, previous, plan, initial_epoch)
     except KeyboardInterrupt:
         if checkpoints is not None:
             checkpoints.saver.close_quietly()
@@ -774,7 +810,9 @@ def _run_epochs(run: FitRun, loop: EpochLoop, checkpoints: RunCheckpoints | None
         checkpoints.close(run)
     for callback in callbacks:
         callback.on_train_end(run)
-    return run.state, run.history
+    logged = len(next(iter(run.history.values()), []))
+    return run.state, History(run.history, epoch=range(logged_to - logged, logged_to),
+                              params={"verbose": run.verbose, "epochs": run.epochs, "steps": run.steps})
 
 
 def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resume, previous, plan: RunPlan,

@@ -632,7 +632,7 @@ def test_stop_training_in_a_batch_hook_ends_the_epoch_after_that_call():
         warnings.simplefilter("error")  # no "ran out of batches" or other warning
         state, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=3, batch_size=8,
                              steps_per_execution=2, callbacks=[stop], verbose=0)
-    assert int(state.step) == 2 and len(history["loss"]) == 1
+    assert int(state.step) == 2 and len(history["loss"]) == 1 and history.epoch == [0]
     assert [call[0] for call in stop.calls] == ["on_train_begin", "on_epoch_begin", "on_train_batch_begin",
                                                 "on_train_batch_end", "on_epoch_end", "on_train_end"]
 

@@ -1,4 +1,8 @@
-"""What a new user meets at `fit`'s door: outcomes that were silent or confusing, now said (issue 19, 4-5)."""
+"""What a new user meets at `fit`'s door: outcomes that were silent or confusing, now said (issue 19, 4-5); Keras's
+habits (issue 37, 6)."""
+import json
+import pickle
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,7 +10,17 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdl import MLP, ConvNet, EarlyStopping, create_train_state, fit, make_eval_step, make_train_step, mc_predict
+from jaxdl import (
+    MLP,
+    ConvNet,
+    EarlyStopping,
+    History,
+    create_train_state,
+    fit,
+    make_eval_step,
+    make_train_step,
+    mc_predict,
+)
 from jaxdl.training.trainer import example_weights
 from tests.support.toy_data import CE, blobs
 
@@ -127,3 +141,24 @@ def test_an_iterable_of_batches_with_its_own_keys_is_named_by_features():
     assert evaluate(state, named, loss=CE, features=("image", "label")) == evaluate(state, plain, loss=CE)
     with pytest.raises(ValueError, match=r"no entry 'image' \(features=\('image', 'label'\)\); it has \['x', 'y'\]"):
         fit(MLP(features=(4,), num_outputs=3), plain, features=("image", "label"), **options)
+
+
+def test_the_history_answers_as_kerass_history_does_and_stays_a_dict():
+    x, y = blobs(24)
+    state, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=8, verbose=0)
+    _, more = fit(None, x, y, loss=CE, state=state, epochs=5, initial_epoch=2, batch_size=8, verbose=0)
+    assert type(history.history) is History and history.history is history and list(history) == ["loss", "accuracy"]
+    assert history.epoch == [0, 1] and more.epoch == [2, 3, 4] and len(more["loss"]) == 3
+    assert more.params == {"verbose": 0, "epochs": 5, "steps": 3}  # Keras's History.params
+    assert json.loads(json.dumps(more)) == more == dict(more)  # still the plain dict of lists it was
+    copied = pickle.loads(pickle.dumps(more))
+    assert copied == more and copied.epoch == more.epoch
+
+
+def test_an_unknown_keyword_is_named_with_what_fit_calls_it():
+    x, y = blobs(16)
+    with pytest.raises(TypeError, match=r"fit\(\) got an unexpected keyword argument 'steps_per_dispatch': it is "
+                                        r"called steps_per_execution now, as Keras names it"):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, steps_per_dispatch=4)
+    with pytest.raises(TypeError, match=r"'validation_splits'; did you mean validation_split\?"):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, validation_splits=0.2)
