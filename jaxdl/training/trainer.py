@@ -373,7 +373,7 @@ def _check_class_labels(y: np.ndarray, loss: str, num_classes: int, name: str) -
 def _verbosity(verbose) -> int:
     """Keras's verbose: 0, 1 or 2; "auto" and True mean 1 where a bar can be redrawn (a terminal, a notebook's
     widgets), 2 when output goes to a file or pipe (`jaxdl.training.progress`)."""
-    if verbose in ("auto", True):
+    if verbose == "auto" or verbose is True:  # not `in`: 1 == True, and verbose=1 is a choice, not "auto"
         return 1 if dynamic_display() else 2
     if verbose is False or verbose in (0, 1, 2):
         return int(verbose)
