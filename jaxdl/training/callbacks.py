@@ -167,7 +167,9 @@ class History(dict):
     `history["loss"]` as before; `history.history` is the same dict (Keras's
     `fit(...).history`), `history.epoch` the epoch numbers the lists hold
     (0-based, from `initial_epoch`), `history.params` Keras's
-    `{"verbose", "epochs", "steps"}`.
+    `{"verbose", "epochs", "steps"}`. A pytree as a dict is (its keys sorted,
+    its structure the keys only), so `jax.tree.map` goes into it as it went
+    into the dict; what it builds is a `History` without `epoch` or `params`.
     """
 
     def __init__(self, logs: dict | None = None, epoch=(), params: dict | None = None):
@@ -178,6 +180,13 @@ class History(dict):
     def history(self) -> dict[str, list]:
         """The per-epoch lists themselves (this dict), as Keras's `History.history`."""
         return self
+
+
+jax.tree_util.register_pytree_with_keys(
+    History, lambda history: ([(jax.tree_util.DictKey(key), history[key]) for key in sorted(history)],
+                              tuple(sorted(history))),
+    lambda keys, values: History(dict(zip(keys, values))),
+    lambda history: ([history[key] for key in sorted(history)], tuple(sorted(history))))
 
 
 def _direction(owner: str, monitor: str, mode: str) -> str:

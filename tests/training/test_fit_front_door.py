@@ -151,6 +151,8 @@ def test_the_history_answers_as_kerass_history_does_and_stays_a_dict():
     assert history.epoch == [0, 1] and more.epoch == [2, 3, 4] and len(more["loss"]) == 3
     assert more.params == {"verbose": 0, "epochs": 5, "steps": 3}  # Keras's History.params
     assert json.loads(json.dumps(more)) == more == dict(more)  # still the plain dict of lists it was
+    assert jax.tree.leaves(more) == [*more["accuracy"], *more["loss"]]  # and the same pytree, keys sorted
+    assert jax.tree.map(lambda a, b: a - b, more, more) == {"loss": [0.0] * 3, "accuracy": [0.0] * 3}
     copied = pickle.loads(pickle.dumps(more))
     assert copied == more and copied.epoch == more.epoch
 
