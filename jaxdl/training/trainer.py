@@ -69,6 +69,29 @@ from jaxdl.training.steps import (
 DEFAULT_OPTIMIZER = optax.adam(1e-3)
 
 
+# Arguments jaxdl has renamed, and what they are called now.
+_RENAMED = {"steps_per_dispatch": "steps_per_execution"}
+
+
+def _named_arguments(function: Callable) -> Callable:
+    """`function`, refusing an unknown keyword argument with one TypeError naming it and what to pass instead:
+    its new name (`_RENAMED`) or the nearest of the function's own, before anything runs. The wrapper is one
+    more frame between the caller and the warnings of `fit` and `evaluate`: their `stacklevel`s count it."""
+    parameters = inspect.signature(function).parameters
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        for name in kwargs:
+            if name not in parameters:
+                nearest = difflib.get_close_matches(name, parameters, n=1)
+                hint = (f": it is called {_RENAMED[name]} now, as Keras names it" if name in _RENAMED else
+                        f"; did you mean {nearest[0]}?" if nearest else "")
+                raise TypeError(f"{function.__name__}() got an unexpected keyword argument {name!r}{hint}")
+        return function(*args, **kwargs)
+
+    return call
+
+
 def _read_source(x, what: str, *, batch_size: int, features, transform, input_shape, needs_labels: bool,
                  y=None, shuffle: bool = False, **options):
     """`sources.as_batches` for `evaluate`/`predict`/`fit`, refusing a `y` beside a source."""
@@ -96,6 +119,7 @@ def _evaluate_batches(state: TrainState, batches, eval_step, put: Callable) -> d
     return totals
 
 
+@_named_arguments
 def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("accuracy",),
              batch_size: int = 256, features: Sequence[str] | None = None,
              transform: Callable | None = None, mesh=None, train_flag: str | None = AUTO,
@@ -133,6 +157,7 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
       A dict of floats: `loss`, then each metric.
 
     Raises:
+      TypeError: an unknown keyword argument (named with the nearest name).
       ValueError: for bad input, naming the argument at fault: a
         non-positive `batch_size`, an unknown loss or metric, a batch that
         does not split over the mesh, mismatched or ill-shaped `x` and `y`,
@@ -341,7 +366,7 @@ def _check_outputs_fit_the_loss(state: TrainState, plan: RunPlan, labels: dict[s
                       f"logits (it applies the {'sigmoid' if loss.startswith('binary') else 'softmax'} itself, as "
                       "Keras's losses do with from_logits=True): remove the final activation (jaxdl's ConvNet: "
                       "('dense', units) without one), or training will crawl and accuracy read the outputs wrongly",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)  # the caller of fit or evaluate (see _named_arguments)
     if loss == "binary_crossentropy":
         return
     for name, y in labels.items():
@@ -474,28 +499,6 @@ def _epoch_loop(inputs: InputAdapter, state: TrainState, plan: RunPlan, *, strea
                           plan.metrics, plan.steps_per_execution,
                           _batch_placer(mesh, inputs.per_process, stacked=True),
                           functools.partial(sharding.put_replicated, mesh=mesh), bool(state.batch_stats))
-
-
-# Arguments jaxdl has renamed, and what they are called now.
-_RENAMED = {"steps_per_dispatch": "steps_per_execution"}
-
-
-def _named_arguments(function: Callable) -> Callable:
-    """`function`, refusing an unknown keyword argument with one TypeError naming it and what to pass instead:
-    its new name (`_RENAMED`) or the nearest of the function's own, before anything runs."""
-    parameters = inspect.signature(function).parameters
-
-    @functools.wraps(function)
-    def call(*args, **kwargs):
-        for name in kwargs:
-            if name not in parameters:
-                nearest = difflib.get_close_matches(name, parameters, n=1)
-                hint = (f": it is called {_RENAMED[name]} now, as Keras names it" if name in _RENAMED else
-                        f"; did you mean {nearest[0]}?" if nearest else "")
-                raise TypeError(f"{function.__name__}() got an unexpected keyword argument {name!r}{hint}")
-        return function(*args, **kwargs)
-
-    return call
 
 
 @_named_arguments
@@ -834,7 +837,7 @@ def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resu
         if steps == 0 and resumed_here is None:
             warnings.warn(f"fit stopped: the source gave no batches for epoch {epoch + 1} (a generator or "
                           "iterator runs out after one pass: pass steps_per_epoch, or an iterable that can be "
-                          "iterated again)", RuntimeWarning, stacklevel=4)
+                          "iterated again)", RuntimeWarning, stacklevel=5)  # fit's caller
             break
         if accepted < steps:
             before = 0 if resumed_here is None else resumed_here.batches_done  # batches done before a resume
@@ -842,7 +845,7 @@ def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resu
                           f"epoch {epoch + 1}, step {before + accepted + 1} of {before + steps}; the returned "
                           "state is the last one "
                           "whose loss, gradients and parameters were all finite (lower the learning rate or check "
-                          "the data)", RuntimeWarning, stacklevel=4)
+                          "the data)", RuntimeWarning, stacklevel=5)
             break
         logs = metrics_from_sums(sums)
         if validate is not None:
@@ -863,7 +866,7 @@ def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resu
         if steps_per_epoch is not None and steps < steps_per_epoch and not run.stop_training:
             warnings.warn(f"fit stopped: the iterable ran out of batches in epoch {epoch + 1} ({steps} of "
                           f"steps_per_epoch={steps_per_epoch}); make it yield steps_per_epoch * epochs batches",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=5)
             break
         if run.stop_training:
             break

@@ -16,6 +16,7 @@ from jaxdl import (
     EarlyStopping,
     History,
     create_train_state,
+    evaluate,
     fit,
     make_eval_step,
     make_train_step,
@@ -164,3 +165,18 @@ def test_an_unknown_keyword_is_named_with_what_fit_calls_it():
         fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, steps_per_dispatch=4)
     with pytest.raises(TypeError, match=r"'validation_splits'; did you mean validation_split\?"):
         fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, validation_splits=0.2)
+
+
+def test_the_warnings_of_fit_and_evaluate_point_at_their_callers_line():
+    """The wrapper naming unknown keywords is one frame more between the caller and a warning: the warnings'
+    stacklevels count it. Seen failing with the stacklevels as they were: the warnings named trainer.py."""
+    x, labels = blobs(n=16, classes=2)
+    head = ConvNet(layers=(("flatten",), ("dense", 4), ("dense", 1, "sigmoid")))
+    options = dict(loss="binary_crossentropy", verbose=0)
+    with pytest.warns(UserWarning, match="come out of a sigmoid") as fitted:
+        state, _ = fit(head, x, labels.astype(np.float32), epochs=0, **options)
+    with pytest.warns(UserWarning, match="come out of a sigmoid") as evaluated:
+        evaluate(state, x, labels.astype(np.float32), loss="binary_crossentropy")
+    with pytest.warns(RuntimeWarning, match="NaN or infinite at epoch 1") as diverged:
+        fit(MLP(features=(4,), num_outputs=3), x, labels, loss=CE, optimizer=optax.sgd(1e38), batch_size=4, verbose=0)
+    assert [record[0].filename for record in (fitted, evaluated, diverged)] == [__file__] * 3
