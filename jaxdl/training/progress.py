@@ -11,6 +11,7 @@ plain line when it ends, with no carriage return.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm import auto as tqdm_auto, autonotebook, std as tqdm_std
@@ -19,6 +20,14 @@ from tqdm import auto as tqdm_auto, autonotebook, std as tqdm_std
 def dynamic_display() -> bool:
     """Whether a progress bar can be redrawn in place: stderr is a terminal, or tqdm draws notebook widgets."""
     return autonotebook.tqdm is not tqdm_std.tqdm or sys.stderr.isatty()  # autonotebook's: std or notebook
+
+
+def _sized(stream) -> bool:
+    """Whether the terminal `stream` writes to tells its size (a pseudo-terminal never sized tells 0 x 0)."""
+    try:
+        return min(os.get_terminal_size(stream.fileno())) > 0
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def format_logs(logs: dict[str, float]) -> str:
@@ -47,8 +56,15 @@ class EpochLine:
         if self.bar.total is None:  # an iterable's epoch: its length is known now
             self.bar.total = done
         self.advance_to(done)
+        # The kept line whole, however long its metrics: a terminal's width trims only the bar while it moves
+        self.bar.ncols, self.bar.dynamic_ncols = None, False
         self.bar.set_postfix_str(format_logs(logs), refresh=False)
         self.bar.close()
+
+    def close(self) -> None:
+        """The epoch stopped without logs (fit stops and says why): the bar is kept as it stands."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 class Progress:
@@ -66,5 +82,9 @@ class Progress:
         header = f"Epoch {epoch + 1}/{self.epochs}"
         if not self.bars:
             return EpochLine(header)
+        # As wide as the terminal while it moves; 80 x 24 where it tells no size (tqdm would draw nothing in 0 rows).
+        # A notebook's widget sizes itself.
+        width = {} if autonotebook.tqdm is not tqdm_std.tqdm else \
+            {"dynamic_ncols": True} if _sized(sys.stderr) else {"ncols": 80, "nrows": 24}
         return EpochLine(header, tqdm_auto.tqdm(total=steps, initial=done, desc=header, unit="step", leave=True,
-                                                dynamic_ncols=True))
+                                                **width))

@@ -835,11 +835,13 @@ def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resu
         run.state, previous, sums, steps, accepted = loop.run(run.state, previous, epoch, resumed_here, after_call,
                                                               before_call)
         if steps == 0 and resumed_here is None:
+            line.close()
             warnings.warn(f"fit stopped: the source gave no batches for epoch {epoch + 1} (a generator or "
                           "iterator runs out after one pass: pass steps_per_epoch, or an iterable that can be "
                           "iterated again)", RuntimeWarning, stacklevel=5)  # fit's caller
             break
         if accepted < steps:
+            line.close()
             before = 0 if resumed_here is None else resumed_here.batches_done  # batches done before a resume
             warnings.warn("fit stopped: the loss, a gradient or an updated parameter became NaN or infinite at "
                           f"epoch {epoch + 1}, step {before + accepted + 1} of {before + steps}; the returned "

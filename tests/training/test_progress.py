@@ -20,15 +20,16 @@ from jaxdl import MLP, fit
 from jaxdl.training import progress
 from tests.support.toy_data import CE, blobs
 
-EPOCHS, BATCH = 3, 8  # 60 examples: 8 steps an epoch (the last batch padded)
+EPOCHS, BATCH = 3, 8  # 60 examples: 8 steps an epoch (the last batch padded); 6 with validation_split=0.2
 
 
-def shown(monkeypatch, kind: str, **options) -> tuple[str, dict]:
-    """`(everything fit wrote to stdout and stderr, history)`, both streams a pty (`kind="pty"`) or a pipe."""
+def shown(monkeypatch, kind: str, columns: int = 160, **options) -> tuple[str, dict]:
+    """`(everything fit wrote to stdout and stderr, history)`, both streams a pty (`kind="pty"`, 24 rows of
+    `columns`; 0 x 0 where `columns` is 0, as a pty never sized) or a pipe."""
     if kind == "pty":
         reader, writer = os.openpty()
         tty.setraw(writer)  # no "\n" -> "\r\n" translation: the bytes read are the bytes written
-        fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a 160-column terminal
+        fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
     else:
         reader, writer = os.pipe()
     stream = os.fdopen(writer, "w", buffering=1)
@@ -60,19 +61,24 @@ def epoch_line(history: dict, epoch: int) -> str:
     return " - ".join(f"{name}: {values[epoch]:.4f}" for name, values in history.items())
 
 
-def test_a_terminal_keeps_a_line_per_epoch_with_a_bar_over_its_steps(monkeypatch):
+@pytest.mark.parametrize("columns", [100, 0])
+def test_a_terminal_keeps_a_line_per_epoch_with_a_bar_over_its_steps(monkeypatch, columns):
+    """Each epoch's line ends with all its metrics, however narrow the terminal (or unsized: tqdm drew nothing in
+    a terminal of 0 rows)."""
     # tqdm redraws at most every 0.1 s: every update drawn, so that each compiled call's is seen
     monkeypatch.setattr(progress, "tqdm_auto", type("auto", (), {"tqdm": functools.partial(std.tqdm, mininterval=0)}))
-    text, history = shown(monkeypatch, "pty", verbose="auto")  # "auto" is 1 on a terminal
+    text, history = shown(monkeypatch, "pty", columns, verbose="auto", validation_split=0.2)  # 1 on a terminal
     lines = text.split("\n")
     assert len(lines) == EPOCHS + 1 and lines[-1] == ""  # one line kept per epoch, nothing after
     for epoch, line in enumerate(lines[:-1]):
         drawn = line.split("\r")
         assert all(draw.startswith(f"Epoch {epoch + 1}/{EPOCHS}: ") for draw in drawn if draw), drawn
-        assert " 0/8 " in drawn[1] and " 8/8 " in drawn[-1], drawn  # the bar starts empty, ends full
-        assert drawn[-1].endswith(epoch_line(history, epoch) + "]"), drawn  # then the epoch's metrics
-        # a scanned epoch is one compiled call: its bar moves once, from 0 to 8 steps
-        assert [draw for draw in drawn if "/8 " in draw and " 0/8 " not in draw and " 8/8 " not in draw] == []
+        assert " 0/6 " in drawn[1] and " 6/6 " in drawn[-1], drawn  # the bar starts empty, ends full
+        assert len(drawn[1]) <= (columns or 80)  # the moving bar fits the terminal (80 where it tells no width)
+        # then the epoch's metrics, all of them: the kept line is longer than the terminal is wide, and not cut
+        assert drawn[-1].rstrip().endswith(epoch_line(history, epoch) + "]") and len(drawn[-1].rstrip()) > 100
+        # a scanned epoch is one compiled call: its bar moves once, from 0 to 6 steps
+        assert [draw for draw in drawn if "/6 " in draw and " 0/6 " not in draw and " 6/6 " not in draw] == []
 
 
 def test_a_streamed_epochs_bar_moves_after_each_compiled_call(monkeypatch):
@@ -83,7 +89,7 @@ def test_a_streamed_epochs_bar_moves_after_each_compiled_call(monkeypatch):
     assert counts[0] == "0/8" and counts[-1] == "8/8"  # 8 steps, 4 per call: after 4 and 8
     assert [count for i, count in enumerate(counts) if i == 0 or count != counts[i - 1]] == \
         ["0/8", "4/8", "8/8"]
-    assert first[-1].endswith(epoch_line(history, 0) + "]")
+    assert first[-1].rstrip().endswith(epoch_line(history, 0) + "]")  # tqdm pads over the longer bar drawn before
 
 
 @pytest.mark.parametrize("kind, verbose", [("pipe", 1), ("pipe", "auto"), ("pty", 2)])
