@@ -889,7 +889,7 @@ def _dispatch_hooks(run: FitRun, callbacks, line: EpochLine, save_within_epoch) 
     """`(before_dispatch, after_dispatch)` for a streamed epoch (`epoch_loop.StreamedEpochs.run`): the batch
     hooks, the progress bar and the checkpoints within the epoch. The running means are fetched for
     `on_train_batch_end` only where a callback defines it; `after_dispatch` ends the epoch on
-    `run.stop_training`."""
+    `run.stop_training` where a callback has a batch hook (as Keras does after a batch)."""
     begins = [c for c in callbacks if defines([c], ("on_train_batch_begin",))]
     ends = [c for c in callbacks if defines([c], ("on_train_batch_end",))]
 
@@ -915,7 +915,7 @@ def _dispatch_hooks(run: FitRun, callbacks, line: EpochLine, save_within_epoch) 
         if ends:
             calling(ends, "on_train_batch_end", done - 1,
                     metrics_from_sums({k: v for k, v in totals.items() if k != "accepted_steps"}))
-        return run.stop_training
+        return bool(begins or ends) and run.stop_training  # else the epoch runs whole, as a scanned one does
 
     return before, after
 

@@ -618,8 +618,9 @@ def test_each_keras_hook_is_called_and_batch_hooks_once_per_compiled_call(monkey
 
 
 def test_stop_training_in_a_batch_hook_ends_the_epoch_after_that_call():
-    """As Keras: the epoch ends after the compiled call whose hook set the flag; on_epoch_end still sees it.
-    Seen failing with the flag read only at the epoch's end (state.step 6, not 2)."""
+    """As Keras: the epoch ends after the compiled call whose hook set the flag; on_epoch_end still sees it. Set
+    elsewhere, the flag ends training at the epoch's end, whichever loop runs it. Seen failing with the flag read
+    only at the epoch's end (state.step 6, not 2), and with a streamed epoch cut short by it (2, not 6)."""
 
     class StopAfterTwoSteps(HookRecorder):
         def on_train_batch_end(self, run, batch, logs):
@@ -635,6 +636,16 @@ def test_stop_training_in_a_batch_hook_ends_the_epoch_after_that_call():
     assert int(state.step) == 2 and len(history["loss"]) == 1 and history.epoch == [0]
     assert [call[0] for call in stop.calls] == ["on_train_begin", "on_epoch_begin", "on_train_batch_begin",
                                                 "on_train_batch_end", "on_epoch_end", "on_train_end"]
+
+
+    class StopAtTheStart(Callback):
+        def on_epoch_begin(self, run, epoch):
+            run.stop_training = True
+
+    # Without a batch hook the flag ends training at the epoch's end, streamed (device_data_bytes=0) as scanned
+    state, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=3, batch_size=8,
+                         steps_per_execution=2, device_data_bytes=0, callbacks=[StopAtTheStart()], verbose=0)
+    assert int(state.step) == 6 and len(history["loss"]) == 1
 
 
 def test_a_batch_hook_may_not_replace_the_state():
