@@ -22,8 +22,8 @@ from pathlib import Path
 
 from benchmarks import report
 
-BENCHMARKS = ("train_small", "convnet_training", "nnx_training", "mobilenet_inference", "finetune", "input_pipeline",
-              "data_parallel")
+BENCHMARKS = ("train_small", "callback_hooks", "convnet_training", "nnx_training", "mobilenet_inference", "finetune",
+              "input_pipeline", "data_parallel")
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,7 @@ from jaxdl.training import (
     CSVLogger,
     EarlyStopping,
     FitRun,
+    History,
     ModelCheckpoint,
     ReduceLROnPlateau,
     TensorBoard,
@@ -29,7 +30,8 @@ __version__ = "0.2.0"
 __all__ = [
     "load_model", "save_model",
     "ConvNet", "MLP", "count_params", "summary", "trained_module",
-    "Callback", "CSVLogger", "EarlyStopping", "FitRun", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
+    "Callback", "CSVLogger", "EarlyStopping", "FitRun", "History", "ModelCheckpoint", "ReduceLROnPlateau",
+    "TensorBoard",
     "TrainState", "create_train_state", "make_eval_step", "make_train_step", "metrics_from_sums",
     "evaluate", "fit", "predict", "tfds_source", "mc_predict", "sweep",
 ]

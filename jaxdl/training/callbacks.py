@@ -1,8 +1,10 @@
-"""What `fit` calls at the start, after each epoch and at the end of training: Keras-style callbacks.
+"""What `fit` calls as training goes: Keras-style callbacks, and the `History` it returns.
 
 A callback sees a `FitRun` (the current state, the history, the epoch and a
-stop flag) and may replace its state or ask training to stop. `fit` imports
-this module, never the reverse.
+stop flag) and may replace its state or ask training to stop. `fit` calls
+Keras's hooks (`HOOKS`), each only where some callback defines it, and
+refuses a callback defining an `on_*` method it would never call. `fit`
+imports this module, never the reverse.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ class FitRun:
     """What callbacks see and may change: the current state, the history, a stop flag.
 
     `model` is the Linen module being trained (None when `fit` was given only
-    a state whose `apply_fn` is not a module's `apply`).
+    a state whose `apply_fn` is not a module's `apply`). `epochs` and `steps`
+    are Keras's `params`: the epoch `fit` stops before and the batches of an
+    epoch (None for an iterable without `steps_per_epoch`).
     """
 
     state: Any  # a jaxdl.training.steps.TrainState
@@ -37,12 +41,47 @@ class FitRun:
     resumed_epoch: int | None = None  # the epoch a run restored from a checkpoint goes on from
     resumed_batches: int = 0  # the batches of that epoch already done
     verbose: int = 0  # fit's verbosity: 0 silent; callbacks print their messages when it is not
+    epochs: int = 0
+    steps: int | None = None
 
 
 class Callback:
-    """Hooks into `fit`. Override what you need; each hook may replace `run.state`."""
+    """Hooks into `fit`, Keras's set (`HOOKS`). Override what you need; most hooks may replace `run.state`.
+
+    `fit` calls `on_train_begin(run)`, then for each epoch
+    `on_epoch_begin(run, epoch)`, `on_train_batch_begin(run, batch)` and
+    `on_train_batch_end(run, batch, logs)` around each compiled call of
+    steps, `on_test_begin(run)` and `on_test_end(run, logs)` around the
+    validation, `on_epoch_end(run, epoch, logs)`; and `on_train_end(run)`.
+    As Keras does with `steps_per_execution` > 1, a batch hook is called
+    once per compiled call (`steps_per_execution` steps), with the epoch's
+    index of its first step (`..._begin`) or its last (`..._end`); the logs
+    of `on_train_batch_end` are the epoch's running means so far. Batch hooks
+    are called only where a callback defines one: then the epoch runs
+    `steps_per_execution` steps per call instead of in one compiled scan, and
+    fetches the running means after each call. A batch hook may read
+    `run.state` (the state after that call; copy what you keep, the next call
+    consumes it) and set `run.stop_training`, which ends the epoch after
+    that call; it may not replace `run.state`. `on_test_end`'s logs are the
+    validation metrics without their `val_` prefix.
+    """
 
     def on_train_begin(self, run: FitRun) -> None:
+        pass
+
+    def on_epoch_begin(self, run: FitRun, epoch: int) -> None:
+        pass
+
+    def on_train_batch_begin(self, run: FitRun, batch: int) -> None:
+        pass
+
+    def on_train_batch_end(self, run: FitRun, batch: int, logs: dict[str, float]) -> None:
+        pass
+
+    def on_test_begin(self, run: FitRun) -> None:
+        pass
+
+    def on_test_end(self, run: FitRun, logs: dict[str, float]) -> None:
         pass
 
     def on_epoch_end(self, run: FitRun, epoch: int, logs: dict[str, float]) -> None:
@@ -67,6 +106,87 @@ class Callback:
 
     def restore_checkpoint_state(self, values: dict, state) -> None:
         """Takes back what `checkpoint_state` gave; called after `on_train_begin` when `fit` resumes."""
+
+
+HOOKS = ("on_train_begin", "on_epoch_begin", "on_train_batch_begin", "on_train_batch_end", "on_test_begin",
+         "on_test_end", "on_epoch_end", "on_train_end")
+BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end")
+
+# Keras's hooks that `fit` does not call, and what to do instead.
+_NOT_CALLED = {
+    "on_batch_begin": "Keras's older name of on_train_batch_begin: rename it",
+    "on_batch_end": "Keras's older name of on_train_batch_end: rename it",
+    "on_test_batch_begin": "validation runs as one compiled evaluation: use on_test_begin/on_test_end",
+    "on_test_batch_end": "validation runs as one compiled evaluation: use on_test_begin/on_test_end",
+    "on_predict_begin": "predict takes no callbacks",
+    "on_predict_end": "predict takes no callbacks",
+    "on_predict_batch_begin": "predict takes no callbacks",
+    "on_predict_batch_end": "predict takes no callbacks",
+}
+
+
+def checked_callbacks(callbacks) -> tuple[Callback, ...]:
+    """`fit`'s callbacks, each a `Callback` defining only hooks `fit` calls; checked before anything runs.
+
+    Raises:
+      TypeError: `callbacks` is not a list of `Callback` instances (one
+        callback not in a list, Keras's own callbacks).
+      ValueError: a callback defines an `on_*` method that is not one of
+        `HOOKS`, which `fit` would never call; named with the hint for
+        Keras's hooks that `fit` does not call.
+    """
+    if callbacks is None:
+        return ()
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of jaxdl Callbacks, got {type(callbacks).__name__}; "
+                        "pass callbacks=[...]")
+    for index, callback in enumerate(callbacks):
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks[{index}] is a {type(callback).__module__}.{type(callback).__qualname__}, "
+                            "not a jaxdl.Callback: subclass jaxdl.Callback (its hooks take the run first: "
+                            "on_epoch_end(self, run, epoch, logs))")
+        unknown = sorted(name for name in dir(type(callback))
+                         if name.startswith("on_") and name not in HOOKS and callable(getattr(callback, name)))
+        if unknown:
+            name = unknown[0]
+            why = _NOT_CALLED.get(name, "not a hook fit calls")
+            raise ValueError(f"callbacks[{index}] ({type(callback).__qualname__}) defines {name}, which fit never "
+                             f"calls ({why}); fit calls {', '.join(HOOKS)}")
+    return tuple(callbacks)
+
+
+def defines(callbacks, hooks) -> bool:
+    """Whether any of `callbacks` overrides one of `hooks` (names of `Callback`'s methods)."""
+    return any(getattr(type(callback), hook) is not getattr(Callback, hook)
+               for callback in callbacks for hook in hooks)
+
+
+class History(dict):
+    """What `fit` returns beside the state: a dict of per-epoch lists that also answers as Keras's `History`.
+
+    `history["loss"]` as before; `history.history` is the same dict (Keras's
+    `fit(...).history`), `history.epoch` the epoch numbers the lists hold
+    (0-based, from `initial_epoch`), `history.params` Keras's
+    `{"verbose", "epochs", "steps"}`. A pytree as a dict is (its keys sorted,
+    its structure the keys only), so `jax.tree.map` goes into it as it went
+    into the dict; what it builds is a `History` without `epoch` or `params`.
+    """
+
+    def __init__(self, logs: dict | None = None, epoch=(), params: dict | None = None):
+        super().__init__(logs or {})
+        self.epoch, self.params = list(epoch), dict(params or {})
+
+    @property
+    def history(self) -> dict[str, list]:
+        """The per-epoch lists themselves (this dict), as Keras's `History.history`."""
+        return self
+
+
+jax.tree_util.register_pytree_with_keys(
+    History, lambda history: ([(jax.tree_util.DictKey(key), history[key]) for key in sorted(history)],
+                              tuple(sorted(history))),
+    lambda keys, values: History(dict(zip(keys, values))),
+    lambda history: ([history[key] for key in sorted(history)], tuple(sorted(history))))
 
 
 def _direction(owner: str, monitor: str, mode: str) -> str:

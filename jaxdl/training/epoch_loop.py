@@ -1,7 +1,8 @@
 """The epoch loop: runs the compiled, guarded steps over one epoch of any input adapter's batches.
 
 Two forms, one `typing.Protocol` (`EpochLoop`): `run(state, previous, epoch,
-resume, after_dispatch) -> (state, previous, sums, steps run, steps accepted)`.
+resume, after_dispatch, before_dispatch) -> (state, previous, sums, steps run,
+steps accepted)`.
 
 - `ScannedEpochs`: in-memory arrays live on the device and an epoch is one
   compiled `lax.scan` (`steps.compiled_epoch`), which removes the per-step
@@ -12,9 +13,11 @@ resume, after_dispatch) -> (state, previous, sums, steps run, steps accepted)`.
   (`steps.loops_are_slow`) or checkpointed within epochs.
 
 The divergence guard's decision comes back as the number of accepted steps.
-This module knows nothing of callbacks, logs or files: `after_dispatch` is
-how the run checkpoints inside an epoch, and `Resume` where a checkpoint
-taken inside an epoch left it.
+This module knows nothing of callbacks, logs or files: `before_dispatch` and
+`after_dispatch` are how the run checkpoints inside an epoch, moves its
+progress bar and calls batch hooks (an `after_dispatch` returning True ends
+the epoch there), and `Resume` where a checkpoint taken inside an epoch left
+it.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class EpochLoop(Protocol):
     """One epoch of compiled steps, whatever the input's path to the device."""
 
     def run(self, state, previous, epoch: int, resume: Resume | None = None,
-            after_dispatch: Callable | None = None) -> tuple:
+            after_dispatch: Callable | None = None, before_dispatch: Callable | None = None) -> tuple:
         """`(state, previous, sums, steps run, steps accepted)` of one epoch (see the module's docstring)."""
         ...
 
@@ -65,9 +68,11 @@ class ScannedEpochs:
     steps_per_epoch: int
     orders: Callable[[int], np.ndarray] | None = None
 
-    def run(self, state, previous, epoch: int, resume: Resume | None = None, after_dispatch=None):
-        """`(state, previous, sums, steps run, steps accepted)` of one epoch (whole: no `resume` within it)."""
-        del resume, after_dispatch
+    def run(self, state, previous, epoch: int, resume: Resume | None = None, after_dispatch=None,
+            before_dispatch=None):
+        """`(state, previous, sums, steps run, steps accepted)` of one epoch (whole: no `resume` or calls back
+        within it)."""
+        del resume, after_dispatch, before_dispatch
         order = self.shuffle_rng if self.orders is None else np.asarray(self.orders(epoch), np.int32)
         state, previous, sums, accepted = self.run_epoch(state, previous, self.x, self.y, self.weights, order)
         return state, previous, sums, self.steps_per_epoch, int(accepted)
@@ -89,12 +94,15 @@ class StreamedEpochs:
     put_state: Callable
     batch_norm: bool = False
 
-    def run(self, state, previous, epoch: int, resume: Resume | None = None, after_dispatch=None):
+    def run(self, state, previous, epoch: int, resume: Resume | None = None, after_dispatch=None,
+            before_dispatch=None):
         """`(state, previous, sums, steps run, steps accepted)` of one epoch.
 
         `resume` goes on from a checkpoint taken inside this epoch;
-        `after_dispatch(state, previous, totals, batches done, start step)` is
-        called after every compiled call (the checkpoints within an epoch).
+        `before_dispatch(batches done, steps in the call)` is called before
+        every compiled call, `after_dispatch(state, previous, totals, batches
+        done, start step)` after it (the checkpoints within an epoch); when
+        that returns True, the epoch ends there.
         """
         start_step = int(state.step) if resume is None else resume.start_step
         done = 0 if resume is None else resume.batches_done
@@ -108,9 +116,11 @@ class StreamedEpochs:
                 raise ValueError(f"a batch of {group['mask'].shape[-1]} examples (padded to split over the "
                                  "devices) reached a model with BatchNorm statistics, which padding rows would "
                                  "enter; make every batch a multiple of the mesh's device count")
+            if before_dispatch is not None:
+                before_dispatch(done + steps, group["x"].shape[0])
             state, previous, healthy, totals = self.run_steps(state, previous, healthy, totals, group)
             steps += group["x"].shape[0]
-            if after_dispatch is not None:
-                after_dispatch(state, previous, totals, done + steps, start_step)
+            if after_dispatch is not None and after_dispatch(state, previous, totals, done + steps, start_step):
+                break
         accepted = int(totals.pop("accepted_steps")) - (0 if resume is None else int(resume.totals_accepted))
         return state, previous, totals, steps, accepted

@@ -15,7 +15,9 @@ module of that name would be shadowed by it).
 """
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -24,17 +26,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from jaxdl.data import arrays, prefetch, sources
 from jaxdl.models.contract import AUTO, inference_form, model_family, resolve_train_flag, traced_outputs
 from jaxdl.models.nnx_modules import NNXApply, is_nnx_module, nnx_train_flag, split_module, update_module
 from jaxdl.runtime import sharding
 from jaxdl.training.adapters import ArrayInput, InputAdapter, SourceInput, example_weights
-from jaxdl.training.callbacks import Callback, FitRun, injected_learning_rates
+from jaxdl.training.callbacks import (
+    BATCH_HOOKS,
+    Callback,
+    FitRun,
+    History,
+    checked_callbacks,
+    defines,
+    injected_learning_rates,
+)
 from jaxdl.training.epoch_loop import EpochLoop, ScannedEpochs, StreamedEpochs
+from jaxdl.training.optimizers import check_fit_can_update, resolve_optimizer
 from jaxdl.training.plan import RunPlan
 from jaxdl.training.precision import with_precision
+from jaxdl.training.progress import EpochLine, Progress, dynamic_display
 from jaxdl.training.run_checkpoint import CheckpointStore, RunCheckpoints, run_config
 from jaxdl.training.steps import (
     TrainState,
@@ -57,6 +68,29 @@ from jaxdl.training.steps import (
 # key, so a new `optax.adam` per `fit` would compile every step again. Optax transformations are
 # immutable pairs of functions, so sharing one is safe.
 DEFAULT_OPTIMIZER = optax.adam(1e-3)
+
+
+# Arguments jaxdl has renamed, and what they are called now.
+_RENAMED = {"steps_per_dispatch": "steps_per_execution"}
+
+
+def _named_arguments(function: Callable) -> Callable:
+    """`function`, refusing an unknown keyword argument with one TypeError naming it and what to pass instead:
+    its new name (`_RENAMED`) or the nearest of the function's own, before anything runs. The wrapper is one
+    more frame between the caller and the warnings of `fit` and `evaluate`: their `stacklevel`s count it."""
+    parameters = inspect.signature(function).parameters
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        for name in kwargs:
+            if name not in parameters:
+                nearest = difflib.get_close_matches(name, parameters, n=1)
+                hint = (f": it is called {_RENAMED[name]} now, as Keras names it" if name in _RENAMED else
+                        f"; did you mean {nearest[0]}?" if nearest else "")
+                raise TypeError(f"{function.__name__}() got an unexpected keyword argument {name!r}{hint}")
+        return function(*args, **kwargs)
+
+    return call
 
 
 def _read_source(x, what: str, *, batch_size: int, features, transform, input_shape, needs_labels: bool,
@@ -86,6 +120,7 @@ def _evaluate_batches(state: TrainState, batches, eval_step, put: Callable) -> d
     return totals
 
 
+@_named_arguments
 def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("accuracy",),
              batch_size: int = 256, features: Sequence[str] | None = None,
              transform: Callable | None = None, mesh=None, train_flag: str | None = AUTO,
@@ -125,6 +160,7 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
       A dict of floats: `loss`, then each metric.
 
     Raises:
+      TypeError: an unknown keyword argument (named with the nearest name).
       ValueError: for bad input, naming the argument at fault: a
         non-positive `batch_size`, an unknown loss or metric, a batch that
         does not split over the mesh, mismatched or ill-shaped `x` and `y`,
@@ -337,7 +373,7 @@ def _check_outputs_fit_the_loss(state: TrainState, plan: RunPlan, labels: dict[s
                       f"logits (it applies the {'sigmoid' if loss.startswith('binary') else 'softmax'} itself, as "
                       "Keras's losses do with from_logits=True): remove the final activation (jaxdl's ConvNet: "
                       "('dense', units) without one), or training will crawl and accuracy read the outputs wrongly",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)  # the caller of fit or evaluate (see _named_arguments)
     if loss == "binary_crossentropy":
         return
     for name, y in labels.items():
@@ -367,9 +403,10 @@ def _check_class_labels(y: np.ndarray, loss: str, num_classes: int, name: str) -
 
 
 def _verbosity(verbose) -> int:
-    """Keras's verbose: 0, 1 or 2; "auto" and True mean 1 on a terminal, 2 when output goes to a file or pipe."""
-    if verbose in ("auto", True):
-        return 1 if sys.stderr.isatty() else 2
+    """Keras's verbose: 0, 1 or 2; "auto" and True mean 1 where a bar can be redrawn (a terminal, a notebook's
+    widgets), 2 when output goes to a file or pipe (`jaxdl.training.progress`)."""
+    if verbose == "auto" or verbose is True:  # not `in`: 1 == True, and verbose=1 is a choice, not "auto"
+        return 1 if dynamic_display() else 2
     if verbose is False or verbose in (0, 1, 2):
         return int(verbose)
     raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
@@ -471,7 +508,8 @@ def _epoch_loop(inputs: InputAdapter, state: TrainState, plan: RunPlan, *, strea
                           functools.partial(sharding.put_replicated, mesh=mesh), bool(state.batch_stats))
 
 
-def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | None = None,
+@_named_arguments
+def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | str | None = None,
         metrics: Sequence[str] = ("accuracy",), epochs: int = 1, batch_size: int = 32, seed: int = 0,
         validation_split: float | None = None, validation_data=None, shuffle: bool = True,
         drop_remainder: bool = False, callbacks: Sequence[Callback] = (), state: TrainState | None = None,
@@ -483,7 +521,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         mesh=None, precision: str | None = None, train_flag: str | None = AUTO,
         rng_streams: Sequence[str] = ("dropout", "augment"), cache: bool | int | str = "auto",
         device_data_bytes: int | str = "auto", wrt=None,
-        verbose: int | bool | str = "auto") -> tuple[TrainState, dict[str, list]]:
+        verbose: int | bool | str = "auto") -> tuple[TrainState, History]:
     """Trains `model` on in-memory arrays or on a source, as Keras's `Model.fit` does.
 
     Each epoch shuffles the data (from `seed` and the state's step count, or
@@ -519,8 +557,11 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       loss: a loss name from `jaxdl.training.losses` (sparse/one-hot softmax
         cross-entropy, binary cross-entropy, MSE, Huber) or a function
         `(outputs, batch) -> per-example loss`. Required.
-      optimizer: an optax `GradientTransformation`; None (default) is
-        Adam(1e-3), or the state's own optimizer when `state` is given.
+      optimizer: an optax `GradientTransformation`, or a Keras optimizer
+        name ("adam", "sgd", "rmsprop", "adamw", "adagrad"): that optax
+        optimizer with Keras's defaults, its learning rate injected
+        (`jaxdl.training.optimizers`). None (default) is Adam(1e-3), or the
+        state's own optimizer when `state` is given.
       metrics: the metrics reported for training and validation: names
         ("accuracy", "mae", "mse", "rmse", "sparse_top_k_categorical_accuracy",
         "top_k_categorical_accuracy", "precision", "recall", "auc"), `Metric`s
@@ -547,7 +588,9 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       drop_remainder: drop each epoch's last smaller batch instead of padding
         it; default False.
       callbacks: `jaxdl.training.callbacks.Callback`s (EarlyStopping, ModelCheckpoint,
-        a learning-rate schedule, your own), called as Keras calls them.
+        a learning-rate schedule, your own), called as Keras calls them;
+        batch hooks once per compiled call of `steps_per_execution` steps
+        (see `Callback`).
       state: a `TrainState` to continue training (its model and optimizer
         carry on; `model` must be None or that model, `optimizer` None):
         jaxdl's, or Flax's `train_state.TrainState` (with `batch_stats`
@@ -577,7 +620,8 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
       steps_per_epoch: for an iterable of batches, the batches that make an
         epoch; None (default) is one pass of the iterable.
       steps_per_execution: K train steps run per compiled call when batches
-        are fed from the host, cutting the per-step dispatch cost; default 1.
+        are fed from the host (or when a callback defines a batch hook),
+        cutting the per-step dispatch cost; default 1.
       checkpoint_dir: a directory where orbax saves the whole run after every
         epoch (or every `checkpoint_every` steps), and from which the same
         call resumes, inside an epoch if the checkpoint was taken there,
@@ -639,18 +683,25 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         `nnx.Optimizer(wrt=...)` takes it; None (default) is `nnx.Param`.
         Every other variable (batch statistics, random streams, your own
         `nnx.Variable`s) is carried, updated and saved, not trained.
-      verbose: 0 silent, 1 a progress bar, 2 one line per epoch; "auto"
-        (default) and True are 1 on a terminal, 2 otherwise.
+      verbose: 0 silent; 1 a line per epoch, kept, with a bar over its
+        steps and then its metrics (where a bar can be redrawn: a terminal,
+        a notebook's widgets; elsewhere 2's line); 2 one plain line per
+        epoch; "auto" (default) and True are 1 on a terminal, 2 otherwise
+        (`jaxdl.training.progress`).
 
     Returns:
       `(state, history)`: the trained `TrainState` (the last finite one if
-      training diverged) and a dict of per-epoch lists: `loss`, each metric
-      and their `val_` counterparts.
+      training diverged) and a `History`, a dict of per-epoch lists: `loss`,
+      each metric and their `val_` counterparts; like Keras's `History` it
+      also has `.history` (the same dict), `.epoch` and `.params`.
 
     Raises:
       TypeError: `model` is not a Flax module instance (a function, a module
         class, another library's module; see
-        `jaxdl.models.contract.model_family`).
+        `jaxdl.models.contract.model_family`); an unknown keyword argument
+        (named with what it is called now, or the nearest name); an
+        `optimizer` that is neither optax's nor a name; `callbacks` that are
+        not a list of `Callback`s.
       ValueError: for bad input, naming the argument at fault: mismatched
         `x`/`y` lengths, a wrong example shape, empty data, NaN, a
         non-positive `batch_size` or `steps_per_execution`, `epochs` or
@@ -664,7 +715,10 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         `checkpoint_dir` with an iterable of batches, `resume_with_new_optimizer`
         without it, or a checkpoint in `checkpoint_dir` of another run
         (another optimizer's hyperparameters included, unless
-        `resume_with_new_optimizer`) or unreadable altogether.
+        `resume_with_new_optimizer`) or unreadable altogether; an unknown
+        optimizer name; an optimizer whose update needs the loss
+        (`optax.contrib.reduce_on_plateau`); a callback defining an `on_*`
+        method `fit` never calls.
       jaxdl.training.run_checkpoint.CheckpointSaveError: when saving a checkpoint
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
@@ -686,6 +740,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
     steps_per_execution = arrays.positive_int("steps_per_execution", steps_per_execution)
     whole_limit = prefetch.device_data_limit(mesh.devices.flat, device_data_bytes)
     _non_negative_epochs(epochs, initial_epoch)
+    callbacks, optimizer = checked_callbacks(callbacks), resolve_optimizer(optimizer)
     every_steps = None
     if checkpoint_dir is not None and checkpoint_every != "epoch":
         every_steps = arrays.positive_int("checkpoint_every (steps, or 'epoch')", checkpoint_every)
@@ -713,6 +768,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         state = _state_to_continue(model, optimizer, state, precision)
         state = _with_input_shape(state, inputs.input_shape)
     state = sharding.put_replicated(state, mesh)
+    check_fit_can_update(state.opt_state)
     parts = sharding.data_parallelism(mesh)
     if state.batch_stats and not drop_remainder and parts > 1:
         _check_last_batch_splits(inputs.num_examples, batch_size, parts)
@@ -723,11 +779,12 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | Non
         validate, labels["labels of validation_data"] = _validator(state, validation_data, plan)
     _check_outputs_fit_the_loss(state, plan, labels, inputs.input_dtype)
 
-    stream = every_steps is not None or loops_are_slow(state.apply_fn, state.variables, state.input_shape,
-                                                       plan.train_flag, inputs.input_dtype)
+    stream = every_steps is not None or defines(callbacks, BATCH_HOOKS) or loops_are_slow(
+        state.apply_fn, state.variables, state.input_shape, plan.train_flag, inputs.input_dtype)
     loop = _epoch_loop(inputs, state, plan, stream=stream)
     trained_model = getattr(state.apply_fn, "__self__", None) or model
-    run = FitRun(state=state, history={}, model=trained_model, verbose=plan.verbosity)
+    run = FitRun(state=state, history={}, model=trained_model, verbose=plan.verbosity, epochs=plan.epochs,
+                 steps=inputs.batches_per_epoch)
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = _run_checkpoints(checkpoint_dir, keep, run, inputs, callbacks, plan, resume_with_new_optimizer)
@@ -773,7 +830,7 @@ def _run_epochs(run: FitRun, loop: EpochLoop, checkpoints: RunCheckpoints | None
             callback.on_train_begin(run)
         if checkpoints is not None:
             checkpoints.restore_callbacks(run)
-        _epochs(run, loop, checkpoints, callbacks, validate, resume, previous, plan, initial_epoch)
+        logged_to = _epochs(run, loop, checkpoints, callbacks, validate, resume, previous, plan, initial_epoch)
     except KeyboardInterrupt:
         if checkpoints is not None:
             checkpoints.saver.close_quietly()
@@ -790,61 +847,111 @@ def _run_epochs(run: FitRun, loop: EpochLoop, checkpoints: RunCheckpoints | None
         checkpoints.close(run)
     for callback in callbacks:
         callback.on_train_end(run)
-    return run.state, run.history
+    logged = len(next(iter(run.history.values()), []))
+    return run.state, History(run.history, epoch=range(logged_to - logged, logged_to),
+                              params={"verbose": run.verbose, "epochs": run.epochs, "steps": run.steps})
 
 
 def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resume, previous, plan: RunPlan,
-            initial_epoch: int) -> None:
+            initial_epoch: int) -> int:
     """Each epoch from `initial_epoch` (the plan's, or a resumed run's): run it, validate, log, call back, save;
-    stop on a callback's word or a refused step."""
+    stop on a callback's word or a refused step. Returns the epoch after the last one logged."""
     epochs, steps_per_epoch = plan.epochs, plan.steps_per_epoch
-    progress = tqdm(range(initial_epoch, epochs), desc="fit", unit="epoch", disable=plan.verbosity != 1, leave=True)
-    for epoch in progress:
+    display, logged_to = Progress(plan.verbosity, epochs), initial_epoch
+    for epoch in range(initial_epoch, epochs):
         if run.stop_training:
             break
         resumed_here = resume if resume is not None and epoch == initial_epoch else None
-        run.state, previous, sums, steps, accepted = loop.run(
-            run.state, previous, epoch, resumed_here, checkpoints and checkpoints.within_epoch(run, epoch))
+        _call_back(run, callbacks, plan, "on_epoch_begin", epoch)
+        line = display.epoch(epoch, run.steps, 0 if resumed_here is None else resumed_here.batches_done)
+        before_call, after_call = _dispatch_hooks(run, callbacks, line,
+                                                  checkpoints and checkpoints.within_epoch(run, epoch))
+        run.state, previous, sums, steps, accepted = loop.run(run.state, previous, epoch, resumed_here, after_call,
+                                                              before_call)
         if steps == 0 and resumed_here is None:
+            line.close()
             warnings.warn(f"fit stopped: the source gave no batches for epoch {epoch + 1} (a generator or "
                           "iterator runs out after one pass: pass steps_per_epoch, or an iterable that can be "
-                          "iterated again)", RuntimeWarning, stacklevel=4)
+                          "iterated again)", RuntimeWarning, stacklevel=5)  # fit's caller
             break
         if accepted < steps:
+            line.close()
             before = 0 if resumed_here is None else resumed_here.batches_done  # batches done before a resume
             warnings.warn("fit stopped: the loss, a gradient or an updated parameter became NaN or infinite at "
                           f"epoch {epoch + 1}, step {before + accepted + 1} of {before + steps}; the returned "
                           "state is the last one "
                           "whose loss, gradients and parameters were all finite (lower the learning rate or check "
-                          "the data)", RuntimeWarning, stacklevel=4)
+                          "the data)", RuntimeWarning, stacklevel=5)
             break
         logs = metrics_from_sums(sums)
         if validate is not None:
-            logs.update(metrics_from_sums(validate(run.state), prefix="val_"))
+            _call_back(run, callbacks, plan, "on_test_begin")
+            validation = metrics_from_sums(validate(run.state))
+            _call_back(run, callbacks, plan, "on_test_end", validation)
+            logs.update({f"val_{name}": value for name, value in validation.items()})
         rate = learning_rate_of(run.state.opt_state)
         if rate is not None:
             logs["learning_rate"] = rate
         for key, value in logs.items():
             run.history.setdefault(key, []).append(value)
-        run.epoch = epoch
-        progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
-        if plan.verbosity == 2:
-            print(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
-        trained = run.state
-        for callback in callbacks:
-            callback.on_epoch_end(run, epoch, logs)
-        if run.state is not trained:  # a callback replaced it (a learning rate): placed as the steps expect
-            run.state = sharding.put_replicated(run.state, plan.mesh)
+        run.epoch, logged_to = epoch, epoch + 1
+        line.end((0 if resumed_here is None else resumed_here.batches_done) + steps, logs)
+        _call_back(run, callbacks, plan, "on_epoch_end", epoch, logs)
         if checkpoints is not None:
             checkpoints.save(run, previous, zero_totals(plan.metrics), epoch + 1, 0, int(run.state.step))
-        if steps_per_epoch is not None and steps < steps_per_epoch:
+        if steps_per_epoch is not None and steps < steps_per_epoch and not run.stop_training:
             warnings.warn(f"fit stopped: the iterable ran out of batches in epoch {epoch + 1} ({steps} of "
                           f"steps_per_epoch={steps_per_epoch}); make it yield steps_per_epoch * epochs batches",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=5)
             break
         if run.stop_training:
             break
-    progress.close()
+    return logged_to
+
+
+def _call_back(run: FitRun, callbacks, plan: RunPlan, hook: str, *args) -> None:
+    """Calls `hook(run, *args)` of each callback; a state a callback put in its place is placed as the steps
+    expect it."""
+    held = run.state
+    for callback in callbacks:
+        getattr(callback, hook)(run, *args)
+    if run.state is not held:  # a callback replaced it (a learning rate)
+        run.state = sharding.put_replicated(run.state, plan.mesh)
+
+
+def _dispatch_hooks(run: FitRun, callbacks, line: EpochLine, save_within_epoch) -> tuple:
+    """`(before_dispatch, after_dispatch)` for a streamed epoch (`epoch_loop.StreamedEpochs.run`): the batch
+    hooks, the progress bar and the checkpoints within the epoch. The running means are fetched for
+    `on_train_batch_end` only where a callback defines it; `after_dispatch` ends the epoch on
+    `run.stop_training` where a callback has a batch hook (as Keras does after a batch)."""
+    begins = [c for c in callbacks if defines([c], ("on_train_batch_begin",))]
+    ends = [c for c in callbacks if defines([c], ("on_train_batch_end",))]
+
+    def calling(hooks, name: str, *args) -> None:
+        held = run.state
+        for callback in hooks:
+            getattr(callback, name)(run, *args)
+            if run.state is not held:
+                raise ValueError(f"{type(callback).__qualname__}.{name} replaced run.state: a batch hook may read "
+                                 "the state, not replace it, since the epoch's steps go on from their own; "
+                                 "replace it in on_epoch_begin or on_epoch_end")
+
+    def before(done: int, count: int) -> None:
+        if begins:
+            calling(begins, "on_train_batch_begin", done)
+
+    def after(state, previous, totals, done: int, start_step: int) -> bool:
+        if save_within_epoch is not None:
+            save_within_epoch(state, previous, totals, done, start_step)
+        line.advance_to(done)
+        if begins or ends:
+            run.state = state  # what the batch hooks read
+        if ends:
+            calling(ends, "on_train_batch_end", done - 1,
+                    metrics_from_sums({k: v for k, v in totals.items() if k != "accepted_steps"}))
+        return bool(begins or ends) and run.stop_training  # else the epoch runs whole, as a scanned one does
+
+    return before, after
 
 
 def _validator(state: TrainState, validation_data, plan: RunPlan):

@@ -1,8 +1,10 @@
-"""Keras-style callbacks beyond EarlyStopping: ModelCheckpoint, CSVLogger, TensorBoard, ReduceLROnPlateau."""
+"""Keras-style callbacks beyond EarlyStopping: ModelCheckpoint, CSVLogger, TensorBoard, ReduceLROnPlateau; Keras's
+hook set and when fit calls each hook."""
 import contextlib
 import csv
 import os
 import types
+import warnings
 from typing import Callable
 
 import flax.linen as nn
@@ -22,6 +24,7 @@ from jaxdl.training.callbacks import (
     TensorBoard,
     injected_learning_rates,
 )
+from jaxdl.training.epoch_loop import ScannedEpochs, StreamedEpochs
 from jaxdl.training.steps import compiled_epoch, new_train_state, seed_rngs
 from tests.support import tolerance
 from tests.support.toy_data import CE, blobs
@@ -514,3 +517,175 @@ def test_reduce_lr_on_plateau_needs_an_injected_constant_rate():
             verbose=False)
     with pytest.raises(ValueError, match="factor >= 1.0"):
         ReduceLROnPlateau(factor=1.5)
+
+
+# --- Keras's hook set -----------------------------------------------------------------------------
+
+
+class HookRecorder(Callback):
+    """Each hook's calls in order, with their arguments; batch hooks with the step count of the state they see."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, run):
+        self.calls.append(("on_train_begin",))
+
+    def on_epoch_begin(self, run, epoch):
+        self.calls.append(("on_epoch_begin", epoch))
+
+    def on_train_batch_begin(self, run, batch):
+        self.calls.append(("on_train_batch_begin", batch, int(run.state.step)))
+
+    def on_train_batch_end(self, run, batch, logs):
+        self.calls.append(("on_train_batch_end", batch, int(run.state.step), logs))
+
+    def on_test_begin(self, run):
+        self.calls.append(("on_test_begin",))
+
+    def on_test_end(self, run, logs):
+        self.calls.append(("on_test_end", logs))
+
+    def on_epoch_end(self, run, epoch, logs):
+        self.calls.append(("on_epoch_end", epoch, logs, jax.tree.map(np.asarray, run.state.params)))
+
+    def on_train_end(self, run):
+        self.calls.append(("on_train_end",))
+
+
+class EpochHooks(HookRecorder):
+    """Every hook but the batch hooks."""
+
+    on_train_batch_begin = Callback.on_train_batch_begin
+    on_train_batch_end = Callback.on_train_batch_end
+
+
+def loop_runs(monkeypatch) -> dict[str, int]:
+    """Counts the epochs run by each epoch loop: one compiled scan, or streamed calls of steps."""
+    counts = {"scanned": 0, "streamed": 0}
+    for name, loop in (("scanned", ScannedEpochs), ("streamed", StreamedEpochs)):
+        def counted(self, *args, _run=loop.run, _name=name, **kwargs):
+            counts[_name] += 1
+            return _run(self, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "run", counted)
+    return counts
+
+
+def test_each_keras_hook_is_called_and_batch_hooks_once_per_compiled_call(monkeypatch):
+    """6 steps an epoch, 3 per compiled call: each batch hook twice an epoch, with the epoch's index of the call's
+    first step (begin) or last (end), as Keras calls them with steps_per_execution; a run whose callbacks define
+    no batch hook keeps the epoch one compiled scan and trains to the same parameters.
+
+    Seen failing: with the streamed loop forced for every callback (`scanned` 0 of 2 epochs), and with the batch
+    hooks called per step (12 calls of each, not 4).
+    """
+    x, y = blobs(48)
+    validation = blobs(16, seed=1)
+    options = dict(loss=CE, epochs=2, batch_size=8, steps_per_execution=3, optimizer=optax.adam(0.01),
+                   validation_data=validation, verbose=0)
+    runs = loop_runs(monkeypatch)
+    every, epoch_only = HookRecorder(), EpochHooks()
+    fit(MLP(features=(4,), num_outputs=3), x, y, callbacks=[every], **options)
+    assert runs == {"scanned": 0, "streamed": 2}
+    fit(MLP(features=(4,), num_outputs=3), x, y, callbacks=[epoch_only], **options)
+    assert runs == {"scanned": 2, "streamed": 2}
+
+    expected = [("on_train_begin",)]
+    for epoch in range(2):
+        done = 6 * epoch  # the state's step count at the epoch's start
+        expected += [("on_epoch_begin", epoch), ("on_train_batch_begin", 0, done), ("on_train_batch_end", 2, done + 3),
+                     ("on_train_batch_begin", 3, done + 3), ("on_train_batch_end", 5, done + 6), ("on_test_begin",),
+                     ("on_test_end",), ("on_epoch_end", epoch)]
+    expected.append(("on_train_end",))
+    assert [call[:3] if "batch" in call[0] else call[:2 if call[0] in ("on_epoch_begin", "on_epoch_end") else 1]
+            for call in every.calls] == expected
+    assert [call[0] for call in epoch_only.calls] == [call[0] for call in expected if "batch" not in call[0]]
+
+    for epoch in range(2):
+        batch_ends = [call[3] for call in every.calls if call[0] == "on_train_batch_end"][2 * epoch: 2 * epoch + 2]
+        (test_logs,) = [call[1] for call in every.calls if call[0] == "on_test_end"][epoch: epoch + 1]
+        ((_, _, logs, params),) = [call for call in every.calls if call[0] == "on_epoch_end"][epoch: epoch + 1]
+        # The last call's running means are the epoch's means (the same sums), the first call's are its half's
+        assert batch_ends[1] == {k: v for k, v in logs.items() if not k.startswith("val_")} != batch_ends[0]
+        assert test_logs == {k.removeprefix("val_"): v for k, v in logs.items() if k.startswith("val_")}
+        ((_, _, scanned_logs, scanned_params),) = [c for c in epoch_only.calls if c[0] == "on_epoch_end"][epoch:
+                                                                                                          epoch + 1]
+        # The same steps, 3 per call and in one scan: the scanned epoch's tolerance (tests/support/tolerance.py)
+        tolerance.assert_close(list(logs.values()), list(scanned_logs.values()), tolerance.FEW_OPS)
+        for ours, scanned in zip(jax.tree.leaves(params), jax.tree.leaves(scanned_params)):
+            tolerance.assert_close(ours, scanned, tolerance.FEW_OPS)
+
+
+def test_stop_training_in_a_batch_hook_ends_the_epoch_after_that_call():
+    """As Keras: the epoch ends after the compiled call whose hook set the flag; on_epoch_end still sees it. Set
+    elsewhere, the flag ends training at the epoch's end, whichever loop runs it. Seen failing with the flag read
+    only at the epoch's end (state.step 6, not 2), and with a streamed epoch cut short by it (2, not 6)."""
+
+    class StopAfterTwoSteps(HookRecorder):
+        def on_train_batch_end(self, run, batch, logs):
+            super().on_train_batch_end(run, batch, logs)
+            run.stop_training = batch >= 1
+
+    x, y = blobs(48)
+    stop = StopAfterTwoSteps()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "ran out of batches" or other warning
+        state, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=3, batch_size=8,
+                             steps_per_execution=2, callbacks=[stop], verbose=0)
+    assert int(state.step) == 2 and len(history["loss"]) == 1 and history.epoch == [0]
+    assert [call[0] for call in stop.calls] == ["on_train_begin", "on_epoch_begin", "on_train_batch_begin",
+                                                "on_train_batch_end", "on_epoch_end", "on_train_end"]
+
+
+    class StopAtTheStart(Callback):
+        def on_epoch_begin(self, run, epoch):
+            run.stop_training = True
+
+    # Without a batch hook the flag ends training at the epoch's end, streamed (device_data_bytes=0) as scanned
+    state, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=3, batch_size=8,
+                         steps_per_execution=2, device_data_bytes=0, callbacks=[StopAtTheStart()], verbose=0)
+    assert int(state.step) == 6 and len(history["loss"]) == 1
+
+
+def test_a_batch_hook_may_not_replace_the_state():
+    class Replacing(Callback):
+        def on_train_batch_end(self, run, batch, logs):
+            run.state = run.state.replace(step=run.state.step + 100)
+
+    x, y = blobs(16)
+    with pytest.raises(ValueError, match="Replacing.on_train_batch_end replaced run.state: a batch hook may read"):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, batch_size=8, callbacks=[Replacing()], verbose=0)
+
+
+class Unbuildable(nn.Module):
+    """A model whose first call fails: an error raised before it is the argument check's."""
+
+    @nn.compact
+    def __call__(self, x):
+        raise RuntimeError("the model was called")
+
+
+@pytest.mark.parametrize("hook, why", [
+    ("on_batch_end", r"Keras's older name of on_train_batch_end: rename it"),
+    ("on_test_batch_end", "validation runs as one compiled evaluation: use on_test_begin/on_test_end"),
+    ("on_epoch_finish", "not a hook fit calls"),
+])
+def test_a_callback_defining_a_hook_fit_never_calls_is_refused_before_training(hook, why):
+    unknown = type("Unknown", (Callback,), {hook: lambda self, *args: None})
+    x, y = blobs(16)
+    with pytest.raises(ValueError, match=rf"callbacks\[1\] \(Unknown\) defines {hook}, which fit never calls "
+                                         rf"\({why}\); fit calls on_train_begin, on_epoch_begin, "):
+        fit(Unbuildable(), x, y, loss=CE, callbacks=[EpochHooks(), unknown()], verbose=0)
+
+
+def test_callbacks_must_be_a_list_of_jaxdl_callbacks():
+    class KerasStyle:  # not a jaxdl Callback: its hooks would take (epoch, logs)
+        def on_epoch_end(self, epoch, logs=None):
+            pass
+
+    x, y = blobs(16)
+    with pytest.raises(TypeError, match=r"callbacks\[0\] is a .*KerasStyle, not a jaxdl.Callback"):
+        fit(Unbuildable(), x, y, loss=CE, callbacks=[KerasStyle()], verbose=0)
+    with pytest.raises(TypeError, match="callbacks must be a list of jaxdl Callbacks, got EpochHooks"):
+        fit(Unbuildable(), x, y, loss=CE, callbacks=EpochHooks(), verbose=0)

@@ -1,4 +1,8 @@
-"""What a new user meets at `fit`'s door: outcomes that were silent or confusing, now said (issue 19, 4-5)."""
+"""What a new user meets at `fit`'s door: outcomes that were silent or confusing, now said (issue 19, 4-5); Keras's
+habits (issue 37, 6)."""
+import json
+import pickle
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,7 @@ from jaxdl import (
     MLP,
     ConvNet,
     EarlyStopping,
+    History,
     create_train_state,
     evaluate,
     fit,
@@ -190,3 +195,41 @@ def test_a_state_of_another_kind_is_named():
     with pytest.raises(TypeError, match=r"fit\(state=...\) takes a TrainState \(jaxdl's, or flax.training.train_state"
                                         r".TrainState and its subclasses\); got dict"):
         fit(None, x, y, state={"params": {}}, loss=CE, verbose=0)
+
+
+def test_the_history_answers_as_kerass_history_does_and_stays_a_dict():
+    x, y = blobs(24)
+    state, history = fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, epochs=2, batch_size=8, verbose=0)
+    _, more = fit(None, x, y, loss=CE, state=state, epochs=5, initial_epoch=2, batch_size=8, verbose=0)
+    assert type(history.history) is History and history.history is history and list(history) == ["loss", "accuracy"]
+    assert history.epoch == [0, 1] and more.epoch == [2, 3, 4] and len(more["loss"]) == 3
+    assert more.params == {"verbose": 0, "epochs": 5, "steps": 3}  # Keras's History.params
+    assert json.loads(json.dumps(more)) == more == dict(more)  # still the plain dict of lists it was
+    assert jax.tree.leaves(more) == [*more["accuracy"], *more["loss"]]  # and the same pytree, keys sorted
+    assert jax.tree.map(lambda a, b: a - b, more, more) == {"loss": [0.0] * 3, "accuracy": [0.0] * 3}
+    copied = pickle.loads(pickle.dumps(more))
+    assert copied == more and copied.epoch == more.epoch
+
+
+def test_an_unknown_keyword_is_named_with_what_fit_calls_it():
+    x, y = blobs(16)
+    with pytest.raises(TypeError, match=r"fit\(\) got an unexpected keyword argument 'steps_per_dispatch': it is "
+                                        r"called steps_per_execution now, as Keras names it"):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, steps_per_dispatch=4)
+    with pytest.raises(TypeError, match=r"'validation_splits'; did you mean validation_split\?"):
+        fit(MLP(features=(4,), num_outputs=3), x, y, loss=CE, validation_splits=0.2)
+
+
+def test_the_warnings_of_fit_and_evaluate_point_at_their_callers_line():
+    """The wrapper naming unknown keywords is one frame more between the caller and a warning: the warnings'
+    stacklevels count it. Seen failing with the stacklevels as they were: the warnings named trainer.py."""
+    x, labels = blobs(n=16, classes=2)
+    head = ConvNet(layers=(("flatten",), ("dense", 4), ("dense", 1, "sigmoid")))
+    options = dict(loss="binary_crossentropy", verbose=0)
+    with pytest.warns(UserWarning, match="come out of a sigmoid") as fitted:
+        state, _ = fit(head, x, labels.astype(np.float32), epochs=0, **options)
+    with pytest.warns(UserWarning, match="come out of a sigmoid") as evaluated:
+        evaluate(state, x, labels.astype(np.float32), loss="binary_crossentropy")
+    with pytest.warns(RuntimeWarning, match="NaN or infinite at epoch 1") as diverged:
+        fit(MLP(features=(4,), num_outputs=3), x, labels, loss=CE, optimizer=optax.sgd(1e38), batch_size=4, verbose=0)
+    assert [record[0].filename for record in (fitted, evaluated, diverged)] == [__file__] * 3
