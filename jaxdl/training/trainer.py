@@ -30,7 +30,7 @@ import optax
 from jaxdl.data import arrays, prefetch, sources
 from jaxdl.models.contract import AUTO, inference_form, model_family, resolve_train_flag, traced_outputs
 from jaxdl.models.nnx_modules import NNXApply, is_nnx_module, nnx_train_flag, split_module, update_module
-from jaxdl.runtime import sharding
+from jaxdl.runtime import compilation_cache, sharding
 from jaxdl.training.adapters import ArrayInput, InputAdapter, SourceInput, example_weights
 from jaxdl.training.callbacks import (
     BATCH_HOOKS,
@@ -168,6 +168,7 @@ def evaluate(state: TrainState, x, y=None, *, loss, metrics: Sequence[str] = ("a
         beside a source, `features` or `transform` with array `x`, or a
         source that yields no batches.
     """
+    compilation_cache.ensure_enabled()  # before any computation, eager ones included
     state = adopted_state(state, where="evaluate(state, ...)")
     batch_size = arrays.check_batch_size(batch_size)
     mesh = sharding.resolve_mesh(mesh)
@@ -273,6 +274,7 @@ def predict(model_or_state, x, *, variables=None, batch_size: int = 256, feature
         non-positive `batch_size`; ill-shaped or empty `x`; `features` or
         `transform` with array `x`; a source that yields no batches.
     """
+    compilation_cache.ensure_enabled()  # before any computation, eager ones included
     batch_size = arrays.check_batch_size(batch_size)
     mesh = sharding.resolve_mesh(mesh)
     whole_limit = prefetch.device_data_limit(mesh.devices.flat, device_data_bytes)
@@ -723,6 +725,7 @@ def fit(model, x, y=None, *, loss, optimizer: optax.GradientTransformation | str
         fails (a full disk); it names the directory and carries the trained
         `state` and `history`.
     """
+    compilation_cache.ensure_enabled()  # before any computation, eager ones included (jaxdl.runtime.compilation_cache)
     init_rng, shuffle_rng = seed_rngs(seed)
     if state is not None:  # Flax's own TrainState (a loop of your own) continues as jaxdl's
         state = adopted_state(state, jax.random.split(init_rng)[1])

@@ -166,7 +166,9 @@ def test_finetune_command_trains_saves_and_classify_uses_the_new_classes(tmp_pat
     assert "broken.jpg: not an image" in done.stderr
     lines = done.stdout.splitlines()
     assert lines[1].startswith("epoch 1/2: loss ") and "val_accuracy" in lines[1]
-    assert lines[-2:] == [f"history: {tmp_path / 'model' / 'history.json'}", f"saved to {tmp_path / 'model'}"]
+    model = tmp_path / "model"
+    assert lines[-3:] == [f"history: {model / 'history.json'}",
+                          f"figures: {model / 'history.png'}, {model / 'confusion_matrix.png'}", f"saved to {model}"]
     history = json.loads((tmp_path / "model" / "history.json").read_text())
     assert list(history) == ["loss", "accuracy", "val_loss", "val_accuracy"] and len(history["loss"]) == 2
     code, _, err = main_here(*arguments)
