@@ -108,3 +108,14 @@ def test_block(path, index, line, code, reason, runs, tmp_path_factory, monkeypa
             run_block(path, earlier_line, earlier, run, monkeypatch)
     run.done = index + 1
     run_block(path, line, code, run, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["training.md", "checkpoints.md"])
+def test_a_guides_opening_example_runs_again_in_the_same_folder(name, tmp_path, monkeypatch, jaxdl_cache):
+    """As a reader pastes it twice: before, training.md's saved "model_dir" made the second run a FileExistsError
+    (seen failing so); checkpoints.md's run checkpoints go to a new folder each time."""
+    path = REPOSITORY / "docs" / name
+    line, code, _ = blocks_of(path)[0]
+    run = DocumentRun(tmp_path)
+    for _ in range(2):
+        run_block(path, line, code, run, monkeypatch)
