@@ -54,37 +54,40 @@ def pytest_configure(config):
                                        "skipped where they are absent, failed instead in CI (CI=true)")
 
 
-# The heaviest files first, each file's seconds (calls and setups, --durations=0) in one `-n 1` run on this
-# 2-core machine beside another (2026-12-04; the layers and device-memory tests trimmed after it by about 5 and
-# 8 s): `make test`'s --dist loadfile hands each worker whole files in queue order, and a long file started
-# last keeps the other worker idle at the end. Longest first, the light files after them fill in whichever
-# worker frees first (longest-processing-time order).
-HEAVY_FIRST = ("project/test_experiments.py",  # 69
-               "pretrained/test_finetune.py",  # 62
-               "models/test_mobilenet_v2.py",  # 57
-               "runtime/test_sharding.py",  # 46
-               "training/test_nnx.py",  # 27 (new; 2026-12-07, its calls summed in a run of its own)
-               "training/test_flax_examples.py",  # 26 (new; its calls and its 4-device subprocess, run alone)
-               "training/test_resume.py",  # 32
-               "training/test_steps.py",  # 32
-               "models/test_layers.py",  # 31
-               "data/test_sources.py",  # 26
-               "pretrained/test_classifier.py",  # 25
-               "project/test_docs.py",  # 20
-               "training/test_step_contract.py",  # 18
-               "training/test_audit_regressions.py",  # 14
-               "models/test_model_conventions.py",  # 13
-               "pretrained/test_convert.py",  # 13
-               "training/test_callbacks.py",  # 13
-               "runtime/test_program_cache.py",  # 13
-               "training/test_run_checkpoint.py",  # 12
-               "project/test_benchmarks.py",  # 11
-               "training/test_fit_front_door.py",  # 10
-               "pretrained/test_default_compiler_flags.py",  # 9
-               "training/test_precision.py",  # 9
-               "project/test_requires_cats.py",  # 7
-               "project/test_weather.py",  # 6
-               "data/test_source_cache.py")  # 6; the rest under 6 s each
+# The heaviest files first, each file's seconds (calls and setups, --durations=0) in a `make test` run on this
+# 2-core machine (2026-12-07, Intel Xeon): `make test`'s --dist loadfile hands each worker whole files in queue
+# order, and a long file started last keeps the other worker idle at the end. Longest first, the light files
+# after them fill in whichever worker frees first (longest-processing-time order).
+HEAVY_FIRST = (
+    "models/test_mobilenet_v2.py",  # 56
+    "pretrained/test_finetune.py",  # 54
+    "project/test_experiments.py",  # 50
+    "runtime/test_sharding.py",  # 41
+    "training/test_resume.py",  # 40
+    "project/test_docs.py",  # 38
+    "training/test_steps.py",  # 32
+    "training/test_nnx.py",  # 28
+    "models/test_nnx_mobilenet_v2.py",  # 24
+    "pretrained/test_classifier.py",  # 23
+    "data/test_sources.py",  # 19
+    "models/test_layers.py",  # 19
+    "training/test_flax_examples.py",  # 18
+    "training/test_step_contract.py",  # 14
+    "data/test_mnist_real.py",  # 14
+    "models/test_model_conventions.py",  # 13
+    "training/test_fit_front_door.py",  # 13
+    "training/test_callbacks.py",  # 11
+    "training/test_run_checkpoint.py",  # 11
+    "training/test_audit_regressions.py",  # 11
+    "pretrained/test_convert.py",  # 11
+    "pretrained/test_cli_finetune.py",  # 10
+    "project/test_benchmarks.py",  # 10
+    "runtime/test_compilation_cache.py",  # 8
+    "runtime/test_program_cache.py",  # 8
+    "training/test_precision.py",  # 7
+    "pretrained/test_default_compiler_flags.py",  # 6
+    "project/test_wheel.py",  # 6
+)  # the rest under 6 s each
 
 
 def pytest_collection_modifyitems(session, config, items):
