@@ -84,16 +84,7 @@ def test_head_only_fine_tuning_through_fit_leaves_the_backbone_bitwise_unchanged
     assert count_params(model) == 2_257_984 + 2562  # MobileNetV2 without its top (Keras's count), and the head
 
 
-def test_a_backbone_not_frozen_runs_in_training_mode_and_updates_its_batch_statistics(torchvision, small_photos):
-    """Trained head-only (no gradient through the backbone: the same program as above, in training mode), so the
-    backbone's weights stay and only its BatchNorm averages move."""
-    model, before, _, _ = fine_tune(torchvision, small_photos, frozen=False,
-                                    wrt=nnx.All(nnx.Param, nnx.PathContains("head")))
-    assert not same(nnx.state(model.backbone, nnx.BatchStat), before["backbone"].filter(nnx.BatchStat))
-    assert same(nnx.state(model.backbone, nnx.Param), before["backbone"].filter(nnx.Param))
-
-
-def test_the_classifier_needs_a_dropout_stream_to_train_and_only_a_linen_mobilenet_is_wrapped(torchvision):
+def test_training_mode_drops_and_updates_statistics_evaluation_mode_does_neither_and_refusals(torchvision):
     model, variables, _ = torchvision
     module = MobileNetV2NNX(model, variables)
     module.train()
@@ -102,8 +93,14 @@ def test_the_classifier_needs_a_dropout_stream_to_train_and_only_a_linen_mobilen
     dropout = MobileNetV2NNX(model, variables, rngs=nnx.Rngs(dropout=0))
     dropout.train()
     images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    before = jax.tree.map(np.array, nnx.state(dropout, nnx.BatchStat))
     call = nnx.jit(lambda m, x: m(x))
     assert not np.array_equal(call(dropout, images), call(dropout, images))  # a new dropout mask at each call
+    assert not same(nnx.state(dropout, nnx.BatchStat), before)  # training mode: BatchNorm's averages move
+    dropout.eval()
+    stats = jax.tree.map(np.array, nnx.state(dropout, nnx.BatchStat))
+    np.testing.assert_array_equal(call(dropout, images), call(dropout, images))  # evaluation: no dropout
+    assert same(nnx.state(dropout, nnx.BatchStat), stats)  # ... and the averages stay
     with pytest.raises(TypeError, match="wraps jaxdl's Linen MobileNetV2; model is Dense"):
         MobileNetV2NNX(nn.Dense(3), variables)
     with pytest.raises(TypeError, match=r"needs the model's variables, .* got dict with \['batch_stats'\]"):
