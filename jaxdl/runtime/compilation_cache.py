@@ -123,16 +123,9 @@ def enable(directory: str | os.PathLike | None = None, *, max_bytes: int = DEFAU
       names it and why, and JAX's cache is off for the process).
     """
     directory = Path(directory) if directory is not None else default_directory()
-    try:
-        directory_fd = program_cache.open_compilation_cache(directory)
-    except OSError as error:
-        warnings.warn(f"jaxdl: {directory} is not used as a compilation cache: {error}", RuntimeWarning, stacklevel=2)
-        disable()
+    path = _checked_path(directory)
+    if path is None:
         return None
-    # Left open for the life of the process: JAX opens its entries through it, so a path swapped later leads
-    # nowhere else.
-    through_descriptor = f"/proc/self/fd/{directory_fd}"
-    path = through_descriptor if os.path.isdir(through_descriptor) else str(directory)
     drop_entries_without_access_times(path)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
@@ -156,17 +149,31 @@ def enable_users_directory(directory: str | os.PathLike) -> Path | None:
       variable itself at start-up).
     """
     directory = Path(directory)
+    path = _checked_path(directory)
+    if path is None:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax_compilation_cache.reset_cache()  # JAX's own cache, set up again at the next compile, on the checked path
+    return directory
+
+
+def _checked_path(directory: Path) -> str | None:
+    """The path JAX is given for `directory` once it passes the trust check, or None (a warning, naming the
+    directory and why, and the cache turned off) where it fails.
+
+    The directory's descriptor is left open for the life of the process and
+    JAX opens the entries through it (`/proc/self/fd/N`, where there is one),
+    so a path swapped later leads nowhere else.
+    """
     try:
         directory_fd = program_cache.open_compilation_cache(directory)
     except OSError as error:
-        warnings.warn(f"jaxdl: {directory} is not used as a compilation cache: {error}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"jaxdl: {directory} is not used as a compilation cache: {error}", RuntimeWarning,
+                      stacklevel=3)  # the caller of enable / enable_users_directory
         disable()
         return None
     through_descriptor = f"/proc/self/fd/{directory_fd}"
-    jax.config.update("jax_compilation_cache_dir",
-                      through_descriptor if os.path.isdir(through_descriptor) else str(directory))
-    jax_compilation_cache.reset_cache()  # JAX's own cache, set up again at the next compile, on the checked path
-    return directory
+    return through_descriptor if os.path.isdir(through_descriptor) else str(directory)
 
 
 def disable() -> None:
