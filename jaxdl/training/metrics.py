@@ -368,8 +368,8 @@ def checked(metrics: Sequence) -> tuple:
     Raises:
       ValueError: a string given for the list, an unknown name, a nameless
         function (a lambda, a `functools.partial`), a function named as a
-        built-in metric, a name reserved for the loss or the logs, or two
-        metrics of one name.
+        built-in metric, a `Metric` of your own with a `finalize`, a name
+        reserved for the loss or the logs, or two metrics of one name.
     """
     if isinstance(metrics, str) or not isinstance(metrics, Sequence):
         raise ValueError(f"metrics must be a list of metric names or functions, got {metrics!r}; "
@@ -385,6 +385,11 @@ def checked(metrics: Sequence) -> tuple:
             if name in METRICS:
                 raise ValueError(f"the metric function {metric!r} is named {name!r}, as the built-in metric; "
                                  f"rename it, or pass {name!r} for the built-in one")
+        if isinstance(metric, Metric) and metric.finalize is not _identity and METRICS.get(name) is not metric:
+            # The finalizer is applied by name, from this module's registry (`metric_value` sees only totals):
+            # one of another Metric would be skipped, silently.
+            raise ValueError(f"the Metric {name!r} has its own finalize, which jaxdl cannot apply to its totals: "
+                             "return (sums, counts) per example for a ratio, or finalize the logged mean yourself")
         if name in RESERVED:
             raise ValueError(f"a metric may not be named {name!r}: fit's logs use that name for {name}")
         if name in seen:

@@ -105,6 +105,11 @@ def test_bad_metrics_are_named_before_anything_compiles():
     count.__name__ = "count"
     with pytest.raises(ValueError, match="may not be named 'count'"):
         metrics.checked([count])
+    # A finalizer is applied by name from the registry: another Metric's would have been skipped, silently.
+    root = metrics.Metric("root_mse", metrics.METRICS["mse"].per_example, finalize=lambda mean: mean ** 0.5)
+    with pytest.raises(ValueError, match="the Metric 'root_mse' has its own finalize, which jaxdl cannot apply"):
+        metrics.checked([root])
+    metrics.checked([metrics.METRICS["rmse"]])  # the registry's own, whose finalizer is applied
     named = metrics.checked([metrics.recall, metrics.sparse_top_k_categorical_accuracy(3)])
     assert [metrics.name_of(metric) for metric in named] == ["recall", "sparse_top_3_categorical_accuracy"]
     logits, y = binary_data(n=8)
