@@ -84,10 +84,9 @@ def local(tree) -> dict:
     """Each array's copy on this process's first device: replicated arrays are whole on every device."""
     import jax
 
-    def data(leaf):  # random keys (an NNX module's streams) by their data
-        return jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+    from tests.support.trees import raw  # random keys (an NNX module's streams) by their data
 
-    return {jax.tree_util.keystr(path): np.asarray(data(leaf).addressable_data(0))
+    return {jax.tree_util.keystr(path): np.asarray(raw(leaf).addressable_data(0))
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

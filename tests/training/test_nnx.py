@@ -17,6 +17,7 @@ from flax import nnx
 from jaxdl import create_train_state, evaluate, fit, make_eval_step, make_train_step, predict, summary, trained_module
 from jaxdl.training import mc_predict
 from tests.support import tolerance
+from tests.support.trees import raw
 
 CE = "sparse_categorical_crossentropy"
 
@@ -74,8 +75,7 @@ def _data(n=96, seed=0):
 
 def _leaves(tree):
     """Every array of `tree`, random keys as their raw data."""
-    return [np.asarray(jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf)
-            for leaf in jax.tree.leaves(tree)]
+    return [np.asarray(raw(leaf)) for leaf in jax.tree.leaves(tree)]
 
 
 def test_fit_trains_the_users_module_in_place_and_returns_state_and_history():

@@ -16,17 +16,14 @@ from flax import nnx
 from jaxdl import MLP, CSVLogger, EarlyStopping, fit, load_model
 from jaxdl.training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from tests.support.toy_data import CE, NNXNet, blobs
+from tests.support.trees import raw
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def params_equal(a, b) -> bool:
     """Every array of `a` equals `b`'s bitwise (random keys by their data)."""
-    def arrays(tree):
-        return [jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
-                for leaf in jax.tree.leaves(tree)]
-
-    a, b = arrays(a), arrays(b)
+    a, b = [raw(leaf) for leaf in jax.tree.leaves(a)], [raw(leaf) for leaf in jax.tree.leaves(b)]
     return len(a) == len(b) and all(np.array_equal(p, q) for p, q in zip(a, b))
 
 
