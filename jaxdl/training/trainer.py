@@ -865,8 +865,9 @@ def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resu
         if run.stop_training:
             break
         resumed_here = resume if resume is not None and epoch == initial_epoch else None
+        before = 0 if resumed_here is None else resumed_here.batches_done  # batches done before a resume
         _call_back(run, callbacks, plan, "on_epoch_begin", epoch)
-        line = display.epoch(epoch, run.steps, 0 if resumed_here is None else resumed_here.batches_done)
+        line = display.epoch(epoch, run.steps, before)
         before_call, after_call = _dispatch_hooks(run, callbacks, line,
                                                   checkpoints and checkpoints.within_epoch(run, epoch))
         run.state, previous, sums, steps, accepted = loop.run(run.state, previous, epoch, resumed_here, after_call,
@@ -879,7 +880,6 @@ def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resu
             break
         if accepted < steps:
             line.close()
-            before = 0 if resumed_here is None else resumed_here.batches_done  # batches done before a resume
             warnings.warn("fit stopped: the loss, a gradient or an updated parameter became NaN or infinite at "
                           f"epoch {epoch + 1}, step {before + accepted + 1} of {before + steps}; the returned "
                           "state is the last one "
@@ -898,7 +898,7 @@ def _epochs(run: FitRun, loop: EpochLoop, checkpoints, callbacks, validate, resu
         for key, value in logs.items():
             run.history.setdefault(key, []).append(value)
         run.epoch, logged_to = epoch, epoch + 1
-        line.end((0 if resumed_here is None else resumed_here.batches_done) + steps, logs)
+        line.end(before + steps, logs)
         _call_back(run, callbacks, plan, "on_epoch_end", epoch, logs)
         if checkpoints is not None:
             checkpoints.save(run, previous, zero_totals(plan.metrics), epoch + 1, 0, int(run.state.step))
