@@ -175,6 +175,34 @@ def test_classify_json_reports_every_image_and_names_the_bad_ones(photo_files, j
     assert any("missing.jpg: no such file" in e for e in errors)
 
 
+@pytest.mark.requires_cats
+@pytest.mark.parametrize("count", [1, 7, 32])
+def test_the_library_gives_what_jaxdl_classify_gives(count, jaxdl_cache, imagenet_classifier):
+    """`ImageClassifier.probabilities` in this process (JAX's one CPU device) and `jaxdl classify` (a CPU device per
+    core, batches split over them, its program cache) on the same photos: the same probabilities, every class.
+
+    One image runs on one device on either path; 7 and 32 are split over the CLI's devices, in other chunks."""
+    from tests.conftest import CATS
+
+    paths = sorted(CATS.glob("*.jpg"))[:count]
+    done = run_cli("classify", "--json", "--top", "1000", "--batch-size", count, *paths, cache=jaxdl_cache)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [str(path) for path in paths]
+    from_cli = np.zeros((count, 1000))
+    for row, line in enumerate(lines):
+        for entry in line["top"]:
+            from_cli[row, entry["index"]] = entry["probability"]
+    batch, loaded, errors = images.load_batch(paths, imagenet_classifier.preprocessing)
+    assert not errors and len(loaded) == count
+    from_library = imagenet_classifier.probabilities(batch, batch_size=count)
+    assert from_library.shape == (count, 1000)
+    # Another split of the same deep network's work: its sums in another order (`probabilities`' bound, logits
+    # spanning 20 as the photos' do).
+    tolerance.assert_close(from_library, from_cli, tolerance.probabilities(DEPTH, 20))
+    assert (from_library.argmax(-1) == from_cli.argmax(-1)).all()
+
+
 def test_classify_text_output_and_bad_weights(photo_files, imagenet_classifier, main_here):
     code, out, _ = main_here("classify", "--top", "2", photo_files / "coffee.jpg")
     assert code == 0
