@@ -13,11 +13,16 @@ they never build one.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdl.data import arrays
+from jaxdl.runtime import compiler
 
 DATA_AXIS = "data"
 
@@ -79,7 +84,12 @@ def put_replicated(tree, mesh: Mesh):
     """`tree` on every device of the mesh (the same values in every process)."""
     target = replicated(mesh)
     if jax.process_count() == 1:
-        return jax.device_put(tree, target)
+        # Device arrays already on the mesh's devices (a new state) are copied by one program; host data (a
+        # dataset placed whole) goes straight to the devices, once.
+        leaves = jax.tree.leaves(tree)
+        on_the_devices = leaves and all(isinstance(leaf, jax.Array) and leaf.sharding.device_set == target.device_set
+                                        for leaf in leaves)
+        return _copied_to(target)(tree) if on_the_devices else jax.device_put(tree, target)
 
     def put(leaf):  # `device_put` reaches only this process's devices: build the global array from its copies
         if isinstance(leaf, jax.Array) and leaf.sharding == target:
@@ -90,6 +100,15 @@ def put_replicated(tree, mesh: Mesh):
         return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
 
     return jax.tree.map(put, tree)
+
+
+@functools.lru_cache(maxsize=16)
+def _copied_to(target: NamedSharding) -> Callable:
+    """`tree -> tree` copied onto `target`'s devices, as one program: `jax.device_put` compiles a copy per leaf
+    shape that changes sharding (a state's dozen leaves: a dozen programs, each read back from the compilation
+    cache in a new process). A copy, never the same buffers: a train step donates the state it is given. For
+    arrays on `target`'s devices already (a program cannot move arrays between devices)."""
+    return compiler.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=target)
 
 
 def put_batch(local_batch, mesh: Mesh, stacked: bool = False):

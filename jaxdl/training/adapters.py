@@ -21,6 +21,7 @@ and checkpoints belong to others.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 
 from jaxdl.data import arrays, sources
+from jaxdl.runtime import compiler
 
 
 def example_weights(y: np.ndarray, class_weight: dict | None, sample_weight) -> np.ndarray:
@@ -177,7 +179,7 @@ class ArrayInput:
         """The order the scanned epoch draws on the device for this step, drawn here for host batches."""
         if not self.shuffle:
             return np.arange(len(self.x))
-        return np.asarray(jax.random.permutation(jax.random.fold_in(self.shuffle_rng, step), len(self.x)))
+        return np.asarray(_permutation(self.shuffle_rng, step, len(self.x)))
 
     def host_batches(self, epoch: int, start_step: int, skip: int = 0) -> Iterator[dict]:
         del epoch  # arrays' orders follow the step count, so training on from a state sees new ones
@@ -285,3 +287,10 @@ class SourceInput:
             return None
         weights = examples.get("weight", np.ones(len(examples["x"]), np.float32))
         return WholeData(examples["x"], examples["y"], weights, None, "given", self.order)
+
+
+@functools.partial(compiler.jit, static_argnums=2)
+def _permutation(rng: jax.Array, step, count: int) -> jax.Array:
+    """`rng` folded with `step`, then a permutation of `count`: one program (eagerly, four, each read back from
+    the compilation cache in a new process)."""
+    return jax.random.permutation(jax.random.fold_in(rng, step), count)

@@ -139,15 +139,14 @@ def create_train_state(model, optimizer: optax.GradientTransformation, input_sha
                          "'params' collection")
     model = canonical(with_precision(model, precision))
     train_flag = resolve_train_flag(model, train_flag)
-    init_rng, dropout_rng = jax.random.split(rng)
-    sample = jnp.zeros((1, *input_shape), jax.dtypes.canonicalize_dtype(input_dtype))
+    input_shape, dtype = tuple(int(d) for d in input_shape), jax.dtypes.canonicalize_dtype(input_dtype)
     try:
-        variables = _compiled_init(model, train_flag)(init_rng, sample)
+        variables, dropout_rng = _compiled_init(model, train_flag, input_shape, dtype)(rng)
     except (TypeError, ValueError, ZeroDivisionError, IndexError) as error:
         hint = (" Convolutional models take (height, width, channels) per example: add a channel axis "
                 "(x[..., None])." if len(input_shape) == 2 else "")
-        raise ValueError(f"{type(model).__name__} cannot take examples of shape {tuple(input_shape)} and dtype "
-                         f"{sample.dtype} (a batch of shape {sample.shape}): {type(error).__name__}: {error}.{hint}"
+        raise ValueError(f"{type(model).__name__} cannot take examples of shape {input_shape} and dtype "
+                         f"{dtype} (a batch of shape {(1, *input_shape)}): {type(error).__name__}: {error}.{hint}"
                          ) from error
     kernels = [leaf.shape for leaf in jax.tree.leaves(variables["params"]) if leaf.ndim == 4]
     if len(input_shape) == 2 and kernels and kernels[0][2] == input_shape[-1]:
@@ -200,29 +199,54 @@ def _first_equal(model):
     return model
 
 
-def _compiled_init(model, train_flag: str | None) -> Callable:
-    """`model.init` in inference mode, compiled once per model (a new jit per call would compile anew)."""
+def _compiled_init(model, train_flag: str | None, input_shape: tuple, dtype) -> Callable:
+    """`rng -> (variables, dropout key)`: the key split, and `model.init` in inference mode on one zero example of
+    `input_shape` and `dtype`, as one program compiled once per model and example (a new jit per call would
+    compile anew; eager splits and zeros would be programs of their own, each read back from the compilation
+    cache in a new process)."""
     try:
-        return _cached_init(model, train_flag)
+        return _cached_init(model, train_flag, input_shape, dtype)
     except TypeError:  # a module with unhashable fields (lists, dicts): compile for this call only
-        return _cached_init.__wrapped__(model, train_flag)
+        return _cached_init.__wrapped__(model, train_flag, input_shape, dtype)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_init(model, train_flag: str | None) -> Callable:
-    return compiler.jit(functools.partial(model.init, **flag_kwargs(train_flag, False)))
+def _cached_init(model, train_flag: str | None, input_shape: tuple, dtype) -> Callable:
+    flags = flag_kwargs(train_flag, False)
+
+    def init(rng):
+        init_rng, dropout_rng = jax.random.split(rng)
+        return model.init(init_rng, jnp.zeros((1, *input_shape), dtype), **flags), dropout_rng
+
+    return compiler.jit(init)
 
 
 def new_train_state(apply_fn, params, optimizer: optax.GradientTransformation, *, batch_stats, dropout_rng,
                     input_shape: Sequence[int], frozen: dict | None = None, dynamic_scale=None) -> TrainState:
-    """A TrainState at step 0 from already initialised variables."""
-    state = TrainState.create(apply_fn=apply_fn, params=params, tx=optimizer, batch_stats=batch_stats,
-                              dropout_rng=dropout_rng,
-                              input_shape=None if input_shape is None else tuple(int(d) for d in input_shape),
-                              frozen=frozen or {}, dynamic_scale=dynamic_scale)
-    # TrainState.create starts from the Python int 0, a weakly typed scalar: the second
-    # call of a compiled step would see int32 instead and compile again.
-    return state.replace(step=jnp.zeros((), jnp.int32))
+    """A TrainState at step 0 from already initialised variables.
+
+    As `TrainState.create`, with the optimizer's state initialised in one compiled program (`_optimizer_init`)
+    and the step an int32 on the device (Flax's Python int 0 is weakly typed: a compiled step's second call would
+    see int32 and compile again).
+    """
+    return TrainState(step=jax.device_put(np.zeros((), np.int32)), apply_fn=apply_fn, params=params, tx=optimizer,
+                      opt_state=_optimizer_init(optimizer)(params), batch_stats=batch_stats, dropout_rng=dropout_rng,
+                      input_shape=None if input_shape is None else tuple(int(d) for d in input_shape),
+                      frozen=frozen or {}, dynamic_scale=dynamic_scale)
+
+
+def _optimizer_init(optimizer: optax.GradientTransformation) -> Callable:
+    """`optimizer.init` compiled once per optimizer: eagerly, each of its zeros is a program of its own (read back
+    from the compilation cache one by one in a new process). An unhashable optimizer's runs eagerly."""
+    try:
+        return _cached_optimizer_init(optimizer)
+    except TypeError:
+        return optimizer.init
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_optimizer_init(optimizer: optax.GradientTransformation) -> Callable:
+    return compiler.jit(optimizer.init)
 
 
 def adopted_state(state, rng: jax.Array | None = None, where: str = "fit(state=...)") -> TrainState:
@@ -867,5 +891,13 @@ def predict_all(apply_fn, variables, x, batch_size, chunked, mesh=None, train_fl
 
 def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
     """`fit`'s (init, shuffle) keys for `seed`: build a state with the init key to match a `fit` run."""
-    init_rng, shuffle_rng = jax.random.split(jax.random.key(seed))
+    return _seed_keys(seed, jax.config.jax_default_prng_impl)
+
+
+@functools.partial(compiler.jit, static_argnums=(0, 1))
+def _seed_keys(seed: int, impl: str) -> tuple[jax.Array, jax.Array]:
+    """The key of `seed` under the PRNG implementation `impl`, split: one program (eagerly, three: the seed, the
+    split and its unstacking). `impl` is an argument: JAX's jit cache does not tell `jax_default_prng_impl`'s
+    values apart (a resume under "rbg" was given threefry keys, and not refused)."""
+    init_rng, shuffle_rng = jax.random.split(jax.random.key(seed, impl=impl))
     return init_rng, shuffle_rng

@@ -60,6 +60,16 @@ def test_a_second_process_compiles_nothing(runs):
     assert seen["fit_again"]["compiles"] == 0 and seen["same_program"] == {"requests": 1, "hits": 1, "compiles": 0}
 
 
+def test_fit_asks_for_its_own_programs_only(runs):
+    """`fit`'s set-up runs as a few compiled programs, not as eager operations: each of those is a program of its
+    own per leaf shape (a copy, a zeros, a key split), read back from the cache one by one in a new process.
+    Two epochs of the MLP with validation asked for 21 programs before; now 10 (initialisation with its key split,
+    the optimizer's state, the seed's keys, the copies onto the mesh, the shuffle, the epochs and evaluation)."""
+    written, seen = runs
+    assert all(run["fit"]["requests"] <= 10 for run in written)
+    assert seen["fit_again"]["requests"] <= 10
+
+
 @pytest.mark.parametrize("part", ["shape", "dtype", "sharding", "xla_option", "jax_version"])
 def test_each_part_of_the_key_changed_alone_is_a_miss(runs, part):
     """(A new XLA option also compiles the one-off probe of whether this XLA accepts it: 2 look-ups.)"""
