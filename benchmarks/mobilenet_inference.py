@@ -18,6 +18,7 @@ Run: `python -m benchmarks.mobilenet_inference [--quick] [--json PATH]`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import statistics
 import subprocess
@@ -157,6 +158,44 @@ def onnx_engine(folder):
     return lambda x: lambda: session.run(None, {"images": x.transpose(0, 3, 1, 2).copy()})
 
 
+# Run in a new process by `library_process`: JAX as a library user's process starts it (one CPU device, no flags),
+# `ImageClassifier.probabilities` against ONNX Runtime's session on the same exported graph, calls alternating.
+_LIBRARY_PROCESS = """
+import json, statistics, sys, time
+import numpy as np, onnxruntime
+from jaxdl.pretrained import ImageClassifier
+import jax
+classifier = ImageClassifier.load("imagenet")
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+figures = {"devices": jax.device_count()}
+for batch, repeats in zip((1, 32), map(int, sys.argv[2:4])):
+    x = np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype(np.float32)
+    nchw = x.transpose(0, 3, 1, 2).copy()
+    runs = {"library": lambda: classifier.probabilities(x, batch_size=batch),
+            "onnx": lambda: session.run(None, {"images": nchw})}
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # compile / warm up
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    for name in runs:
+        figures[f"{name}, batch {batch}"] = batch / statistics.median(times[name])
+print(json.dumps(figures))
+"""
+
+
+def library_process(onnx_path: str, repeats: tuple[int, int]) -> dict:
+    """Images/s of `ImageClassifier.probabilities` and of ONNX Runtime in a new process with JAX's default device
+    set-up (one CPU device), as a user importing jaxdl gets it; batch 1 and 32, calls alternating."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _LIBRARY_PROCESS, onnx_path, *map(str, repeats)], check=True,
+                          capture_output=True, text=True, cwd=root)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def classify_process_seconds(image_path: str, cache: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "jaxdl.cli", "classify", "--json", image_path], check=True,
@@ -169,7 +208,7 @@ def measure(quick: bool) -> dict:
     rng = np.random.default_rng(0)
     inputs = {b: rng.normal(size=(b, 224, 224, 3)).astype(np.float32) for b in BATCHES}
     fast = ImageClassifier.load("imagenet")
-    figures, notes, engines = {}, [], []
+    figures, notes, engines, library_ratios = {}, [], [], []
 
     def engine(name, build, repeats=(15, 5)):
         """`build()` makes the engine; an optional peer that fails is reported, not fatal."""
@@ -210,12 +249,24 @@ def measure(quick: bool) -> dict:
             try:
                 import onnxruntime
 
-                engine(f"ONNX Runtime {onnxruntime.__version__}", lambda: onnx_engine(folder), repeats=(15, 5))
+                peer = f"ONNX Runtime {onnxruntime.__version__}"
+                engine(peer, lambda: onnx_engine(folder), repeats=(15, 5))
+                library = library_process(os.path.join(folder, "mobilenet_v2.onnx"), (30, 6))
+                mine, theirs = "jaxdl as a library (`ImageClassifier.probabilities`, new process)", \
+                    f"{peer}, same new process"
+                for batch in BATCHES:
+                    figures[f"{mine}, batch {batch}"] = report.figure(library[f"library, batch {batch}"], "img/s")
+                    figures[f"{theirs}, batch {batch}"] = report.figure(library[f"onnx, batch {batch}"], "img/s")
+                    library_ratios.append(report.ratio(f"{mine}, batch {batch}", f"{theirs}, batch {batch}",
+                                                       readme=True))
+                notes.append(f"{mine}: JAX's default set-up ({library['devices']} CPU device, no flags), as a Python "
+                             "process importing jaxdl gets it; measured against ONNX Runtime in that process, "
+                             "calls alternating")
             except ImportError:
                 notes.append("ONNX Runtime: skipped (not installed; `pip install -e '.[bench]'` adds it)")
     ratios = [report.ratio(f"{ours}, batch {batch}", f"{peer}, batch {batch}",
                            readme=peer.startswith(("ONNX Runtime", "PyTorch")) and "eager" not in peer)
-              for peer in engines if peer != ours for batch in BATCHES]
+              for peer in engines if peer != ours for batch in BATCHES] + library_ratios
     if not quick:
         figures.update(classify_processes())
         ratios.append(report.ratio("`jaxdl classify`, first process (empty cache)",
