@@ -175,24 +175,44 @@ def test_classify_json_reports_every_image_and_names_the_bad_ones(photo_files, j
     assert any("missing.jpg: no such file" in e for e in errors)
 
 
+LIBRARY_BATCHES = (1, 7, 32)
+
+
+@pytest.fixture(scope="module")
+def classify_by_the_cli(jaxdl_cache):
+    """`jaxdl classify --json --top 1000` on the first 1, 7 and 32 cat photos, a process each, run at once: the
+    probability of every class per photo, as `{count: (paths, probabilities)}`."""
+    from tests.conftest import CATS
+
+    runs = {}
+    for count in LIBRARY_BATCHES:
+        paths = sorted(CATS.glob("*.jpg"))[:count]
+        command = [sys.executable, "-m", "jaxdl.cli", "classify", "--json", "--top", "1000", "--batch-size",
+                   str(count), *map(str, paths)]
+        runs[count] = paths, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                              env={**os.environ, "JAXDL_CACHE": str(jaxdl_cache)})
+    results = {}
+    for count, (paths, process) in runs.items():
+        out, err = process.communicate()
+        assert process.returncode == 0, err
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert [line["image"] for line in lines] == [str(path) for path in paths]
+        probabilities = np.zeros((count, 1000))
+        for row, line in enumerate(lines):
+            for entry in line["top"]:
+                probabilities[row, entry["index"]] = entry["probability"]
+        results[count] = paths, probabilities
+    return results
+
+
 @pytest.mark.requires_cats
-@pytest.mark.parametrize("count", [1, 7, 32])
-def test_the_library_gives_what_jaxdl_classify_gives(count, jaxdl_cache, imagenet_classifier):
+@pytest.mark.parametrize("count", LIBRARY_BATCHES)
+def test_the_library_gives_what_jaxdl_classify_gives(count, classify_by_the_cli, imagenet_classifier):
     """`ImageClassifier.probabilities` in this process (JAX's one CPU device) and `jaxdl classify` (a CPU device per
     core, batches split over them, its program cache) on the same photos: the same probabilities, every class.
 
     One image runs on one device on either path; 7 and 32 are split over the CLI's devices, in other chunks."""
-    from tests.conftest import CATS
-
-    paths = sorted(CATS.glob("*.jpg"))[:count]
-    done = run_cli("classify", "--json", "--top", "1000", "--batch-size", count, *paths, cache=jaxdl_cache)
-    assert done.returncode == 0, done.stderr
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [line["image"] for line in lines] == [str(path) for path in paths]
-    from_cli = np.zeros((count, 1000))
-    for row, line in enumerate(lines):
-        for entry in line["top"]:
-            from_cli[row, entry["index"]] = entry["probability"]
+    paths, from_cli = classify_by_the_cli[count]
     batch, loaded, errors = images.load_batch(paths, imagenet_classifier.preprocessing)
     assert not errors and len(loaded) == count
     from_library = imagenet_classifier.probabilities(batch, batch_size=count)
