@@ -55,39 +55,38 @@ def pytest_configure(config):
 
 
 # The heaviest files first, each file's seconds (calls and setups, --durations=0) in a `make test` run on this
-# 2-core machine (2026-12-07, Intel Xeon): `make test`'s --dist loadfile hands each worker whole files in queue
-# order, and a long file started last keeps the other worker idle at the end. Longest first, the light files
-# after them fill in whichever worker frees first (longest-processing-time order).
+# 2-core machine (2026-12-08, AMD EPYC):
+# `make test`'s --dist loadfile hands each worker whole files in queue order, and a long file started last keeps
+# the other worker idle at the end. Longest first, the light files after them fill in whichever worker frees first
+# (longest-processing-time order).
 HEAVY_FIRST = (
-    "models/test_mobilenet_v2.py",  # 56
-    "pretrained/test_finetune.py",  # 54
-    "project/test_experiments.py",  # 50
-    "runtime/test_sharding.py",  # 41
-    "training/test_resume.py",  # 40
-    "project/test_docs.py",  # 38
-    "training/test_steps.py",  # 32
-    "training/test_nnx.py",  # 28
-    "models/test_nnx_mobilenet_v2.py",  # 24 (15 since: one fit fewer)
-    "pretrained/test_classifier.py",  # 23
-    "data/test_sources.py",  # 19
-    "models/test_layers.py",  # 19
-    "training/test_flax_examples.py",  # 18
-    "training/test_step_contract.py",  # 14
-    "data/test_mnist_real.py",  # 14
-    "models/test_model_conventions.py",  # 13
-    "training/test_fit_front_door.py",  # 13
-    "training/test_callbacks.py",  # 11
-    "training/test_run_checkpoint.py",  # 11
-    "training/test_audit_regressions.py",  # 11
-    "pretrained/test_convert.py",  # 11
-    "pretrained/test_cli_finetune.py",  # 10
-    "project/test_benchmarks.py",  # 10
-    "runtime/test_compilation_cache.py",  # 8
-    "runtime/test_program_cache.py",  # 8
-    "training/test_precision.py",  # 7
-    "pretrained/test_default_compiler_flags.py",  # 6
-    "project/test_wheel.py",  # 6
-)  # the rest under 6 s each
+    "project/test_experiments.py",  # 91
+    "project/test_docs.py",  # 79
+    "runtime/test_sharding.py",  # 73
+    "training/test_resume.py",  # 71
+    "pretrained/test_finetune.py",  # 69
+    "models/test_mobilenet_v2.py",  # 62
+    "pretrained/test_classifier.py",  # 82 (less since its three CLI processes run at once)
+    "training/test_steps.py",  # 51
+    "training/test_nnx.py",  # 44
+    "data/test_sources.py",  # 36
+    "models/test_layers.py",  # 30
+    "training/test_flax_examples.py",  # 29
+    "models/test_model_conventions.py",  # 26
+    "models/test_nnx_mobilenet_v2.py",  # 25
+    "training/test_fit_front_door.py",  # 25
+    "training/test_step_contract.py",  # 23
+    "training/test_callbacks.py",  # 22
+    "project/test_benchmarks.py",  # 22
+    "runtime/test_program_cache.py",  # 18
+    "data/test_mnist_real.py",  # 17
+    "pretrained/test_convert.py",  # 15
+    "training/test_run_checkpoint.py",  # 15
+    "pretrained/test_cli_finetune.py",  # 15
+    "training/test_audit_regressions.py",  # 15
+    "training/test_metrics.py",  # 11
+    "runtime/test_compilation_cache.py",  # 11
+)  # the rest under 9 s each
 
 
 def pytest_collection_modifyitems(session, config, items):
