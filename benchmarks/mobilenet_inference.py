@@ -7,7 +7,9 @@ Engines (same weights: torchvision's ImageNet MobileNetV2, converted):
 - Keras 3 on the JAX backend, `predict`;
 - PyTorch eager, and in inference mode with channels-last tensors, when torch is installed
   (torchvision's MobileNetV2 forward written with torch.nn.functional);
-- ONNX Runtime, when onnxruntime and onnx are installed (the torch graph exported).
+- ONNX Runtime, when onnxruntime and onnx are installed (the torch graph exported);
+- with ONNX Runtime, jaxdl as a library user runs it: `ImageClassifier.probabilities` in a new process with
+  JAX's default device set-up (one CPU device), against ONNX Runtime in that same process, calls alternating.
 Then the wall time of a first and a second `jaxdl classify` process on one image,
 with an empty cache directory at the start (the first one converts the weights and compiles;
 the second finds both in the cache).
