@@ -102,13 +102,19 @@ def put_replicated(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
+@compiler.jit
+def copied(tree):
+    """A copy of `tree`'s arrays where they are, as one program: eagerly, `jax.tree.map(jnp.copy, tree)` is a
+    program per leaf shape, each read back from the compilation cache in a new process. New buffers, never the
+    same ones: a train step donates the state it is given."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 @functools.lru_cache(maxsize=16)
 def _copied_to(target: NamedSharding) -> Callable:
-    """`tree -> tree` copied onto `target`'s devices, as one program: `jax.device_put` compiles a copy per leaf
-    shape that changes sharding (a state's dozen leaves: a dozen programs, each read back from the compilation
-    cache in a new process). A copy, never the same buffers: a train step donates the state it is given. For
-    arrays on `target`'s devices already (a program cannot move arrays between devices)."""
-    return compiler.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=target)
+    """`copied`, onto `target`'s shardings: `jax.device_put` compiles a copy per leaf shape that changes sharding.
+    For arrays on `target`'s devices already (a program cannot move arrays between devices)."""
+    return compiler.jit(copied.__wrapped__, out_shardings=target)
 
 
 def put_batch(local_batch, mesh: Mesh, stacked: bool = False):

@@ -21,6 +21,7 @@ import optax
 
 from jaxdl.models import model_config, saving as checkpoint
 from jaxdl.models.nnx_modules import is_nnx_module
+from jaxdl.runtime import sharding
 
 
 @dataclasses.dataclass
@@ -243,7 +244,7 @@ class EarlyStopping(Callback):
         if self._improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:  # the live state is donated to the next epoch: keep a copy
-                self.best_state = jax.tree.map(jnp.copy, run.state)
+                self.best_state = sharding.copied(run.state)
             return
         self.wait += 1
         if self.wait >= self.patience:

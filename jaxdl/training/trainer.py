@@ -30,7 +30,7 @@ import optax
 from jaxdl.data import arrays, prefetch, sources
 from jaxdl.models.contract import AUTO, inference_form, model_family, resolve_train_flag, traced_outputs
 from jaxdl.models.nnx_modules import NNXApply, is_nnx_module, nnx_train_flag, split_module, update_module
-from jaxdl.runtime import compilation_cache, compiler, sharding
+from jaxdl.runtime import compilation_cache, sharding
 from jaxdl.training.adapters import ArrayInput, InputAdapter, SourceInput, example_weights
 from jaxdl.training.callbacks import (
     BATCH_HOOKS,
@@ -430,7 +430,7 @@ def _state_to_continue(model, optimizer, state: TrainState, precision) -> TrainS
     if model is not None and trained is not None and model != trained:
         raise ValueError(f"fit(state=...) trains the model the state was built for ({type(trained).__name__}); "
                          f"the model argument ({type(model).__name__}) differs: pass model=None or the same model")
-    return jax.tree.map(jnp.copy, state)
+    return sharding.copied(state)
 
 
 def _check_last_batch_splits(num_examples: int | None, batch_size: int, parts: int) -> None:
@@ -813,17 +813,10 @@ def _say(verbosity: int, message: str) -> None:
         print(message, flush=True)
 
 
-@compiler.jit
-def _copied(tree):
-    """A copy of `tree`'s arrays where they are, as one program (eagerly, a program per leaf shape, each read back
-    from the compilation cache in a new process)."""
-    return jax.tree.map(jnp.copy, tree)
-
-
 def _run_epochs(run: FitRun, loop: EpochLoop, checkpoints: RunCheckpoints | None, callbacks, validate,
                 plan: RunPlan):
     """Epochs, validation, logs, callbacks and saves; on any exit the checkpoint being written is finished."""
-    previous = _copied(run.state)  # the fallback when a state's own loss is not finite
+    previous = sharding.copied(run.state)  # the fallback when a state's own loss is not finite
     resume, initial_epoch = None, plan.initial_epoch
     try:
         if checkpoints is not None:
